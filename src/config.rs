@@ -1,0 +1,159 @@
+//! Command line and environment: `topichub serve | pub | sub`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::hub::{HubConfig, LagPolicy};
+
+/// topichub: a topic-based publish/subscribe broker (gRPC, gRPC-Web, HTTP/JSON and SSE on one port).
+#[derive(Debug, Parser)]
+#[command(name = "topichub", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServerConfig),
+    /// Publish MESSAGE (or each line of stdin) to TOPIC.
+    Pub(PubArgs),
+    /// Print messages of one or more topics or patterns, one per line; reconnects and resumes.
+    Sub(SubArgs),
+    /// Print the OpenAPI document of the HTTP API (as committed in openapi/openapi.json).
+    Openapi,
+}
+
+/// Broker options. Every option can also be set through the environment variable shown.
+#[derive(Debug, Clone, Args)]
+pub struct ServerConfig {
+    /// Address to listen on; gRPC, gRPC-Web, HTTP and SSE all share this port.
+    #[arg(long, env = "TOPICHUB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Largest payload accepted, in bytes (larger: HTTP 413 / RESOURCE_EXHAUSTED).
+    #[arg(long, env = "TOPICHUB_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Messages retained per topic for replay and resume.
+    #[arg(long, env = "TOPICHUB_RETAIN_MESSAGES", default_value_t = 10_000)]
+    pub retain_messages: usize,
+
+    /// Bytes retained per topic (payload + headers + topic name).
+    #[arg(long, env = "TOPICHUB_RETAIN_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub retain_bytes: usize,
+
+    /// How long messages are retained, e.g. `90s`, `15m`, `1h`.
+    #[arg(long, env = "TOPICHUB_RETAIN_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub retain_age: Duration,
+
+    /// Default subscriber queue length; a full queue triggers the lag policy.
+    #[arg(long, env = "TOPICHUB_QUEUE_SIZE", default_value_t = 1024)]
+    pub queue_size: usize,
+
+    /// Largest queue length a subscriber may request.
+    #[arg(long, env = "TOPICHUB_MAX_QUEUE_SIZE", default_value_t = 65_536)]
+    pub max_queue_size: usize,
+
+    /// What happens to a subscriber whose queue overflows.
+    #[arg(
+        long,
+        env = "TOPICHUB_LAG_POLICY",
+        value_enum,
+        default_value = "catch-up"
+    )]
+    pub lag_policy: LagPolicy,
+
+    /// Interval of HTTP/2 keepalive pings to clients (detects dead peers).
+    #[arg(long, env = "TOPICHUB_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long to wait for a keepalive ping's answer before closing the connection.
+    #[arg(long, env = "TOPICHUB_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Interval of SSE keep-alive comments (keeps proxies from closing idle streams).
+    #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub sse_keepalive: Duration,
+
+    /// How long a graceful shutdown waits for connections to finish before closing them.
+    #[arg(long, env = "TOPICHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything, listening on `listen`.
+    pub fn new(listen: SocketAddr) -> ServerConfig {
+        let cli = Cli::parse_from(["topichub", "serve", "--listen", &listen.to_string()]);
+        match cli.command {
+            Command::Serve(config) => config,
+            _ => unreachable!("parsed a serve command"),
+        }
+    }
+
+    /// The hub's part of the configuration.
+    pub fn hub(&self) -> HubConfig {
+        HubConfig {
+            max_payload_bytes: self.max_payload_bytes,
+            retain_messages: self.retain_messages,
+            retain_bytes: self.retain_bytes,
+            retain_age: self.retain_age,
+            queue_size: self.queue_size,
+            max_queue_size: self.max_queue_size,
+            lag_policy: self.lag_policy,
+        }
+    }
+}
+
+/// Where the CLI clients connect.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Broker URL (gRPC).
+    #[arg(long, env = "TOPICHUB_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}
+
+/// `topichub pub`.
+#[derive(Debug, Clone, Args)]
+pub struct PubArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Topic to publish to.
+    pub topic: String,
+    /// Message to publish; without it, each line of stdin is published as one message.
+    pub message: Option<String>,
+    /// A header `NAME=VALUE` to send with every message (repeatable).
+    #[arg(long = "header", short = 'H', value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+}
+
+/// `topichub sub`.
+#[derive(Debug, Clone, Args)]
+pub struct SubArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Topics or patterns (`*` = one token, `>` = one or more trailing tokens).
+    #[arg(required = true)]
+    pub topics: Vec<String>,
+    /// Where to start: `latest` (only new), `earliest` (all retained), or a cursor `EPOCH-SEQ`.
+    #[arg(long, default_value = "latest")]
+    pub from: String,
+    /// Print each message as a JSON line (topic, cursor, payload) instead of its payload.
+    #[arg(long)]
+    pub json: bool,
+    /// Longest wait between reconnect attempts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got {text:?}"))?;
+    Ok((name.trim().to_ascii_lowercase(), value.to_owned()))
+}

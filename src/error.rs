@@ -1,0 +1,86 @@
+//! The hub's error type. Transports map it once each: to `tonic::Status` in `grpc` and to an HTTP
+//! JSON error in `http`.
+
+use std::fmt;
+
+/// Everything the hub can refuse, with enough detail to tell the caller what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A topic or pattern is malformed.
+    InvalidTopic { topic: String, reason: String },
+    /// A publish named a wildcard pattern instead of a concrete topic.
+    WildcardInPublish { topic: String },
+    /// A payload is larger than the configured limit.
+    PayloadTooLarge { size: usize, limit: usize },
+    /// A request is missing something or combines options that do not go together.
+    InvalidRequest(String),
+    /// A cursor could not be parsed.
+    InvalidCursor { cursor: String, reason: String },
+    /// A cursor of this epoch points past the newest message.
+    CursorAhead { cursor: String, head: u64 },
+    /// No subscription has this id.
+    UnknownSubscription(String),
+    /// The subscriber's queue overflowed under the `disconnect` policy.
+    SlowConsumer { queue_size: usize },
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// The gRPC status code name each error maps to; HTTP codes follow grpc-gateway's mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    InvalidArgument,
+    ResourceExhausted,
+    NotFound,
+    Unavailable,
+}
+
+impl Error {
+    /// Which class of failure this is.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::InvalidTopic { .. }
+            | Error::WildcardInPublish { .. }
+            | Error::InvalidRequest(_)
+            | Error::InvalidCursor { .. }
+            | Error::CursorAhead { .. } => Kind::InvalidArgument,
+            Error::PayloadTooLarge { .. } | Error::SlowConsumer { .. } => Kind::ResourceExhausted,
+            Error::UnknownSubscription(_) => Kind::NotFound,
+            Error::ShuttingDown => Kind::Unavailable,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidTopic { topic, reason } => write!(f, "invalid topic {topic:?}: {reason}"),
+            Error::WildcardInPublish { topic } => write!(
+                f,
+                "cannot publish to {topic:?}: wildcards (`*`, `>`) are for subscribing; publish to a concrete topic"
+            ),
+            Error::PayloadTooLarge { size, limit } => write!(
+                f,
+                "payload is {size} bytes, over the limit of {limit} bytes (server option --max-payload-bytes)"
+            ),
+            Error::InvalidRequest(message) => f.write_str(message),
+            Error::InvalidCursor { cursor, reason } => {
+                write!(f, "invalid cursor {cursor:?}: {reason}")
+            }
+            Error::CursorAhead { cursor, head } => write!(
+                f,
+                "cursor {cursor} is ahead of this hub, whose newest message is seq {head}; use a cursor this hub issued"
+            ),
+            Error::UnknownSubscription(id) => write!(f, "no subscription with id {id:?}"),
+            Error::SlowConsumer { queue_size } => write!(
+                f,
+                "subscriber fell more than {queue_size} messages behind and its lag policy is `disconnect`; read faster, raise queue_size, or use the `catch-up` policy"
+            ),
+            Error::ShuttingDown => {
+                f.write_str("topichub is shutting down; reconnect and resume from your last cursor")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,469 @@
+//! gRPC doors: `topichub.v1.PubSub` (all four call shapes) and the seed's `proto.PubSubService`,
+//! plus health and reflection (assembled in `server`). Handlers validate, call the hub and
+//! convert; the hub holds all state.
+
+pub mod seed;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::cursor::Cursor;
+use crate::error::{Error, Kind};
+use crate::hub::{self, Hub, LagPolicy, Start, SubscribeOptions, Subscription};
+use crate::topic::{Pattern, Topic};
+use wire::v1;
+
+/// Events buffered per Connect stream between the hub and the client's HTTP/2 window. A client
+/// that stops reading fills it, then its subscriptions' own queues, whose lag policy applies.
+const CONNECT_OUTBOX: usize = 64;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        let code = match error.kind() {
+            Kind::InvalidArgument => Code::InvalidArgument,
+            Kind::ResourceExhausted => Code::ResourceExhausted,
+            Kind::NotFound => Code::NotFound,
+            Kind::Unavailable => Code::Unavailable,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+/// A boxed stream of gRPC items.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// `topichub.v1.PubSub`.
+#[derive(Clone)]
+pub struct PubSubService {
+    hub: Hub,
+    shutdown: CancellationToken,
+}
+
+impl PubSubService {
+    /// The service over `hub`; its streams end when `shutdown` is cancelled.
+    pub fn new(hub: Hub, shutdown: CancellationToken) -> PubSubService {
+        PubSubService { hub, shutdown }
+    }
+}
+
+/// Publishes a `PublishRequest` (shared by `Publish`, `PublishBatch` and `Connect`).
+fn publish(hub: &Hub, request: v1::PublishRequest) -> Result<v1::Cursor, Error> {
+    hub.check_payload(request.payload.len())?;
+    let topic = Topic::parse(&request.topic)?;
+    let message = hub.publish(
+        topic,
+        request.payload,
+        request.headers.into_iter().collect(),
+    )?;
+    Ok(wire::cursor(&message.cursor()))
+}
+
+/// Validates a `SubscribeRequest` into hub options.
+fn subscribe_options(request: v1::SubscribeRequest) -> Result<SubscribeOptions, Error> {
+    let patterns = request
+        .topics
+        .iter()
+        .map(|t| Pattern::parse(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    use v1::start_position::Position;
+    let start = match request.start.and_then(|s| s.position) {
+        None | Some(Position::Latest(_)) => Start::Latest,
+        Some(Position::Earliest(_)) => Start::Earliest,
+        Some(Position::After(c)) => {
+            let text = format!("{}-{}", c.epoch, c.seq);
+            if !crate::cursor::is_epoch(&c.epoch) {
+                return Err(Error::InvalidCursor {
+                    cursor: text,
+                    reason: "the epoch must be 1-32 letters or digits".into(),
+                });
+            }
+            Start::After(Cursor {
+                epoch: c.epoch,
+                seq: c.seq,
+            })
+        }
+    };
+    let lag_policy = match v1::LagPolicy::try_from(request.lag_policy) {
+        Ok(v1::LagPolicy::Unspecified) => None,
+        Ok(v1::LagPolicy::CatchUp) => Some(LagPolicy::CatchUp),
+        Ok(v1::LagPolicy::Disconnect) => Some(LagPolicy::Disconnect),
+        Err(_) => {
+            return Err(Error::InvalidRequest(format!(
+                "unknown lag_policy {}; use LAG_POLICY_CATCH_UP or LAG_POLICY_DISCONNECT",
+                request.lag_policy
+            )));
+        }
+    };
+    Ok(SubscribeOptions {
+        patterns,
+        start,
+        queue_size: (request.queue_size > 0).then_some(request.queue_size as usize),
+        lag_policy,
+    })
+}
+
+/// The next item of a subscription, or `None` when it ended cleanly; ends with UNAVAILABLE on
+/// shutdown.
+async fn next_event(
+    subscription: &mut Subscription,
+    shutdown: &CancellationToken,
+) -> Option<Result<hub::Event, Status>> {
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => Some(Err(Error::ShuttingDown.into())),
+        event = subscription.next() => event.map(|e| e.map_err(Status::from)),
+    }
+}
+
+/// Turns a subscription into a stream of `f(event)` that ends after the first error.
+pub(crate) fn subscription_stream<T: Send + 'static>(
+    subscription: Subscription,
+    shutdown: CancellationToken,
+    f: fn(hub::Event) -> Option<T>,
+) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
+    futures_util::stream::unfold(Some((subscription, shutdown)), move |state| async move {
+        let (mut subscription, shutdown) = state?;
+        loop {
+            return match next_event(&mut subscription, &shutdown).await? {
+                Ok(event) => match f(event) {
+                    Some(item) => Some((Ok(item), Some((subscription, shutdown)))),
+                    None => continue,
+                },
+                Err(status) => Some((Err(status), None)),
+            };
+        }
+    })
+}
+
+#[tonic::async_trait]
+impl v1::pub_sub_server::PubSub for PubSubService {
+    async fn publish(
+        &self,
+        request: Request<v1::PublishRequest>,
+    ) -> Result<Response<v1::PublishResponse>, Status> {
+        let cursor = publish(&self.hub, request.into_inner())?;
+        Ok(Response::new(v1::PublishResponse {
+            cursor: Some(cursor),
+        }))
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<Streaming<v1::PublishRequest>>,
+    ) -> Result<Response<v1::PublishBatchResponse>, Status> {
+        // One message is decoded at a time and published before the next is read, so HTTP/2
+        // flow control holds a fast publisher back and memory stays flat for any batch size.
+        let mut stream = request.into_inner();
+        let mut accepted = 0u64;
+        let mut last_cursor = None;
+        while let Some(item) = stream.message().await? {
+            match publish(&self.hub, item) {
+                Ok(cursor) => {
+                    accepted += 1;
+                    last_cursor = Some(cursor);
+                }
+                Err(error) => {
+                    let status = Status::from(error);
+                    return Err(Status::new(
+                        status.code(),
+                        format!(
+                            "message #{} of the batch was rejected: {}; the {accepted} before it were published",
+                            accepted + 1,
+                            status.message()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Response::new(v1::PublishBatchResponse {
+            accepted,
+            last_cursor,
+        }))
+    }
+
+    type SubscribeStream = BoxStream<v1::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let subscription = self
+            .hub
+            .subscribe(subscribe_options(request.into_inner())?)?;
+        let subscribed = v1::SubscribeResponse {
+            event: Some(v1::subscribe_response::Event::Subscribed(subscribed(
+                &subscription,
+            ))),
+        };
+        let events = subscription_stream(subscription, self.shutdown.clone(), |event| {
+            Some(wire::subscribe_event(event))
+        });
+        Ok(Response::new(Box::pin(
+            futures_util::stream::once(async { Ok(subscribed) }).chain(events),
+        )))
+    }
+
+    type ConnectStream = BoxStream<v1::ConnectResponse>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<v1::ConnectRequest>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let (outbox, events) = mpsc::channel(CONNECT_OUTBOX);
+        let session = ConnectSession {
+            hub: self.hub.clone(),
+            shutdown: self.shutdown.clone(),
+            outbox,
+            subscriptions: HashMap::new(),
+        };
+        tokio::spawn(session.run(request.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<v1::UnsubscribeRequest>,
+    ) -> Result<Response<v1::UnsubscribeResponse>, Status> {
+        self.hub
+            .unsubscribe(&request.into_inner().subscription_id)?;
+        Ok(Response::new(v1::UnsubscribeResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<v1::ListTopicsRequest>,
+    ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        let pattern = request.into_inner().pattern;
+        let filter = if pattern.is_empty() {
+            None
+        } else {
+            Some(Pattern::parse(&pattern)?)
+        };
+        let topics = self
+            .hub
+            .topics(filter.as_ref())
+            .into_iter()
+            .map(|t| v1::TopicInfo {
+                name: t.name,
+                retained_messages: t.retained_messages,
+                retained_bytes: t.retained_bytes,
+                subscribers: t.subscribers,
+                last_seq: t.last_seq,
+            })
+            .collect();
+        Ok(Response::new(v1::ListTopicsResponse { topics }))
+    }
+}
+
+fn subscribed(subscription: &Subscription) -> v1::Subscribed {
+    v1::Subscribed {
+        subscription_id: subscription.id(),
+        head: Some(wire::cursor(&subscription.head_at_start())),
+    }
+}
+
+/// One `Connect` stream: reads requests, and runs one forwarding task per subscription that
+/// writes into the shared outbox. Everything ends when the client goes away (the outbox closes)
+/// or the server shuts down.
+struct ConnectSession {
+    hub: Hub,
+    shutdown: CancellationToken,
+    outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
+    /// Subscriptions opened on this stream, by id.
+    subscriptions: HashMap<String, tokio::task::AbortHandle>,
+}
+
+impl ConnectSession {
+    async fn run(mut self, mut requests: Streaming<v1::ConnectRequest>) {
+        loop {
+            let request = tokio::select! {
+                request = requests.message() => request,
+                () = self.outbox.closed() => break,
+                () = self.shutdown.cancelled() => {
+                    let _ = self.outbox.send(Err(Error::ShuttingDown.into())).await;
+                    break;
+                }
+            };
+            match request {
+                Ok(Some(request)) => {
+                    if self.handle(request).await.is_err() {
+                        break;
+                    }
+                }
+                // The client half-closed: keep delivering to its subscriptions until it leaves.
+                Ok(None) => {
+                    self.outbox.closed().await;
+                    break;
+                }
+                Err(status) => {
+                    tracing::debug!(%status, "connect stream ended by the client");
+                    break;
+                }
+            }
+        }
+        for (_, task) in self.subscriptions.drain() {
+            task.abort();
+        }
+    }
+
+    /// Handles one request; `Err` when the client is gone.
+    async fn handle(&mut self, request: v1::ConnectRequest) -> Result<(), ()> {
+        use v1::connect_request::Request as Req;
+        use v1::connect_response::Event;
+        let request_id = request.request_id;
+        let reply = |subscription_id: String, event: Event| v1::ConnectResponse {
+            request_id,
+            subscription_id,
+            event: Some(event),
+        };
+        let response = match request.request {
+            Some(Req::Publish(publish_request)) => match publish(&self.hub, publish_request) {
+                Ok(cursor) => reply(
+                    String::new(),
+                    Event::Ack(v1::PublishAck {
+                        cursor: Some(cursor),
+                    }),
+                ),
+                Err(error) => reply(String::new(), request_error(error.into())),
+            },
+            Some(Req::Subscribe(subscribe)) => {
+                match subscribe_options(subscribe).and_then(|o| self.hub.subscribe(o)) {
+                    Ok(subscription) => {
+                        let id = subscription.id();
+                        let first = reply(id.clone(), Event::Subscribed(subscribed(&subscription)));
+                        self.outbox.send(Ok(first)).await.map_err(drop)?;
+                        let task = tokio::spawn(forward(
+                            subscription,
+                            id.clone(),
+                            self.outbox.clone(),
+                            self.shutdown.clone(),
+                        ));
+                        self.subscriptions.retain(|_, t| !t.is_finished());
+                        self.subscriptions.insert(id, task.abort_handle());
+                        return Ok(());
+                    }
+                    Err(error) => reply(String::new(), request_error(error.into())),
+                }
+            }
+            Some(Req::Unsubscribe(unsubscribe)) => {
+                let id = unsubscribe.subscription_id;
+                if self.subscriptions.contains_key(&id) {
+                    // The forwarding task sees the subscription end and reports `unsubscribed`.
+                    match self.hub.unsubscribe(&id) {
+                        Ok(()) => return Ok(()),
+                        Err(error) => reply(id, request_error(error.into())),
+                    }
+                } else {
+                    reply(
+                        id.clone(),
+                        request_error(Error::UnknownSubscription(id).into()),
+                    )
+                }
+            }
+            None => reply(
+                String::new(),
+                request_error(Status::invalid_argument(
+                    "a ConnectRequest needs one of subscribe, unsubscribe or publish",
+                )),
+            ),
+        };
+        self.outbox.send(Ok(response)).await.map_err(drop)
+    }
+}
+
+fn request_error(status: Status) -> v1::connect_response::Event {
+    v1::connect_response::Event::Error(v1::RequestError {
+        code: code_name(status.code()).to_owned(),
+        message: status.message().to_owned(),
+    })
+}
+
+/// The canonical upper-case name of a status code, as in the gRPC spec.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Forwards one Connect subscription into the stream's outbox until it ends, the client leaves
+/// or the server shuts down.
+async fn forward(
+    mut subscription: Subscription,
+    id: String,
+    outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
+    shutdown: CancellationToken,
+) {
+    use v1::connect_response::Event;
+    let event = |event| v1::ConnectResponse {
+        request_id: 0,
+        subscription_id: id.clone(),
+        event: Some(event),
+    };
+    loop {
+        let next = tokio::select! {
+            next = next_event(&mut subscription, &shutdown) => next,
+            () = outbox.closed() => return,
+        };
+        let response = match next {
+            Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage(Some(m)))),
+            Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
+            Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
+            Some(Err(status)) if status.code() == Code::Unavailable => {
+                // Shutdown: the session reports it once for the whole stream.
+                return;
+            }
+            Some(Err(status)) => {
+                let _ = outbox.send(Ok(event(request_error(status)))).await;
+                let _ = outbox
+                    .send(Ok(event(Event::Unsubscribed(v1::Unsubscribed {
+                        reason: "lagged".into(),
+                    }))))
+                    .await;
+                return;
+            }
+            None => {
+                let _ = outbox
+                    .send(Ok(event(Event::Unsubscribed(v1::Unsubscribed {
+                        reason: "unsubscribed".into(),
+                    }))))
+                    .await;
+                return;
+            }
+        };
+        if outbox.send(Ok(response)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Decoded-message ceiling for gRPC: room for the largest payload plus headers and framing, with
+/// headroom so that moderately oversized publishes reach the hub and get its precise
+/// RESOURCE_EXHAUSTED answer (the codec answers OUT_OF_RANGE beyond this).
+pub fn max_decoding_message_size(max_payload_bytes: usize) -> usize {
+    max_payload_bytes
+        .saturating_mul(2)
+        .saturating_add(1024 * 1024)
+}

@@ -1,0 +1,74 @@
+//! The seed's `proto.PubSubService`, served unchanged over the same hub.
+//!
+//! The seed API has no place for cursors or gap notices. Subscribers use the hub's default lag
+//! policy, so a slow seed subscriber is caught up from retention like any other; gap and lag
+//! notices, which it cannot receive, are logged.
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::grpc::BoxStream;
+use crate::hub::{self, Hub, Start, SubscribeOptions};
+use crate::proto::seed;
+use crate::topic::{Pattern, Topic};
+
+/// `proto.PubSubService`.
+#[derive(Clone)]
+pub struct SeedService {
+    hub: Hub,
+    shutdown: CancellationToken,
+}
+
+impl SeedService {
+    /// The service over `hub`; its streams end when `shutdown` is cancelled.
+    pub fn new(hub: Hub, shutdown: CancellationToken) -> SeedService {
+        SeedService { hub, shutdown }
+    }
+}
+
+#[tonic::async_trait]
+impl seed::pub_sub_service_server::PubSubService for SeedService {
+    async fn publish(
+        &self,
+        request: Request<seed::PublishRequest>,
+    ) -> Result<Response<()>, Status> {
+        let request = request.into_inner();
+        self.hub.check_payload(request.payload.len())?;
+        let topic = Topic::parse(&request.topic)?;
+        self.hub
+            .publish(topic, request.payload, Default::default())?;
+        Ok(Response::new(()))
+    }
+
+    type SubscribeStream = BoxStream<seed::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<seed::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let pattern = Pattern::parse(&request.into_inner().topic)?;
+        let subscription = self.hub.subscribe(SubscribeOptions {
+            patterns: vec![pattern],
+            start: Start::Latest,
+            ..Default::default()
+        })?;
+        let stream =
+            super::subscription_stream(subscription, self.shutdown.clone(), |event| match event {
+                hub::Event::Message(m) => Some(seed::SubscribeResponse {
+                    payload: m.payload.clone(),
+                }),
+                hub::Event::Gap(gap) => {
+                    tracing::warn!(
+                        ?gap,
+                        "seed subscriber missed messages it cannot be told about"
+                    );
+                    None
+                }
+                hub::Event::Lag(lag) => {
+                    tracing::debug!(?lag, "seed subscriber lagged; catching up");
+                    None
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

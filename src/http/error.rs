@@ -1,0 +1,90 @@
+//! The HTTP error type: every failure answers `{"error": {"code", "message"}}` with the status
+//! code grpc-gateway would use for the same gRPC code.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::{Error, Kind};
+
+/// An HTTP failure.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// Details of an error.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The gRPC status code name, e.g. `INVALID_ARGUMENT`.
+    #[schema(example = "INVALID_ARGUMENT")]
+    pub code: String,
+    /// What went wrong and how to fix it.
+    #[schema(
+        example = "invalid topic \"a..b\": empty token: tokens are separated by single dots, with none at either end"
+    )]
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with an explicit status and code name.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 INVALID_ARGUMENT.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
+    }
+
+    /// 404 NOT_FOUND.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message.clone(),
+            },
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> ApiError {
+        let (status, code) = match (&error, error.kind()) {
+            (Error::PayloadTooLarge { .. }, _) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "RESOURCE_EXHAUSTED")
+            }
+            (_, Kind::InvalidArgument) => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
+            (_, Kind::ResourceExhausted) => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
+            (_, Kind::NotFound) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            (_, Kind::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        };
+        ApiError::new(status, code, error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}

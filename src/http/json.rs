@@ -1,0 +1,219 @@
+//! JSON shapes of the HTTP API (request bodies, responses, SSE event data), shared by handlers
+//! and the OpenAPI document.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::hub::{self, Message};
+
+/// A message to publish. Give the body as `payload` (a JSON string is published as its text; any
+/// other JSON value is published as JSON with `content-type: application/json`) or as
+/// `payload_base64` (raw bytes); neither publishes an empty body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishBody {
+    /// Concrete topic (no wildcards), e.g. `orders.eu.created`.
+    #[schema(example = "demo.greetings")]
+    pub topic: String,
+    /// The body: a string, or any JSON value.
+    #[schema(value_type = Object, example = json!("hello, topichub"))]
+    pub payload: Option<serde_json::Value>,
+    /// The body as base64 (standard alphabet, padded), for binary payloads.
+    pub payload_base64: Option<String>,
+    /// Headers delivered with the message, e.g. `content-type`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// The hub accepted a message.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Published {
+    /// Topic it was published to.
+    pub topic: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its cursor (`EPOCH-SEQ`): resume after it with `last_event_id` or `after`.
+    #[schema(example = "k3J9xQ2mPz0a-42")]
+    pub cursor: String,
+    /// When the hub accepted it (RFC 3339).
+    pub published_at: String,
+}
+
+impl Published {
+    /// The answer for an accepted message.
+    pub fn of(message: &Message) -> Published {
+        Published {
+            topic: message.topic.to_string(),
+            seq: message.seq,
+            cursor: message.cursor().to_string(),
+            published_at: rfc3339(message),
+        }
+    }
+}
+
+/// A delivered message: the `data` of an SSE `message` event, and an item of history.
+///
+/// The body appears as `payload` when it is JSON (content-type `application/json`: the JSON
+/// value) or UTF-8 text (a string), and as `payload_base64` otherwise.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MessageJson {
+    /// Topic it was published to.
+    pub topic: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its cursor (`EPOCH-SEQ`), also the SSE event id.
+    pub cursor: String,
+    /// When the hub accepted it (RFC 3339).
+    pub published_at: String,
+    /// Headers given by the publisher.
+    pub headers: BTreeMap<String, String>,
+    /// The body as JSON or text (absent for binary bodies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub payload: Option<serde_json::Value>,
+    /// The body as base64 (only for bodies that are not UTF-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_base64: Option<String>,
+}
+
+impl MessageJson {
+    /// The JSON form of a hub message.
+    pub fn of(message: &Message) -> MessageJson {
+        let is_json = message
+            .headers
+            .get("content-type")
+            .is_some_and(|t| t.starts_with("application/json") || t.contains("+json"));
+        let (payload, payload_base64) = match std::str::from_utf8(&message.payload) {
+            Ok(text) => {
+                let value = is_json
+                    .then(|| serde_json::from_str(text).ok())
+                    .flatten()
+                    .unwrap_or_else(|| serde_json::Value::String(text.to_owned()));
+                (Some(value), None)
+            }
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&message.payload)),
+            ),
+        };
+        MessageJson {
+            topic: message.topic.to_string(),
+            seq: message.seq,
+            cursor: message.cursor().to_string(),
+            published_at: rfc3339(message),
+            headers: message.headers.clone(),
+            payload,
+            payload_base64,
+        }
+    }
+}
+
+/// `data` of the SSE `subscribed` event (first event of every stream).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscribedJson {
+    /// The subscription's id.
+    pub subscription_id: String,
+    /// The hub's newest cursor when the stream started (also this event's id).
+    pub head: String,
+}
+
+/// `data` of the SSE `gap` event: messages in this seq range will not be delivered.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GapJson {
+    /// First seq that may be missing.
+    pub from_seq: u64,
+    /// Last seq that may be missing; absent when the range runs to the end of an old epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_seq: Option<u64>,
+    /// `epoch` (cursor from an earlier history) or `retention` (evicted before replay).
+    pub reason: String,
+    /// Epoch the range belongs to.
+    pub epoch: String,
+}
+
+impl From<hub::Gap> for GapJson {
+    fn from(gap: hub::Gap) -> GapJson {
+        GapJson {
+            from_seq: gap.from_seq,
+            to_seq: gap.to_seq,
+            reason: gap.reason.as_str().into(),
+            epoch: gap.epoch,
+        }
+    }
+}
+
+/// `data` of the SSE `lag` event: the subscriber fell behind and is caught up from retention.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LagJson {
+    /// First seq its queue could not take.
+    pub from_seq: u64,
+    /// The hub's head when catch-up began.
+    pub to_seq: u64,
+}
+
+impl From<hub::Lag> for LagJson {
+    fn from(lag: hub::Lag) -> LagJson {
+        LagJson {
+            from_seq: lag.from_seq,
+            to_seq: lag.to_seq,
+        }
+    }
+}
+
+/// A topic and its state.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TopicJson {
+    /// Topic name.
+    pub name: String,
+    /// Messages retained.
+    pub retained_messages: u64,
+    /// Bytes retained.
+    pub retained_bytes: u64,
+    /// Live subscriptions matching it.
+    pub subscribers: u64,
+    /// Seq of its newest message.
+    pub last_seq: u64,
+}
+
+/// Known topics.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TopicList {
+    /// Topics sorted by name.
+    pub topics: Vec<TopicJson>,
+}
+
+/// A page of retained history.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HistoryJson {
+    /// Present when messages after `after` are no longer retained (or `after` is from another
+    /// epoch): the range that cannot be returned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap: Option<GapJson>,
+    /// Messages in seq order.
+    pub messages: Vec<MessageJson>,
+    /// Cursor to pass as `after` for the next page (absent when the page is empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// Whether more retained messages follow.
+    pub more: bool,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `serving`.
+    pub status: String,
+    /// The hub's epoch.
+    pub epoch: String,
+    /// Seq of the newest message.
+    pub head: u64,
+    /// Live subscriptions over all doors.
+    pub subscribers: usize,
+}
+
+fn rfc3339(message: &Message) -> String {
+    humantime::format_rfc3339_millis(message.published_at).to_string()
+}

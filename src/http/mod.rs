@@ -1,0 +1,319 @@
+//! HTTP/JSON doors (axum): publish, SSE subscribe, topics, history, health, the OpenAPI document,
+//! Swagger UI and the web page. Handlers validate, call the hub and convert.
+
+pub mod error;
+pub mod json;
+pub mod sse;
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use base64::Engine as _;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::cursor::Cursor;
+use crate::hub::{Headers, Hub};
+use crate::topic::{Pattern, Topic};
+use error::{ApiError, ErrorBody};
+use json::{Health, HistoryJson, MessageJson, PublishBody, Published, TopicJson, TopicList};
+
+/// Most messages one history request returns.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// What HTTP handlers share: the hub and the server's shutdown signal.
+#[derive(Clone)]
+pub struct AppState {
+    /// The hub.
+    pub hub: Hub,
+    /// Cancelled on shutdown; SSE streams end with an `error` event.
+    pub shutdown: CancellationToken,
+    /// Interval of SSE keep-alive comments.
+    pub sse_keepalive: Duration,
+}
+
+/// The OpenAPI document's fixed parts; paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "topichub HTTP API",
+        description = "Publish over HTTP/JSON and subscribe over Server-Sent Events. The same hub serves gRPC (`topichub.v1.PubSub`) and gRPC-Web on the same port; a message published through any door reaches subscribers on every door. Errors are `{\"error\": {\"code\", \"message\"}}` with grpc-gateway's status mapping.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    tags(
+        (name = "publish", description = "Publish messages"),
+        (name = "subscribe", description = "Follow topics over SSE"),
+        (name = "topics", description = "Topics and retained history"),
+        (name = "operations", description = "Health"),
+    ),
+    components(schemas(json::SubscribedJson, json::GapJson, json::LagJson, json::MessageJson, ErrorBody))
+)]
+struct ApiDoc;
+
+/// The REST/SSE routes and their OpenAPI document.
+fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let max_payload = state.hub.config().max_payload_bytes;
+    // JSON carries the payload as base64 at worst (4/3 larger) plus the envelope.
+    let json_body_limit = max_payload / 3 * 4 + 64 * 1024;
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(publish))
+        .routes(routes!(publish_raw))
+        .routes(routes!(sse::subscribe))
+        .routes(routes!(list_topics))
+        .routes(routes!(history))
+        .routes(routes!(healthz))
+        .split_for_parts();
+    let router = router
+        .layer(DefaultBodyLimit::max(json_body_limit))
+        .with_state(state);
+    (router, openapi)
+}
+
+/// The OpenAPI document of the HTTP API (committed as `openapi/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let state = AppState {
+        hub: Hub::new(Default::default()),
+        shutdown: CancellationToken::new(),
+        sse_keepalive: Duration::from_secs(15),
+    };
+    api(state).1
+}
+
+/// Every HTTP route: the API, `/openapi.json`, `/swagger-ui/` and the web page.
+pub fn router(state: AppState) -> Router {
+    let (api, openapi) = api(state);
+    api.merge(utoipa_swagger_ui::SwaggerUi::new("/swagger-ui").url("/openapi.json", openapi))
+        .merge(crate::web::router())
+}
+
+/// JSON 404 for unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see /openapi.json or /swagger-ui/ for the HTTP API")
+}
+
+/// JSON 405 for a known route called with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "UNIMPLEMENTED",
+        "method not allowed on this route; see /openapi.json",
+    )
+}
+
+/// Publish a JSON message.
+///
+/// `payload` may be a string (published as its text) or any JSON value (published as JSON with
+/// `content-type: application/json`); use `payload_base64` for binary bodies.
+#[utoipa::path(
+    post,
+    path = "/publish",
+    tag = "publish",
+    request_body(content = PublishBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted", body = Published),
+        (status = 400, description = "Malformed JSON, invalid topic, wildcard topic or bad base64", body = ErrorBody),
+        (status = 413, description = "Payload over the server limit", body = ErrorBody),
+    )
+)]
+async fn publish(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Published>, ApiError> {
+    let body = body.map_err(|r| body_error(r, &state))?;
+    let request: PublishBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "malformed JSON body: {e}; expected {{\"topic\": \"...\", \"payload\": ...}}"
+        ))
+    })?;
+    let topic = Topic::parse(&request.topic)?;
+    let mut headers: Headers = request.headers;
+    let payload = match (request.payload, request.payload_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give either payload or payload_base64, not both",
+            ));
+        }
+        (Some(serde_json::Value::String(text)), None) => Bytes::from(text),
+        (Some(value), None) => {
+            headers
+                .entry("content-type".into())
+                .or_insert_with(|| "application/json".into());
+            Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
+        }
+        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+            .decode(encoded.as_bytes())
+            .map_err(|e| ApiError::bad_request(format!("payload_base64 is not valid base64: {e}")))?
+            .into(),
+        (None, None) => Bytes::new(),
+    };
+    let message = state.hub.publish(topic, payload, headers)?;
+    Ok(Json(Published::of(&message)))
+}
+
+/// Publish the request body as is.
+///
+/// The body becomes the payload byte for byte; the request's `Content-Type` travels with the
+/// message as its `content-type` header.
+#[utoipa::path(
+    post,
+    path = "/topics/{topic}",
+    tag = "publish",
+    params(("topic" = String, Path, description = "Concrete topic (no wildcards)", example = "demo.greetings")),
+    request_body(content = String, description = "The payload", content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Accepted", body = Published),
+        (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
+        (status = 413, description = "Payload over the server limit", body = ErrorBody),
+    )
+)]
+async fn publish_raw(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    request_headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Published>, ApiError> {
+    let topic = Topic::parse(&topic)?;
+    let body = body.map_err(|r| body_error(r, &state))?;
+    let mut headers = Headers::new();
+    if let Some(content_type) = request_headers.get(header::CONTENT_TYPE) {
+        let text = content_type
+            .to_str()
+            .map_err(|_| ApiError::bad_request("Content-Type must be ASCII"))?;
+        headers.insert("content-type".into(), text.to_owned());
+    }
+    let message = state.hub.publish(topic, body, headers)?;
+    Ok(Json(Published::of(&message)))
+}
+
+/// List topics that have retained messages or live subscribers.
+#[utoipa::path(
+    get,
+    path = "/topics",
+    tag = "topics",
+    params(("pattern" = Option<String>, Query, description = "Only topics matching this topic or pattern", example = "demo.>")),
+    responses(
+        (status = 200, description = "Topics sorted by name", body = TopicList),
+        (status = 400, description = "Invalid pattern", body = ErrorBody),
+    )
+)]
+async fn list_topics(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<TopicList>, ApiError> {
+    let mut filter = None;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "pattern" if !value.is_empty() => filter = Some(Pattern::parse(&value)?),
+            "pattern" => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}; /topics takes pattern"
+                )));
+            }
+        }
+    }
+    let topics = state
+        .hub
+        .topics(filter.as_ref())
+        .into_iter()
+        .map(|t| TopicJson {
+            name: t.name,
+            retained_messages: t.retained_messages,
+            retained_bytes: t.retained_bytes,
+            subscribers: t.subscribers,
+            last_seq: t.last_seq,
+        })
+        .collect();
+    Ok(Json(TopicList { topics }))
+}
+
+/// Read retained messages of a topic (or pattern), oldest first.
+#[utoipa::path(
+    get,
+    path = "/topics/{topic}/messages",
+    tag = "topics",
+    params(
+        ("topic" = String, Path, description = "Topic or pattern", example = "demo.greetings"),
+        ("after" = Option<String>, Query, description = "Only messages after this cursor (`EPOCH-SEQ`); default: from the oldest retained"),
+        ("limit" = Option<usize>, Query, description = "At most this many messages (default 100, at most 1000)"),
+    ),
+    responses(
+        (status = 200, description = "A page of history", body = HistoryJson),
+        (status = 400, description = "Invalid topic, cursor or limit; or a cursor ahead of the hub", body = ErrorBody),
+    )
+)]
+async fn history(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<HistoryJson>, ApiError> {
+    let pattern = Pattern::parse(&topic)?;
+    let mut after = None;
+    let mut limit = 100;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "after" => after = Some(value.parse::<Cursor>()?),
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_HISTORY_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "limit must be a whole number from 1 to {MAX_HISTORY_LIMIT}, got {value:?}"
+                        ))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}; this route takes after, limit"
+                )));
+            }
+        }
+    }
+    let page = state.hub.history(&pattern, after.as_ref(), limit)?;
+    Ok(Json(HistoryJson {
+        gap: page.gap.map(Into::into),
+        next: page.messages.last().map(|m| m.cursor().to_string()),
+        more: page.more,
+        messages: page.messages.iter().map(|m| MessageJson::of(m)).collect(),
+    }))
+}
+
+/// Liveness and a few facts about the hub.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Serving", body = Health))
+)]
+async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "serving".into(),
+        epoch: state.hub.epoch().to_owned(),
+        head: state.hub.head().seq,
+        subscribers: state.hub.subscriber_count(),
+    })
+}
+
+fn body_error(rejection: BytesRejection, state: &AppState) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        let limit = state.hub.config().max_payload_bytes;
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RESOURCE_EXHAUSTED",
+            format!(
+                "request body is too large: payloads are limited to {limit} bytes (server option --max-payload-bytes)"
+            ),
+        )
+    } else {
+        ApiError::bad_request(format!("could not read the request body: {rejection}"))
+    }
+}

@@ -1,0 +1,218 @@
+//! `GET /subscribe`: a subscription as a Server-Sent Events stream.
+//!
+//! Frames are written as pre-encoded `Bytes` rather than through `axum::response::Sse`: a
+//! message's SSE frame is built once (cached on the hub message) and shared by every SSE
+//! subscriber, where `Sse` would re-serialize per subscriber.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{StreamExt, stream};
+use serde::Serialize;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use super::error::ApiError;
+use super::json::{GapJson, LagJson, MessageJson, SubscribedJson};
+use crate::cursor::Cursor;
+use crate::error::Error;
+use crate::hub::{Event, LagPolicy, Message, Start, SubscribeOptions, Subscription};
+use crate::topic::Pattern;
+
+/// Reconnect delay suggested to browsers (`retry:` field), in milliseconds.
+const RETRY_MS: u64 = 1000;
+
+/// Query parameters of `GET /subscribe`.
+pub(crate) const PARAMS: [&str; 5] = ["topic", "last_event_id", "from", "queue_size", "lag_policy"];
+
+/// Subscribe over SSE.
+///
+/// Streams `subscribed` (first; its id is the head cursor), then `message` events (id = the
+/// message cursor; data = the message as JSON), `gap` and `lag` notices, and an `error` event
+/// before the server closes the stream (shutdown, slow consumer). Keep-alive comments are sent
+/// while idle. A browser `EventSource` resumes by itself after a reconnect: it sends the last
+/// event id as `Last-Event-ID`, and replay continues exactly after it.
+#[utoipa::path(
+    get,
+    path = "/subscribe",
+    tag = "subscribe",
+    params(
+        ("topic" = Vec<String>, Query, description = "Topic or pattern to follow (repeatable; `*` = one token, `>` = one or more trailing tokens)", example = "demo.>"),
+        ("last_event_id" = Option<String>, Query, description = "Resume after this cursor (`EPOCH-SEQ`); the `Last-Event-ID` header takes precedence"),
+        ("from" = Option<String>, Query, description = "`latest` (default: only new messages) or `earliest` (everything retained first)"),
+        ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default: server setting)"),
+        ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect)"),
+    ),
+    responses(
+        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `error` (data: ErrorBody, then the stream ends).", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Invalid topic, pattern, cursor or parameter; or a cursor ahead of the hub", body = super::error::ErrorBody),
+    )
+)]
+pub async fn subscribe(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let options = options(query.as_deref().unwrap_or(""), &headers)?;
+    let subscription = state.hub.subscribe(options)?;
+    let subscribed = SubscribedJson {
+        subscription_id: subscription.id(),
+        head: subscription.head_at_start().to_string(),
+    };
+    let first = frame("subscribed", Some(&subscribed.head), &subscribed, true);
+    let mut keepalive =
+        tokio::time::interval_at(Instant::now() + state.sse_keepalive, state.sse_keepalive);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let stream = SseStream {
+        subscription,
+        shutdown: state.shutdown.clone(),
+        keepalive,
+    };
+    let body = stream::once(async move { Ok::<_, Infallible>(first) })
+        .chain(stream::unfold(Some(stream), next_frame));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+struct SseStream {
+    subscription: Subscription,
+    shutdown: CancellationToken,
+    keepalive: Interval,
+}
+
+/// The next frame of a stream; `None` ends it.
+async fn next_frame(
+    state: Option<SseStream>,
+) -> Option<(Result<Bytes, Infallible>, Option<SseStream>)> {
+    let mut s = state?;
+    let frame = tokio::select! {
+        biased;
+        () = s.shutdown.cancelled() => {
+            return Some((Ok(error_frame(&Error::ShuttingDown.into())), None));
+        }
+        event = s.subscription.next() => match event {
+            None => return None,
+            Some(Err(error)) => return Some((Ok(error_frame(&error.into())), None)),
+            Some(Ok(Event::Message(m))) => message_frame(&m),
+            Some(Ok(Event::Gap(gap))) => frame("gap", None, &GapJson::from(gap), false),
+            Some(Ok(Event::Lag(lag))) => frame("lag", None, &LagJson::from(lag), false),
+        },
+        _ = s.keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
+    };
+    Some((Ok(frame), Some(s)))
+}
+
+/// The `message` event of a hub message, built once per message.
+fn message_frame(message: &Message) -> Bytes {
+    message
+        .encoded
+        .sse
+        .get_or_init(|| {
+            frame(
+                "message",
+                Some(&message.cursor().to_string()),
+                &MessageJson::of(message),
+                false,
+            )
+        })
+        .clone()
+}
+
+fn error_frame(error: &ApiError) -> Bytes {
+    frame("error", None, &error.body(), false)
+}
+
+/// One SSE event. JSON never contains raw newlines, so `data` is a single line.
+fn frame(event: &str, id: Option<&str>, data: &impl Serialize, retry: bool) -> Bytes {
+    let mut out = String::with_capacity(256);
+    if retry {
+        out.push_str(&format!("retry: {RETRY_MS}\n"));
+    }
+    if let Some(id) = id {
+        out.push_str("id: ");
+        out.push_str(id);
+        out.push('\n');
+    }
+    out.push_str("event: ");
+    out.push_str(event);
+    out.push_str("\ndata: ");
+    out.push_str(&serde_json::to_string(data).expect("JSON shapes serialize"));
+    out.push_str("\n\n");
+    Bytes::from(out)
+}
+
+/// Parses the query and `Last-Event-ID` into subscription options.
+fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiError> {
+    let mut options = SubscribeOptions::default();
+    let mut last_event_id = None;
+    let mut from = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "topic" => options.patterns.push(Pattern::parse(&value)?),
+            "last_event_id" => last_event_id = Some(value.into_owned()),
+            "from" => from = Some(value.into_owned()),
+            "queue_size" => {
+                let size = value.parse::<usize>().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "queue_size must be a whole number, got {value:?}"
+                    ))
+                })?;
+                options.queue_size = Some(size);
+            }
+            "lag_policy" => {
+                options.lag_policy = Some(match &*value {
+                    "catch-up" => LagPolicy::CatchUp,
+                    "disconnect" => LagPolicy::Disconnect,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "lag_policy must be `catch-up` or `disconnect`, got {other:?}"
+                        )));
+                    }
+                });
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}; /subscribe takes {}",
+                    PARAMS.join(", ")
+                )));
+            }
+        }
+    }
+    if options.patterns.is_empty() {
+        return Err(ApiError::bad_request(
+            "name at least one topic: /subscribe?topic=NAME (repeatable; wildcards * and > allowed)",
+        ));
+    }
+    // On reconnect a browser repeats the original URL and sends its newest position in the
+    // header, so the header wins over the query.
+    let header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| ApiError::bad_request("Last-Event-ID must be ASCII (a cursor EPOCH-SEQ)"))?
+        .filter(|v| !v.is_empty());
+    options.start = match (header.or(last_event_id), from.as_deref()) {
+        (Some(cursor), _) => Start::After(cursor.parse::<Cursor>()?),
+        (None, None | Some("latest")) => Start::Latest,
+        (None, Some("earliest")) => Start::Earliest,
+        (None, Some(other)) => {
+            return Err(ApiError::bad_request(format!(
+                "from must be `latest` or `earliest` (or resume with last_event_id=CURSOR), got {other:?}"
+            )));
+        }
+    };
+    Ok(options)
+}

@@ -1,0 +1,840 @@
+//! The hub: topics, subscriptions, sequence numbers, retained history and the lag policy.
+//!
+//! Every transport calls into one [`Hub`]. All state sits behind one mutex so that assigning a
+//! `seq`, retaining the message and handing it to subscriber queues is one atomic step; that is
+//! what makes resume exact (a subscriber registers and snapshots history under the same lock, so
+//! each message is either replayed or delivered live, never both, never neither).
+//!
+//! The lock is a `std::sync::Mutex`, not an async one: it is never held across an `.await`, and
+//! every critical section is short and non-blocking (`try_send` into bounded queues), so the
+//! publisher is never blocked by a slow subscriber.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::cursor::Cursor;
+use crate::error::Error;
+use crate::topic::{Pattern, Topic};
+
+/// Message headers, e.g. `content-type`. Sorted, so every transport shows them in one order.
+pub type Headers = BTreeMap<String, String>;
+
+/// Most header bytes (keys + values) one message may carry.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Limits and defaults of a hub. Every field is a server option (see `config`).
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Largest payload accepted, in bytes; larger publishes fail with `PayloadTooLarge`.
+    pub max_payload_bytes: usize,
+    /// Messages retained per topic; the oldest is evicted when a new one would exceed it.
+    pub retain_messages: usize,
+    /// Bytes (payload + headers + topic) retained per topic; oldest evicted first.
+    pub retain_bytes: usize,
+    /// Age after which retained messages are evicted.
+    pub retain_age: Duration,
+    /// Default queue length of a subscriber. A full queue triggers the subscriber's lag policy.
+    pub queue_size: usize,
+    /// Largest queue length a subscriber may ask for.
+    pub max_queue_size: usize,
+    /// Default lag policy.
+    pub lag_policy: LagPolicy,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            max_payload_bytes: 1024 * 1024,
+            retain_messages: 10_000,
+            retain_bytes: 64 * 1024 * 1024,
+            retain_age: Duration::from_secs(3600),
+            queue_size: 1024,
+            max_queue_size: 65_536,
+            lag_policy: LagPolicy::CatchUp,
+        }
+    }
+}
+
+/// What happens to a subscriber whose queue overflows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LagPolicy {
+    /// Send a `lag` notice and replay what is still retained, then continue live.
+    CatchUp,
+    /// End the subscription with a slow-consumer error.
+    Disconnect,
+}
+
+/// An accepted message. Shared (`Arc`) between retention and every subscriber queue.
+#[derive(Debug)]
+pub struct Message {
+    /// Topic it was published to.
+    pub topic: Topic,
+    /// Body, exactly as published.
+    pub payload: Bytes,
+    /// Position in the hub's history.
+    pub seq: u64,
+    /// History id of the hub that accepted it.
+    pub epoch: Arc<str>,
+    /// When the hub accepted it.
+    pub published_at: SystemTime,
+    /// Publisher-supplied headers.
+    pub headers: Headers,
+    /// Each transport's encoding of this message, computed by the first subscriber that needs it
+    /// and shared by all others ("encode once per transport, not once per subscriber").
+    pub(crate) encoded: Encodings,
+}
+
+/// Lazily computed wire encodings of one message.
+#[derive(Debug, Default)]
+pub(crate) struct Encodings {
+    /// Protobuf encoding of `topichub.v1.Message`.
+    pub(crate) proto: OnceLock<Bytes>,
+    /// A complete SSE `message` event.
+    pub(crate) sse: OnceLock<Bytes>,
+}
+
+impl Message {
+    /// The cursor pointing at this message.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            epoch: self.epoch.to_string(),
+            seq: self.seq,
+        }
+    }
+
+    /// Bytes this message counts for against retention limits.
+    fn retained_size(&self) -> usize {
+        self.payload.len()
+            + self.topic.as_str().len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// Where a new subscription starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Start {
+    /// Only messages published from now on.
+    #[default]
+    Latest,
+    /// Everything still retained, then live.
+    Earliest,
+    /// Everything retained after this cursor, then live.
+    After(Cursor),
+}
+
+/// What a subscriber asks for.
+#[derive(Clone, Debug, Default)]
+pub struct SubscribeOptions {
+    /// Topics and patterns; a message matching several is delivered once.
+    pub patterns: Vec<Pattern>,
+    /// Where to start.
+    pub start: Start,
+    /// Queue length (`None` = server default; capped by the server maximum).
+    pub queue_size: Option<usize>,
+    /// Lag policy (`None` = server default).
+    pub lag_policy: Option<LagPolicy>,
+}
+
+/// Messages in a seq range that a subscriber will not get.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// First seq that may be missing.
+    pub from_seq: u64,
+    /// Last seq that may be missing; `None` when the range runs to the end of an old epoch.
+    pub to_seq: Option<u64>,
+    /// Why the range cannot be replayed.
+    pub reason: GapReason,
+    /// Epoch the range belongs to.
+    pub epoch: String,
+}
+
+/// Why a gap happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GapReason {
+    /// The cursor is from an earlier history of the hub (e.g. before a restart).
+    Epoch,
+    /// The messages were evicted from retention before they could be replayed.
+    Retention,
+}
+
+impl GapReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Epoch => "epoch",
+            GapReason::Retention => "retention",
+        }
+    }
+}
+
+/// A subscriber's queue overflowed; what follows catches it up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lag {
+    /// First seq its queue could not take.
+    pub from_seq: u64,
+    /// The hub's head when catch-up began.
+    pub to_seq: u64,
+}
+
+/// One item of a subscription.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A message.
+    Message(Arc<Message>),
+    /// A range that will not be delivered.
+    Gap(Gap),
+    /// The subscriber fell behind; retained messages follow.
+    Lag(Lag),
+}
+
+/// Counts and state of one topic, for listings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Topic name.
+    pub name: String,
+    /// Messages retained.
+    pub retained_messages: u64,
+    /// Bytes retained.
+    pub retained_bytes: u64,
+    /// Live subscriptions matching it.
+    pub subscribers: u64,
+    /// Seq of its newest message (0 when none was ever published since it was created).
+    pub last_seq: u64,
+}
+
+/// A page of retained history.
+#[derive(Clone, Debug)]
+pub struct History {
+    /// A gap before the first message, when the cursor is older than what is retained.
+    pub gap: Option<Gap>,
+    /// Messages in seq order.
+    pub messages: Vec<Arc<Message>>,
+    /// Whether more retained messages follow the last one returned.
+    pub more: bool,
+}
+
+/// The topic hub. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    epoch: Arc<str>,
+    config: HubConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Seq of the newest message (0 = none yet).
+    head: u64,
+    topics: HashMap<Topic, TopicState>,
+    subs: HashMap<u64, SubEntry>,
+    /// Subscriptions with at least one wildcard pattern; new topics are matched against them.
+    wildcard_subs: HashSet<u64>,
+    next_sub_id: u64,
+    /// Highest seq evicted from a topic that has since been forgotten entirely; a resume from
+    /// before it may have missed messages there, so it is reported as a gap.
+    forgotten_through: u64,
+}
+
+#[derive(Default)]
+struct TopicState {
+    retained: VecDeque<Arc<Message>>,
+    retained_bytes: usize,
+    /// Highest seq evicted from this topic (0 = none).
+    evicted_through: u64,
+    last_seq: u64,
+    /// Live subscriptions matching this topic, each once.
+    subscribers: Vec<u64>,
+}
+
+struct SubEntry {
+    patterns: Vec<Pattern>,
+    /// `None` while the subscriber is lagged and has not yet caught up: nothing is queued for
+    /// it, so its queue cannot reorder with the replay.
+    tx: Option<mpsc::Sender<Arc<Message>>>,
+    /// First seq its queue could not take, while lagged.
+    lagged_from: Option<u64>,
+    queue_size: usize,
+    policy: LagPolicy,
+    /// Topics whose subscriber lists hold this subscription.
+    topics: Vec<Topic>,
+    ended: Arc<OnceLock<Ended>>,
+}
+
+/// A live subscription. Dropping it unsubscribes.
+pub struct Subscription {
+    hub: Hub,
+    id: u64,
+    rx: mpsc::Receiver<Arc<Message>>,
+    /// Set by the hub when it ends the subscription (unsubscribe, disconnect policy).
+    ended: Arc<OnceLock<Ended>>,
+    /// Replayed messages and notices to hand out before reading the queue again.
+    pending: VecDeque<Event>,
+    /// Seq of the last message handed out, or the start position.
+    last_seq: u64,
+    head_at_start: u64,
+}
+
+/// Why the hub ended a subscription.
+#[derive(Debug)]
+enum Ended {
+    /// `unsubscribe` was called (or the subscriber went away): the stream ends cleanly.
+    Unsubscribed,
+    /// The hub closed it, e.g. a slow consumer under the `disconnect` policy.
+    Closed(Error),
+}
+
+impl Hub {
+    /// A new, empty hub with a fresh epoch.
+    pub fn new(config: HubConfig) -> Hub {
+        let epoch: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(12)
+            .collect();
+        Hub {
+            shared: Arc::new(Shared {
+                epoch: Arc::from(epoch),
+                config,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The history id of this hub.
+    pub fn epoch(&self) -> &str {
+        &self.shared.epoch
+    }
+
+    /// The hub's limits.
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    /// Cursor of the newest message.
+    pub fn head(&self) -> Cursor {
+        Cursor {
+            epoch: self.epoch().to_owned(),
+            seq: self.lock().head,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // matters more than refusing all service would, so poisoning is ignored.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Checks a payload against the limits, so transports can refuse before decoding further.
+    pub fn check_payload(&self, size: usize) -> Result<(), Error> {
+        let limit = self.shared.config.max_payload_bytes;
+        if size > limit {
+            return Err(Error::PayloadTooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    /// Publishes a message: assigns its seq, retains it and queues it for every matching
+    /// subscriber. Never waits for subscribers.
+    pub fn publish(
+        &self,
+        topic: Topic,
+        payload: Bytes,
+        headers: Headers,
+    ) -> Result<Arc<Message>, Error> {
+        self.check_payload(payload.len())?;
+        check_headers(&headers)?;
+        let config = &self.shared.config;
+        let published_at = SystemTime::now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.head += 1;
+        let message = Arc::new(Message {
+            topic: topic.clone(),
+            payload,
+            seq: state.head,
+            epoch: self.shared.epoch.clone(),
+            published_at,
+            headers,
+            encoded: Encodings::default(),
+        });
+
+        if !state.topics.contains_key(&topic) {
+            let mut created = TopicState::default();
+            for id in &state.wildcard_subs {
+                let entry = state.subs.get_mut(id).expect("wildcard subs are live");
+                if entry.patterns.iter().any(|p| p.matches(topic.as_str())) {
+                    created.subscribers.push(*id);
+                    entry.topics.push(topic.clone());
+                }
+            }
+            state.topics.insert(topic.clone(), created);
+        }
+        let topic_state = state.topics.get_mut(&topic).expect("inserted above");
+        topic_state.last_seq = message.seq;
+        topic_state.retain(message.clone(), config, published_at);
+
+        let mut overflowed = Vec::new();
+        for id in &topic_state.subscribers {
+            let entry = state.subs.get_mut(id).expect("topic subscribers are live");
+            let Some(tx) = &entry.tx else { continue };
+            match tx.try_send(message.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => match entry.policy {
+                    LagPolicy::CatchUp => {
+                        // Dropping the sender wakes the subscriber once it has drained its
+                        // queue; it then catches up from retention (see `Subscription::next`).
+                        entry.tx = None;
+                        entry.lagged_from = Some(message.seq);
+                        tracing::debug!(subscription = id, seq = message.seq, "subscriber lagged");
+                    }
+                    LagPolicy::Disconnect => overflowed.push(*id),
+                },
+                // The receiver is gone; its `Drop` is removing the subscription right now.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        for id in overflowed {
+            let queue_size = state.subs[&id].queue_size;
+            tracing::info!(
+                subscription = id,
+                queue_size,
+                "slow subscriber disconnected"
+            );
+            state.remove_sub(id, Ended::Closed(Error::SlowConsumer { queue_size }));
+        }
+        Ok(message)
+    }
+
+    /// Opens a subscription. Replay (if any) and live delivery join without gap or duplicate.
+    pub fn subscribe(&self, options: SubscribeOptions) -> Result<Subscription, Error> {
+        if options.patterns.is_empty() {
+            return Err(Error::InvalidRequest(
+                "name at least one topic or pattern to subscribe to".into(),
+            ));
+        }
+        let config = &self.shared.config;
+        let queue_size = match options.queue_size {
+            None | Some(0) => config.queue_size,
+            Some(n) if n > config.max_queue_size => {
+                return Err(Error::InvalidRequest(format!(
+                    "queue_size {n} is over the server maximum of {}",
+                    config.max_queue_size
+                )));
+            }
+            Some(n) => n,
+        };
+        let mut patterns = options.patterns;
+        patterns.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        patterns.dedup();
+
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut pending = VecDeque::new();
+        let from = match &options.start {
+            Start::Latest => state.head,
+            Start::Earliest => 0,
+            Start::After(cursor) if cursor.epoch == *self.shared.epoch => {
+                if cursor.seq > state.head {
+                    return Err(Error::CursorAhead {
+                        cursor: cursor.to_string(),
+                        head: state.head,
+                    });
+                }
+                cursor.seq
+            }
+            Start::After(cursor) => {
+                pending.push_back(Event::Gap(Gap {
+                    from_seq: cursor.seq + 1,
+                    to_seq: None,
+                    reason: GapReason::Epoch,
+                    epoch: cursor.epoch.clone(),
+                }));
+                0
+            }
+        };
+        if from < state.head {
+            pending.extend(
+                state
+                    .retention_gap(&patterns, from, &self.shared.epoch)
+                    .map(Event::Gap),
+            );
+            pending.extend(
+                state
+                    .replay(&patterns, from)
+                    .into_iter()
+                    .map(Event::Message),
+            );
+        }
+
+        let id = state.next_sub_id;
+        state.next_sub_id += 1;
+        let (tx, rx) = mpsc::channel(queue_size);
+        let ended = Arc::new(OnceLock::new());
+        let mut topics = Vec::new();
+        for pattern in &patterns {
+            match pattern.as_topic() {
+                Some(topic) => {
+                    let topic_state = state.topics.entry(topic.clone()).or_default();
+                    if !topic_state.subscribers.contains(&id) {
+                        topic_state.subscribers.push(id);
+                        topics.push(topic);
+                    }
+                }
+                None => {
+                    state.wildcard_subs.insert(id);
+                    for (name, topic_state) in state.topics.iter_mut() {
+                        if pattern.matches(name.as_str()) && !topic_state.subscribers.contains(&id)
+                        {
+                            topic_state.subscribers.push(id);
+                            topics.push(name.clone());
+                        }
+                    }
+                }
+            }
+        }
+        state.subs.insert(
+            id,
+            SubEntry {
+                patterns,
+                tx: Some(tx),
+                lagged_from: None,
+                queue_size,
+                policy: options.lag_policy.unwrap_or(config.lag_policy),
+                topics,
+                ended: ended.clone(),
+            },
+        );
+        let head_at_start = state.head;
+        drop(guard);
+        Ok(Subscription {
+            hub: self.clone(),
+            id,
+            rx,
+            ended,
+            pending,
+            last_seq: from,
+            head_at_start,
+        })
+    }
+
+    /// Ends the subscription with this id (as shown in its `subscribed` event).
+    pub fn unsubscribe(&self, id: &str) -> Result<(), Error> {
+        let unknown = || Error::UnknownSubscription(id.to_owned());
+        let number = parse_subscription_id(id, self.epoch()).ok_or_else(unknown)?;
+        let mut state = self.lock();
+        if !state.subs.contains_key(&number) {
+            return Err(unknown());
+        }
+        state.remove_sub(number, Ended::Unsubscribed);
+        Ok(())
+    }
+
+    /// Known topics (retained messages or live subscribers), sorted, optionally filtered.
+    pub fn topics(&self, filter: Option<&Pattern>) -> Vec<TopicInfo> {
+        let state = self.lock();
+        let mut topics: Vec<TopicInfo> = state
+            .topics
+            .iter()
+            .filter(|(name, _)| filter.is_none_or(|p| p.matches(name.as_str())))
+            .map(|(name, t)| TopicInfo {
+                name: name.to_string(),
+                retained_messages: t.retained.len() as u64,
+                retained_bytes: t.retained_bytes as u64,
+                subscribers: t.subscribers.len() as u64,
+                last_seq: t.last_seq,
+            })
+            .collect();
+        drop(state);
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        topics
+    }
+
+    /// Retained messages matching `pattern` after `after` (default: the oldest retained), at
+    /// most `limit`.
+    pub fn history(
+        &self,
+        pattern: &Pattern,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<History, Error> {
+        let state = self.lock();
+        let patterns = std::slice::from_ref(pattern);
+        let mut gap = None;
+        let from = match after {
+            None => 0,
+            Some(cursor) if cursor.epoch == *self.shared.epoch => {
+                if cursor.seq > state.head {
+                    return Err(Error::CursorAhead {
+                        cursor: cursor.to_string(),
+                        head: state.head,
+                    });
+                }
+                cursor.seq
+            }
+            Some(cursor) => {
+                gap = Some(Gap {
+                    from_seq: cursor.seq + 1,
+                    to_seq: None,
+                    reason: GapReason::Epoch,
+                    epoch: cursor.epoch.clone(),
+                });
+                0
+            }
+        };
+        if gap.is_none() && after.is_some() {
+            gap = state.retention_gap(patterns, from, &self.shared.epoch);
+        }
+        let mut messages = state.replay(patterns, from);
+        drop(state);
+        let more = messages.len() > limit;
+        messages.truncate(limit);
+        Ok(History {
+            gap,
+            messages,
+            more,
+        })
+    }
+
+    /// Evicts messages older than the retention age and forgets topics with nothing left.
+    /// Called periodically by the server.
+    pub fn expire(&self) {
+        let config = &self.shared.config;
+        let now = SystemTime::now();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let mut forgotten = state.forgotten_through;
+        state.topics.retain(|_, topic| {
+            topic.evict(config, now);
+            let keep = !topic.retained.is_empty() || !topic.subscribers.is_empty();
+            if !keep {
+                forgotten = forgotten.max(topic.evicted_through);
+            }
+            keep
+        });
+        state.forgotten_through = forgotten;
+    }
+
+    /// Live subscriptions (all doors).
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().subs.len()
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove_sub(id, Ended::Unsubscribed);
+    }
+
+    /// Called by a lagged subscriber once its queue is drained: reports the lag (and any gap),
+    /// replays what is retained after `last_seq` and re-arms live delivery, atomically.
+    fn catch_up(
+        &self,
+        id: u64,
+        last_seq: u64,
+        pending: &mut VecDeque<Event>,
+    ) -> Option<mpsc::Receiver<Arc<Message>>> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let entry = state.subs.get_mut(&id)?;
+        let from_seq = entry.lagged_from.take()?;
+        let (tx, rx) = mpsc::channel(entry.queue_size);
+        entry.tx = Some(tx);
+        let patterns = entry.patterns.clone();
+        pending.push_back(Event::Lag(Lag {
+            from_seq,
+            to_seq: state.head,
+        }));
+        pending.extend(
+            state
+                .retention_gap(&patterns, last_seq, &self.shared.epoch)
+                .map(Event::Gap),
+        );
+        pending.extend(
+            state
+                .replay(&patterns, last_seq)
+                .into_iter()
+                .map(Event::Message),
+        );
+        Some(rx)
+    }
+}
+
+impl State {
+    /// Retained messages matching `patterns` with seq > `from`, in seq order.
+    fn replay(&self, patterns: &[Pattern], from: u64) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        for (_, topic) in self.matching_topics(patterns) {
+            let start = topic.retained.partition_point(|m| m.seq <= from);
+            out.extend(topic.retained.range(start..).cloned());
+        }
+        out.sort_unstable_by_key(|m| m.seq);
+        out
+    }
+
+    /// The range after `from` that matching topics have evicted, if any.
+    fn retention_gap(&self, patterns: &[Pattern], from: u64, epoch: &str) -> Option<Gap> {
+        let evicted = self
+            .matching_topics(patterns)
+            .map(|(_, t)| t.evicted_through)
+            .chain(std::iter::once(self.forgotten_through))
+            .max()
+            .unwrap_or(0);
+        (evicted > from).then(|| Gap {
+            from_seq: from + 1,
+            to_seq: Some(evicted),
+            reason: GapReason::Retention,
+            epoch: epoch.to_owned(),
+        })
+    }
+
+    fn matching_topics<'a>(
+        &'a self,
+        patterns: &'a [Pattern],
+    ) -> impl Iterator<Item = (&'a Topic, &'a TopicState)> + 'a {
+        let exact_only = patterns.iter().all(|p| p.as_topic().is_some());
+        let exact = patterns
+            .iter()
+            .filter(move |_| exact_only)
+            .filter_map(|p| self.topics.get_key_value(p.as_str()));
+        let scanned = self
+            .topics
+            .iter()
+            .filter(move |_| !exact_only)
+            .filter(|(name, _)| patterns.iter().any(|p| p.matches(name.as_str())));
+        exact.chain(scanned)
+    }
+
+    fn remove_sub(&mut self, id: u64, why: Ended) {
+        let Some(entry) = self.subs.remove(&id) else {
+            return;
+        };
+        let _ = entry.ended.set(why);
+        self.wildcard_subs.remove(&id);
+        for name in &entry.topics {
+            let Some(topic) = self.topics.get_mut(name) else {
+                continue;
+            };
+            topic.subscribers.retain(|s| *s != id);
+            if topic.subscribers.is_empty() && topic.retained.is_empty() {
+                self.forgotten_through = self.forgotten_through.max(topic.evicted_through);
+                self.topics.remove(name);
+            }
+        }
+        // Dropping `entry.tx` here wakes the subscriber, which then finds `ended` set.
+    }
+}
+
+impl TopicState {
+    fn retain(&mut self, message: Arc<Message>, config: &HubConfig, now: SystemTime) {
+        self.retained_bytes += message.retained_size();
+        self.retained.push_back(message);
+        self.evict(config, now);
+    }
+
+    fn evict(&mut self, config: &HubConfig, now: SystemTime) {
+        while let Some(oldest) = self.retained.front() {
+            let expired = now
+                .duration_since(oldest.published_at)
+                .is_ok_and(|age| age > config.retain_age);
+            if self.retained.len() <= config.retain_messages
+                && self.retained_bytes <= config.retain_bytes
+                && !expired
+            {
+                break;
+            }
+            let oldest = self.retained.pop_front().expect("front exists");
+            self.retained_bytes -= oldest.retained_size();
+            self.evicted_through = oldest.seq;
+        }
+    }
+}
+
+impl Subscription {
+    /// The id to pass to `Hub::unsubscribe`.
+    pub fn id(&self) -> String {
+        format!("sub-{}-{}", self.hub.epoch(), self.id)
+    }
+
+    /// The hub's head cursor when the subscription started.
+    pub fn head_at_start(&self) -> Cursor {
+        Cursor {
+            epoch: self.hub.epoch().to_owned(),
+            seq: self.head_at_start,
+        }
+    }
+
+    /// The next event. `None` when the subscription was ended by `unsubscribe`; an error when
+    /// the hub closed it (slow consumer under the `disconnect` policy).
+    pub async fn next(&mut self) -> Option<Result<Event, Error>> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                if let Event::Message(m) = &event {
+                    // Replay and queue can overlap only if a lag was handled; skip anything
+                    // already handed out so delivery stays duplicate-free.
+                    if m.seq <= self.last_seq {
+                        continue;
+                    }
+                    self.last_seq = m.seq;
+                }
+                return Some(Ok(event));
+            }
+            match self.rx.recv().await {
+                Some(message) => {
+                    if message.seq <= self.last_seq {
+                        continue;
+                    }
+                    self.last_seq = message.seq;
+                    return Some(Ok(Event::Message(message)));
+                }
+                None => match self.ended.get() {
+                    Some(Ended::Unsubscribed) => return None,
+                    Some(Ended::Closed(error)) => return Some(Err(error.clone())),
+                    None => match self.hub.catch_up(self.id, self.last_seq, &mut self.pending) {
+                        Some(rx) => self.rx = rx,
+                        None => return None,
+                    },
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.remove(self.id);
+    }
+}
+
+fn parse_subscription_id(id: &str, epoch: &str) -> Option<u64> {
+    let rest = id
+        .strip_prefix("sub-")?
+        .strip_prefix(epoch)?
+        .strip_prefix('-')?;
+    rest.parse().ok()
+}
+
+fn check_headers(headers: &Headers) -> Result<(), Error> {
+    let size: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_HEADER_BYTES {
+        return Err(Error::InvalidRequest(format!(
+            "headers take {size} bytes, over the limit of {MAX_HEADER_BYTES}"
+        )));
+    }
+    if headers.keys().any(|k| k.is_empty()) {
+        return Err(Error::InvalidRequest(
+            "header names must not be empty".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! topichub: a topic-based publish/subscribe broker.
+//!
+//! One process, one port, every way in: gRPC (`topichub.v1.PubSub` and the seed-compatible
+//! `proto.PubSubService`), gRPC-Web, HTTP/JSON publish, Server-Sent Events subscribe, an OpenAPI
+//! document with Swagger UI, and a small web page. All of them are thin adapters over one
+//! [`Hub`], so a message published through any door reaches subscribers on every door, with the
+//! same sequence number.
+//!
+//! # Layout
+//! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
+//! - [`topic`]: topic names and wildcard patterns.
+//! - [`cursor`]: `EPOCH-SEQ` positions for resume.
+//! - [`error`]: the hub's error type, mapped once per transport.
+//! - [`grpc`]: the gRPC services (`wire`: protobuf conversions, `seed`: the seed service).
+//! - [`http`]: REST and SSE routes, JSON shapes, the HTTP error type, the OpenAPI document.
+//! - [`web`]: the embedded web page.
+//! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
+//! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
+//! - [`config`]: command line and environment.
+//! - [`client`]: the `pub` and `sub` command-line clients.
+//! - [`proto`]: generated protobuf types and gRPC clients.
+
+pub mod client;
+pub mod config;
+pub mod cursor;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod hub;
+pub mod proto;
+pub mod server;
+pub mod shutdown;
+pub mod topic;
+pub mod web;
+
+pub use config::ServerConfig;
+pub use hub::Hub;
+pub use server::run;

@@ -1,0 +1,259 @@
+//! One listener, every door: assembles the gRPC services (tonic, with gRPC-Web, health and
+//! reflection) and the HTTP routes (axum) into one router, and serves it with hyper-util so that
+//! HTTP/1.1, HTTP/2 (h2c) and keepalive pings work on the same port.
+
+use std::any::Any;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{Any as AnyOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::ServerConfig;
+use crate::grpc::seed::SeedService;
+use crate::grpc::wire::v1::pub_sub_server::PubSubServer;
+use crate::grpc::{self, PubSubService};
+use crate::http::{self, AppState};
+use crate::hub::Hub;
+use crate::proto;
+use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
+
+/// How often aged messages are evicted and empty topics forgotten.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Serves the broker on `listener` until `shutdown` is cancelled, then drains: live streams end
+/// with a clean status (gRPC UNAVAILABLE, an SSE `error` event), connections get up to
+/// `config.shutdown_grace` to finish, and the function returns.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let hub = Hub::new(config.hub());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PubSubServer<PubSubService>>().await;
+    health
+        .set_serving::<PubSubServiceServer<SeedService>>()
+        .await;
+    let app = app(hub.clone(), &config, shutdown.clone(), health_service);
+
+    tokio::spawn(expire_periodically(hub.clone(), shutdown.clone()));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout);
+    builder.http1().timer(TokioTimer::new());
+
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        epoch = hub.epoch(),
+        "topichub listening (gRPC, gRPC-Web, HTTP and SSE on one port)"
+    );
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    health
+        .set_not_serving::<PubSubServer<PubSubService>>()
+        .await;
+    tracing::info!(connections = graceful.count(), "draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(config.shutdown_grace) => {
+            tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the grace period; closing them");
+        }
+    }
+    Ok(())
+}
+
+/// The whole application: gRPC (+ gRPC-Web), REST, SSE, docs and the web page.
+pub fn app(
+    hub: Hub,
+    config: &ServerConfig,
+    shutdown: CancellationToken,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Router {
+    let max_decoding = grpc::max_decoding_message_size(config.max_payload_bytes);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
+    let reflection_v1 = reflection
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
+    let reflection_v1alpha = reflection
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
+
+    let mut services = tonic::service::Routes::builder();
+    services
+        .add_service(
+            PubSubServer::new(PubSubService::new(hub.clone(), shutdown.clone()))
+                .max_decoding_message_size(max_decoding),
+        )
+        .add_service(
+            PubSubServiceServer::new(SeedService::new(hub.clone(), shutdown.clone()))
+                .max_decoding_message_size(max_decoding),
+        )
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let grpc = services
+        .routes()
+        .into_axum_router()
+        // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(CatchPanicLayer::custom(grpc_panic));
+
+    let state = AppState {
+        hub,
+        shutdown,
+        sse_keepalive: config.sse_keepalive,
+    };
+    let rest = http::router(state)
+        .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(CatchPanicLayer::custom(http_panic));
+
+    grpc.merge(rest)
+        // `Routes` brings a gRPC fallback; ours answers both kinds of client.
+        .fallback(fallback)
+        .layer(cors())
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Unknown routes: UNIMPLEMENTED for gRPC and gRPC-Web clients, a JSON 404 for everyone else.
+async fn fallback(request: Request) -> Response {
+    if is_grpc(&request) {
+        grpc_status_response(
+            tonic::Code::Unimplemented,
+            "unknown service or method; list them with server reflection",
+        )
+    } else {
+        http::not_found().await.into_response()
+    }
+}
+
+fn is_grpc(request: &Request) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A trailers-only gRPC response carrying a status (valid for gRPC and gRPC-Web clients).
+fn grpc_status_response(code: tonic::Code, message: &str) -> Response {
+    let mut response = Response::new(Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code as i32));
+    if let Ok(message) = HeaderValue::from_str(&percent_encode(message)) {
+        headers.insert("grpc-message", message);
+    }
+    response
+}
+
+/// grpc-message is percent-encoded (gRPC spec); our messages are ASCII without `%` in practice,
+/// but encode anyway.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic)")
+}
+
+fn grpc_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
+    tracing::error!(panic = panic_message(&*panic), "gRPC handler panicked");
+    grpc_status_response(
+        tonic::Code::Internal,
+        "internal error; the server logged the details",
+    )
+}
+
+fn http_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
+    tracing::error!(panic = panic_message(&*panic), "HTTP handler panicked");
+    http::error::ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "INTERNAL",
+        "internal error; the server logged the details",
+    )
+    .into_response()
+}
+
+/// CORS for browsers on other origins: REST, SSE and gRPC-Web.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AnyOrigin)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers(AnyOrigin)
+        .expose_headers([
+            header::HeaderName::from_static("grpc-status"),
+            header::HeaderName::from_static("grpc-message"),
+            header::HeaderName::from_static("grpc-status-details-bin"),
+        ])
+        .max_age(Duration::from_secs(24 * 3600))
+}
+
+async fn expire_periodically(hub: Hub, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(EXPIRY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => hub.expire(),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}

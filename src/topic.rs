@@ -1,0 +1,300 @@
+//! Topic names and subscription patterns.
+//!
+//! A topic is dot-separated tokens (`orders.eu.created`), each 1+ characters of `[A-Za-z0-9_:-]`,
+//! at most [`MAX_TOPIC_LEN`] bytes in all. A pattern is a topic whose tokens may also be `*`
+//! (exactly one token) or, as the last token only, `>` (one or more tokens).
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::Error;
+
+/// Longest topic or pattern accepted, in bytes.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// A validated, concrete topic name (no wildcards). Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Topic(Arc<str>);
+
+impl Topic {
+    /// Validates `name` as a publish topic.
+    pub fn parse(name: &str) -> Result<Topic, Error> {
+        check_syntax(name, false)?;
+        Ok(Topic(Arc::from(name)))
+    }
+
+    /// The topic name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Topic {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// A validated subscription pattern: a concrete topic or one with `*` / `>` wildcards.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Pattern {
+    text: Arc<str>,
+    wildcard: bool,
+}
+
+impl Pattern {
+    /// Validates `text` as a subscription pattern.
+    pub fn parse(text: &str) -> Result<Pattern, Error> {
+        let wildcard = check_syntax(text, true)?;
+        Ok(Pattern {
+            text: Arc::from(text),
+            wildcard,
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The concrete topic this pattern names, when it has no wildcards.
+    pub fn as_topic(&self) -> Option<Topic> {
+        (!self.wildcard).then(|| Topic(self.text.clone()))
+    }
+
+    /// Whether `topic` matches this pattern.
+    pub fn matches(&self, topic: &str) -> bool {
+        if !self.wildcard {
+            return *self.text == *topic;
+        }
+        let mut names = topic.split('.');
+        for token in self.text.split('.') {
+            match token {
+                ">" => return names.next().is_some(),
+                "*" => {
+                    if names.next().is_none() {
+                        return false;
+                    }
+                }
+                literal => {
+                    if names.next() != Some(literal) {
+                        return false;
+                    }
+                }
+            }
+        }
+        names.next().is_none()
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.text, f)
+    }
+}
+
+/// Checks topic/pattern syntax; returns whether a wildcard token occurs.
+fn check_syntax(text: &str, allow_wildcards: bool) -> Result<bool, Error> {
+    let invalid = |reason: String| Error::InvalidTopic {
+        topic: shorten(text),
+        reason,
+    };
+    if text.is_empty() {
+        return Err(invalid("a topic must not be empty".into()));
+    }
+    if text.len() > MAX_TOPIC_LEN {
+        return Err(invalid(format!(
+            "a topic is at most {MAX_TOPIC_LEN} bytes, this one has {}",
+            text.len()
+        )));
+    }
+    let mut wildcard = false;
+    let count = text.split('.').count();
+    for (i, token) in text.split('.').enumerate() {
+        match token {
+            "" => {
+                return Err(invalid(
+                    "empty token: tokens are separated by single dots, with none at either end"
+                        .into(),
+                ));
+            }
+            "*" | ">" if !allow_wildcards => {
+                return Err(Error::WildcardInPublish {
+                    topic: shorten(text),
+                });
+            }
+            "*" => wildcard = true,
+            ">" if i + 1 == count => wildcard = true,
+            ">" => return Err(invalid("`>` may only be the last token".into())),
+            _ => {
+                if let Some(c) = token.chars().find(|c| !is_token_char(*c)) {
+                    return Err(invalid(format!(
+                        "character {c:?} is not allowed; tokens use letters, digits, `_`, `-` and `:`{}",
+                        if c == '*' || c == '>' {
+                            " (wildcards must be whole tokens)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+        }
+    }
+    Ok(wildcard)
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':')
+}
+
+/// Error messages quote at most this much of a bad topic, so a 1 MiB "topic" cannot bloat them.
+fn shorten(text: &str) -> String {
+    const SHOWN: usize = 64;
+    if text.len() <= SHOWN {
+        return text.to_owned();
+    }
+    let mut end = SHOWN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_accept_the_documented_alphabet() {
+        for ok in ["a", "orders.eu.created", "A-b_c:d.9", &"x".repeat(255)] {
+            assert!(Topic::parse(ok).is_ok(), "{ok} should be valid");
+        }
+    }
+
+    #[test]
+    fn topics_reject_bad_syntax_with_a_reason() {
+        for (bad, why) in [
+            ("", "empty"),
+            ("a..b", "empty token"),
+            (".a", "empty token"),
+            ("a.", "empty token"),
+            ("a b", "not allowed"),
+            ("a/b", "not allowed"),
+            ("é", "not allowed"),
+            ("a*", "wildcards must be whole tokens"),
+        ] {
+            let err = Topic::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        let long = "x".repeat(256);
+        assert!(
+            Topic::parse(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("at most 255")
+        );
+        assert!(matches!(
+            Topic::parse("a.*"),
+            Err(Error::WildcardInPublish { .. })
+        ));
+        assert!(matches!(
+            Topic::parse("a.>"),
+            Err(Error::WildcardInPublish { .. })
+        ));
+    }
+
+    #[test]
+    fn patterns_validate_wildcard_placement() {
+        assert!(Pattern::parse("a.*.c").is_ok());
+        assert!(Pattern::parse(">").is_ok());
+        assert!(Pattern::parse("a.>").is_ok());
+        assert!(
+            Pattern::parse("a.>.c")
+                .unwrap_err()
+                .to_string()
+                .contains("last token")
+        );
+        assert!(Pattern::parse("a.b*").is_err());
+    }
+
+    #[test]
+    fn matching_follows_nats_semantics() {
+        let cases = [
+            ("a.b.c", "a.b.c", true),
+            ("a.b.c", "a.b", false),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.b.d", false),
+            ("a.*", "a.b.c", false),
+            ("a.*", "a", false),
+            ("a.>", "a.b", true),
+            ("a.>", "a.b.c.d", true),
+            ("a.>", "a", false),
+            (">", "anything.at.all", true),
+            ("*.*", "x.y", true),
+            ("*.>", "x", false),
+        ];
+        for (pattern, topic, expected) in cases {
+            assert_eq!(
+                Pattern::parse(pattern).unwrap().matches(topic),
+                expected,
+                "{pattern} ~ {topic}"
+            );
+        }
+    }
+
+    /// A deliberately naive matcher: token lists compared recursively.
+    fn reference(pattern: &[&str], topic: &[&str]) -> bool {
+        match (pattern.first(), topic.first()) {
+            (Some(&">"), Some(_)) => true,
+            (Some(&"*"), Some(_)) => reference(&pattern[1..], &topic[1..]),
+            (Some(p), Some(t)) => p == t && reference(&pattern[1..], &topic[1..]),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn matcher_agrees_with_reference_on_random_inputs() {
+        let mut rng = fastrand::Rng::with_seed(0x70b1c);
+        let tokens = ["a", "b", "c"];
+        for _ in 0..50_000 {
+            let topic: Vec<&str> = (0..rng.usize(1..5))
+                .map(|_| tokens[rng.usize(..3)])
+                .collect();
+            let len = rng.usize(1..5);
+            let pattern: Vec<&str> = (0..len)
+                .map(|i| match rng.u8(..10) {
+                    0..=1 => "*",
+                    2 if i + 1 == len => ">",
+                    _ => tokens[rng.usize(..3)],
+                })
+                .collect();
+            let p = Pattern::parse(&pattern.join(".")).unwrap();
+            assert_eq!(
+                p.matches(&topic.join(".")),
+                reference(&pattern, &topic),
+                "{} ~ {}",
+                pattern.join("."),
+                topic.join(".")
+            );
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Shared helpers for the integration tests: a real broker on `127.0.0.1:0`, and real clients
+//! for every door (gRPC, gRPC-Web over HTTP/1.1, HTTP/JSON, SSE).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use topichub::ServerConfig;
+use topichub::proto::v1::pub_sub_client::PubSubClient;
+
+/// Upper bound for anything a test waits for; a hang fails the test instead of stalling CI.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A broker running in this test's runtime.
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a broker with default settings on `127.0.0.1:0`.
+pub async fn spawn_broker() -> Broker {
+    spawn_broker_with(|_| {}).await
+}
+
+/// Starts a broker on `127.0.0.1:0` after `configure` adjusts the defaults.
+pub async fn spawn_broker_with(configure: impl FnOnce(&mut ServerConfig)) -> Broker {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let mut config = ServerConfig::new(addr);
+    configure(&mut config);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(topichub::run(listener, config, shutdown.clone()));
+    Broker { addr, shutdown, task }
+}
+
+impl Broker {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A gRPC client (HTTP/2, h2c).
+    pub async fn grpc(&self) -> PubSubClient<Channel> {
+        let channel = Channel::from_shared(self.url()).unwrap().connect().await.expect("gRPC connect");
+        PubSubClient::new(channel)
+    }
+
+    /// A channel for other generated clients (seed, health, reflection).
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("gRPC connect")
+    }
+
+    /// Triggers graceful shutdown and waits for `run` to return; returns how long it took.
+    pub async fn stop(self) -> Duration {
+        let started = std::time::Instant::now();
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("broker stops within the bound")
+            .expect("broker task")
+            .expect("broker run");
+        started.elapsed()
+    }
+
+    /// Waits until the hub reports `n` live subscribers (all doors), via `/healthz`.
+    pub async fn wait_for_subscribers(&self, n: usize) {
+        let http = reqwest::Client::new();
+        let url = format!("{}/healthz", self.url());
+        wait_for(&format!("{n} subscribers"), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                let health: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                (health["subscribers"].as_u64()? == n as u64).then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+/// Polls `check` (every 10 ms) until it yields `Some`, failing the test after [`WAIT`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Awaits `future`, failing the test after [`WAIT`].
+pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// One parsed SSE event.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).expect("SSE data is JSON")
+    }
+}
+
+/// A real SSE client over `reqwest`: parses the event stream as a browser would.
+pub struct Sse {
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+    pub comments: usize,
+}
+
+impl Sse {
+    /// Opens `GET {url}{path_and_query}` with optional extra headers; panics unless 200.
+    pub async fn open(url: &str, path_and_query: &str, headers: &[(&str, &str)]) -> Sse {
+        let mut request = reqwest::Client::new().get(format!("{url}{path_and_query}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("SSE request");
+        assert_eq!(response.status(), 200, "SSE status for {path_and_query}");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Sse { body: Box::pin(response.bytes_stream()), buffer: String::new(), comments: 0 }
+    }
+
+    /// The next event (skipping keep-alive comments), or `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        within("next SSE event", async {
+            loop {
+                while let Some(end) = self.buffer.find("\n\n") {
+                    let block: String = self.buffer.drain(..end + 2).collect();
+                    let mut event = SseEvent { event: "message".into(), ..Default::default() };
+                    let mut any_field = false;
+                    for line in block.lines() {
+                        if line.starts_with(':') {
+                            self.comments += 1;
+                            continue;
+                        }
+                        let (field, value) = line.split_once(": ").unwrap_or((line, ""));
+                        any_field = true;
+                        match field {
+                            "event" => event.event = value.to_owned(),
+                            "id" => event.id = Some(value.to_owned()),
+                            "data" => event.data.push_str(value),
+                            _ => {}
+                        }
+                    }
+                    if any_field && !event.data.is_empty() {
+                        return Some(event);
+                    }
+                }
+                match self.body.next().await {
+                    Some(Ok(chunk)) => self.buffer.push_str(std::str::from_utf8(&chunk).expect("UTF-8")),
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next event, which must be of kind `kind`.
+    pub async fn expect(&mut self, kind: &str) -> SseEvent {
+        let event = self.next().await.unwrap_or_else(|| panic!("stream ended, expected {kind}"));
+        assert_eq!(event.event, kind, "unexpected event {event:?}");
+        event
+    }
+}
+
+/// Publishes JSON over HTTP; returns the response body.
+pub async fn http_publish(url: &str, topic: &str, payload: &str) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/publish"))
+        .json(&serde_json::json!({ "topic": topic, "payload": payload }))
+        .send()
+        .await
+        .expect("publish request");
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
