@@ -44,9 +44,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(only(&fds, "topichub/v1/topichub.proto"))?;
     pass("server")?
         .build_client(false)
+        .codec_path("crate::grpc::codec::Codec")
         .extern_path(".topichub.v1.Message", "crate::grpc::wire::SharedMessage")
         .compile_fds(only(&fds, "topichub/v1/topichub.proto"))?;
-    pass("seed")?.compile_fds(only(&fds, "seed/pubsub.proto"))?;
+    pass("seed")?
+        .codec_path("crate::grpc::codec::Codec")
+        .compile_fds(only(&fds, "seed/pubsub.proto"))?;
     Ok(())
 }
 

@@ -112,16 +112,17 @@ pub fn app(
     >,
 ) -> Router {
     let max_decoding = grpc::max_decoding_message_size(config.max_payload_bytes);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
-    let reflection_v1 = reflection
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
-        .expect("the embedded descriptor set is valid");
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET);
-    let reflection_v1alpha = reflection
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .expect("the embedded descriptor set is valid");
+        .expect("the embedded descriptor sets are valid");
 
     let mut services = tonic::service::Routes::builder();
     services

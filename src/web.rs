@@ -22,6 +22,16 @@ const ASSETS: &[(&str, &str, &str)] = &[
         "text/css; charset=utf-8",
         include_str!("../web/style.css"),
     ),
+    (
+        "/grpc-web.html",
+        "text/html; charset=utf-8",
+        include_str!("../web/grpc-web.html"),
+    ),
+    (
+        "/grpc-web.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../web/grpc-web.js"),
+    ),
 ];
 
 /// Routes serving the embedded page.

@@ -2,6 +2,7 @@
 //! plus health and reflection (assembled in `server`). Handlers validate, call the hub and
 //! convert; the hub holds all state.
 
+pub mod codec;
 pub mod seed;
 pub mod wire;
 

@@ -35,7 +35,7 @@ pub struct Published {
     pub topic: String,
     /// Its sequence number.
     pub seq: u64,
-    /// Its cursor (`EPOCH-SEQ`): resume after it with `last_event_id` or `after`.
+    /// Its cursor (`EPOCH-SEQ`): resume after it with `last_event_id` (SSE) or `after` (history).
     #[schema(example = "k3J9xQ2mPz0a-42")]
     pub cursor: String,
     /// When the hub accepted it (RFC 3339).

@@ -29,13 +29,19 @@ pub async fn spawn_broker() -> Broker {
 
 /// Starts a broker on `127.0.0.1:0` after `configure` adjusts the defaults.
 pub async fn spawn_broker_with(configure: impl FnOnce(&mut ServerConfig)) -> Broker {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().unwrap();
     let mut config = ServerConfig::new(addr);
     configure(&mut config);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(topichub::run(listener, config, shutdown.clone()));
-    Broker { addr, shutdown, task }
+    Broker {
+        addr,
+        shutdown,
+        task,
+    }
 }
 
 impl Broker {
@@ -46,13 +52,21 @@ impl Broker {
 
     /// A gRPC client (HTTP/2, h2c).
     pub async fn grpc(&self) -> PubSubClient<Channel> {
-        let channel = Channel::from_shared(self.url()).unwrap().connect().await.expect("gRPC connect");
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("gRPC connect");
         PubSubClient::new(channel)
     }
 
     /// A channel for other generated clients (seed, health, reflection).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.expect("gRPC connect")
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("gRPC connect")
     }
 
     /// Triggers graceful shutdown and waits for `run` to return; returns how long it took.
@@ -75,7 +89,8 @@ impl Broker {
             let http = http.clone();
             let url = url.clone();
             async move {
-                let health: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+                let health: serde_json::Value =
+                    http.get(&url).send().await.ok()?.json().await.ok()?;
                 (health["subscribers"].as_u64()? == n as u64).then_some(())
             }
         })
@@ -94,14 +109,19 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 /// Awaits `future`, failing the test after [`WAIT`].
 pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future).await.unwrap_or_else(|_| panic!("timed out: {what}"))
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 /// One parsed SSE event.
@@ -135,7 +155,11 @@ impl Sse {
         let response = request.send().await.expect("SSE request");
         assert_eq!(response.status(), 200, "SSE status for {path_and_query}");
         assert_eq!(response.headers()["content-type"], "text/event-stream");
-        Sse { body: Box::pin(response.bytes_stream()), buffer: String::new(), comments: 0 }
+        Sse {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+            comments: 0,
+        }
     }
 
     /// The next event (skipping keep-alive comments), or `None` when the stream ends.
@@ -144,7 +168,10 @@ impl Sse {
             loop {
                 while let Some(end) = self.buffer.find("\n\n") {
                     let block: String = self.buffer.drain(..end + 2).collect();
-                    let mut event = SseEvent { event: "message".into(), ..Default::default() };
+                    let mut event = SseEvent {
+                        event: "message".into(),
+                        ..Default::default()
+                    };
                     let mut any_field = false;
                     for line in block.lines() {
                         if line.starts_with(':') {
@@ -165,7 +192,9 @@ impl Sse {
                     }
                 }
                 match self.body.next().await {
-                    Some(Ok(chunk)) => self.buffer.push_str(std::str::from_utf8(&chunk).expect("UTF-8")),
+                    Some(Ok(chunk)) => self
+                        .buffer
+                        .push_str(std::str::from_utf8(&chunk).expect("UTF-8")),
                     Some(Err(_)) | None => return None,
                 }
             }
@@ -175,7 +204,10 @@ impl Sse {
 
     /// The next event, which must be of kind `kind`.
     pub async fn expect(&mut self, kind: &str) -> SseEvent {
-        let event = self.next().await.unwrap_or_else(|| panic!("stream ended, expected {kind}"));
+        let event = self
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("stream ended, expected {kind}"));
         assert_eq!(event.event, kind, "unexpected event {event:?}");
         event
     }
@@ -192,3 +224,21 @@ pub async fn http_publish(url: &str, topic: &str, payload: &str) -> serde_json::
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
+
+/// The transport of [`grpc_web`]: tonic-web's client layer over an HTTP/1.1-only client.
+pub type GrpcWebTransport = tonic_web::GrpcWebClientService<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tonic_web::GrpcWebCall<tonic::body::Body>,
+    >,
+>;
+
+/// A `topichub.v1` client speaking gRPC-Web over HTTP/1.1, as a browser would.
+pub fn grpc_web(broker: &Broker) -> PubSubClient<GrpcWebTransport> {
+    let http1 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let service = tonic_web::GrpcWebClientLayer::new().layer(http1);
+    PubSubClient::with_origin(service, broker.url().parse().unwrap())
+}
+
+use tower::Layer as _;

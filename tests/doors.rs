@@ -1,0 +1,304 @@
+//! One hub behind every door: a message published through any door reaches subscribers on every
+//! door, with the same seq.
+
+mod support;
+
+use std::collections::HashMap;
+
+use futures_util::StreamExt;
+use support::{Sse, spawn_broker, within};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use topichub::proto::seed;
+use topichub::proto::v1::{
+    self, ConnectRequest, PublishRequest, SubscribeRequest, connect_request, connect_response,
+    subscribe_response,
+};
+
+/// What a receiver saw of one message (the seed API carries only the payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    topic: Option<String>,
+    seq: Option<u64>,
+    payload: Vec<u8>,
+}
+
+fn seen_v1(message: v1::Message) -> Seen {
+    Seen {
+        topic: Some(message.topic),
+        seq: message.cursor.map(|c| c.seq),
+        payload: message.payload.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_door_publishes_to_every_door() {
+    let broker = spawn_broker().await;
+    let url = broker.url();
+    let pattern = "matrix.>";
+    let subscribe = || SubscribeRequest {
+        topics: vec![pattern.into()],
+        ..Default::default()
+    };
+
+    // Receivers: gRPC, gRPC-Web (HTTP/1.1), SSE, the seed service and a Connect stream.
+    let mut grpc = broker
+        .grpc()
+        .await
+        .subscribe(subscribe())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut grpc_web = support::grpc_web(&broker)
+        .subscribe(subscribe())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sse = Sse::open(&url, "/subscribe?topic=matrix.%3E", &[]).await;
+    let mut seed_client =
+        seed::pub_sub_service_client::PubSubServiceClient::new(broker.channel().await);
+    let mut seed_stream = seed_client
+        .subscribe(seed::SubscribeRequest {
+            topic: pattern.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (connect_tx, connect_rx) = mpsc::channel(8);
+    connect_tx
+        .send(ConnectRequest {
+            request_id: 1,
+            request: Some(connect_request::Request::Subscribe(subscribe())),
+        })
+        .await
+        .unwrap();
+    let mut connect = broker
+        .grpc()
+        .await
+        .connect(ReceiverStream::new(connect_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    broker.wait_for_subscribers(5).await;
+
+    // Publishers: one message through each door.
+    let http = reqwest::Client::new();
+    let mut published: HashMap<&str, u64> = HashMap::new();
+    let body: serde_json::Value = http
+        .post(format!("{url}/publish"))
+        .json(&serde_json::json!({"topic": "matrix.rest_json", "payload": "via rest json"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    published.insert("rest_json", body["seq"].as_u64().unwrap());
+    let body: serde_json::Value = http
+        .post(format!("{url}/topics/matrix.rest_raw"))
+        .header("content-type", "application/octet-stream")
+        .body("via rest raw")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    published.insert("rest_raw", body["seq"].as_u64().unwrap());
+    let request = |topic: &str, payload: &str| PublishRequest {
+        topic: topic.into(),
+        payload: payload.as_bytes().to_vec().into(),
+        headers: Default::default(),
+    };
+    let reply = broker
+        .grpc()
+        .await
+        .publish(request("matrix.grpc", "via grpc"))
+        .await
+        .unwrap();
+    published.insert("grpc", reply.into_inner().cursor.unwrap().seq);
+    let reply = support::grpc_web(&broker)
+        .publish(request("matrix.grpc_web", "via grpc-web"))
+        .await
+        .unwrap();
+    published.insert("grpc_web", reply.into_inner().cursor.unwrap().seq);
+    seed_client
+        .publish(seed::PublishRequest {
+            topic: "matrix.seed".into(),
+            payload: b"via seed".to_vec().into(),
+        })
+        .await
+        .unwrap();
+    published.insert("seed", 0); // the seed API returns no seq; checked via the other receivers
+    let reply = broker
+        .grpc()
+        .await
+        .publish_batch(futures_util::stream::iter([request(
+            "matrix.batch",
+            "via batch",
+        )]))
+        .await
+        .unwrap();
+    published.insert("batch", reply.into_inner().last_cursor.unwrap().seq);
+
+    let expected_payloads = [
+        "via rest json",
+        "via rest raw",
+        "via grpc",
+        "via grpc-web",
+        "via seed",
+        "via batch",
+    ];
+    let n = expected_payloads.len();
+
+    // Collect n messages from each receiver.
+    let mut from_grpc = Vec::new();
+    while from_grpc.len() < n {
+        let item = within("grpc", grpc.next()).await.unwrap().unwrap();
+        match item.event.unwrap() {
+            subscribe_response::Event::Message(m) => from_grpc.push(seen_v1(m)),
+            subscribe_response::Event::Subscribed(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut from_grpc_web = Vec::new();
+    while from_grpc_web.len() < n {
+        let item = within("grpc-web", grpc_web.next()).await.unwrap().unwrap();
+        if let Some(subscribe_response::Event::Message(m)) = item.event {
+            from_grpc_web.push(seen_v1(m));
+        }
+    }
+    let mut from_sse = Vec::new();
+    sse.expect("subscribed").await;
+    while from_sse.len() < n {
+        let event = sse.expect("message").await;
+        let data = event.json();
+        assert_eq!(
+            event.id.as_deref(),
+            data["cursor"].as_str(),
+            "SSE id is the cursor"
+        );
+        from_sse.push(Seen {
+            topic: Some(data["topic"].as_str().unwrap().into()),
+            seq: data["seq"].as_u64(),
+            payload: data["payload"].as_str().unwrap().as_bytes().to_vec(),
+        });
+    }
+    let mut from_seed = Vec::new();
+    while from_seed.len() < n {
+        let item = within("seed", seed_stream.next()).await.unwrap().unwrap();
+        from_seed.push(Seen {
+            topic: None,
+            seq: None,
+            payload: item.payload.to_vec(),
+        });
+    }
+    let mut from_connect = Vec::new();
+    while from_connect.len() < n {
+        let item = within("connect", connect.next()).await.unwrap().unwrap();
+        if let Some(connect_response::Event::Message(m)) = item.event {
+            from_connect.push(seen_v1(m));
+        }
+    }
+
+    // Every door saw the same messages, in the same order, with the same seq.
+    assert_eq!(from_grpc, from_grpc_web);
+    assert_eq!(from_grpc, from_sse);
+    assert_eq!(from_grpc, from_connect);
+    let payloads: Vec<_> = from_grpc
+        .iter()
+        .map(|s| String::from_utf8(s.payload.clone()).unwrap())
+        .collect();
+    assert_eq!(payloads, expected_payloads);
+    assert_eq!(
+        from_seed.iter().map(|s| &s.payload).collect::<Vec<_>>(),
+        from_grpc.iter().map(|s| &s.payload).collect::<Vec<_>>()
+    );
+    for (door, seq) in &published {
+        if *seq != 0 {
+            let seen = from_grpc
+                .iter()
+                .find(|s| s.topic.as_deref() == Some(&format!("matrix.{door}")))
+                .unwrap();
+            assert_eq!(
+                seen.seq,
+                Some(*seq),
+                "{door}: the seq the publisher got is the seq subscribers see"
+            );
+        }
+    }
+    let seqs: Vec<u64> = from_grpc.iter().map(|s| s.seq.unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs strictly increase: {seqs:?}"
+    );
+    drop(connect_tx);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_publish_keeps_content_type_and_json_payloads_stay_json() {
+    let broker = spawn_broker().await;
+    let url = broker.url();
+    let mut sse = Sse::open(&url, "/subscribe?topic=ct.*", &[]).await;
+    sse.expect("subscribed").await;
+    let http = reqwest::Client::new();
+    http.post(format!("{url}/topics/ct.raw"))
+        .header("content-type", "text/csv")
+        .body("a,b\n1,2")
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    http.post(format!("{url}/publish"))
+        .json(&serde_json::json!({"topic": "ct.json", "payload": {"n": 1, "list": [true, null]}}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    http.post(format!("{url}/publish"))
+        .json(&serde_json::json!({"topic": "ct.bin", "payload_base64": "AP/+"}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+
+    let raw = sse.expect("message").await.json();
+    assert_eq!(raw["headers"]["content-type"], "text/csv");
+    assert_eq!(raw["payload"], "a,b\n1,2");
+    let json = sse.expect("message").await.json();
+    assert_eq!(json["headers"]["content-type"], "application/json");
+    assert_eq!(
+        json["payload"],
+        serde_json::json!({"n": 1, "list": [true, null]})
+    );
+    let bin = sse.expect("message").await.json();
+    assert_eq!(bin["payload_base64"], "AP/+");
+    assert!(bin.get("payload").is_none());
+
+    // gRPC sees the same bytes and headers.
+    let mut grpc = broker.grpc().await;
+    let mut replay = grpc
+        .subscribe(SubscribeRequest {
+            topics: vec!["ct.raw".into()],
+            start: Some(v1::StartPosition {
+                position: Some(v1::start_position::Position::Earliest(true)),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let message = loop {
+        let item = within("grpc replay", replay.next()).await.unwrap().unwrap();
+        if let Some(subscribe_response::Event::Message(m)) = item.event {
+            break m;
+        }
+    };
+    assert_eq!(&message.payload[..], b"a,b\n1,2");
+    assert_eq!(message.headers["content-type"], "text/csv");
+    broker.stop().await;
+}

@@ -1,0 +1,413 @@
+//! Operating the broker: health, reflection, the committed OpenAPI document, freeing departed
+//! subscribers, graceful shutdown with live streams, and slow subscribers never slowing
+//! publishers.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http_body_util::BodyExt as _;
+use support::{Sse, spawn_broker, spawn_broker_with, within};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use topichub::proto::v1::{self, PublishRequest, SubscribeRequest, subscribe_response};
+
+#[tokio::test]
+async fn health_reports_serving_for_the_server_and_each_service() {
+    let broker = spawn_broker().await;
+    let mut health = HealthClient::new(broker.channel().await);
+    for service in ["", "topichub.v1.PubSub", "proto.PubSubService"] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            response.into_inner().status(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "nope.Service".into(),
+        })
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+    let http: serde_json::Value = reqwest::get(format!("{}/healthz", broker.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(http["status"], "serving");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_lists_every_service_in_v1_and_v1alpha() {
+    use tonic_reflection::pb::{v1 as r1, v1alpha as r1a};
+    let broker = spawn_broker().await;
+    let expected = [
+        "topichub.v1.PubSub",
+        "proto.PubSubService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ];
+
+    let mut v1_client =
+        r1::server_reflection_client::ServerReflectionClient::new(broker.channel().await);
+    let request = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut responses = v1_client
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = within("reflection v1", responses.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected {response:?}")
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for name in expected {
+        assert!(
+            names.iter().any(|n| n == name),
+            "{name} missing from {names:?}"
+        );
+    }
+
+    let mut alpha =
+        r1a::server_reflection_client::ServerReflectionClient::new(broker.channel().await);
+    let request = r1a::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            r1a::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "topichub.v1.PubSub".into(),
+            ),
+        ),
+    };
+    let mut responses = alpha
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = within("reflection v1alpha", responses.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(r1a::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        response.message_response
+    else {
+        panic!("unexpected {response:?}")
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn committed_openapi_matches_the_generated_and_served_document() {
+    let generated = topichub::http::openapi().to_pretty_json().unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .unwrap();
+    assert!(
+        generated.trim_end() == committed.trim_end(),
+        "openapi/openapi.json is out of date; regenerate it with: cargo run -- openapi > openapi/openapi.json"
+    );
+    let broker = spawn_broker().await;
+    let served: serde_json::Value = reqwest::get(format!("{}/openapi.json", broker.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        served,
+        serde_json::from_str::<serde_json::Value>(&committed).unwrap()
+    );
+    // Every HTTP route is documented.
+    for path in [
+        "/publish",
+        "/topics/{topic}",
+        "/subscribe",
+        "/topics",
+        "/topics/{topic}/messages",
+        "/healthz",
+    ] {
+        assert!(
+            served["paths"].get(path).is_some(),
+            "{path} is not documented"
+        );
+    }
+    let swagger = reqwest::get(format!("{}/swagger-ui/", broker.url()))
+        .await
+        .unwrap();
+    assert_eq!(swagger.status(), 200);
+    assert!(swagger.text().await.unwrap().contains("swagger-ui"));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn departed_subscribers_are_freed_and_empty_topics_forgotten() {
+    let broker = spawn_broker_with(|c| c.sse_keepalive = Duration::from_millis(100)).await;
+    let topics = || async {
+        let list: serde_json::Value = reqwest::get(format!("{}/topics", broker.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+
+    // gRPC: the client cancels its stream.
+    let stream = broker
+        .grpc()
+        .await
+        .subscribe(SubscribeRequest {
+            topics: vec!["leave.grpc".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    broker.wait_for_subscribers(1).await;
+    assert_eq!(topics().await, ["leave.grpc"]);
+    drop(stream);
+    broker.wait_for_subscribers(0).await;
+    assert!(
+        topics().await.is_empty(),
+        "a topic with no subscribers and no messages is forgotten"
+    );
+
+    // gRPC: the whole TCP connection goes away.
+    let channel = broker.channel().await;
+    let _stream = v1::pub_sub_client::PubSubClient::new(channel)
+        .subscribe(SubscribeRequest {
+            topics: vec!["leave.tcp".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    broker.wait_for_subscribers(1).await;
+    drop(_stream);
+    broker.wait_for_subscribers(0).await;
+
+    // SSE: the HTTP/1.1 client disconnects.
+    let sse = Sse::open(&broker.url(), "/subscribe?topic=leave.sse", &[]).await;
+    broker.wait_for_subscribers(1).await;
+    drop(sse);
+    broker.wait_for_subscribers(0).await;
+    assert!(topics().await.is_empty());
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
+    let broker = spawn_broker().await;
+    let mut grpc = broker
+        .grpc()
+        .await
+        .subscribe(SubscribeRequest {
+            topics: vec!["bye".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seed = topichub::proto::seed::pub_sub_service_client::PubSubServiceClient::new(
+        broker.channel().await,
+    )
+    .subscribe(topichub::proto::seed::SubscribeRequest {
+        topic: "bye".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    let (_requests, rx) = mpsc::channel(1);
+    let mut connect = broker
+        .grpc()
+        .await
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sse = Sse::open(&broker.url(), "/subscribe?topic=bye", &[]).await;
+    sse.expect("subscribed").await;
+    broker.wait_for_subscribers(3).await;
+
+    let took = broker.stop().await;
+    assert!(
+        took < Duration::from_secs(3),
+        "shutdown took {took:?} with live streams attached"
+    );
+
+    let first = within("grpc end", grpc.next()).await.unwrap().unwrap();
+    assert!(matches!(
+        first.event,
+        Some(subscribe_response::Event::Subscribed(_))
+    ));
+    let end = within("grpc end", grpc.next()).await.unwrap().unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable);
+    assert!(end.message().contains("shutting down"), "{end:?}");
+    assert_eq!(
+        within("seed end", seed.next())
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        Code::Unavailable
+    );
+    assert_eq!(
+        within("connect end", connect.next())
+            .await
+            .unwrap()
+            .unwrap_err()
+            .code(),
+        Code::Unavailable
+    );
+    let error = sse.expect("error").await.json();
+    assert_eq!(error["error"]["code"], "UNAVAILABLE");
+    assert!(
+        sse.next().await.is_none(),
+        "the SSE stream ends after its error event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_subscriber_never_blocks_publishers_or_other_subscribers() {
+    const MESSAGES: usize = 3_000;
+    let broker = spawn_broker_with(|c| c.queue_size = 16).await;
+    let request = || SubscribeRequest {
+        topics: vec!["flood".into()],
+        ..Default::default()
+    };
+    // Opened, then never read: HTTP/2 windows fill, then its queue of 16, then it lags.
+    let _stuck = broker
+        .grpc()
+        .await
+        .subscribe(request())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stuck_sse = stuck_sse_subscriber(&broker, "/subscribe?topic=flood").await;
+    let mut healthy = broker
+        .grpc()
+        .await
+        .subscribe(SubscribeRequest {
+            queue_size: 65_536,
+            ..request()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    broker.wait_for_subscribers(3).await;
+
+    let payload = bytes::Bytes::from(vec![b'x'; 4096]);
+    let mut client = broker.grpc().await;
+    within("publishing past a stuck subscriber", async {
+        for _ in 0..MESSAGES {
+            client
+                .publish(PublishRequest {
+                    topic: "flood".into(),
+                    payload: payload.clone(),
+                    headers: Default::default(),
+                })
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+
+    let mut received = 0;
+    let mut last_seq = 0;
+    while received < MESSAGES {
+        let item = within("healthy subscriber", healthy.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match item.event {
+            Some(subscribe_response::Event::Message(m)) => {
+                let seq = m.cursor.unwrap().seq;
+                assert!(seq > last_seq);
+                last_seq = seq;
+                received += 1;
+            }
+            Some(subscribe_response::Event::Subscribed(_)) => {}
+            other => panic!("the healthy subscriber must not lag: {other:?}"),
+        }
+    }
+    // The stuck SSE subscriber, once it reads, is told it lagged and is caught up from
+    // retention: it ends up with every message, in order.
+    let mut seqs = Vec::new();
+    let mut lagged = false;
+    let mut buffer = String::new();
+    while seqs.len() < MESSAGES {
+        let frame = within("stuck SSE catching up", stuck_sse.frame())
+            .await
+            .unwrap()
+            .unwrap();
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            if block.contains("event: lag") {
+                lagged = true;
+            }
+            if block.contains("event: message") {
+                let id = block.lines().find_map(|l| l.strip_prefix("id: ")).unwrap();
+                seqs.push(id.rsplit_once('-').unwrap().1.parse::<u64>().unwrap());
+            }
+        }
+    }
+    assert!(lagged, "a subscriber that overflowed its queue is told so");
+    assert!(
+        seqs.windows(2).all(|w| w[0] + 1 == w[1]),
+        "caught up with no gap and no duplicate"
+    );
+    broker.stop().await;
+}
+
+/// An SSE subscriber on a socket with a small, fixed receive buffer (loopback buffers otherwise
+/// grow to tens of MiB), which does not read until the caller polls its body.
+async fn stuck_sse_subscriber(broker: &support::Broker, path: &str) -> hyper::body::Incoming {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let stream = socket.connect(broker.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header("host", broker.addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // Keep the sender alive with the body: dropping it would close the connection.
+    let body = response.into_body();
+    std::mem::forget(sender);
+    body
+}
