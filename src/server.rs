@@ -258,3 +258,74 @@ async fn expire_periodically(hub: Hub, shutdown: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use tower::ServiceExt as _;
+
+    async fn boom() -> &'static str {
+        panic!("handler bug")
+    }
+
+    /// The panic guards `app` installs turn a handler panic into a clean error, and the router
+    /// keeps serving the next request.
+    #[tokio::test]
+    async fn handler_panics_become_internal_errors_and_serving_continues() {
+        let grpc: Router = Router::new()
+            .route("/topichub.v1.PubSub/Publish", post(boom))
+            .layer(CatchPanicLayer::custom(grpc_panic));
+        let request = || {
+            Request::post("/topichub.v1.PubSub/Publish")
+                .header("content-type", "application/grpc")
+                .body(Body::empty())
+                .unwrap()
+        };
+        for _ in 0..2 {
+            let response = grpc.clone().oneshot(request()).await.unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::OK,
+                "gRPC carries errors in grpc-status"
+            );
+            assert_eq!(
+                response.headers()["grpc-status"],
+                (tonic::Code::Internal as i32).to_string()
+            );
+        }
+
+        let rest: Router = Router::new()
+            .route("/boom", get(boom))
+            .route("/ok", get(|| async { "ok" }))
+            .layer(CatchPanicLayer::custom(http_panic));
+        let response = rest
+            .clone()
+            .oneshot(Request::get("/boom").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "INTERNAL");
+        assert!(
+            !json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("handler bug"),
+            "details stay in the log"
+        );
+        let response = rest
+            .oneshot(Request::get("/ok").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(percent_encode("50% ünits"), "50%25 %C3%BCnits");
+    }
+}
