@@ -466,11 +466,15 @@ impl Hub {
             }
         };
         if from < state.head {
-            pending.extend(
-                state
-                    .retention_gap(&patterns, from, &self.shared.epoch)
-                    .map(Event::Gap),
-            );
+            // A resume from a cursor learns what retention no longer holds; `Earliest` asks for
+            // what is retained and gets exactly that.
+            if matches!(options.start, Start::After(_)) {
+                pending.extend(
+                    state
+                        .retention_gap(&patterns, from, &self.shared.epoch)
+                        .map(Event::Gap),
+                );
+            }
             pending.extend(
                 state
                     .replay(&patterns, from)
@@ -837,4 +841,116 @@ fn check_headers(headers: &Headers) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(config: HubConfig) -> Hub {
+        Hub::new(config)
+    }
+
+    fn publish(hub: &Hub, topic: &str, size: usize) -> Arc<Message> {
+        hub.publish(
+            Topic::parse(topic).unwrap(),
+            Bytes::from(vec![0u8; size]),
+            Headers::new(),
+        )
+        .unwrap()
+    }
+
+    fn stats(hub: &Hub, topic: &str) -> TopicInfo {
+        hub.topics(None)
+            .into_iter()
+            .find(|t| t.name == topic)
+            .unwrap()
+    }
+
+    #[test]
+    fn retention_is_bounded_by_count_and_bytes_whatever_the_volume() {
+        let hub = hub(HubConfig {
+            retain_messages: 100,
+            retain_bytes: 10_000,
+            ..Default::default()
+        });
+        for _ in 0..10_000 {
+            publish(&hub, "t", 10);
+        }
+        let t = stats(&hub, "t");
+        assert_eq!(t.retained_messages, 100, "count bound");
+        for _ in 0..1_000 {
+            publish(&hub, "t", 1_000);
+        }
+        let t = stats(&hub, "t");
+        assert!(
+            t.retained_bytes <= 10_000,
+            "byte bound: {}",
+            t.retained_bytes
+        );
+        assert_eq!(t.retained_messages, 9, "9 x (1000 + 1) bytes fit in 10 000");
+    }
+
+    #[test]
+    fn aged_messages_expire_and_empty_topics_are_forgotten() {
+        let hub = hub(HubConfig {
+            retain_age: Duration::ZERO,
+            ..Default::default()
+        });
+        publish(&hub, "old", 1);
+        std::thread::sleep(Duration::from_millis(2));
+        hub.expire();
+        assert!(hub.topics(None).is_empty(), "expired and forgotten");
+        // A resume from before the forgotten messages is told about the gap.
+        let mut sub = hub
+            .subscribe(SubscribeOptions {
+                patterns: vec![Pattern::parse("old").unwrap()],
+                start: Start::After(Cursor {
+                    epoch: hub.epoch().to_owned(),
+                    seq: 0,
+                }),
+                ..Default::default()
+            })
+            .unwrap();
+        let event = futures_util::FutureExt::now_or_never(sub.next())
+            .flatten()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            event,
+            Event::Gap(Gap {
+                from_seq: 1,
+                to_seq: Some(1),
+                reason: GapReason::Retention,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_topic_with_subscribers_but_no_messages_is_kept_until_they_leave() {
+        let hub = hub(HubConfig::default());
+        let sub = hub
+            .subscribe(SubscribeOptions {
+                patterns: vec![Pattern::parse("kept").unwrap()],
+                ..Default::default()
+            })
+            .unwrap();
+        hub.expire();
+        assert_eq!(stats(&hub, "kept").subscribers, 1);
+        drop(sub);
+        assert!(hub.topics(None).is_empty());
+        assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    #[test]
+    fn headers_are_limited() {
+        let hub = hub(HubConfig::default());
+        let mut headers = Headers::new();
+        headers.insert("big".into(), "x".repeat(MAX_HEADER_BYTES));
+        let error = hub
+            .publish(Topic::parse("h").unwrap(), Bytes::new(), headers)
+            .unwrap_err();
+        assert!(error.to_string().contains("headers take"), "{error}");
+    }
 }

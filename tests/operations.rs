@@ -411,3 +411,44 @@ async fn stuck_sse_subscriber(broker: &support::Broker, path: &str) -> hyper::bo
     std::mem::forget(sender);
     body
 }
+
+#[tokio::test]
+async fn browsers_on_other_origins_may_call_grpc_web_and_the_http_api() {
+    let broker = spawn_broker().await;
+    let http = reqwest::Client::new();
+    for (path, headers) in [
+        (
+            "/topichub.v1.PubSub/Publish",
+            "content-type,x-grpc-web,x-user-agent",
+        ),
+        ("/publish", "content-type"),
+    ] {
+        let preflight = http
+            .request(reqwest::Method::OPTIONS, format!("{}{path}", broker.url()))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", headers)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            preflight.status().is_success(),
+            "{path}: {}",
+            preflight.status()
+        );
+        assert_eq!(
+            preflight.headers()["access-control-allow-origin"],
+            "*",
+            "{path}"
+        );
+    }
+    let response = http
+        .post(format!("{}/publish", broker.url()))
+        .header("origin", "https://app.example")
+        .json(&serde_json::json!({"topic": "cors", "payload": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    broker.stop().await;
+}

@@ -4,8 +4,9 @@
 //! policy, so a slow seed subscriber is caught up from retention like any other; gap and lag
 //! notices, which it cannot receive, are logged.
 
+use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::grpc::BoxStream;
 use crate::hub::{self, Hub, Start, SubscribeOptions};
@@ -69,6 +70,14 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
                     None
                 }
             });
+        // Seed clients have no cursors, so the generic "resume from your cursor" advice is
+        // replaced.
+        let stream = stream.map(|item| {
+            item.map_err(|status| match status.code() {
+                Code::Unavailable => Status::unavailable("topichub is shutting down; reconnect"),
+                _ => status,
+            })
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }
