@@ -175,6 +175,11 @@ async fn http_bad_input_gets_precise_json_errors() {
         .send()
         .await
         .unwrap();
+    assert_eq!(
+        response.headers()["connection"],
+        "close",
+        "the unread body makes the connection unusable"
+    );
     assert_http_error(
         response,
         StatusCode::PAYLOAD_TOO_LARGE,

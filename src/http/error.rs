@@ -2,7 +2,7 @@
 //! code grpc-gateway would use for the same gRPC code.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -15,6 +15,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Ask HTTP/1.1 clients not to reuse the connection (the request body was left unread).
+    close_connection: bool,
 }
 
 /// The JSON body of every error response.
@@ -44,7 +46,16 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            close_connection: false,
         }
+    }
+
+    /// Marks a response sent without reading the whole request body: the server will not read
+    /// the rest, so the connection cannot carry another request, and `Connection: close` tells
+    /// the client not to try (otherwise a pooled connection fails on its next use).
+    pub fn closing_connection(mut self) -> ApiError {
+        self.close_connection = true;
+        self
     }
 
     /// 400 INVALID_ARGUMENT.
@@ -85,6 +96,12 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }

@@ -313,6 +313,7 @@ fn body_error(rejection: BytesRejection, state: &AppState) -> ApiError {
                 "request body is too large: payloads are limited to {limit} bytes (server option --max-payload-bytes)"
             ),
         )
+        .closing_connection()
     } else {
         ApiError::bad_request(format!("could not read the request body: {rejection}"))
     }
