@@ -393,33 +393,25 @@ async fn grpc_bad_input_gets_precise_statuses() {
 
     // Malformed protobuf and unknown methods, with a raw gRPC client.
     let mut raw = tonic::client::Grpc::new(broker.channel().await);
-    raw.ready().await.unwrap();
-    let result = raw
-        .unary::<Malformed, v1::PublishResponse, _>(
-            tonic::Request::new(Malformed { topic: 7 }),
-            http::uri::PathAndQuery::from_static("/topichub.v1.PubSub/Publish"),
-            tonic_prost::ProstCodec::default(),
-        )
-        .await;
-    assert_status(result, Code::InvalidArgument, "malformed protobuf");
-    raw.ready().await.unwrap();
-    let result = raw
-        .unary::<Malformed, v1::PublishResponse, _>(
-            tonic::Request::new(Malformed { topic: 7 }),
-            http::uri::PathAndQuery::from_static("/topichub.v1.PubSub/NoSuchMethod"),
-            tonic_prost::ProstCodec::default(),
-        )
-        .await;
-    assert_status(result, Code::Unimplemented, "");
-    raw.ready().await.unwrap();
-    let result = raw
-        .unary::<Malformed, v1::PublishResponse, _>(
-            tonic::Request::new(Malformed { topic: 7 }),
-            http::uri::PathAndQuery::from_static("/no.Such/Service"),
-            tonic_prost::ProstCodec::default(),
-        )
-        .await;
-    assert_status(result, Code::Unimplemented, "unknown service");
+    for (path, code, needle) in [
+        (
+            "/topichub.v1.PubSub/Publish",
+            Code::InvalidArgument,
+            "malformed protobuf",
+        ),
+        ("/topichub.v1.PubSub/NoSuchMethod", Code::Unimplemented, ""),
+        ("/no.Such/Service", Code::Unimplemented, "unknown service"),
+    ] {
+        raw.ready().await.unwrap();
+        let result = raw
+            .unary::<Malformed, v1::PublishResponse, _>(
+                tonic::Request::new(Malformed { topic: 7 }),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        assert_status(result, code, needle);
+    }
 
     assert_witness_unharmed(&broker, sse).await;
     broker.stop().await;

@@ -251,13 +251,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             .hub
             .topics(filter.as_ref())
             .into_iter()
-            .map(|t| v1::TopicInfo {
-                name: t.name,
-                retained_messages: t.retained_messages,
-                retained_bytes: t.retained_bytes,
-                subscribers: t.subscribers,
-                last_seq: t.last_seq,
-            })
+            .map(wire::topic_info)
             .collect();
         Ok(Response::new(v1::ListTopicsResponse { topics }))
     }

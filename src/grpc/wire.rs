@@ -112,6 +112,17 @@ pub fn lag(lag: hub::Lag) -> v1::Lag {
     }
 }
 
+/// A topic's state in protobuf form.
+pub fn topic_info(topic: hub::TopicInfo) -> v1::TopicInfo {
+    v1::TopicInfo {
+        name: topic.name,
+        retained_messages: topic.retained_messages,
+        retained_bytes: topic.retained_bytes,
+        subscribers: topic.subscribers,
+        last_seq: topic.last_seq,
+    }
+}
+
 /// A subscription event as a `Subscribe` stream item.
 pub fn subscribe_event(event: hub::Event) -> v1::SubscribeResponse {
     use v1::subscribe_response::Event;

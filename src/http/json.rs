@@ -178,6 +178,18 @@ pub struct TopicJson {
     pub last_seq: u64,
 }
 
+impl From<hub::TopicInfo> for TopicJson {
+    fn from(topic: hub::TopicInfo) -> TopicJson {
+        TopicJson {
+            name: topic.name,
+            retained_messages: topic.retained_messages,
+            retained_bytes: topic.retained_bytes,
+            subscribers: topic.subscribers,
+            last_seq: topic.last_seq,
+        }
+    }
+}
+
 /// Known topics.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TopicList {

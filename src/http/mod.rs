@@ -223,13 +223,7 @@ async fn list_topics(
         .hub
         .topics(filter.as_ref())
         .into_iter()
-        .map(|t| TopicJson {
-            name: t.name,
-            retained_messages: t.retained_messages,
-            retained_bytes: t.retained_bytes,
-            subscribers: t.subscribers,
-            last_seq: t.last_seq,
-        })
+        .map(TopicJson::from)
         .collect();
     Ok(Json(TopicList { topics }))
 }
