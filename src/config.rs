@@ -77,6 +77,11 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// Minimum interval between a client's HTTP/2 pings; a client that pings more often is sent
+    /// GOAWAY(too_many_pings) and disconnected after 2 strikes (gRPC's keepalive enforcement).
+    #[arg(long, env = "TOPICHUB_KEEPALIVE_MIN_PING_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub keepalive_min_ping_interval: Duration,
+
     /// Interval of SSE keep-alive comments (keeps proxies from closing idle streams).
     #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub sse_keepalive: Duration,

@@ -15,6 +15,7 @@
 //! - [`http`]: REST and SSE routes, JSON shapes, the HTTP error type, the OpenAPI document.
 //! - [`web`]: the embedded web page.
 //! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
+//! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
 //! - [`config`]: command line and environment.
 //! - [`client`]: the `pub` and `sub` command-line clients.
@@ -27,6 +28,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod keepalive;
 pub mod proto;
 pub mod server;
 pub mod shutdown;

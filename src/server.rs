@@ -26,6 +26,7 @@ use crate::grpc::wire::v1::pub_sub_server::PubSubServer;
 use crate::grpc::{self, PubSubService};
 use crate::http::{self, AppState};
 use crate::hub::Hub;
+use crate::keepalive::PingPolicyStream;
 use crate::proto;
 use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
 
@@ -78,6 +79,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = PingPolicyStream::new(stream, config.keepalive_min_ping_interval);
         let service = TowerToHyperService::new(app.clone());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());

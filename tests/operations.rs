@@ -452,3 +452,64 @@ async fn browsers_on_other_origins_may_call_grpc_web_and_the_http_api() {
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
     broker.stop().await;
 }
+
+/// Keepalive enforcement like the seed's (`MinTime`): a client that pings too often gets
+/// GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings") and is disconnected; others are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_ping_too_often_are_sent_goaway_and_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = spawn_broker().await;
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
+        out.extend_from_slice(payload);
+        out
+    };
+    let mut stream = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, &[])); // SETTINGS
+    stream.write_all(&hello).await.unwrap();
+    for i in 0..4u8 {
+        stream.write_all(&frame(0x6, 0, &[i; 8])).await.unwrap(); // PING, back to back
+    }
+    // Read frames until GOAWAY, then the connection must close.
+    let mut received = Vec::new();
+    within("goaway and close", async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let mut goaway = None;
+    let mut rest = &received[..];
+    while rest.len() >= 9 {
+        let length = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        let (kind, payload) = (rest[3], &rest[9..9 + length]);
+        if kind == 0x7 {
+            goaway = Some(payload.to_vec());
+        }
+        rest = &rest[9 + length..];
+    }
+    let goaway = goaway.expect("a GOAWAY frame before the close");
+    assert_eq!(
+        u32::from_be_bytes(goaway[4..8].try_into().unwrap()),
+        0xb,
+        "ENHANCE_YOUR_CALM"
+    );
+    assert_eq!(&goaway[8..], b"too_many_pings");
+
+    // Ordinary gRPC clients keep working.
+    let mut health = HealthClient::new(broker.channel().await);
+    let response = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(response.into_inner().status(), ServingStatus::Serving);
+    broker.stop().await;
+}

@@ -1,0 +1,282 @@
+//! Keepalive enforcement: clients may not ping more often than a minimum interval.
+//!
+//! gRPC servers refuse clients that send HTTP/2 PINGs too often (grpc-go's
+//! `EnforcementPolicy{MinTime}`, as in the seed): each ping that arrives sooner than the minimum
+//! interval after the previous one is a strike, and after [`MAX_PING_STRIKES`] strikes the server
+//! answers `GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings")` and closes the connection. Like grpc-go,
+//! strikes are forgiven whenever the server sends HEADERS or DATA, so clients that ping while
+//! receiving (BDP estimation) are not punished. Pings are permitted without active streams (the
+//! seed's `PermitWithoutStream: true`).
+//!
+//! hyper answers pings itself and has no such policy, so [`PingPolicyStream`] wraps each accepted
+//! TCP stream and follows the HTTP/2 frame headers going both ways. Only the 9-byte frame
+//! headers are inspected; payloads are skipped by length. HTTP/1.1 connections (no HTTP/2
+//! preface) pass through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Strikes tolerated before the connection is closed (grpc-go's `maxPingStrikes`).
+pub const MAX_PING_STRIKES: u32 = 2;
+
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER: usize = 9;
+const TYPE_DATA: u8 = 0x0;
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_PING: u8 = 0x6;
+const FLAG_ACK: u8 = 0x1;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// A TCP stream whose HTTP/2 client pings are held to a minimum interval.
+pub struct PingPolicyStream {
+    inner: TcpStream,
+    min_interval: Duration,
+    /// What the client sends: preface, then frames.
+    inbound: FrameScanner,
+    /// What the server sends: frames only.
+    outbound: FrameScanner,
+    last_ping: Option<Instant>,
+    strikes: u32,
+    /// Highest stream id the client opened, for the GOAWAY.
+    last_stream_id: u32,
+}
+
+impl PingPolicyStream {
+    /// Wraps `inner`; pings less than `min_interval` apart count as strikes.
+    pub fn new(inner: TcpStream, min_interval: Duration) -> PingPolicyStream {
+        PingPolicyStream {
+            inner,
+            min_interval,
+            inbound: FrameScanner::expecting_preface(),
+            outbound: FrameScanner::default(),
+            last_ping: None,
+            strikes: 0,
+            last_stream_id: 0,
+        }
+    }
+
+    /// Records a frame the client sent; `Err` when its pings broke the policy.
+    fn on_client_frame(&mut self, header: FrameHeader) -> io::Result<()> {
+        if header.kind == TYPE_HEADERS {
+            self.last_stream_id = self.last_stream_id.max(header.stream_id);
+        }
+        if header.kind != TYPE_PING || header.flags & FLAG_ACK != 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if self
+            .last_ping
+            .is_some_and(|last| now.duration_since(last) < self.min_interval)
+        {
+            self.strikes += 1;
+        }
+        self.last_ping = Some(now);
+        if self.strikes > MAX_PING_STRIKES {
+            tracing::info!(
+                peer = ?self.inner.peer_addr().ok(),
+                min_interval = ?self.min_interval,
+                "client pings too often; closing the connection (too_many_pings)"
+            );
+            self.send_goaway();
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "too_many_pings",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes `GOAWAY(ENHANCE_YOUR_CALM)` straight to the socket when the server is between
+    /// frames (so it cannot split one of hyper's); best effort, the connection closes either way.
+    fn send_goaway(&mut self) {
+        if !self.outbound.at_frame_boundary() {
+            return;
+        }
+        let debug = b"too_many_pings";
+        let length = (8 + debug.len()) as u32;
+        let mut frame = Vec::with_capacity(FRAME_HEADER + length as usize);
+        frame.extend_from_slice(&length.to_be_bytes()[1..]);
+        frame.extend_from_slice(&[0x7, 0]);
+        frame.extend_from_slice(&0u32.to_be_bytes());
+        frame.extend_from_slice(&self.last_stream_id.to_be_bytes());
+        frame.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+        frame.extend_from_slice(debug);
+        let _ = self.inner.try_write(&frame);
+    }
+}
+
+impl AsyncRead for PingPolicyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            let mut frames = Vec::new();
+            this.inbound
+                .scan(&buf.filled()[before..], |h| frames.push(h));
+            for header in frames {
+                this.on_client_frame(header)?;
+            }
+        }
+        result
+    }
+}
+
+impl AsyncWrite for PingPolicyStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write(cx, data);
+        if this.inbound.passthrough {
+            return result;
+        }
+        if let Poll::Ready(Ok(written)) = result {
+            let mut forgiven = false;
+            this.outbound.scan(&data[..written], |h| {
+                forgiven |= h.kind == TYPE_DATA || h.kind == TYPE_HEADERS;
+            });
+            if forgiven {
+                this.strikes = 0;
+                this.last_ping = None;
+            }
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The fields of an HTTP/2 frame header this module needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FrameHeader {
+    kind: u8,
+    flags: u8,
+    stream_id: u32,
+}
+
+/// Follows frame boundaries in one direction of an HTTP/2 byte stream.
+#[derive(Debug, Default)]
+struct FrameScanner {
+    /// Preface bytes still expected; `Some(0)` once matched.
+    preface_left: Option<usize>,
+    /// Not HTTP/2 (no preface): scanning is off.
+    passthrough: bool,
+    header: [u8; FRAME_HEADER],
+    header_len: usize,
+    payload_left: usize,
+}
+
+impl FrameScanner {
+    fn expecting_preface() -> FrameScanner {
+        FrameScanner {
+            preface_left: Some(PREFACE.len()),
+            ..Default::default()
+        }
+    }
+
+    fn at_frame_boundary(&self) -> bool {
+        !self.passthrough && self.header_len == 0 && self.payload_left == 0
+    }
+
+    /// Feeds bytes; calls `on_frame` for each complete frame header.
+    fn scan(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(FrameHeader)) {
+        while !bytes.is_empty() && !self.passthrough {
+            if let Some(left) = self.preface_left.filter(|left| *left > 0) {
+                let offset = PREFACE.len() - left;
+                let n = left.min(bytes.len());
+                if bytes[..n] != PREFACE[offset..offset + n] {
+                    self.passthrough = true;
+                    return;
+                }
+                self.preface_left = Some(left - n);
+                bytes = &bytes[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+            } else {
+                let n = (FRAME_HEADER - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header_len == FRAME_HEADER {
+                    let h = &self.header;
+                    self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                    self.header_len = 0;
+                    on_frame(FrameHeader {
+                        kind: h[3],
+                        flags: h[4],
+                        stream_id: u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff,
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn scanner_finds_frames_however_the_bytes_are_split() {
+        let mut stream = PREFACE.to_vec();
+        stream.extend(frame(0x4, 0, 0, &[0; 6]));
+        stream.extend(frame(TYPE_HEADERS, 0x4, 1, &[1, 2, 3]));
+        stream.extend(frame(TYPE_PING, 0, 0, &[0; 8]));
+        stream.extend(frame(TYPE_PING, FLAG_ACK, 0, &[0; 8]));
+        for chunk in [1, 2, 5, 9, 1000] {
+            let mut scanner = FrameScanner::expecting_preface();
+            let mut seen = Vec::new();
+            for piece in stream.chunks(chunk) {
+                scanner.scan(piece, |h| seen.push((h.kind, h.flags, h.stream_id)));
+            }
+            assert_eq!(
+                seen,
+                [
+                    (0x4, 0, 0),
+                    (TYPE_HEADERS, 0x4, 1),
+                    (TYPE_PING, 0, 0),
+                    (TYPE_PING, FLAG_ACK, 0)
+                ]
+            );
+            assert!(scanner.at_frame_boundary());
+        }
+    }
+
+    #[test]
+    fn http1_passes_through_unscanned() {
+        let mut scanner = FrameScanner::expecting_preface();
+        let mut seen = 0;
+        scanner.scan(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", |_| seen += 1);
+        scanner.scan(&frame(TYPE_PING, 0, 0, &[0; 8]), |_| seen += 1);
+        assert_eq!(seen, 0);
+        assert!(scanner.passthrough);
+    }
+}
