@@ -7,7 +7,11 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::hub::{self, Message};
+use bytes::Bytes;
+
+use super::error::ApiError;
+use crate::hub::{self, Headers, Message};
+use crate::topic::Topic;
 
 /// A message to publish. Give the body as `payload` (a JSON string is published as its text; any
 /// other JSON value is published as JSON with `content-type: application/json`) or as
@@ -26,6 +30,41 @@ pub struct PublishBody {
     /// Headers delivered with the message, e.g. `content-type`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+}
+
+impl PublishBody {
+    /// Parses a `POST /publish` body into what the hub publishes.
+    pub fn parse(body: &[u8]) -> Result<(Topic, Bytes, Headers), ApiError> {
+        let request: PublishBody = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "malformed JSON body: {e}; expected {{\"topic\": \"...\", \"payload\": ...}}"
+            ))
+        })?;
+        let topic = Topic::parse(&request.topic)?;
+        let mut headers = request.headers;
+        let payload = match (request.payload, request.payload_base64) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "give either payload or payload_base64, not both",
+                ));
+            }
+            (Some(serde_json::Value::String(text)), None) => Bytes::from(text),
+            (Some(value), None) => {
+                headers
+                    .entry("content-type".into())
+                    .or_insert_with(|| "application/json".into());
+                Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
+            }
+            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+                .decode(encoded.as_bytes())
+                .map_err(|e| {
+                    ApiError::bad_request(format!("payload_base64 is not valid base64: {e}"))
+                })?
+                .into(),
+            (None, None) => Bytes::new(),
+        };
+        Ok((topic, payload, headers))
+    }
 }
 
 /// The hub accepted a message.

@@ -13,7 +13,6 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use base64::Engine as _;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -127,32 +126,7 @@ async fn publish(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Published>, ApiError> {
     let body = body.map_err(|r| body_error(r, &state))?;
-    let request: PublishBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "malformed JSON body: {e}; expected {{\"topic\": \"...\", \"payload\": ...}}"
-        ))
-    })?;
-    let topic = Topic::parse(&request.topic)?;
-    let mut headers: Headers = request.headers;
-    let payload = match (request.payload, request.payload_base64) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "give either payload or payload_base64, not both",
-            ));
-        }
-        (Some(serde_json::Value::String(text)), None) => Bytes::from(text),
-        (Some(value), None) => {
-            headers
-                .entry("content-type".into())
-                .or_insert_with(|| "application/json".into());
-            Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
-        }
-        (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-            .decode(encoded.as_bytes())
-            .map_err(|e| ApiError::bad_request(format!("payload_base64 is not valid base64: {e}")))?
-            .into(),
-        (None, None) => Bytes::new(),
-    };
+    let (topic, payload, headers) = PublishBody::parse(&body)?;
     let message = state.hub.publish(topic, payload, headers)?;
     Ok(Json(Published::of(&message)))
 }
