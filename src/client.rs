@@ -7,9 +7,12 @@ use tokio::io::AsyncBufReadExt as _;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::LinesStream;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::config::{PubArgs, SubArgs};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+
+use crate::config::{ClientArgs, PubArgs, SubArgs};
 use crate::proto::v1::{
     self, Cursor, PublishRequest, StartPosition, SubscribeRequest, pub_sub_client::PubSubClient,
     start_position::Position, subscribe_response::Event,
@@ -18,24 +21,73 @@ use crate::proto::v1::{
 /// First reconnect delay of `sub`; doubled after each failed attempt up to `--max-backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
-fn endpoint(server: &str) -> anyhow::Result<Endpoint> {
-    Endpoint::from_shared(server.to_owned())
+/// The broker's endpoint; `https://` URLs use TLS with the system roots plus `--ca-cert`.
+fn endpoint(args: &ClientArgs) -> anyhow::Result<Endpoint> {
+    let server = &args.server;
+    let endpoint = Endpoint::from_shared(server.clone())
         .with_context(|| {
             format!("invalid --server URL {server:?} (expected e.g. http://127.0.0.1:8080)")
-        })
-        .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if !server.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let mut tls = ClientTlsConfig::new().with_native_roots();
+    if let Some(path) = &args.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+        tls = tls.ca_certificate(Certificate::from_pem(pem));
+    }
+    endpoint.tls_config(tls).context("TLS setup")
 }
 
-async fn connect(server: &str) -> anyhow::Result<PubSubClient<Channel>> {
-    let channel = endpoint(server)?.connect().await.with_context(|| {
+/// A client of the broker that sends `authorization: Bearer <token>` when a token is given.
+pub type Client = PubSubClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    fn new(token: Option<&str>) -> anyhow::Result<BearerToken> {
+        let value = token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .map_err(|_| anyhow::anyhow!("--token must be printable ASCII (a JWT)"))?;
+        Ok(BearerToken(value))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+fn client(channel: Channel, token: &BearerToken) -> Client {
+    PubSubClient::with_interceptor(channel, token.clone()).max_decoding_message_size(usize::MAX)
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let server = &args.server;
+    let channel = endpoint(args)?.connect().await.with_context(|| {
         format!("cannot connect to {server}; is `topichub serve` running there?")
     })?;
-    Ok(PubSubClient::new(channel).max_decoding_message_size(usize::MAX))
+    Ok(client(channel, &BearerToken::new(args.token.as_deref())?))
 }
 
 /// `topichub pub`: one message, or each line of stdin through one `PublishBatch` stream.
 pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.client.server).await?;
+    let mut client = connect(&args.client).await?;
     let headers: std::collections::HashMap<String, String> = args.headers.into_iter().collect();
     let topic = args.topic.clone();
     let request = move |payload: Vec<u8>| PublishRequest {
@@ -91,7 +143,8 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
             })
         }
     };
-    let endpoint = endpoint(&args.client.server)?;
+    let endpoint = endpoint(&args.client)?;
+    let token = BearerToken::new(args.client.token.as_deref())?;
     let mut backoff = INITIAL_BACKOFF;
     let stdout = std::io::stdout();
     loop {
@@ -107,7 +160,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
                 .connect()
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let mut client = PubSubClient::new(channel).max_decoding_message_size(usize::MAX);
+            let mut client = client(channel, &token);
             let mut stream = client.subscribe(request).await?.into_inner();
             while let Some(response) = stream.message().await? {
                 match response.event {

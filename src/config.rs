@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::auth::AuthConfig;
 use crate::hub::{HubConfig, LagPolicy};
 
 /// topichub: a topic-based publish/subscribe broker (gRPC, gRPC-Web, HTTP/JSON and SSE on one port).
@@ -86,6 +87,35 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub sse_keepalive: Duration,
 
+    /// PEM certificate chain: serve every door over TLS (with --tls-key).
+    #[arg(long, env = "TOPICHUB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TOPICHUB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// HS256 secret for JWT bearer tokens. Setting a key (this, --jwt-public-key or --jwks)
+    /// turns authentication on for every door except health, reflection, docs and the page.
+    #[arg(long, env = "TOPICHUB_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with the RSA or EC public key that verifies tokens (RS256/PS256, ES256/ES384).
+    #[arg(long, env = "TOPICHUB_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// JWKS file (`{"keys": [...]}`) whose keys verify tokens, chosen by the token's `kid`.
+    #[arg(long, env = "TOPICHUB_JWKS")]
+    pub jwks: Option<std::path::PathBuf>,
+
+    /// Audience (`aud`) tokens must carry, if set.
+    #[arg(long, env = "TOPICHUB_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Issuer (`iss`) tokens must carry, if set.
+    #[arg(long, env = "TOPICHUB_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
     /// How long a graceful shutdown waits for connections to finish before closing them.
     #[arg(long, env = "TOPICHUB_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -98,6 +128,17 @@ impl ServerConfig {
         match cli.command {
             Command::Serve(config) => config,
             _ => unreachable!("parsed a serve command"),
+        }
+    }
+
+    /// The authentication part of the configuration.
+    pub fn auth(&self) -> AuthConfig {
+        AuthConfig {
+            secret: self.jwt_secret.clone(),
+            public_key: self.jwt_public_key.clone(),
+            jwks: self.jwks.clone(),
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
         }
     }
 
@@ -121,6 +162,13 @@ pub struct ClientArgs {
     /// Broker URL (gRPC).
     #[arg(long, env = "TOPICHUB_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// PEM CA certificate to trust for an `https://` server, in addition to the system roots
+    /// (e.g. a self-signed broker certificate).
+    #[arg(long, env = "TOPICHUB_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// JWT to send as `authorization: Bearer` (needed when the broker has authentication on).
+    #[arg(long, env = "TOPICHUB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// `topichub pub`.

@@ -24,6 +24,10 @@ pub enum Error {
     SlowConsumer { queue_size: usize },
     /// The server is shutting down.
     ShuttingDown,
+    /// No valid token (missing, malformed, expired, wrong signature).
+    Unauthenticated(String),
+    /// The token is valid but does not allow this topic or pattern.
+    PermissionDenied(String),
 }
 
 /// The gRPC status code name each error maps to; HTTP codes follow grpc-gateway's mapping.
@@ -33,6 +37,8 @@ pub enum Kind {
     ResourceExhausted,
     NotFound,
     Unavailable,
+    Unauthenticated,
+    PermissionDenied,
 }
 
 impl Error {
@@ -47,6 +53,8 @@ impl Error {
             Error::PayloadTooLarge { .. } | Error::SlowConsumer { .. } => Kind::ResourceExhausted,
             Error::UnknownSubscription(_) => Kind::NotFound,
             Error::ShuttingDown => Kind::Unavailable,
+            Error::Unauthenticated(_) => Kind::Unauthenticated,
+            Error::PermissionDenied(_) => Kind::PermissionDenied,
         }
     }
 }
@@ -79,6 +87,8 @@ impl fmt::Display for Error {
             Error::ShuttingDown => {
                 f.write_str("topichub is shutting down; reconnect and resume from your last cursor")
             }
+            Error::Unauthenticated(reason) => write!(f, "unauthenticated: {reason}"),
+            Error::PermissionDenied(reason) => write!(f, "permission denied: {reason}"),
         }
     }
 }

@@ -259,6 +259,8 @@ struct TopicState {
 }
 
 struct SubEntry {
+    /// Random part of the subscription's id, so ids cannot be guessed to end others' streams.
+    secret: u64,
     patterns: Vec<Pattern>,
     /// `None` while the subscriber is lagged and has not yet caught up: nothing is queued for
     /// it, so its queue cannot reorder with the replay.
@@ -276,6 +278,7 @@ struct SubEntry {
 pub struct Subscription {
     hub: Hub,
     id: u64,
+    secret: u64,
     rx: mpsc::Receiver<Arc<Message>>,
     /// Set by the hub when it ends the subscription (unsubscribe, disconnect policy).
     ended: Arc<OnceLock<Ended>>,
@@ -509,9 +512,11 @@ impl Hub {
                 }
             }
         }
+        let secret = fastrand::u64(..);
         state.subs.insert(
             id,
             SubEntry {
+                secret,
                 patterns,
                 tx: Some(tx),
                 lagged_from: None,
@@ -526,6 +531,7 @@ impl Hub {
         Ok(Subscription {
             hub: self.clone(),
             id,
+            secret,
             rx,
             ended,
             pending,
@@ -537,9 +543,13 @@ impl Hub {
     /// Ends the subscription with this id (as shown in its `subscribed` event).
     pub fn unsubscribe(&self, id: &str) -> Result<(), Error> {
         let unknown = || Error::UnknownSubscription(id.to_owned());
-        let number = parse_subscription_id(id, self.epoch()).ok_or_else(unknown)?;
+        let (number, secret) = parse_subscription_id(id, self.epoch()).ok_or_else(unknown)?;
         let mut state = self.lock();
-        if !state.subs.contains_key(&number) {
+        if state
+            .subs
+            .get(&number)
+            .is_none_or(|entry| entry.secret != secret)
+        {
             return Err(unknown());
         }
         state.remove_sub(number, Ended::Unsubscribed);
@@ -767,7 +777,7 @@ impl TopicState {
 impl Subscription {
     /// The id to pass to `Hub::unsubscribe`.
     pub fn id(&self) -> String {
-        format!("sub-{}-{}", self.hub.epoch(), self.id)
+        format!("sub-{}-{}-{:016x}", self.hub.epoch(), self.id, self.secret)
     }
 
     /// The hub's head cursor when the subscription started.
@@ -820,12 +830,14 @@ impl Drop for Subscription {
     }
 }
 
-fn parse_subscription_id(id: &str, epoch: &str) -> Option<u64> {
+/// `sub-EPOCH-N-SECRET` -> (N, SECRET).
+fn parse_subscription_id(id: &str, epoch: &str) -> Option<(u64, u64)> {
     let rest = id
         .strip_prefix("sub-")?
         .strip_prefix(epoch)?
         .strip_prefix('-')?;
-    rest.parse().ok()
+    let (number, secret) = rest.split_once('-')?;
+    Some((number.parse().ok()?, u64::from_str_radix(secret, 16).ok()?))
 }
 
 fn check_headers(headers: &Headers) -> Result<(), Error> {

@@ -32,9 +32,9 @@ const TYPE_PING: u8 = 0x6;
 const FLAG_ACK: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
-/// A TCP stream whose HTTP/2 client pings are held to a minimum interval.
-pub struct PingPolicyStream {
-    inner: TcpStream,
+/// A connection (TCP, or TLS over TCP) whose HTTP/2 client pings are held to a minimum interval.
+pub struct PingPolicyStream<IO> {
+    inner: IO,
     min_interval: Duration,
     /// What the client sends: preface, then frames.
     inbound: FrameScanner,
@@ -46,9 +46,27 @@ pub struct PingPolicyStream {
     last_stream_id: u32,
 }
 
-impl PingPolicyStream {
+/// Writes a frame to the peer right away, outside hyper's own writes.
+pub trait SendNow {
+    /// Best effort: the connection is closed right after.
+    fn send_now(&mut self, frame: &[u8]);
+}
+
+impl SendNow for TcpStream {
+    fn send_now(&mut self, frame: &[u8]) {
+        let _ = self.try_write(frame);
+    }
+}
+
+impl SendNow for tokio_rustls::server::TlsStream<TcpStream> {
+    /// Over TLS the frame would have to go through the session's encryption outside hyper's
+    /// writes; the connection is closed without it.
+    fn send_now(&mut self, _frame: &[u8]) {}
+}
+
+impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> PingPolicyStream<IO> {
     /// Wraps `inner`; pings less than `min_interval` apart count as strikes.
-    pub fn new(inner: TcpStream, min_interval: Duration) -> PingPolicyStream {
+    pub fn new(inner: IO, min_interval: Duration) -> PingPolicyStream<IO> {
         PingPolicyStream {
             inner,
             min_interval,
@@ -78,7 +96,6 @@ impl PingPolicyStream {
         self.last_ping = Some(now);
         if self.strikes > MAX_PING_STRIKES {
             tracing::info!(
-                peer = ?self.inner.peer_addr().ok(),
                 min_interval = ?self.min_interval,
                 "client pings too often; closing the connection (too_many_pings)"
             );
@@ -106,11 +123,11 @@ impl PingPolicyStream {
         frame.extend_from_slice(&self.last_stream_id.to_be_bytes());
         frame.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
         frame.extend_from_slice(debug);
-        let _ = self.inner.try_write(&frame);
+        self.inner.send_now(&frame);
     }
 }
 
-impl AsyncRead for PingPolicyStream {
+impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> AsyncRead for PingPolicyStream<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -131,7 +148,7 @@ impl AsyncRead for PingPolicyStream {
     }
 }
 
-impl AsyncWrite for PingPolicyStream {
+impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> AsyncWrite for PingPolicyStream<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

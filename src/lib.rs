@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
+//! - [`auth`]: JWT bearer tokens and the topic patterns they allow; the middleware of every door.
 //! - [`topic`]: topic names and wildcard patterns.
 //! - [`cursor`]: `EPOCH-SEQ` positions for resume.
 //! - [`error`]: the hub's error type, mapped once per transport.
@@ -15,12 +16,14 @@
 //! - [`http`]: REST and SSE routes, JSON shapes, the HTTP error type, the OpenAPI document.
 //! - [`web`]: the embedded web page.
 //! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
+//! - [`tls`]: TLS on the same port (rustls), HTTP/2 and HTTP/1.1 by ALPN.
 //! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
 //! - [`config`]: command line and environment.
 //! - [`client`]: the `pub` and `sub` command-line clients.
 //! - [`proto`]: generated protobuf types and gRPC clients.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod cursor;
@@ -32,6 +35,7 @@ pub mod keepalive;
 pub mod proto;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod topic;
 pub mod web;
 

@@ -3,16 +3,16 @@
 //! HTTP/1.1, HTTP/2 (h2c) and keepalive pings work on the same port.
 
 use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any as AnyOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{self, Authenticator};
 use crate::config::ServerConfig;
 use crate::grpc::seed::SeedService;
 use crate::grpc::wire::v1::pub_sub_server::PubSubServer;
@@ -29,6 +30,7 @@ use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
 use crate::proto;
 use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
+use crate::tls;
 
 /// How often aged messages are evicted and empty topics forgotten.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -41,16 +43,24 @@ pub async fn run(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let auth = Authenticator::new(&config.auth()).map_err(invalid_input)?;
+    if auth.is_enabled() {
+        tracing::info!("authentication on: pub/sub calls need a bearer token");
+    }
     let hub = Hub::new(config.hub());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PubSubServer<PubSubService>>().await;
     health
         .set_serving::<PubSubServiceServer<SeedService>>()
         .await;
-    let app = app(hub.clone(), &config, shutdown.clone(), health_service);
+    let app = app(hub.clone(), auth, &config, shutdown.clone(), health_service);
 
     tokio::spawn(expire_periodically(hub.clone(), shutdown.clone()));
 
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(invalid_input)?),
+        _ => None,
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -58,10 +68,12 @@ pub async fn run(
         .keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout);
     builder.http1().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
 
     tracing::info!(
         addr = %listener.local_addr()?,
         epoch = hub.epoch(),
+        tls = tls.is_some(),
         "topichub listening (gRPC, gRPC-Web, HTTP and SSE on one port)"
     );
     let graceful = GracefulShutdown::new();
@@ -79,12 +91,39 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let stream = PingPolicyStream::new(stream, config.keepalive_min_ping_interval);
-        let service = TowerToHyperService::new(app.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let (builder, app, watcher, tls) = (
+            builder.clone(),
+            app.clone(),
+            graceful.watcher(),
+            tls.clone(),
+        );
+        let min_ping_interval = config.keepalive_min_ping_interval;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match tls {
+                None => {
+                    let io = PingPolicyStream::new(stream, min_ping_interval);
+                    serve_connection(&builder, watcher, io, app).await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let io = PingPolicyStream::new(stream, min_ping_interval);
+                            serve_connection(&builder, watcher, io, app).await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
@@ -104,9 +143,31 @@ pub async fn run(
     Ok(())
 }
 
+/// A configuration error, as `run` reports it.
+fn invalid_input(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
+}
+
+/// Serves one accepted connection (HTTP/1.1 or HTTP/2, detected from its first bytes) until it
+/// closes or the graceful shutdown completes.
+async fn serve_connection<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: IO,
+    app: Router,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    watcher.watch(connection.into_owned()).await
+}
+
 /// The whole application: gRPC (+ gRPC-Web), REST, SSE, docs and the web page.
 pub fn app(
     hub: Hub,
+    auth: Authenticator,
     config: &ServerConfig,
     shutdown: CancellationToken,
     health_service: tonic_health::pb::health_server::HealthServer<
@@ -143,11 +204,16 @@ pub fn app(
         .routes()
         .into_axum_router()
         // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
+        .layer(axum::middleware::from_fn_with_state(
+            auth.clone(),
+            auth::grpc_guard,
+        ))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(CatchPanicLayer::custom(grpc_panic));
 
     let state = AppState {
         hub,
+        auth,
         shutdown,
         sse_keepalive: config.sse_keepalive,
     };
@@ -165,10 +231,9 @@ pub fn app(
 /// Unknown routes: UNIMPLEMENTED for gRPC and gRPC-Web clients, a JSON 404 for everyone else.
 async fn fallback(request: Request) -> Response {
     if is_grpc(&request) {
-        grpc_status_response(
-            tonic::Code::Unimplemented,
+        grpc::status_response(tonic::Status::unimplemented(
             "unknown service or method; list them with server reflection",
-        )
+        ))
     } else {
         http::not_found().await.into_response()
     }
@@ -182,35 +247,6 @@ fn is_grpc(request: &Request) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// A trailers-only gRPC response carrying a status (valid for gRPC and gRPC-Web clients).
-fn grpc_status_response(code: tonic::Code, message: &str) -> Response {
-    let mut response = Response::new(Body::empty());
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert("grpc-status", HeaderValue::from(code as i32));
-    if let Ok(message) = HeaderValue::from_str(&percent_encode(message)) {
-        headers.insert("grpc-message", message);
-    }
-    response
-}
-
-/// grpc-message is percent-encoded (gRPC spec); our messages are ASCII without `%` in practice,
-/// but encode anyway.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| {
-            if (0x20..0x7f).contains(&b) && b != b'%' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
     panic
         .downcast_ref::<&str>()
@@ -221,10 +257,9 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 
 fn grpc_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
     tracing::error!(panic = panic_message(&*panic), "gRPC handler panicked");
-    grpc_status_response(
-        tonic::Code::Internal,
+    grpc::status_response(tonic::Status::internal(
         "internal error; the server logged the details",
-    )
+    ))
 }
 
 fn http_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
@@ -264,6 +299,7 @@ async fn expire_periodically(hub: Hub, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
     use axum::routing::{get, post};
     use tower::ServiceExt as _;
 
@@ -324,10 +360,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-    }
-
-    #[test]
-    fn grpc_messages_are_percent_encoded() {
-        assert_eq!(percent_encode("50% ünits"), "50%25 %C3%BCnits");
     }
 }

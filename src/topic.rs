@@ -99,6 +99,29 @@ impl Pattern {
     }
 }
 
+impl Pattern {
+    /// Whether every topic `other` matches is also matched by `self` (pattern containment), as
+    /// used for permissions: a grant `orders.>` covers a subscription to `orders.eu.*`.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        fn go(grant: &[&str], wanted: &[&str]) -> bool {
+            match (grant.first(), wanted.first()) {
+                (None, None) => true,
+                // `>` matches one or more tokens: it covers anything that needs at least one.
+                (Some(&">"), Some(_)) => true,
+                // `*` covers exactly one token, literal or `*`, but not `>` (one or more).
+                (Some(&"*"), Some(&w)) if w != ">" => go(&grant[1..], &wanted[1..]),
+                (Some(&g), Some(&w)) if g != "*" && g != ">" && g == w => {
+                    go(&grant[1..], &wanted[1..])
+                }
+                _ => false,
+            }
+        }
+        let grant: Vec<&str> = self.text.split('.').collect();
+        let wanted: Vec<&str> = other.text.split('.').collect();
+        go(&grant, &wanted)
+    }
+}
+
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -257,6 +280,68 @@ mod tests {
                 expected,
                 "{pattern} ~ {topic}"
             );
+        }
+    }
+
+    #[test]
+    fn covers_is_pattern_containment() {
+        let cases = [
+            ("orders.>", "orders.eu.*", true),
+            ("orders.>", "orders.>", true),
+            ("orders.>", "orders", false),
+            (">", "anything.>", true),
+            ("orders.*", "orders.eu", true),
+            ("orders.*", "orders.*", true),
+            ("orders.*", "orders.>", false),
+            ("orders.*", "orders.eu.x", false),
+            ("orders.eu", "orders.*", false),
+            ("orders.eu", "orders.eu", true),
+            ("*.created", "orders.created", true),
+            ("a.*.c", "a.>", false),
+        ];
+        for (grant, wanted, expected) in cases {
+            let (g, w) = (
+                Pattern::parse(grant).unwrap(),
+                Pattern::parse(wanted).unwrap(),
+            );
+            assert_eq!(g.covers(&w), expected, "{grant} covers {wanted}");
+        }
+    }
+
+    /// Containment agrees with matching: if `g` covers `w`, every topic `w` matches, `g` matches.
+    #[test]
+    fn covers_never_grants_more_than_matching_allows() {
+        let mut rng = fastrand::Rng::with_seed(0xc0fe);
+        let tokens = ["a", "b"];
+        let random_pattern = |rng: &mut fastrand::Rng| {
+            let len = rng.usize(1..4);
+            (0..len)
+                .map(|i| match rng.u8(..6) {
+                    0 => "*",
+                    1 if i + 1 == len => ">",
+                    _ => tokens[rng.usize(..2)],
+                })
+                .collect::<Vec<_>>()
+                .join(".")
+        };
+        let topics: Vec<String> = (1..5)
+            .flat_map(|len| {
+                (0..(1 << len)).map(move |bits: u32| {
+                    (0..len)
+                        .map(|i| tokens[(bits >> i) as usize & 1])
+                        .collect::<Vec<_>>()
+                        .join(".")
+                })
+            })
+            .collect();
+        for _ in 0..5_000 {
+            let g = Pattern::parse(&random_pattern(&mut rng)).unwrap();
+            let w = Pattern::parse(&random_pattern(&mut rng)).unwrap();
+            if g.covers(&w) {
+                for t in topics.iter().filter(|t| w.matches(t)) {
+                    assert!(g.matches(t), "{g} covers {w} but does not match {t}");
+                }
+            }
         }
     }
 

@@ -10,6 +10,12 @@
 
   const parseTopics = (text) => String(text).split(/[\s,]+/).filter(Boolean);
 
+  // A bearer token, for brokers started with a JWT key. EventSource cannot send headers, so
+  // subscriptions carry it as ?access_token=; fetches send `authorization: Bearer`.
+  const TOKEN_KEY = 'topichub.token';
+  const token = () => $('token').value.trim();
+  const authHeaders = () => (token() ? { authorization: 'Bearer ' + token() } : {});
+
   function el(tag, className, text) {
     const node = document.createElement(tag);
     if (className) node.className = className;
@@ -122,7 +128,8 @@
       return null;
     }
     const query = list.map((t) => 'topic=' + encodeURIComponent(t)).join('&');
-    const url = '/subscribe?' + query;
+    const url = '/subscribe?' + query
+      + (token() ? '&access_token=' + encodeURIComponent(token()) : '');
     history.replaceState(null, '', '?' + query + location.hash); // shareable URL
     const es = new EventSource(url);
     source = es;
@@ -191,7 +198,7 @@
     try {
       const response = await fetch('/publish', {
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers: { 'content-type': 'application/json', ...authHeaders() },
         body: JSON.stringify({ topic: String(topic).trim(), payload: value }),
       });
       if (!response.ok) {
@@ -212,7 +219,7 @@
   async function loadTopics() {
     const tbody = $('topics').tBodies[0];
     try {
-      const response = await fetch('/topics');
+      const response = await fetch('/topics', { headers: authHeaders() });
       if (!response.ok) throw new Error(await errorMessage(response));
       const { topics = [] } = await response.json();
       tbody.replaceChildren(...topics.map((t) => {
@@ -244,6 +251,14 @@
   }
 
   function init() {
+    // ?access_token= on the page URL, else the token saved last time.
+    const params = new URLSearchParams(location.search);
+    $('token').value = params.get('access_token') || localStorage.getItem(TOKEN_KEY) || '';
+    $('token').addEventListener('change', () => {
+      localStorage.setItem(TOKEN_KEY, token());
+      subscribe(parseTopics($('sub-topics').value));
+      loadTopics();
+    });
     $('sub-form').addEventListener('submit', (event) => {
       event.preventDefault();
       subscribe(parseTopics($('sub-topics').value));
@@ -266,7 +281,7 @@
     $('topics-button').addEventListener('click', loadTopics);
     setInterval(() => { if (!document.hidden) loadTopics(); }, 10000);
 
-    const fromUrl = new URLSearchParams(location.search).getAll('topic').flatMap(parseTopics);
+    const fromUrl = params.getAll('topic').flatMap(parseTopics);
     subscribe(fromUrl.length ? fromUrl : ['demo.>']);
     loadTopics();
   }

@@ -15,9 +15,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::{Error, Kind};
 use crate::hub::{self, Hub, LagPolicy, Start, SubscribeOptions, Subscription};
+use crate::shutdown::StreamEnd;
 use crate::topic::{Pattern, Topic};
 use wire::v1;
 
@@ -32,6 +34,8 @@ impl From<Error> for Status {
             Kind::ResourceExhausted => Code::ResourceExhausted,
             Kind::NotFound => Code::NotFound,
             Kind::Unavailable => Code::Unavailable,
+            Kind::Unauthenticated => Code::Unauthenticated,
+            Kind::PermissionDenied => Code::PermissionDenied,
         };
         Status::new(code, error.to_string())
     }
@@ -54,10 +58,21 @@ impl PubSubService {
     }
 }
 
+/// What the request's token allows, as established by `auth::grpc_guard`. Fails closed when
+/// the guard did not run.
+pub(crate) fn access<T>(request: &Request<T>) -> Result<Access, Status> {
+    request
+        .extensions()
+        .get::<Access>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no credentials were checked for this call"))
+}
+
 /// Publishes a `PublishRequest` (shared by `Publish`, `PublishBatch` and `Connect`).
-fn publish(hub: &Hub, request: v1::PublishRequest) -> Result<v1::Cursor, Error> {
+fn publish(hub: &Hub, access: &Access, request: v1::PublishRequest) -> Result<v1::Cursor, Error> {
     hub.check_payload(request.payload.len())?;
     let topic = Topic::parse(&request.topic)?;
+    access.check_publish(&topic)?;
     let message = hub.publish(
         topic,
         request.payload,
@@ -66,13 +81,17 @@ fn publish(hub: &Hub, request: v1::PublishRequest) -> Result<v1::Cursor, Error> 
     Ok(wire::cursor(&message.cursor()))
 }
 
-/// Validates a `SubscribeRequest` into hub options.
-fn subscribe_options(request: v1::SubscribeRequest) -> Result<SubscribeOptions, Error> {
+/// Validates a `SubscribeRequest` into hub options the token allows.
+fn subscribe_options(
+    access: &Access,
+    request: v1::SubscribeRequest,
+) -> Result<SubscribeOptions, Error> {
     let patterns = request
         .topics
         .iter()
         .map(|t| Pattern::parse(t))
         .collect::<Result<Vec<_>, _>>()?;
+    access.check_subscribe(&patterns)?;
     use v1::start_position::Position;
     let start = match request.start.and_then(|s| s.position) {
         None | Some(Position::Latest(_)) => Start::Latest,
@@ -110,34 +129,22 @@ fn subscribe_options(request: v1::SubscribeRequest) -> Result<SubscribeOptions, 
     })
 }
 
-/// The next item of a subscription, or `None` when it ended cleanly; ends with UNAVAILABLE on
-/// shutdown.
-async fn next_event(
-    subscription: &mut Subscription,
-    shutdown: &CancellationToken,
-) -> Option<Result<hub::Event, Status>> {
-    tokio::select! {
-        biased;
-        () = shutdown.cancelled() => Some(Err(Error::ShuttingDown.into())),
-        event = subscription.next() => event.map(|e| e.map_err(Status::from)),
-    }
-}
-
-/// Turns a subscription into a stream of `f(event)` that ends after the first error.
+/// Turns a subscription into a stream of `f(event)` that ends after the first error (including
+/// shutdown and token expiry).
 pub(crate) fn subscription_stream<T: Send + 'static>(
     subscription: Subscription,
-    shutdown: CancellationToken,
+    end: StreamEnd,
     f: fn(hub::Event) -> Option<T>,
 ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
-    futures_util::stream::unfold(Some((subscription, shutdown)), move |state| async move {
-        let (mut subscription, shutdown) = state?;
+    futures_util::stream::unfold(Some((subscription, end)), move |state| async move {
+        let (mut subscription, mut end) = state?;
         loop {
-            return match next_event(&mut subscription, &shutdown).await? {
+            return match end.next(&mut subscription).await? {
                 Ok(event) => match f(event) {
-                    Some(item) => Some((Ok(item), Some((subscription, shutdown)))),
+                    Some(item) => Some((Ok(item), Some((subscription, end)))),
                     None => continue,
                 },
-                Err(status) => Some((Err(status), None)),
+                Err(error) => Some((Err(error.into()), None)),
             };
         }
     })
@@ -149,7 +156,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
-        let cursor = publish(&self.hub, request.into_inner())?;
+        let access = access(&request)?;
+        let cursor = publish(&self.hub, &access, request.into_inner())?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
         }))
@@ -161,11 +169,12 @@ impl v1::pub_sub_server::PubSub for PubSubService {
     ) -> Result<Response<v1::PublishBatchResponse>, Status> {
         // One message is decoded at a time and published before the next is read, so HTTP/2
         // flow control holds a fast publisher back and memory stays flat for any batch size.
+        let access = access(&request)?;
         let mut stream = request.into_inner();
         let mut accepted = 0u64;
         let mut last_cursor = None;
         while let Some(item) = stream.message().await? {
-            match publish(&self.hub, item) {
+            match publish(&self.hub, &access, item) {
                 Ok(cursor) => {
                     accepted += 1;
                     last_cursor = Some(cursor);
@@ -195,15 +204,17 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let access = access(&request)?;
         let subscription = self
             .hub
-            .subscribe(subscribe_options(request.into_inner())?)?;
+            .subscribe(subscribe_options(&access, request.into_inner())?)?;
         let subscribed = v1::SubscribeResponse {
             event: Some(v1::subscribe_response::Event::Subscribed(subscribed(
                 &subscription,
             ))),
         };
-        let events = subscription_stream(subscription, self.shutdown.clone(), |event| {
+        let end = StreamEnd::new(self.shutdown.clone(), access.expires_at());
+        let events = subscription_stream(subscription, end, |event| {
             Some(wire::subscribe_event(event))
         });
         Ok(Response::new(Box::pin(
@@ -219,6 +230,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let (outbox, events) = mpsc::channel(CONNECT_OUTBOX);
         let session = ConnectSession {
+            access: access(&request)?,
             hub: self.hub.clone(),
             shutdown: self.shutdown.clone(),
             outbox,
@@ -241,6 +253,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        let access = access(&request)?;
         let pattern = request.into_inner().pattern;
         let filter = if pattern.is_empty() {
             None
@@ -251,6 +264,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             .hub
             .topics(filter.as_ref())
             .into_iter()
+            .filter(|t| access.may_see(&t.name))
             .map(wire::topic_info)
             .collect();
         Ok(Response::new(v1::ListTopicsResponse { topics }))
@@ -268,6 +282,8 @@ fn subscribed(subscription: &Subscription) -> v1::Subscribed {
 /// writes into the shared outbox. Everything ends when the client goes away (the outbox closes)
 /// or the server shuts down.
 struct ConnectSession {
+    /// What the stream's token allows, for each of its requests.
+    access: Access,
     hub: Hub,
     shutdown: CancellationToken,
     outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
@@ -277,12 +293,14 @@ struct ConnectSession {
 
 impl ConnectSession {
     async fn run(mut self, mut requests: Streaming<v1::ConnectRequest>) {
+        // Shutdown and token expiry end the whole stream, with all its subscriptions.
+        let mut end = StreamEnd::new(self.shutdown.clone(), self.access.expires_at());
         loop {
             let request = tokio::select! {
                 request = requests.message() => request,
                 () = self.outbox.closed() => break,
-                () = self.shutdown.cancelled() => {
-                    let _ = self.outbox.send(Err(Error::ShuttingDown.into())).await;
+                error = end.ended() => {
+                    let _ = self.outbox.send(Err(error.into())).await;
                     break;
                 }
             };
@@ -319,17 +337,20 @@ impl ConnectSession {
             event: Some(event),
         };
         let response = match request.request {
-            Some(Req::Publish(publish_request)) => match publish(&self.hub, publish_request) {
-                Ok(cursor) => reply(
-                    String::new(),
-                    Event::Ack(v1::PublishAck {
-                        cursor: Some(cursor),
-                    }),
-                ),
-                Err(error) => reply(String::new(), request_error(error.into())),
-            },
+            Some(Req::Publish(publish_request)) => {
+                match publish(&self.hub, &self.access, publish_request) {
+                    Ok(cursor) => reply(
+                        String::new(),
+                        Event::Ack(v1::PublishAck {
+                            cursor: Some(cursor),
+                        }),
+                    ),
+                    Err(error) => reply(String::new(), request_error(error.into())),
+                }
+            }
             Some(Req::Subscribe(subscribe)) => {
-                match subscribe_options(subscribe).and_then(|o| self.hub.subscribe(o)) {
+                match subscribe_options(&self.access, subscribe).and_then(|o| self.hub.subscribe(o))
+                {
                     Ok(subscription) => {
                         let id = subscription.id();
                         let first = reply(id.clone(), Event::Subscribed(subscribed(&subscription)));
@@ -338,7 +359,7 @@ impl ConnectSession {
                             subscription,
                             id.clone(),
                             self.outbox.clone(),
-                            self.shutdown.clone(),
+                            StreamEnd::new(self.shutdown.clone(), None),
                         ));
                         self.subscriptions.retain(|_, t| !t.is_finished());
                         self.subscriptions.insert(id, task.abort_handle());
@@ -409,7 +430,7 @@ async fn forward(
     mut subscription: Subscription,
     id: String,
     outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
-    shutdown: CancellationToken,
+    mut end: StreamEnd,
 ) {
     use v1::connect_response::Event;
     let event = |event| v1::ConnectResponse {
@@ -419,19 +440,19 @@ async fn forward(
     };
     loop {
         let next = tokio::select! {
-            next = next_event(&mut subscription, &shutdown) => next,
+            next = end.next(&mut subscription) => next,
             () = outbox.closed() => return,
         };
         let response = match next {
             Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage(Some(m)))),
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
-            Some(Err(status)) if status.code() == Code::Unavailable => {
-                // Shutdown: the session reports it once for the whole stream.
+            Some(Err(Error::ShuttingDown)) => {
+                // The session reports it once for the whole stream.
                 return;
             }
-            Some(Err(status)) => {
-                let _ = outbox.send(Ok(event(request_error(status)))).await;
+            Some(Err(error)) => {
+                let _ = outbox.send(Ok(event(request_error(error.into())))).await;
                 let _ = outbox
                     .send(Ok(event(Event::Unsubscribed(v1::Unsubscribed {
                         reason: "lagged".into(),
@@ -461,4 +482,42 @@ pub fn max_decoding_message_size(max_payload_bytes: usize) -> usize {
     max_payload_bytes
         .saturating_mul(2)
         .saturating_add(1024 * 1024)
+}
+
+/// A trailers-only gRPC response carrying `status`, for answers given before a service runs
+/// (authentication, unknown methods, panics); valid for gRPC and gRPC-Web clients.
+pub fn status_response(status: Status) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let mut response = axum::response::Response::new(axum::body::Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+    if let Ok(message) = HeaderValue::from_str(&percent_encode(status.message())) {
+        headers.insert("grpc-message", message);
+    }
+    response
+}
+
+/// grpc-message is percent-encoded (gRPC spec).
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(super::percent_encode("50% ünits"), "50%25 %C3%BCnits");
+    }
 }

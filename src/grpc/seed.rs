@@ -11,6 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::grpc::BoxStream;
 use crate::hub::{self, Hub, Start, SubscribeOptions};
 use crate::proto::seed;
+use crate::shutdown::StreamEnd;
 use crate::topic::{Pattern, Topic};
 
 /// `proto.PubSubService`.
@@ -33,9 +34,11 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
         &self,
         request: Request<seed::PublishRequest>,
     ) -> Result<Response<()>, Status> {
+        let access = super::access(&request)?;
         let request = request.into_inner();
         self.hub.check_payload(request.payload.len())?;
         let topic = Topic::parse(&request.topic)?;
+        access.check_publish(&topic)?;
         self.hub
             .publish(topic, request.payload, Default::default())?;
         Ok(Response::new(()))
@@ -47,29 +50,31 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
         &self,
         request: Request<seed::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let pattern = Pattern::parse(&request.into_inner().topic)?;
+        let access = super::access(&request)?;
+        let patterns = vec![Pattern::parse(&request.into_inner().topic)?];
+        access.check_subscribe(&patterns)?;
         let subscription = self.hub.subscribe(SubscribeOptions {
-            patterns: vec![pattern],
+            patterns,
             start: Start::Latest,
             ..Default::default()
         })?;
-        let stream =
-            super::subscription_stream(subscription, self.shutdown.clone(), |event| match event {
-                hub::Event::Message(m) => Some(seed::SubscribeResponse {
-                    payload: m.payload.clone(),
-                }),
-                hub::Event::Gap(gap) => {
-                    tracing::warn!(
-                        ?gap,
-                        "seed subscriber missed messages it cannot be told about"
-                    );
-                    None
-                }
-                hub::Event::Lag(lag) => {
-                    tracing::debug!(?lag, "seed subscriber lagged; catching up");
-                    None
-                }
-            });
+        let end = StreamEnd::new(self.shutdown.clone(), access.expires_at());
+        let stream = super::subscription_stream(subscription, end, |event| match event {
+            hub::Event::Message(m) => Some(seed::SubscribeResponse {
+                payload: m.payload.clone(),
+            }),
+            hub::Event::Gap(gap) => {
+                tracing::warn!(
+                    ?gap,
+                    "seed subscriber missed messages it cannot be told about"
+                );
+                None
+            }
+            hub::Event::Lag(lag) => {
+                tracing::debug!(?lag, "seed subscriber lagged; catching up");
+                None
+            }
+        });
         // Seed clients have no cursors, so the generic "resume from your cursor" advice is
         // replaced.
         let stream = stream.map(|item| {

@@ -89,6 +89,8 @@ impl From<Error> for ApiError {
             (_, Kind::ResourceExhausted) => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
             (_, Kind::NotFound) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             (_, Kind::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            (_, Kind::Unauthenticated) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
+            (_, Kind::PermissionDenied) => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
         };
         ApiError::new(status, code, error.to_string())
     }

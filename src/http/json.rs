@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use bytes::Bytes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use crate::hub::{self, Headers, Message};
 use crate::topic::Topic;
 
@@ -20,15 +20,20 @@ use crate::topic::Topic;
 #[serde(deny_unknown_fields)]
 pub struct PublishBody {
     /// Concrete topic (no wildcards), e.g. `orders.eu.created`.
-    #[schema(example = "demo.greetings")]
+    #[schema(value_type = TopicName)]
     pub topic: String,
     /// The body: a string, or any JSON value.
-    #[schema(value_type = Object, example = json!("hello, topichub"))]
+    #[schema(example = json!("hello, topichub"))]
     pub payload: Option<serde_json::Value>,
     /// The body as base64 (standard alphabet, padded), for binary payloads.
+    // What the STANDARD engine decodes: canonical padding, and no stray bits in the last symbol.
+    #[schema(
+        pattern = r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$"
+    )]
     pub payload_base64: Option<String>,
     /// Headers delivered with the message, e.g. `content-type`.
     #[serde(default)]
+    #[schema(value_type = BTreeMap<HeaderName, String>)]
     pub headers: BTreeMap<String, String>,
 }
 
@@ -111,7 +116,6 @@ pub struct MessageJson {
     pub headers: BTreeMap<String, String>,
     /// The body as JSON or text (absent for binary bodies).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Object)]
     pub payload: Option<serde_json::Value>,
     /// The body as base64 (only for bodies that are not UTF-8).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -263,6 +267,172 @@ pub struct Health {
     pub head: u64,
     /// Live subscriptions over all doors.
     pub subscribers: usize,
+}
+
+/// One event of the `GET /subscribe` stream as an SSE client parses it (`event`, `id`, `retry`,
+/// `data`): the schema of each item of the `text/event-stream` body (OpenAPI 3.2's `itemSchema`;
+/// in 3.1 tools such as schemathesis read the media type's `schema` this way). `data` is JSON of
+/// the schema named for each event. Only a schema: frames are written in `sse.rs`.
+pub struct SseEvent;
+
+impl utoipa::PartialSchema for SseEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        use utoipa::openapi::{Ref, RefOr};
+        // `id` is the cursor on `subscribed` and `message`; a parser repeats the last id on the
+        // other events, so there it is any string.
+        let event = |name: &str, data: &str, with_cursor: bool, description: &str| {
+            let id: RefOr<_> = if with_cursor {
+                Ref::from_schema_name("Cursor").into()
+            } else {
+                ObjectBuilder::new().schema_type(Type::String).into()
+            };
+            let mut event = ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .description(Some(description))
+                .property(
+                    "event",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some([name])),
+                )
+                .required("event")
+                .property("id", id)
+                .property(
+                    "retry",
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .description(Some("Reconnect delay for browsers, in milliseconds")),
+                )
+                .property(
+                    "data",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .content_media_type("application/json")
+                        .content_schema(Some(Ref::from_schema_name(data))),
+                )
+                .required("data");
+            if with_cursor {
+                event = event.required("id");
+            }
+            event
+        };
+        OneOfBuilder::new()
+            .item(event(
+                "subscribed",
+                "SubscribedJson",
+                true,
+                "First event of every stream; id: the hub's head cursor",
+            ))
+            .item(event(
+                "message",
+                "MessageJson",
+                true,
+                "A message; id: its cursor",
+            ))
+            .item(event(
+                "gap",
+                "GapJson",
+                false,
+                "Messages in a seq range will not be delivered",
+            ))
+            .item(event(
+                "lag",
+                "LagJson",
+                false,
+                "The subscriber fell behind and is caught up from retention",
+            ))
+            .item(event(
+                "error",
+                "ErrorBody",
+                false,
+                "Why the server ends the stream (shutdown, slow consumer); the last event",
+            ))
+            .description(Some(
+                "One event of the stream as an SSE client parses it; `data` is JSON of the schema named for each event.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for SseEvent {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        use utoipa::PartialSchema as _;
+        schemas.extend([
+            (SubscribedJson::name().into(), SubscribedJson::schema()),
+            (MessageJson::name().into(), MessageJson::schema()),
+            (GapJson::name().into(), GapJson::schema()),
+            (LagJson::name().into(), LagJson::schema()),
+            (ErrorBody::name().into(), ErrorBody::schema()),
+            (CursorText::name().into(), CursorText::schema()),
+        ]);
+        <ErrorBody as ToSchema>::schemas(schemas);
+    }
+}
+
+/// A concrete topic (no wildcards): dot-separated tokens of letters, digits, `_`, `-` and `:`,
+/// at most 255 bytes. Only a schema: handlers validate with `Topic::parse`.
+#[derive(ToSchema)]
+#[schema(
+    pattern = r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$",
+    max_length = 255,
+    example = "demo.greetings"
+)]
+pub struct TopicName(pub String);
+
+/// A topic or a pattern: a topic whose tokens may also be `*` (exactly one token) or, as the last
+/// token, `>` (one or more tokens); at most 255 bytes. Only a schema: handlers validate with
+/// `Pattern::parse`.
+#[derive(ToSchema)]
+#[schema(
+    pattern = r"^(([A-Za-z0-9_:-]+|\*)\.)*([A-Za-z0-9_:-]+|\*|>)$",
+    max_length = 255,
+    example = "demo.>"
+)]
+pub struct TopicPattern(pub String);
+
+/// A message header's name: not empty. Only a schema.
+#[derive(ToSchema)]
+#[schema(min_length = 1)]
+pub struct HeaderName(pub String);
+
+/// A position in the hub's history, `EPOCH-SEQ`: a message's `cursor`, an SSE event's `id`.
+/// Only a schema: handlers parse it as a `Cursor`.
+#[derive(ToSchema)]
+#[schema(
+    as = Cursor,
+    pattern = r"^[A-Za-z0-9]{1,32}-[0-9]{1,19}$",
+    example = "k3J9xQ2mPz0a-42"
+)]
+pub struct CursorText(pub String);
+
+/// Adds to the `PublishBody` schema the rule its derived schema cannot state: `payload` and
+/// `payload_base64` are not both given (`null` counts as not given). The component becomes
+/// `allOf: [the fields, anyOf: [payload_base64 absent or null, payload absent or null]]`.
+pub(super) fn document_publish_rule(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, SchemaType, Type};
+    let Some(schema) = openapi
+        .components
+        .as_mut()
+        .and_then(|c| c.schemas.get_mut("PublishBody"))
+    else {
+        return;
+    };
+    let absent_or_null = |field: &str| {
+        ObjectBuilder::new()
+            .schema_type(SchemaType::AnyValue)
+            .property(field, ObjectBuilder::new().schema_type(Type::Null))
+    };
+    let one_payload = AnyOfBuilder::new()
+        .item(absent_or_null("payload_base64"))
+        .item(absent_or_null("payload"));
+    let fields = schema.clone();
+    *schema = AllOfBuilder::new().item(fields).item(one_payload).into();
 }
 
 fn rfc3339(message: &Message) -> String {

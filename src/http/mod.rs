@@ -11,13 +11,14 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::{self, Access, Authenticator};
 use crate::cursor::Cursor;
 use crate::hub::{Headers, Hub};
 use crate::topic::{Pattern, Topic};
@@ -27,11 +28,13 @@ use json::{Health, HistoryJson, MessageJson, PublishBody, Published, TopicJson, 
 /// Most messages one history request returns.
 pub const MAX_HISTORY_LIMIT: usize = 1000;
 
-/// What HTTP handlers share: the hub and the server's shutdown signal.
+/// What HTTP handlers share: the hub, the authenticator and the server's shutdown signal.
 #[derive(Clone)]
 pub struct AppState {
     /// The hub.
     pub hub: Hub,
+    /// Verifies bearer tokens on the protected routes.
+    pub auth: Authenticator,
     /// Cancelled on shutdown; SSE streams end with an `error` event.
     pub shutdown: CancellationToken,
     /// Interval of SSE keep-alive comments.
@@ -52,7 +55,7 @@ pub struct AppState {
         (name = "topics", description = "Topics and retained history"),
         (name = "operations", description = "Health"),
     ),
-    components(schemas(json::SubscribedJson, json::GapJson, json::LagJson, json::MessageJson, ErrorBody))
+    components(schemas(json::SubscribedJson, json::GapJson, json::LagJson, json::MessageJson, ErrorBody, json::TopicName, json::TopicPattern, json::CursorText))
 )]
 struct ApiDoc;
 
@@ -61,24 +64,103 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let max_payload = state.hub.config().max_payload_bytes;
     // JSON carries the payload as base64 at worst (4/3 larger) plus the envelope.
     let json_body_limit = max_payload / 3 * 4 + 64 * 1024;
-    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    // Everything but health needs a token when authentication is on.
+    let protected = OpenApiRouter::new()
         .routes(routes!(publish))
         .routes(routes!(publish_raw))
         .routes(routes!(sse::subscribe))
         .routes(routes!(list_topics))
-        .routes(routes!(history))
+        .routes(routes!(history));
+    let protected_paths: Vec<String> = protected
+        .get_openapi()
+        .paths
+        .paths
+        .keys()
+        .cloned()
+        .collect();
+    let protected = protected.route_layer(axum::middleware::from_fn_with_state(
+        state.auth.clone(),
+        auth::http_guard,
+    ));
+    let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(protected)
         .routes(routes!(healthz))
         .split_for_parts();
+    document_auth(&mut openapi, &protected_paths);
+    json::document_publish_rule(&mut openapi);
     let router = router
         .layer(DefaultBodyLimit::max(json_body_limit))
         .with_state(state);
     (router, openapi)
 }
 
+/// Adds the bearer-token security schemes, and to each protected operation its security
+/// requirements (a token, or none when the server runs without keys) and its 401/403 answers.
+fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[String]) {
+    use utoipa::openapi::security::{
+        ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let components = openapi.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .description(Some(
+                    "A JWT whose `topichub` claim lists `publish` and `subscribe` topic patterns. Required only when the server is started with a key (--jwt-secret, --jwt-public-key or --jwks).",
+                ))
+                .build(),
+        ),
+    );
+    components.add_security_scheme(
+        "access_token",
+        SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+            auth::TOKEN_PARAM,
+            "The same JWT as a query parameter (or cookie `access_token`), for browsers' EventSource, which cannot send headers.",
+        ))),
+    );
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    for path in protected_paths {
+        let Some(item) = openapi.paths.paths.get_mut(path) else {
+            continue;
+        };
+        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+            operation.security = Some(vec![
+                SecurityRequirement::default(),
+                SecurityRequirement::new("bearer", Vec::<String>::new()),
+                SecurityRequirement::new("access_token", Vec::<String>::new()),
+            ]);
+            let responses = &mut operation.responses.responses;
+            responses.insert(
+                "401".into(),
+                error("Missing, malformed or expired token (only when authentication is on)")
+                    .into(),
+            );
+            responses.insert(
+                "403".into(),
+                error("The token does not allow this topic or pattern").into(),
+            );
+        }
+    }
+}
+
 /// The OpenAPI document of the HTTP API (committed as `openapi/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let state = AppState {
         hub: Hub::new(Default::default()),
+        auth: Authenticator::default(),
         shutdown: CancellationToken::new(),
         sse_keepalive: Duration::from_secs(15),
     };
@@ -123,10 +205,12 @@ pub async fn method_not_allowed() -> ApiError {
 )]
 async fn publish(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Published>, ApiError> {
     let body = body.map_err(|r| body_error(r, &state))?;
     let (topic, payload, headers) = PublishBody::parse(&body)?;
+    access.check_publish(&topic)?;
     let message = state.hub.publish(topic, payload, headers)?;
     Ok(Json(Published::of(&message)))
 }
@@ -139,8 +223,8 @@ async fn publish(
     post,
     path = "/topics/{topic}",
     tag = "publish",
-    params(("topic" = String, Path, description = "Concrete topic (no wildcards)", example = "demo.greetings")),
-    request_body(content = String, description = "The payload", content_type = "application/octet-stream"),
+    params(("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)")),
+    request_body(content = Option<String>, description = "The payload (may be empty)", content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "Accepted", body = Published),
         (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
@@ -149,11 +233,13 @@ async fn publish(
 )]
 async fn publish_raw(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path(topic): Path<String>,
     request_headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Published>, ApiError> {
     let topic = Topic::parse(&topic)?;
+    access.check_publish(&topic)?;
     let body = body.map_err(|r| body_error(r, &state))?;
     let mut headers = Headers::new();
     if let Some(content_type) = request_headers.get(header::CONTENT_TYPE) {
@@ -171,7 +257,7 @@ async fn publish_raw(
     get,
     path = "/topics",
     tag = "topics",
-    params(("pattern" = Option<String>, Query, description = "Only topics matching this topic or pattern", example = "demo.>")),
+    params(("pattern" = Option<String>, Query, description = "Only topics matching this topic or pattern (empty: all topics)", example = "demo.>", max_length = 255, pattern = r"^((([A-Za-z0-9_:-]+|\*)\.)*([A-Za-z0-9_:-]+|\*|>))?$")),
     responses(
         (status = 200, description = "Topics sorted by name", body = TopicList),
         (status = 400, description = "Invalid pattern", body = ErrorBody),
@@ -179,13 +265,14 @@ async fn publish_raw(
 )]
 async fn list_topics(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<TopicList>, ApiError> {
     let mut filter = None;
     for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match &*key {
             "pattern" if !value.is_empty() => filter = Some(Pattern::parse(&value)?),
-            "pattern" => {}
+            "pattern" | auth::TOKEN_PARAM => {}
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {other:?}; /topics takes pattern"
@@ -197,6 +284,7 @@ async fn list_topics(
         .hub
         .topics(filter.as_ref())
         .into_iter()
+        .filter(|t| access.may_see(&t.name))
         .map(TopicJson::from)
         .collect();
     Ok(Json(TopicList { topics }))
@@ -208,9 +296,9 @@ async fn list_topics(
     path = "/topics/{topic}/messages",
     tag = "topics",
     params(
-        ("topic" = String, Path, description = "Topic or pattern", example = "demo.greetings"),
-        ("after" = Option<String>, Query, description = "Only messages after this cursor (`EPOCH-SEQ`); default: from the oldest retained"),
-        ("limit" = Option<usize>, Query, description = "At most this many messages (default 100, at most 1000)"),
+        ("topic" = json::TopicPattern, Path, description = "Topic or pattern", example = "demo.greetings"),
+        ("after" = Option<json::CursorText>, Query, description = "Only messages after this cursor (`EPOCH-SEQ`); default: from the oldest retained"),
+        ("limit" = Option<usize>, Query, description = "At most this many messages (default 100, at most 1000)", minimum = 1, maximum = 1000),
     ),
     responses(
         (status = 200, description = "A page of history", body = HistoryJson),
@@ -219,15 +307,18 @@ async fn list_topics(
 )]
 async fn history(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path(topic): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<HistoryJson>, ApiError> {
     let pattern = Pattern::parse(&topic)?;
+    access.check_subscribe(std::slice::from_ref(&pattern))?;
     let mut after = None;
     let mut limit = 100;
     for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match &*key {
             "after" => after = Some(value.parse::<Cursor>()?),
+            auth::TOKEN_PARAM => {}
             "limit" => {
                 limit = value
                     .parse::<usize>()

@@ -7,28 +7,35 @@
 use std::convert::Infallible;
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use serde::Serialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
 use super::AppState;
 use super::error::ApiError;
 use super::json::{GapJson, LagJson, MessageJson, SubscribedJson};
+use crate::auth::Access;
 use crate::cursor::Cursor;
-use crate::error::Error;
 use crate::hub::{Event, LagPolicy, Message, Start, SubscribeOptions, Subscription};
+use crate::shutdown::StreamEnd;
 use crate::topic::Pattern;
 
 /// Reconnect delay suggested to browsers (`retry:` field), in milliseconds.
 const RETRY_MS: u64 = 1000;
 
 /// Query parameters of `GET /subscribe`.
-pub(crate) const PARAMS: [&str; 5] = ["topic", "last_event_id", "from", "queue_size", "lag_policy"];
+pub(crate) const PARAMS: [&str; 6] = [
+    "topic",
+    "last_event_id",
+    "from",
+    "queue_size",
+    "lag_policy",
+    crate::auth::TOKEN_PARAM,
+];
 
 /// Subscribe over SSE.
 ///
@@ -42,24 +49,26 @@ pub(crate) const PARAMS: [&str; 5] = ["topic", "last_event_id", "from", "queue_s
     path = "/subscribe",
     tag = "subscribe",
     params(
-        ("topic" = Vec<String>, Query, description = "Topic or pattern to follow (repeatable; `*` = one token, `>` = one or more trailing tokens)", example = "demo.>"),
-        ("last_event_id" = Option<String>, Query, description = "Resume after this cursor (`EPOCH-SEQ`); the `Last-Event-ID` header takes precedence"),
-        ("from" = Option<String>, Query, description = "`latest` (default: only new messages) or `earliest` (everything retained first)"),
-        ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default: server setting)"),
-        ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect)"),
+        ("topic" = Vec<super::json::TopicPattern>, Query, description = "Topic or pattern to follow (repeatable; `*` = one token, `>` = one or more trailing tokens)", example = "demo.>", min_items = 1),
+        ("last_event_id" = Option<super::json::CursorText>, Query, description = "Resume after this cursor (`EPOCH-SEQ`); the `Last-Event-ID` header takes precedence"),
+        ("from" = Option<String>, Query, description = "`latest` (default: only new messages) or `earliest` (everything retained first)", pattern = "^(latest|earliest)$"),
+        ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default or 0: the server's --queue-size; at most the server's --max-queue-size, 65536 by default)", maximum = 65536),
+        ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`", pattern = "^(catch-up|disconnect)$"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-[0-9]{1,19})?$"),
     ),
     responses(
-        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `error` (data: ErrorBody, then the stream ends).", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `error` (data: ErrorBody, then the stream ends).", content_type = "text/event-stream", body = super::json::SseEvent),
         (status = 400, description = "Invalid topic, pattern, cursor or parameter; or a cursor ahead of the hub", body = super::error::ErrorBody),
     )
 )]
 pub async fn subscribe(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let options = options(query.as_deref().unwrap_or(""), &headers)?;
+    access.check_subscribe(&options.patterns)?;
     let subscription = state.hub.subscribe(options)?;
     let subscribed = SubscribedJson {
         subscription_id: subscription.id(),
@@ -71,7 +80,7 @@ pub async fn subscribe(
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let stream = SseStream {
         subscription,
-        shutdown: state.shutdown.clone(),
+        end: StreamEnd::new(state.shutdown.clone(), access.expires_at()),
         keepalive,
     };
     let body = stream::once(async move { Ok::<_, Infallible>(first) })
@@ -89,7 +98,8 @@ pub async fn subscribe(
 
 struct SseStream {
     subscription: Subscription,
-    shutdown: CancellationToken,
+    /// Shutdown and token expiry end the stream with an `error` event.
+    end: StreamEnd,
     keepalive: Interval,
 }
 
@@ -99,11 +109,7 @@ async fn next_frame(
 ) -> Option<(Result<Bytes, Infallible>, Option<SseStream>)> {
     let mut s = state?;
     let frame = tokio::select! {
-        biased;
-        () = s.shutdown.cancelled() => {
-            return Some((Ok(error_frame(&Error::ShuttingDown.into())), None));
-        }
-        event = s.subscription.next() => match event {
+        event = s.end.next(&mut s.subscription) => match event {
             None => return None,
             Some(Err(error)) => return Some((Ok(error_frame(&error.into())), None)),
             Some(Ok(Event::Message(m))) => message_frame(&m),
@@ -172,6 +178,7 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
                 })?;
                 options.queue_size = Some(size);
             }
+            crate::auth::TOKEN_PARAM => {}
             "lag_policy" => {
                 options.lag_policy = Some(match &*value {
                     "catch-up" => LagPolicy::CatchUp,
@@ -196,6 +203,20 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
             "name at least one topic: /subscribe?topic=NAME (repeatable; wildcards * and > allowed)",
         ));
     }
+    // Every parameter given is checked, also one that another overrides (a bad `from` next to a
+    // cursor, a bad query cursor next to the header): an invalid request is never served.
+    let from = match from.as_deref() {
+        None | Some("latest") => Start::Latest,
+        Some("earliest") => Start::Earliest,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "from must be `latest` or `earliest` (or resume with last_event_id=CURSOR), got {other:?}"
+            )));
+        }
+    };
+    let last_event_id = last_event_id
+        .map(|cursor| cursor.parse::<Cursor>())
+        .transpose()?;
     // On reconnect a browser repeats the original URL and sends its newest position in the
     // header, so the header wins over the query.
     let header = headers
@@ -203,16 +224,12 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
         .map(|v| v.to_str().map(str::to_owned))
         .transpose()
         .map_err(|_| ApiError::bad_request("Last-Event-ID must be ASCII (a cursor EPOCH-SEQ)"))?
-        .filter(|v| !v.is_empty());
-    options.start = match (header.or(last_event_id), from.as_deref()) {
-        (Some(cursor), _) => Start::After(cursor.parse::<Cursor>()?),
-        (None, None | Some("latest")) => Start::Latest,
-        (None, Some("earliest")) => Start::Earliest,
-        (None, Some(other)) => {
-            return Err(ApiError::bad_request(format!(
-                "from must be `latest` or `earliest` (or resume with last_event_id=CURSOR), got {other:?}"
-            )));
-        }
+        .filter(|v| !v.is_empty())
+        .map(|cursor| cursor.parse::<Cursor>())
+        .transpose()?;
+    options.start = match header.or(last_event_id) {
+        Some(cursor) => Start::After(cursor),
+        None => from,
     };
     Ok(options)
 }
