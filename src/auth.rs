@@ -291,6 +291,11 @@ impl Access {
         }
     }
 
+    /// The token's subject (`sub`), when authentication is on and the token names one.
+    pub fn subject(&self) -> Option<&str> {
+        self.grants.as_ref()?.subject.as_deref()
+    }
+
     /// When the token expires (`None`: never).
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.expires_at

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::auth::AuthConfig;
 use crate::hub::{HubConfig, LagPolicy};
+use crate::limits::LimitsConfig;
 
 /// topichub: a topic-based publish/subscribe broker (gRPC, gRPC-Web, HTTP/JSON and SSE on one port).
 #[derive(Debug, Parser)]
@@ -21,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker.
-    Serve(ServerConfig),
+    Serve(Box<ServerConfig>),
     /// Publish MESSAGE (or each line of stdin) to TOPIC.
     Pub(PubArgs),
     /// Print messages of one or more topics or patterns, one per line; reconnects and resumes.
@@ -95,6 +96,44 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
 
+    /// Open connections at most; more are answered with 429 / RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TOPICHUB_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub max_connections: usize,
+
+    /// Live subscriptions one connection may hold (gRPC streams and Connect subscriptions).
+    #[arg(
+        long,
+        env = "TOPICHUB_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        default_value_t = 1_000
+    )]
+    pub max_subscriptions_per_connection: usize,
+
+    /// Topics and patterns one subscription may name.
+    #[arg(
+        long,
+        env = "TOPICHUB_MAX_TOPICS_PER_SUBSCRIPTION",
+        default_value_t = 100
+    )]
+    pub max_topics_per_subscription: usize,
+
+    /// Messages per second one client may publish, 0 for no limit. A client is its token's
+    /// subject when authentication is on, else its IP address. Unary and HTTP publishes over the
+    /// rate get 429 / RESOURCE_EXHAUSTED; PublishBatch streams are slowed down instead.
+    #[arg(long, env = "TOPICHUB_PUBLISH_RATE", default_value_t = 0)]
+    pub publish_rate: u32,
+
+    /// Messages a client may publish in a burst above --publish-rate (default: the rate).
+    #[arg(long, env = "TOPICHUB_PUBLISH_BURST", default_value_t = 0)]
+    pub publish_burst: u32,
+
+    /// Time an HTTP/1.1 client has to send a request's headers (slowloris protection).
+    #[arg(long, env = "TOPICHUB_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Time an HTTP client has to send a publish request's whole body.
+    #[arg(long, env = "TOPICHUB_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: Duration,
+
     /// HS256 secret for JWT bearer tokens. Setting a key (this, --jwt-public-key or --jwks)
     /// turns authentication on for every door except health, reflection, docs and the page.
     #[arg(long, env = "TOPICHUB_JWT_SECRET", hide_env_values = true)]
@@ -126,7 +165,7 @@ impl ServerConfig {
     pub fn new(listen: SocketAddr) -> ServerConfig {
         let cli = Cli::parse_from(["topichub", "serve", "--listen", &listen.to_string()]);
         match cli.command {
-            Command::Serve(config) => config,
+            Command::Serve(config) => *config,
             _ => unreachable!("parsed a serve command"),
         }
     }
@@ -152,6 +191,17 @@ impl ServerConfig {
             queue_size: self.queue_size,
             max_queue_size: self.max_queue_size,
             lag_policy: self.lag_policy,
+            max_topics_per_subscription: self.max_topics_per_subscription,
+        }
+    }
+
+    /// The server-wide limits.
+    pub fn limits(&self) -> LimitsConfig {
+        LimitsConfig {
+            max_connections: self.max_connections,
+            max_subscriptions_per_connection: self.max_subscriptions_per_connection,
+            publish_rate: self.publish_rate,
+            publish_burst: self.publish_burst,
         }
     }
 }

@@ -28,6 +28,8 @@ pub enum Error {
     Unauthenticated(String),
     /// The token is valid but does not allow this topic or pattern.
     PermissionDenied(String),
+    /// A server limit was reached; the message names it and the option that sets it.
+    LimitExceeded(String),
 }
 
 /// The gRPC status code name each error maps to; HTTP codes follow grpc-gateway's mapping.
@@ -50,7 +52,9 @@ impl Error {
             | Error::InvalidRequest(_)
             | Error::InvalidCursor { .. }
             | Error::CursorAhead { .. } => Kind::InvalidArgument,
-            Error::PayloadTooLarge { .. } | Error::SlowConsumer { .. } => Kind::ResourceExhausted,
+            Error::PayloadTooLarge { .. }
+            | Error::SlowConsumer { .. }
+            | Error::LimitExceeded(_) => Kind::ResourceExhausted,
             Error::UnknownSubscription(_) => Kind::NotFound,
             Error::ShuttingDown => Kind::Unavailable,
             Error::Unauthenticated(_) => Kind::Unauthenticated,
@@ -89,6 +93,7 @@ impl fmt::Display for Error {
             }
             Error::Unauthenticated(reason) => write!(f, "unauthenticated: {reason}"),
             Error::PermissionDenied(reason) => write!(f, "permission denied: {reason}"),
+            Error::LimitExceeded(reason) => write!(f, "limit reached: {reason}"),
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct HubConfig {
     pub max_queue_size: usize,
     /// Default lag policy.
     pub lag_policy: LagPolicy,
+    /// Topics and patterns one subscription may name.
+    pub max_topics_per_subscription: usize,
 }
 
 impl Default for HubConfig {
@@ -55,6 +57,7 @@ impl Default for HubConfig {
             queue_size: 1024,
             max_queue_size: 65_536,
             lag_policy: LagPolicy::CatchUp,
+            max_topics_per_subscription: 100,
         }
     }
 }
@@ -374,18 +377,8 @@ impl Hub {
             encoded: Encodings::default(),
         });
 
-        if !state.topics.contains_key(&topic) {
-            let mut created = TopicState::default();
-            for id in &state.wildcard_subs {
-                let entry = state.subs.get_mut(id).expect("wildcard subs are live");
-                if entry.patterns.iter().any(|p| p.matches(topic.as_str())) {
-                    created.subscribers.push(*id);
-                    entry.topics.push(topic.clone());
-                }
-            }
-            state.topics.insert(topic.clone(), created);
-        }
-        let topic_state = state.topics.get_mut(&topic).expect("inserted above");
+        state.ensure_topic(&topic);
+        let topic_state = state.topics.get_mut(&topic).expect("ensured above");
         topic_state.last_seq = message.seq;
         topic_state.retain(message.clone(), config, published_at);
 
@@ -429,6 +422,13 @@ impl Hub {
             ));
         }
         let config = &self.shared.config;
+        if options.patterns.len() > config.max_topics_per_subscription {
+            return Err(Error::LimitExceeded(format!(
+                "a subscription may name at most {} topics or patterns (--max-topics-per-subscription), this one names {}",
+                config.max_topics_per_subscription,
+                options.patterns.len()
+            )));
+        }
         let queue_size = match options.queue_size {
             None | Some(0) => config.queue_size,
             Some(n) if n > config.max_queue_size => {
@@ -490,42 +490,44 @@ impl Hub {
         state.next_sub_id += 1;
         let (tx, rx) = mpsc::channel(queue_size);
         let ended = Arc::new(OnceLock::new());
-        let mut topics = Vec::new();
-        for pattern in &patterns {
-            match pattern.as_topic() {
-                Some(topic) => {
-                    let topic_state = state.topics.entry(topic.clone()).or_default();
-                    if !topic_state.subscribers.contains(&id) {
-                        topic_state.subscribers.push(id);
-                        topics.push(topic);
-                    }
-                }
-                None => {
-                    state.wildcard_subs.insert(id);
-                    for (name, topic_state) in state.topics.iter_mut() {
-                        if pattern.matches(name.as_str()) && !topic_state.subscribers.contains(&id)
-                        {
-                            topic_state.subscribers.push(id);
-                            topics.push(name.clone());
-                        }
-                    }
-                }
-            }
-        }
         let secret = fastrand::u64(..);
+        let wildcard = patterns.iter().any(|p| p.as_topic().is_none());
         state.subs.insert(
             id,
             SubEntry {
                 secret,
-                patterns,
+                patterns: patterns.clone(),
                 tx: Some(tx),
                 lagged_from: None,
                 queue_size,
                 policy: options.lag_policy.unwrap_or(config.lag_policy),
-                topics,
+                topics: Vec::new(),
                 ended: ended.clone(),
             },
         );
+        if wildcard {
+            state.wildcard_subs.insert(id);
+        }
+        for pattern in &patterns {
+            match pattern.as_topic() {
+                // Creating the topic attaches every matching wildcard subscriber, this one too.
+                Some(topic) => {
+                    state.ensure_topic(&topic);
+                    state.attach(&topic, id);
+                }
+                None => {
+                    let matching: Vec<Topic> = state
+                        .topics
+                        .keys()
+                        .filter(|name| pattern.matches(name.as_str()))
+                        .cloned()
+                        .collect();
+                    for topic in matching {
+                        state.attach(&topic, id);
+                    }
+                }
+            }
+        }
         let head_at_start = state.head;
         drop(guard);
         Ok(Subscription {
@@ -685,6 +687,45 @@ impl Hub {
 }
 
 impl State {
+    /// Creates `topic` if it is new, attaching every wildcard subscriber that matches it. Every
+    /// topic is created here, so no creation path can miss a wildcard subscriber.
+    fn ensure_topic(&mut self, topic: &Topic) {
+        if self.topics.contains_key(topic) {
+            return;
+        }
+        self.topics.insert(topic.clone(), TopicState::default());
+        let matching: Vec<u64> = self
+            .wildcard_subs
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.subs[id]
+                    .patterns
+                    .iter()
+                    .any(|p| p.matches(topic.as_str()))
+            })
+            .collect();
+        for id in matching {
+            self.attach(topic, id);
+        }
+    }
+
+    /// Adds subscription `id` to an existing topic's subscribers, once.
+    fn attach(&mut self, topic: &Topic, id: u64) {
+        let topic_state = self
+            .topics
+            .get_mut(topic)
+            .expect("attach to an existing topic");
+        if !topic_state.subscribers.contains(&id) {
+            topic_state.subscribers.push(id);
+            self.subs
+                .get_mut(&id)
+                .expect("attach a live subscription")
+                .topics
+                .push(topic.clone());
+        }
+    }
+
     /// Retained messages matching `patterns` with seq > `from`, in seq order.
     fn replay(&self, patterns: &[Pattern], from: u64) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
@@ -953,6 +994,33 @@ mod tests {
         drop(sub);
         assert!(hub.topics(None).is_empty());
         assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    /// Regression: a topic created by an exact subscription (before any publish) must still
+    /// reach wildcard subscribers that were already there.
+    #[test]
+    fn topics_created_by_a_subscription_reach_existing_wildcard_subscribers() {
+        let hub = hub(HubConfig::default());
+        let subscribe = |pattern: &str| {
+            hub.subscribe(SubscribeOptions {
+                patterns: vec![Pattern::parse(pattern).unwrap()],
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let mut wildcard = subscribe(">");
+        let mut exact = subscribe("fresh.topic");
+        let sent = publish(&hub, "fresh.topic", 1);
+        for sub in [&mut wildcard, &mut exact] {
+            let event = futures_util::FutureExt::now_or_never(sub.next())
+                .flatten()
+                .unwrap()
+                .unwrap();
+            assert!(
+                matches!(event, Event::Message(ref m) if m.seq == sent.seq),
+                "{event:?}"
+            );
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
             let shutdown = topichub::shutdown::on_signal();
-            topichub::run(listener, config, shutdown).await?;
+            topichub::run(listener, *config, shutdown).await?;
         }
         Command::Pub(args) => topichub::client::publish(args).await?,
         Command::Sub(args) => topichub::client::subscribe(args).await?,

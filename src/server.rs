@@ -16,18 +16,22 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::Layer as _;
+use tower::util::Either;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any as AnyOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{self, Authenticator};
 use crate::config::ServerConfig;
+use crate::error::Error;
 use crate::grpc::seed::SeedService;
 use crate::grpc::wire::v1::pub_sub_server::PubSubServer;
 use crate::grpc::{self, PubSubService};
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
+use crate::limits::Limits;
 use crate::proto;
 use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
 use crate::tls;
@@ -53,9 +57,21 @@ pub async fn run(
     health
         .set_serving::<PubSubServiceServer<SeedService>>()
         .await;
-    let app = app(hub.clone(), auth, &config, shutdown.clone(), health_service);
+    let limits = Limits::new(config.limits());
+    let app = app(
+        hub.clone(),
+        auth,
+        limits.clone(),
+        &config,
+        shutdown.clone(),
+        health_service,
+    );
 
-    tokio::spawn(expire_periodically(hub.clone(), shutdown.clone()));
+    tokio::spawn(expire_periodically(
+        hub.clone(),
+        limits.clone(),
+        shutdown.clone(),
+    ));
 
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(invalid_input)?),
@@ -67,7 +83,10 @@ pub async fn run(
         .timer(TokioTimer::new())
         .keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout);
-    builder.http1().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.http_header_timeout);
     let builder = Arc::new(builder);
 
     tracing::info!(
@@ -91,12 +110,15 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, app, watcher, tls) = (
-            builder.clone(),
-            app.clone(),
-            graceful.watcher(),
-            tls.clone(),
-        );
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        // Every request of the connection carries its `Connection` (peer, subscription count).
+        let app = match limits.admit(peer) {
+            Ok(connection) => Either::Left(axum::Extension(connection).layer(app.clone())),
+            Err(refusal) => {
+                tracing::warn!(%peer, %refusal, "connection refused");
+                Either::Right(refused(refusal))
+            }
+        };
         let min_ping_interval = config.keepalive_min_ping_interval;
         tokio::spawn(async move {
             let served = match tls {
@@ -150,24 +172,55 @@ fn invalid_input(message: String) -> std::io::Error {
 
 /// Serves one accepted connection (HTTP/1.1 or HTTP/2, detected from its first bytes) until it
 /// closes or the graceful shutdown completes.
-async fn serve_connection<IO>(
+async fn serve_connection<IO, S>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
     io: IO,
-    app: Router,
+    app: S,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
 {
     let service = TowerToHyperService::new(app);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     watcher.watch(connection.into_owned()).await
 }
 
+/// The application of a connection over the connection limit: every request is answered with
+/// the refusal (429 / RESOURCE_EXHAUSTED), and HTTP/1.1 clients are told to close.
+fn refused(refusal: Error) -> Router {
+    let message = refusal.to_string();
+    Router::new().fallback(move |request: Request| {
+        let message = message.clone();
+        async move {
+            if is_grpc(&request) {
+                grpc::status_response(tonic::Status::resource_exhausted(message))
+            } else {
+                http::error::ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RESOURCE_EXHAUSTED",
+                    message,
+                )
+                .closing_connection()
+                .into_response()
+            }
+        }
+    })
+}
+
 /// The whole application: gRPC (+ gRPC-Web), REST, SSE, docs and the web page.
 pub fn app(
     hub: Hub,
     auth: Authenticator,
+    limits: Limits,
     config: &ServerConfig,
     shutdown: CancellationToken,
     health_service: tonic_health::pb::health_server::HealthServer<
@@ -190,12 +243,20 @@ pub fn app(
     let mut services = tonic::service::Routes::builder();
     services
         .add_service(
-            PubSubServer::new(PubSubService::new(hub.clone(), shutdown.clone()))
-                .max_decoding_message_size(max_decoding),
+            PubSubServer::new(PubSubService::new(
+                hub.clone(),
+                limits.clone(),
+                shutdown.clone(),
+            ))
+            .max_decoding_message_size(max_decoding),
         )
         .add_service(
-            PubSubServiceServer::new(SeedService::new(hub.clone(), shutdown.clone()))
-                .max_decoding_message_size(max_decoding),
+            PubSubServiceServer::new(SeedService::new(
+                hub.clone(),
+                limits.clone(),
+                shutdown.clone(),
+            ))
+            .max_decoding_message_size(max_decoding),
         )
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -214,6 +275,8 @@ pub fn app(
     let state = AppState {
         hub,
         auth,
+        limits,
+        http_body_timeout: config.http_body_timeout,
         shutdown,
         sse_keepalive: config.sse_keepalive,
     };
@@ -286,11 +349,14 @@ fn cors() -> CorsLayer {
         .max_age(Duration::from_secs(24 * 3600))
 }
 
-async fn expire_periodically(hub: Hub, shutdown: CancellationToken) {
+async fn expire_periodically(hub: Hub, limits: Limits, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(EXPIRY_INTERVAL);
     loop {
         tokio::select! {
-            _ = interval.tick() => hub.expire(),
+            _ = interval.tick() => {
+                hub.expire();
+                limits.forget_idle_clients();
+            }
             () = shutdown.cancelled() => return,
         }
     }

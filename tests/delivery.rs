@@ -868,7 +868,15 @@ async fn randomized_interleaving_matches_the_model() {
     for sub in &mut subs {
         let mut seen = Vec::new();
         while seen.len() < sub.expected.len() {
-            seen.push(seq(&next_message(&mut sub.stream).await));
+            match within("next event", sub.stream.next()).await {
+                Some(Ok(v1::SubscribeResponse {
+                    event: Some(Event::Message(m)),
+                })) => seen.push(seq(&m)),
+                other => panic!(
+                    "seed {seed}: subscriber {:?} (live: {}) got {other:?} after {seen:?}; expected {:?}",
+                    sub.patterns, sub.live, sub.expected
+                ),
+            }
         }
         assert_eq!(
             seen, sub.expected,

@@ -19,6 +19,7 @@ use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::{Error, Kind};
 use crate::hub::{self, Hub, LagPolicy, Start, SubscribeOptions, Subscription};
+use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::shutdown::StreamEnd;
 use crate::topic::{Pattern, Topic};
 use wire::v1;
@@ -48,24 +49,41 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 #[derive(Clone)]
 pub struct PubSubService {
     hub: Hub,
+    limits: Limits,
     shutdown: CancellationToken,
 }
 
 impl PubSubService {
     /// The service over `hub`; its streams end when `shutdown` is cancelled.
-    pub fn new(hub: Hub, shutdown: CancellationToken) -> PubSubService {
-        PubSubService { hub, shutdown }
+    pub fn new(hub: Hub, limits: Limits, shutdown: CancellationToken) -> PubSubService {
+        PubSubService {
+            hub,
+            limits,
+            shutdown,
+        }
     }
 }
 
-/// What the request's token allows, as established by `auth::grpc_guard`. Fails closed when
-/// the guard did not run.
-pub(crate) fn access<T>(request: &Request<T>) -> Result<Access, Status> {
-    request
-        .extensions()
-        .get::<Access>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("no credentials were checked for this call"))
+/// Who is calling: what the token allows (from `auth::grpc_guard`) and the connection (from the
+/// server's per-connection layer).
+#[derive(Clone)]
+pub(crate) struct Caller {
+    pub(crate) access: Access,
+    pub(crate) connection: Connection,
+}
+
+/// The caller of `request`; fails closed when the middlewares did not run.
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    let extensions = request.extensions();
+    match (extensions.get::<Access>(), extensions.get::<Connection>()) {
+        (Some(access), Some(connection)) => Ok(Caller {
+            access: access.clone(),
+            connection: connection.clone(),
+        }),
+        _ => Err(Status::unauthenticated(
+            "no credentials were checked for this call",
+        )),
+    }
 }
 
 /// Publishes a `PublishRequest` (shared by `Publish`, `PublishBatch` and `Connect`).
@@ -134,14 +152,16 @@ fn subscribe_options(
 pub(crate) fn subscription_stream<T: Send + 'static>(
     subscription: Subscription,
     end: StreamEnd,
+    slot: SubscriptionSlot,
     f: fn(hub::Event) -> Option<T>,
 ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
-    futures_util::stream::unfold(Some((subscription, end)), move |state| async move {
-        let (mut subscription, mut end) = state?;
+    // The slot travels with the stream and frees its place in the connection's count at the end.
+    futures_util::stream::unfold(Some((subscription, end, slot)), move |state| async move {
+        let (mut subscription, mut end, slot) = state?;
         loop {
             return match end.next(&mut subscription).await? {
                 Ok(event) => match f(event) {
-                    Some(item) => Some((Ok(item), Some((subscription, end)))),
+                    Some(item) => Some((Ok(item), Some((subscription, end, slot)))),
                     None => continue,
                 },
                 Err(error) => Some((Err(error.into()), None)),
@@ -156,8 +176,10 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<v1::PublishRequest>,
     ) -> Result<Response<v1::PublishResponse>, Status> {
-        let access = access(&request)?;
-        let cursor = publish(&self.hub, &access, request.into_inner())?;
+        let caller = caller(&request)?;
+        self.limits
+            .check_publish(&caller.access, &caller.connection)?;
+        let cursor = publish(&self.hub, &caller.access, request.into_inner())?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
         }))
@@ -168,13 +190,17 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         request: Request<Streaming<v1::PublishRequest>>,
     ) -> Result<Response<v1::PublishBatchResponse>, Status> {
         // One message is decoded at a time and published before the next is read, so HTTP/2
-        // flow control holds a fast publisher back and memory stays flat for any batch size.
-        let access = access(&request)?;
+        // flow control holds a fast publisher back and memory stays flat for any batch size. The
+        // publish rate limit paces the stream the same way rather than failing it.
+        let caller = caller(&request)?;
         let mut stream = request.into_inner();
         let mut accepted = 0u64;
         let mut last_cursor = None;
         while let Some(item) = stream.message().await? {
-            match publish(&self.hub, &access, item) {
+            self.limits
+                .pace_publish(&caller.access, &caller.connection)
+                .await;
+            match publish(&self.hub, &caller.access, item) {
                 Ok(cursor) => {
                     accepted += 1;
                     last_cursor = Some(cursor);
@@ -204,17 +230,18 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let access = access(&request)?;
+        let caller = caller(&request)?;
+        let slot = caller.connection.open_subscription()?;
         let subscription = self
             .hub
-            .subscribe(subscribe_options(&access, request.into_inner())?)?;
+            .subscribe(subscribe_options(&caller.access, request.into_inner())?)?;
         let subscribed = v1::SubscribeResponse {
             event: Some(v1::subscribe_response::Event::Subscribed(subscribed(
                 &subscription,
             ))),
         };
-        let end = StreamEnd::new(self.shutdown.clone(), access.expires_at());
-        let events = subscription_stream(subscription, end, |event| {
+        let end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
+        let events = subscription_stream(subscription, end, slot, |event| {
             Some(wire::subscribe_event(event))
         });
         Ok(Response::new(Box::pin(
@@ -230,7 +257,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let (outbox, events) = mpsc::channel(CONNECT_OUTBOX);
         let session = ConnectSession {
-            access: access(&request)?,
+            caller: caller(&request)?,
+            limits: self.limits.clone(),
             hub: self.hub.clone(),
             shutdown: self.shutdown.clone(),
             outbox,
@@ -253,7 +281,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
-        let access = access(&request)?;
+        let access = caller(&request)?.access;
         let pattern = request.into_inner().pattern;
         let filter = if pattern.is_empty() {
             None
@@ -282,8 +310,9 @@ fn subscribed(subscription: &Subscription) -> v1::Subscribed {
 /// writes into the shared outbox. Everything ends when the client goes away (the outbox closes)
 /// or the server shuts down.
 struct ConnectSession {
-    /// What the stream's token allows, for each of its requests.
-    access: Access,
+    /// Who opened the stream: its token and connection apply to each of its requests.
+    caller: Caller,
+    limits: Limits,
     hub: Hub,
     shutdown: CancellationToken,
     outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
@@ -294,7 +323,7 @@ struct ConnectSession {
 impl ConnectSession {
     async fn run(mut self, mut requests: Streaming<v1::ConnectRequest>) {
         // Shutdown and token expiry end the whole stream, with all its subscriptions.
-        let mut end = StreamEnd::new(self.shutdown.clone(), self.access.expires_at());
+        let mut end = StreamEnd::new(self.shutdown.clone(), self.caller.access.expires_at());
         loop {
             let request = tokio::select! {
                 request = requests.message() => request,
@@ -338,7 +367,11 @@ impl ConnectSession {
         };
         let response = match request.request {
             Some(Req::Publish(publish_request)) => {
-                match publish(&self.hub, &self.access, publish_request) {
+                let published = self
+                    .limits
+                    .check_publish(&self.caller.access, &self.caller.connection)
+                    .and_then(|()| publish(&self.hub, &self.caller.access, publish_request));
+                match published {
                     Ok(cursor) => reply(
                         String::new(),
                         Event::Ack(v1::PublishAck {
@@ -349,9 +382,12 @@ impl ConnectSession {
                 }
             }
             Some(Req::Subscribe(subscribe)) => {
-                match subscribe_options(&self.access, subscribe).and_then(|o| self.hub.subscribe(o))
-                {
-                    Ok(subscription) => {
+                let opened = self.caller.connection.open_subscription().and_then(|slot| {
+                    let options = subscribe_options(&self.caller.access, subscribe)?;
+                    Ok((slot, self.hub.subscribe(options)?))
+                });
+                match opened {
+                    Ok((slot, subscription)) => {
                         let id = subscription.id();
                         let first = reply(id.clone(), Event::Subscribed(subscribed(&subscription)));
                         self.outbox.send(Ok(first)).await.map_err(drop)?;
@@ -360,6 +396,7 @@ impl ConnectSession {
                             id.clone(),
                             self.outbox.clone(),
                             StreamEnd::new(self.shutdown.clone(), None),
+                            slot,
                         ));
                         self.subscriptions.retain(|_, t| !t.is_finished());
                         self.subscriptions.insert(id, task.abort_handle());
@@ -431,6 +468,8 @@ async fn forward(
     id: String,
     outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
     mut end: StreamEnd,
+    // Held until the subscription ends, freeing its place in the connection's count.
+    _slot: SubscriptionSlot,
 ) {
     use v1::connect_response::Event;
     let event = |event| v1::ConnectResponse {

@@ -10,6 +10,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::grpc::BoxStream;
 use crate::hub::{self, Hub, Start, SubscribeOptions};
+use crate::limits::Limits;
 use crate::proto::seed;
 use crate::shutdown::StreamEnd;
 use crate::topic::{Pattern, Topic};
@@ -18,13 +19,18 @@ use crate::topic::{Pattern, Topic};
 #[derive(Clone)]
 pub struct SeedService {
     hub: Hub,
+    limits: Limits,
     shutdown: CancellationToken,
 }
 
 impl SeedService {
     /// The service over `hub`; its streams end when `shutdown` is cancelled.
-    pub fn new(hub: Hub, shutdown: CancellationToken) -> SeedService {
-        SeedService { hub, shutdown }
+    pub fn new(hub: Hub, limits: Limits, shutdown: CancellationToken) -> SeedService {
+        SeedService {
+            hub,
+            limits,
+            shutdown,
+        }
     }
 }
 
@@ -34,7 +40,8 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
         &self,
         request: Request<seed::PublishRequest>,
     ) -> Result<Response<()>, Status> {
-        let access = super::access(&request)?;
+        let super::Caller { access, connection } = super::caller(&request)?;
+        self.limits.check_publish(&access, &connection)?;
         let request = request.into_inner();
         self.hub.check_payload(request.payload.len())?;
         let topic = Topic::parse(&request.topic)?;
@@ -50,7 +57,8 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
         &self,
         request: Request<seed::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let access = super::access(&request)?;
+        let super::Caller { access, connection } = super::caller(&request)?;
+        let slot = connection.open_subscription()?;
         let patterns = vec![Pattern::parse(&request.into_inner().topic)?];
         access.check_subscribe(&patterns)?;
         let subscription = self.hub.subscribe(SubscribeOptions {
@@ -59,7 +67,7 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
             ..Default::default()
         })?;
         let end = StreamEnd::new(self.shutdown.clone(), access.expires_at());
-        let stream = super::subscription_stream(subscription, end, |event| match event {
+        let stream = super::subscription_stream(subscription, end, slot, |event| match event {
             hub::Event::Message(m) => Some(seed::SubscribeResponse {
                 payload: m.payload.clone(),
             }),

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
@@ -21,6 +21,7 @@ use utoipa_axum::routes;
 use crate::auth::{self, Access, Authenticator};
 use crate::cursor::Cursor;
 use crate::hub::{Headers, Hub};
+use crate::limits::{Connection, Limits};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
 use json::{Health, HistoryJson, MessageJson, PublishBody, Published, TopicJson, TopicList};
@@ -35,6 +36,10 @@ pub struct AppState {
     pub hub: Hub,
     /// Verifies bearer tokens on the protected routes.
     pub auth: Authenticator,
+    /// Per-client publish rate.
+    pub limits: Limits,
+    /// Time a client has to send a publish request's body.
+    pub http_body_timeout: Duration,
     /// Cancelled on shutdown; SSE streams end with an `error` event.
     pub shutdown: CancellationToken,
     /// Interval of SSE keep-alive comments.
@@ -61,9 +66,6 @@ struct ApiDoc;
 
 /// The REST/SSE routes and their OpenAPI document.
 fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let max_payload = state.hub.config().max_payload_bytes;
-    // JSON carries the payload as base64 at worst (4/3 larger) plus the envelope.
-    let json_body_limit = max_payload / 3 * 4 + 64 * 1024;
     // Everything but health needs a token when authentication is on.
     let protected = OpenApiRouter::new()
         .routes(routes!(publish))
@@ -88,9 +90,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .split_for_parts();
     document_auth(&mut openapi, &protected_paths);
     json::document_publish_rule(&mut openapi);
-    let router = router
-        .layer(DefaultBodyLimit::max(json_body_limit))
-        .with_state(state);
+    let router = router.with_state(state);
     (router, openapi)
 }
 
@@ -161,6 +161,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let state = AppState {
         hub: Hub::new(Default::default()),
         auth: Authenticator::default(),
+        limits: Limits::new(crate::limits::LimitsConfig {
+            max_connections: 0,
+            max_subscriptions_per_connection: 0,
+            publish_rate: 0,
+            publish_burst: 0,
+        }),
+        http_body_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
         sse_keepalive: Duration::from_secs(15),
     };
@@ -206,11 +213,13 @@ pub async fn method_not_allowed() -> ApiError {
 async fn publish(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    body: Result<Bytes, BytesRejection>,
+    Extension(connection): Extension<Connection>,
+    body: Body,
 ) -> Result<Json<Published>, ApiError> {
-    let body = body.map_err(|r| body_error(r, &state))?;
+    let body = read_body(&state, body).await?;
     let (topic, payload, headers) = PublishBody::parse(&body)?;
     access.check_publish(&topic)?;
+    state.limits.check_publish(&access, &connection)?;
     let message = state.hub.publish(topic, payload, headers)?;
     Ok(Json(Published::of(&message)))
 }
@@ -234,13 +243,15 @@ async fn publish(
 async fn publish_raw(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
+    Extension(connection): Extension<Connection>,
     Path(topic): Path<String>,
     request_headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Published>, ApiError> {
     let topic = Topic::parse(&topic)?;
     access.check_publish(&topic)?;
-    let body = body.map_err(|r| body_error(r, &state))?;
+    state.limits.check_publish(&access, &connection)?;
+    let body = read_body(&state, body).await?;
     let mut headers = Headers::new();
     if let Some(content_type) = request_headers.get(header::CONTENT_TYPE) {
         let text = content_type
@@ -362,18 +373,37 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
     })
 }
 
-fn body_error(rejection: BytesRejection, state: &AppState) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        let limit = state.hub.config().max_payload_bytes;
-        ApiError::new(
+/// Reads a publish request's body: at most what the largest payload needs, within
+/// `--http-body-timeout` (a client trickling its body cannot hold a connection forever).
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt as _;
+    let max_payload = state.hub.config().max_payload_bytes;
+    let read = http_body_util::Limited::new(body, body_limit(max_payload)).collect();
+    match tokio::time::timeout(state.http_body_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RESOURCE_EXHAUSTED",
             format!(
-                "request body is too large: payloads are limited to {limit} bytes (server option --max-payload-bytes)"
+                "request body is too large: payloads are limited to {max_payload} bytes (server option --max-payload-bytes)"
             ),
         )
-        .closing_connection()
-    } else {
-        ApiError::bad_request(format!("could not read the request body: {rejection}"))
+        .closing_connection()),
+        Ok(Err(error)) => Err(ApiError::bad_request(format!("could not read the request body: {error}"))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "DEADLINE_EXCEEDED",
+            format!(
+                "the request body did not arrive within {:?} (server option --http-body-timeout)",
+                state.http_body_timeout
+            ),
+        )
+        .closing_connection()),
     }
+}
+
+/// Largest request body read for a publish: the payload as base64 at worst (4/3 larger) plus
+/// the JSON envelope. Bodies between the payload limit and this get the hub's precise 413.
+fn body_limit(max_payload: usize) -> usize {
+    max_payload / 3 * 4 + 64 * 1024
 }

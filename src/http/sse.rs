@@ -21,6 +21,7 @@ use super::json::{GapJson, LagJson, MessageJson, SubscribedJson};
 use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::hub::{Event, LagPolicy, Message, Start, SubscribeOptions, Subscription};
+use crate::limits::{Connection, SubscriptionSlot};
 use crate::shutdown::StreamEnd;
 use crate::topic::Pattern;
 
@@ -64,9 +65,11 @@ pub(crate) const PARAMS: [&str; 6] = [
 pub async fn subscribe(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
+    Extension(connection): Extension<Connection>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let slot = connection.open_subscription()?;
     let options = options(query.as_deref().unwrap_or(""), &headers)?;
     access.check_subscribe(&options.patterns)?;
     let subscription = state.hub.subscribe(options)?;
@@ -82,6 +85,7 @@ pub async fn subscribe(
         subscription,
         end: StreamEnd::new(state.shutdown.clone(), access.expires_at()),
         keepalive,
+        _slot: slot,
     };
     let body = stream::once(async move { Ok::<_, Infallible>(first) })
         .chain(stream::unfold(Some(stream), next_frame));
@@ -101,6 +105,8 @@ struct SseStream {
     /// Shutdown and token expiry end the stream with an `error` event.
     end: StreamEnd,
     keepalive: Interval,
+    /// This stream's place in its connection's subscription count.
+    _slot: SubscriptionSlot,
 }
 
 /// The next frame of a stream; `None` ends it.

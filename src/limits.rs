@@ -1,0 +1,227 @@
+//! Limits that keep one client from starving the others: connections, subscriptions per
+//! connection, publish rate per client (topics per subscription and payload size live in the
+//! hub's config). Every refusal is RESOURCE_EXHAUSTED / HTTP 429 and names the limit and the
+//! option that sets it.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+use crate::auth::Access;
+use crate::error::Error;
+
+/// The server-wide limits (see the `--max-*` and `--publish-rate` options).
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    /// Open connections at most; further ones are answered with 429 / RESOURCE_EXHAUSTED.
+    pub max_connections: usize,
+    /// Live subscriptions one connection may hold (gRPC streams, Connect subscriptions).
+    pub max_subscriptions_per_connection: usize,
+    /// Messages per second one client may publish (0: no limit). A client is its token's
+    /// subject when authentication is on, else its IP address.
+    pub publish_rate: u32,
+    /// Messages a client may publish in a burst above the rate.
+    pub publish_burst: u32,
+}
+
+/// Limit state shared by every door; cheap to clone.
+#[derive(Clone)]
+pub struct Limits {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: LimitsConfig,
+    connections: Arc<AtomicUsize>,
+    publish: Option<DefaultKeyedRateLimiter<String>>,
+}
+
+impl Limits {
+    /// Limits with this configuration.
+    pub fn new(config: LimitsConfig) -> Limits {
+        let publish = NonZeroU32::new(config.publish_rate).map(|rate| {
+            let burst = NonZeroU32::new(config.publish_burst).unwrap_or(rate);
+            DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        Limits {
+            inner: Arc::new(Inner {
+                config,
+                connections: Arc::new(AtomicUsize::new(0)),
+                publish,
+            }),
+        }
+    }
+
+    /// Admits a new connection, or says why not. The returned [`Connection`] goes into the
+    /// extensions of each of its requests; the count drops when the last clone is gone.
+    pub fn admit(&self, peer: SocketAddr) -> Result<Connection, Error> {
+        let limit = self.inner.config.max_connections;
+        let open = self.inner.connections.fetch_add(1, Ordering::AcqRel);
+        let counted = Arc::new(ConnectionCount(self.inner.connections.clone()));
+        if open >= limit {
+            return Err(Error::LimitExceeded(format!(
+                "the server has {open} open connections, its limit (--max-connections {limit}); try again later"
+            )));
+        }
+        Ok(Connection {
+            peer,
+            subscriptions: Arc::new(AtomicUsize::new(0)),
+            max_subscriptions: self.inner.config.max_subscriptions_per_connection,
+            _counted: counted,
+        })
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::Acquire)
+    }
+
+    /// Takes one message from the client's publish allowance, or refuses.
+    pub fn check_publish(&self, access: &Access, connection: &Connection) -> Result<(), Error> {
+        let Some(limiter) = &self.inner.publish else {
+            return Ok(());
+        };
+        let client = client_key(access, connection);
+        limiter
+            .check_key(&client)
+            .map_err(|_| self.publish_refusal(&client))
+    }
+
+    /// Waits until the client may publish one more message (client-streaming publishes are slowed
+    /// down, through HTTP/2 flow control, instead of failed).
+    pub async fn pace_publish(&self, access: &Access, connection: &Connection) {
+        if let Some(limiter) = &self.inner.publish {
+            limiter
+                .until_key_ready(&client_key(access, connection))
+                .await;
+        }
+    }
+
+    fn publish_refusal(&self, client: &str) -> Error {
+        let c = &self.inner.config;
+        Error::LimitExceeded(format!(
+            "{client} publishes faster than {} messages/s (burst {}; --publish-rate, --publish-burst); slow down and retry",
+            c.publish_rate,
+            c.publish_burst.max(c.publish_rate)
+        ))
+    }
+
+    /// Forgets rate-limit state of clients that have been quiet (called periodically).
+    pub fn forget_idle_clients(&self) {
+        if let Some(limiter) = &self.inner.publish {
+            limiter.retain_recent();
+        }
+    }
+}
+
+/// The rate-limit identity of a client: its token's subject, else its IP address.
+fn client_key(access: &Access, connection: &Connection) -> String {
+    match access.subject() {
+        Some(subject) => format!("token subject {subject:?}"),
+        None => format!("client {}", connection.peer.ip()),
+    }
+}
+
+/// Decrements the open-connection count when the connection's last handle is dropped.
+struct ConnectionCount(Arc<AtomicUsize>);
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One accepted connection: who it is and how many subscriptions it holds.
+#[derive(Clone)]
+pub struct Connection {
+    /// The client's address.
+    pub peer: SocketAddr,
+    subscriptions: Arc<AtomicUsize>,
+    max_subscriptions: usize,
+    _counted: Arc<ConnectionCount>,
+}
+
+impl Connection {
+    /// Reserves a subscription slot on this connection; freed when the slot is dropped.
+    pub fn open_subscription(&self) -> Result<SubscriptionSlot, Error> {
+        let held = self.subscriptions.fetch_add(1, Ordering::AcqRel);
+        let slot = SubscriptionSlot(self.subscriptions.clone());
+        if held >= self.max_subscriptions {
+            return Err(Error::LimitExceeded(format!(
+                "this connection already holds {held} subscriptions, its limit (--max-subscriptions-per-connection {}); close some or open another connection",
+                self.max_subscriptions
+            )));
+        }
+        Ok(slot)
+    }
+}
+
+/// A subscription's place in its connection's count.
+pub struct SubscriptionSlot(Arc<AtomicUsize>);
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_connections: usize, max_subscriptions: usize, rate: u32) -> Limits {
+        Limits::new(LimitsConfig {
+            max_connections,
+            max_subscriptions_per_connection: max_subscriptions,
+            publish_rate: rate,
+            publish_burst: rate,
+        })
+    }
+
+    #[test]
+    fn connections_and_subscriptions_are_counted_and_released() {
+        let limits = limits(2, 1, 0);
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let a = limits.admit(peer).unwrap();
+        let b = limits.admit(peer).unwrap();
+        let refused = limits.admit(peer).err().unwrap();
+        assert!(
+            refused.to_string().contains("--max-connections 2"),
+            "{refused}"
+        );
+        drop(b);
+        assert_eq!(limits.connections(), 1);
+        let slot = a.open_subscription().unwrap();
+        assert!(
+            a.open_subscription()
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("--max-subscriptions-per-connection 1")
+        );
+        drop(slot);
+        assert!(a.open_subscription().is_ok());
+    }
+
+    #[test]
+    fn publish_rate_is_per_client() {
+        let limits = limits(10, 10, 3);
+        let open = Access::unrestricted();
+        let one = limits.admit("10.0.0.1:1".parse().unwrap()).unwrap();
+        let two = limits.admit("10.0.0.2:1".parse().unwrap()).unwrap();
+        for _ in 0..3 {
+            limits.check_publish(&open, &one).unwrap();
+        }
+        let refused = limits.check_publish(&open, &one).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("client 10.0.0.1 publishes faster than 3 messages/s"),
+            "{refused}"
+        );
+        limits.check_publish(&open, &two).unwrap();
+    }
+}

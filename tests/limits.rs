@@ -1,0 +1,239 @@
+//! Limits: connections, subscriptions per connection, topics per subscription, publish rate per
+//! client, and slow (slowloris) clients. Every refusal is RESOURCE_EXHAUSTED / 429 (or 408 for a
+//! body that never arrives) and names the limit's option; others keep being served.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use support::{Sse, spawn_broker_with, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+use topichub::proto::v1::{PublishRequest, SubscribeRequest};
+
+fn subscribe(topics: &[&str]) -> SubscribeRequest {
+    SubscribeRequest {
+        topics: topics.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn publish(topic: &str) -> PublishRequest {
+    PublishRequest {
+        topic: topic.into(),
+        payload: b"x".to_vec().into(),
+        headers: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_told_why() {
+    let broker = spawn_broker_with(|c| c.max_connections = 2).await;
+    let url = broker.url();
+    let first = Sse::open(&url, "/subscribe?topic=a", &[]).await;
+    let second = Sse::open(&url, "/subscribe?topic=a", &[]).await;
+
+    let response = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["connection"], "close");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "RESOURCE_EXHAUSTED");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-connections 2"),
+        "{body}"
+    );
+    let grpc = broker.grpc().await.publish(publish("a")).await;
+    let status = grpc.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("--max-connections"), "{status:?}");
+
+    drop((first, second));
+    support::wait_for("a free connection slot", || async {
+        let response = reqwest::get(format!("{url}/healthz")).await.ok()?;
+        (response.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_connection_and_topics_per_subscription_are_bounded() {
+    let broker = spawn_broker_with(|c| {
+        c.max_subscriptions_per_connection = 2;
+        c.max_topics_per_subscription = 3;
+    })
+    .await;
+    let mut client = broker.grpc().await; // one HTTP/2 connection
+    let first = client
+        .subscribe(subscribe(&["s"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let _second = client
+        .subscribe(subscribe(&["s"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let third = client.subscribe(subscribe(&["s"])).await.unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted);
+    assert!(
+        third
+            .message()
+            .contains("--max-subscriptions-per-connection 2"),
+        "{third:?}"
+    );
+    // Another connection has its own allowance.
+    broker
+        .grpc()
+        .await
+        .subscribe(subscribe(&["s"]))
+        .await
+        .unwrap();
+    // A slot frees when its stream ends.
+    drop(first);
+    support::wait_for("a freed subscription slot", || {
+        let mut client = client.clone();
+        async move { client.subscribe(subscribe(&["s"])).await.ok() }
+    })
+    .await;
+
+    let too_many = broker
+        .grpc()
+        .await
+        .subscribe(subscribe(&["a", "b", "c", "d"]))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::ResourceExhausted);
+    assert!(
+        too_many.message().contains("at most 3 topics"),
+        "{too_many:?}"
+    );
+    let response = reqwest::get(format!(
+        "{}/subscribe?topic=a&topic=b&topic=c&topic=d",
+        broker.url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_over_their_rate_are_refused_or_paced() {
+    let broker = spawn_broker_with(|c| {
+        c.publish_rate = 20;
+        c.publish_burst = 5;
+    })
+    .await;
+    let mut client = broker.grpc().await;
+    let mut refused = None;
+    for _ in 0..6 {
+        if let Err(status) = client.publish(publish("rate")).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let refused = refused.expect("the sixth publish in a burst of 5 is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("faster than 20 messages/s"),
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("--publish-rate"), "{refused:?}");
+    // HTTP publishes from the same client share its allowance.
+    let response = reqwest::Client::new()
+        .post(format!("{}/publish", broker.url()))
+        .json(&serde_json::json!({"topic": "rate", "payload": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    // A batch is paced, not failed: 15 messages at 20/s after an empty burst take >= 0.5 s.
+    let started = std::time::Instant::now();
+    let batch = futures_util::stream::iter((0..15).map(|_| publish("rate")));
+    let reply = within("paced batch", client.publish_batch(batch))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.accepted, 15);
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the limiter paced the batch"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_cannot_hold_connections() {
+    let broker = spawn_broker_with(|c| {
+        c.http_header_timeout = Duration::from_millis(300);
+        c.http_body_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Headers that never finish: the connection is closed.
+    let mut slow_headers = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    slow_headers
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buffer = Vec::new();
+    within(
+        "header timeout closes",
+        slow_headers.read_to_end(&mut buffer),
+    )
+    .await
+    .unwrap();
+
+    // A body that never finishes: 408 naming the option.
+    let mut slow_body = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    slow_body
+        .write_all(b"POST /topics/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nonly part")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    within("body timeout answers", slow_body.read_to_end(&mut response))
+        .await
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("--http-body-timeout"), "{response}");
+
+    let health = reqwest::get(format!("{}/healthz", broker.url()))
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        StatusCode::OK,
+        "others are served meanwhile"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_streams_count_against_their_connection() {
+    let broker = spawn_broker_with(|c| c.max_subscriptions_per_connection = 1).await;
+    // HTTP/1.1 carries one stream per connection, so SSE subscribers are never refused for it.
+    let mut a = Sse::open(&broker.url(), "/subscribe?topic=x", &[]).await;
+    let mut b = Sse::open(&broker.url(), "/subscribe?topic=x", &[]).await;
+    a.expect("subscribed").await;
+    b.expect("subscribed").await;
+    let stream = broker
+        .grpc()
+        .await
+        .subscribe(subscribe(&["x"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = stream;
+    within("grpc subscribed", stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    broker.stop().await;
+}
