@@ -28,6 +28,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::topic::{Pattern, Topic};
 
 /// Name of the query parameter and cookie that carry a token where a header cannot (a browser's
@@ -398,7 +399,7 @@ fn token_of(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, 
 /// HTTP middleware for protected routes: authenticates and stores the [`Access`], or answers
 /// 401 with a JSON error.
 pub async fn http_guard(
-    State(auth): State<Authenticator>,
+    State((auth, metrics)): State<(Authenticator, Metrics)>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -414,6 +415,7 @@ pub async fn http_guard(
             next.run(request).await
         }
         Err(error) => {
+            metrics.auth_failed();
             let mut response = crate::http::error::ApiError::from(error).into_response();
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -434,7 +436,7 @@ const OPEN_GRPC_SERVICES: [&str; 3] = [
 /// gRPC middleware: authenticates calls to the pub/sub services from the `authorization`
 /// metadata and stores the [`Access`], or answers UNAUTHENTICATED.
 pub async fn grpc_guard(
-    State(auth): State<Authenticator>,
+    State((auth, metrics)): State<(Authenticator, Metrics)>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -452,7 +454,10 @@ pub async fn grpc_guard(
             request.extensions_mut().insert(access);
             next.run(request).await
         }
-        Err(error) => crate::grpc::status_response(tonic::Status::from(error)),
+        Err(error) => {
+            metrics.auth_failed();
+            crate::grpc::status_response(tonic::Status::from(error))
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
+use crate::metrics::{Metrics, Snapshot};
 use crate::topic::{Pattern, Topic};
 
 /// Message headers, e.g. `content-type`. Sorted, so every transport shows them in one order.
@@ -233,6 +234,7 @@ pub struct Hub {
 struct Shared {
     epoch: Arc<str>,
     config: HubConfig,
+    metrics: Metrics,
     state: Mutex<State>,
 }
 
@@ -311,6 +313,7 @@ impl Hub {
             shared: Arc::new(Shared {
                 epoch: Arc::from(epoch),
                 config,
+                metrics: Metrics::new(),
                 state: Mutex::new(State::default()),
             }),
         }
@@ -324,6 +327,33 @@ impl Hub {
     /// The hub's limits.
     pub fn config(&self) -> &HubConfig {
         &self.shared.config
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Hub state for a metrics scrape (everything but connections).
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.lock();
+        let mut snapshot = Snapshot {
+            topics: state.topics.len(),
+            head_seq: state.head,
+            ..Default::default()
+        };
+        for topic in state.topics.values() {
+            snapshot.retained_messages += topic.retained.len();
+            snapshot.retained_bytes += topic.retained_bytes;
+        }
+        for entry in state.subs.values() {
+            if let Some(tx) = &entry.tx {
+                let depth = tx.max_capacity() - tx.capacity();
+                snapshot.queued_messages += depth;
+                snapshot.max_queue_depth = snapshot.max_queue_depth.max(depth);
+            }
+        }
+        snapshot
     }
 
     /// Cursor of the newest message.
@@ -347,6 +377,7 @@ impl Hub {
     pub fn check_payload(&self, size: usize) -> Result<(), Error> {
         let limit = self.shared.config.max_payload_bytes;
         if size > limit {
+            self.shared.metrics.limit_hit("max-payload-bytes");
             return Err(Error::PayloadTooLarge { size, limit });
         }
         Ok(())
@@ -423,6 +454,7 @@ impl Hub {
         }
         let config = &self.shared.config;
         if options.patterns.len() > config.max_topics_per_subscription {
+            self.shared.metrics.limit_hit("max-topics-per-subscription");
             return Err(Error::LimitExceeded(format!(
                 "a subscription may name at most {} topics or patterns (--max-topics-per-subscription), this one names {}",
                 config.max_topics_per_subscription,

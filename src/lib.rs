@@ -17,6 +17,7 @@
 //! - [`web`]: the embedded web page.
 //! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
 //! - [`tls`]: TLS on the same port (rustls), HTTP/2 and HTTP/1.1 by ALPN.
+//! - [`metrics`]: Prometheus counters, gauges and the latency histogram behind `/metrics`.
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
 //! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
@@ -34,6 +35,7 @@ pub mod http;
 pub mod hub;
 pub mod keepalive;
 pub mod limits;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod shutdown;

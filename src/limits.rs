@@ -12,6 +12,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::auth::Access;
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// The server-wide limits (see the `--max-*` and `--publish-rate` options).
 #[derive(Clone, Debug)]
@@ -35,13 +36,14 @@ pub struct Limits {
 
 struct Inner {
     config: LimitsConfig,
+    metrics: Metrics,
     connections: Arc<AtomicUsize>,
     publish: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 impl Limits {
-    /// Limits with this configuration.
-    pub fn new(config: LimitsConfig) -> Limits {
+    /// Limits with this configuration, counting refusals in `metrics`.
+    pub fn new(config: LimitsConfig, metrics: Metrics) -> Limits {
         let publish = NonZeroU32::new(config.publish_rate).map(|rate| {
             let burst = NonZeroU32::new(config.publish_burst).unwrap_or(rate);
             DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
@@ -49,6 +51,7 @@ impl Limits {
         Limits {
             inner: Arc::new(Inner {
                 config,
+                metrics,
                 connections: Arc::new(AtomicUsize::new(0)),
                 publish,
             }),
@@ -62,6 +65,7 @@ impl Limits {
         let open = self.inner.connections.fetch_add(1, Ordering::AcqRel);
         let counted = Arc::new(ConnectionCount(self.inner.connections.clone()));
         if open >= limit {
+            self.inner.metrics.limit_hit("max-connections");
             return Err(Error::LimitExceeded(format!(
                 "the server has {open} open connections, its limit (--max-connections {limit}); try again later"
             )));
@@ -70,6 +74,7 @@ impl Limits {
             peer,
             subscriptions: Arc::new(AtomicUsize::new(0)),
             max_subscriptions: self.inner.config.max_subscriptions_per_connection,
+            metrics: self.inner.metrics.clone(),
             _counted: counted,
         })
     }
@@ -101,6 +106,7 @@ impl Limits {
     }
 
     fn publish_refusal(&self, client: &str) -> Error {
+        self.inner.metrics.limit_hit("publish-rate");
         let c = &self.inner.config;
         Error::LimitExceeded(format!(
             "{client} publishes faster than {} messages/s (burst {}; --publish-rate, --publish-burst); slow down and retry",
@@ -141,6 +147,7 @@ pub struct Connection {
     pub peer: SocketAddr,
     subscriptions: Arc<AtomicUsize>,
     max_subscriptions: usize,
+    metrics: Metrics,
     _counted: Arc<ConnectionCount>,
 }
 
@@ -150,6 +157,7 @@ impl Connection {
         let held = self.subscriptions.fetch_add(1, Ordering::AcqRel);
         let slot = SubscriptionSlot(self.subscriptions.clone());
         if held >= self.max_subscriptions {
+            self.metrics.limit_hit("max-subscriptions-per-connection");
             return Err(Error::LimitExceeded(format!(
                 "this connection already holds {held} subscriptions, its limit (--max-subscriptions-per-connection {}); close some or open another connection",
                 self.max_subscriptions
@@ -173,12 +181,15 @@ mod tests {
     use super::*;
 
     fn limits(max_connections: usize, max_subscriptions: usize, rate: u32) -> Limits {
-        Limits::new(LimitsConfig {
-            max_connections,
-            max_subscriptions_per_connection: max_subscriptions,
-            publish_rate: rate,
-            publish_burst: rate,
-        })
+        Limits::new(
+            LimitsConfig {
+                max_connections,
+                max_subscriptions_per_connection: max_subscriptions,
+                publish_rate: rate,
+                publish_burst: rate,
+            },
+            Metrics::new(),
+        )
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub async fn run(
     health
         .set_serving::<PubSubServiceServer<SeedService>>()
         .await;
-    let limits = Limits::new(config.limits());
+    let limits = Limits::new(config.limits(), hub.metrics().clone());
     let app = app(
         hub.clone(),
         auth,
@@ -266,7 +266,7 @@ pub fn app(
         .into_axum_router()
         // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
         .layer(axum::middleware::from_fn_with_state(
-            auth.clone(),
+            (auth.clone(), hub.metrics().clone()),
             auth::grpc_guard,
         ))
         .layer(tonic_web::GrpcWebLayer::new())

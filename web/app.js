@@ -250,6 +250,45 @@
     }
   }
 
+  // Live rates: sums of the publish and delivery counters from /metrics, sampled every 2 s.
+  const rates = { last: null, points: [] };
+  const RATE_POINTS = 60;
+
+  function sumSeries(text, name) {
+    let total = 0;
+    for (const line of text.split('\n')) {
+      if (line.startsWith(name + '{') || line.startsWith(name + ' ')) total += Number(line.split(' ').pop()) || 0;
+    }
+    return total;
+  }
+
+  async function sampleRates() {
+    try {
+      const text = await (await fetch('/metrics')).text();
+      const now = { t: performance.now(), pub: sumSeries(text, 'topichub_publishes_total'),
+        del: sumSeries(text, 'topichub_deliveries_total'), subs: sumSeries(text, 'topichub_subscribers') };
+      if (rates.last) {
+        const seconds = (now.t - rates.last.t) / 1000;
+        rates.points.push({ pub: (now.pub - rates.last.pub) / seconds, del: (now.del - rates.last.del) / seconds });
+        if (rates.points.length > RATE_POINTS) rates.points.shift();
+        const latest = rates.points[rates.points.length - 1];
+        $('rate-pub').textContent = latest.pub.toFixed(1);
+        $('rate-del').textContent = latest.del.toFixed(1);
+        drawRates();
+      }
+      $('rate-subs').textContent = String(now.subs);
+      rates.last = now;
+    } catch { /* the broker is away; the next sample retries */ }
+  }
+
+  function drawRates() {
+    const max = Math.max(1, ...rates.points.flatMap((p) => [p.pub, p.del]));
+    const line = (key) => rates.points
+      .map((p, i) => `${(i / (RATE_POINTS - 1)) * 600},${78 - (p[key] / max) * 74}`).join(' ');
+    $('rate-line-pub').setAttribute('points', line('pub'));
+    $('rate-line-del').setAttribute('points', line('del'));
+  }
+
   function init() {
     // ?access_token= on the page URL, else the token saved last time.
     const params = new URLSearchParams(location.search);
@@ -280,6 +319,8 @@
     });
     $('topics-button').addEventListener('click', loadTopics);
     setInterval(() => { if (!document.hidden) loadTopics(); }, 10000);
+    sampleRates();
+    setInterval(() => { if (!document.hidden) sampleRates(); }, 2000);
 
     const fromUrl = params.getAll('topic').flatMap(parseTopics);
     subscribe(fromUrl.length ? fromUrl : ['demo.>']);

@@ -20,6 +20,7 @@ use crate::cursor::Cursor;
 use crate::error::{Error, Kind};
 use crate::hub::{self, Hub, LagPolicy, Start, SubscribeOptions, Subscription};
 use crate::limits::{Connection, Limits, SubscriptionSlot};
+use crate::metrics::{Door, Metrics};
 use crate::shutdown::StreamEnd;
 use crate::topic::{Pattern, Topic};
 use wire::v1;
@@ -96,6 +97,7 @@ fn publish(hub: &Hub, access: &Access, request: v1::PublishRequest) -> Result<v1
         request.payload,
         request.headers.into_iter().collect(),
     )?;
+    hub.metrics().published(Door::Grpc);
     Ok(wire::cursor(&message.cursor()))
 }
 
@@ -153,19 +155,22 @@ pub(crate) fn subscription_stream<T: Send + 'static>(
     subscription: Subscription,
     end: StreamEnd,
     slot: SubscriptionSlot,
+    (metrics, door): (Metrics, Door),
     f: fn(hub::Event) -> Option<T>,
 ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
-    // The slot travels with the stream and frees its place in the connection's count at the end.
-    futures_util::stream::unfold(Some((subscription, end, slot)), move |state| async move {
-        let (mut subscription, mut end, slot) = state?;
+    // The slot and the gauge travel with the stream and are released at its end.
+    let held = (slot, metrics.subscriber(door), metrics);
+    futures_util::stream::unfold(Some((subscription, end, held)), move |state| async move {
+        let (mut subscription, mut end, held) = state?;
         loop {
-            return match end.next(&mut subscription).await? {
-                Ok(event) => match f(event) {
-                    Some(item) => Some((Ok(item), Some((subscription, end, slot)))),
-                    None => continue,
-                },
-                Err(error) => Some((Err(error.into()), None)),
+            let event = match end.next(&mut subscription).await? {
+                Ok(event) => event,
+                Err(error) => return Some((Err(error.into()), None)),
             };
+            held.2.count_event(door, &event);
+            if let Some(item) = f(event) {
+                return Some((Ok(item), Some((subscription, end, held))));
+            }
         }
     })
 }
@@ -241,7 +246,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             ))),
         };
         let end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
-        let events = subscription_stream(subscription, end, slot, |event| {
+        let metrics = (self.hub.metrics().clone(), Door::Grpc);
+        let events = subscription_stream(subscription, end, slot, metrics, |event| {
             Some(wire::subscribe_event(event))
         });
         Ok(Response::new(Box::pin(
@@ -397,6 +403,7 @@ impl ConnectSession {
                             self.outbox.clone(),
                             StreamEnd::new(self.shutdown.clone(), None),
                             slot,
+                            self.hub.metrics().clone(),
                         ));
                         self.subscriptions.retain(|_, t| !t.is_finished());
                         self.subscriptions.insert(id, task.abort_handle());
@@ -470,8 +477,10 @@ async fn forward(
     mut end: StreamEnd,
     // Held until the subscription ends, freeing its place in the connection's count.
     _slot: SubscriptionSlot,
+    metrics: Metrics,
 ) {
     use v1::connect_response::Event;
+    let _gauge = metrics.subscriber(Door::Grpc);
     let event = |event| v1::ConnectResponse {
         request_id: 0,
         subscription_id: id.clone(),
@@ -482,6 +491,9 @@ async fn forward(
             next = end.next(&mut subscription) => next,
             () = outbox.closed() => return,
         };
+        if let Some(Ok(delivered)) = &next {
+            metrics.count_event(Door::Grpc, delivered);
+        }
         let response = match next {
             Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage(Some(m)))),
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),

@@ -11,6 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::grpc::BoxStream;
 use crate::hub::{self, Hub, Start, SubscribeOptions};
 use crate::limits::Limits;
+use crate::metrics::Door;
 use crate::proto::seed;
 use crate::shutdown::StreamEnd;
 use crate::topic::{Pattern, Topic};
@@ -48,6 +49,7 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
         access.check_publish(&topic)?;
         self.hub
             .publish(topic, request.payload, Default::default())?;
+        self.hub.metrics().published(Door::Seed);
         Ok(Response::new(()))
     }
 
@@ -67,22 +69,24 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
             ..Default::default()
         })?;
         let end = StreamEnd::new(self.shutdown.clone(), access.expires_at());
-        let stream = super::subscription_stream(subscription, end, slot, |event| match event {
-            hub::Event::Message(m) => Some(seed::SubscribeResponse {
-                payload: m.payload.clone(),
-            }),
-            hub::Event::Gap(gap) => {
-                tracing::warn!(
-                    ?gap,
-                    "seed subscriber missed messages it cannot be told about"
-                );
-                None
-            }
-            hub::Event::Lag(lag) => {
-                tracing::debug!(?lag, "seed subscriber lagged; catching up");
-                None
-            }
-        });
+        let metrics = (self.hub.metrics().clone(), Door::Seed);
+        let stream =
+            super::subscription_stream(subscription, end, slot, metrics, |event| match event {
+                hub::Event::Message(m) => Some(seed::SubscribeResponse {
+                    payload: m.payload.clone(),
+                }),
+                hub::Event::Gap(gap) => {
+                    tracing::warn!(
+                        ?gap,
+                        "seed subscriber missed messages it cannot be told about"
+                    );
+                    None
+                }
+                hub::Event::Lag(lag) => {
+                    tracing::debug!(?lag, "seed subscriber lagged; catching up");
+                    None
+                }
+            });
         // Seed clients have no cursors, so the generic "resume from your cursor" advice is
         // replaced.
         let stream = stream.map(|item| {

@@ -22,6 +22,7 @@ use crate::auth::{self, Access, Authenticator};
 use crate::cursor::Cursor;
 use crate::hub::{Headers, Hub};
 use crate::limits::{Connection, Limits};
+use crate::metrics::{Door, Snapshot};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
 use json::{Health, HistoryJson, MessageJson, PublishBody, Published, TopicJson, TopicList};
@@ -81,12 +82,13 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .cloned()
         .collect();
     let protected = protected.route_layer(axum::middleware::from_fn_with_state(
-        state.auth.clone(),
+        (state.auth.clone(), state.hub.metrics().clone()),
         auth::http_guard,
     ));
     let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .routes(routes!(healthz))
+        .routes(routes!(metrics))
         .split_for_parts();
     document_auth(&mut openapi, &protected_paths);
     json::document_publish_rule(&mut openapi);
@@ -161,12 +163,15 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     let state = AppState {
         hub: Hub::new(Default::default()),
         auth: Authenticator::default(),
-        limits: Limits::new(crate::limits::LimitsConfig {
-            max_connections: 0,
-            max_subscriptions_per_connection: 0,
-            publish_rate: 0,
-            publish_burst: 0,
-        }),
+        limits: Limits::new(
+            crate::limits::LimitsConfig {
+                max_connections: 0,
+                max_subscriptions_per_connection: 0,
+                publish_rate: 0,
+                publish_burst: 0,
+            },
+            Default::default(),
+        ),
         http_body_timeout: Duration::from_secs(30),
         shutdown: CancellationToken::new(),
         sse_keepalive: Duration::from_secs(15),
@@ -221,6 +226,7 @@ async fn publish(
     access.check_publish(&topic)?;
     state.limits.check_publish(&access, &connection)?;
     let message = state.hub.publish(topic, payload, headers)?;
+    state.hub.metrics().published(Door::Http);
     Ok(Json(Published::of(&message)))
 }
 
@@ -260,6 +266,7 @@ async fn publish_raw(
         headers.insert("content-type".into(), text.to_owned());
     }
     let message = state.hub.publish(topic, body, headers)?;
+    state.hub.metrics().published(Door::Http);
     Ok(Json(Published::of(&message)))
 }
 
@@ -400,6 +407,30 @@ async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
         )
         .closing_connection()),
     }
+}
+
+/// Prometheus metrics: publishes and deliveries by door, lag and gap notices, subscribers,
+/// connections, retention, queue depths, publish -> deliver latency, auth failures, limit hits.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String))
+)]
+async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let snapshot = Snapshot {
+        connections: state.limits.connections(),
+        ..state.hub.snapshot()
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.hub.metrics().render(&snapshot),
+    )
+        .into_response()
 }
 
 /// Largest request body read for a publish: the payload as base64 at worst (4/3 larger) plus

@@ -22,6 +22,7 @@ use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::hub::{Event, LagPolicy, Message, Start, SubscribeOptions, Subscription};
 use crate::limits::{Connection, SubscriptionSlot};
+use crate::metrics::{Door, Metrics, SubscriberGauge};
 use crate::shutdown::StreamEnd;
 use crate::topic::Pattern;
 
@@ -86,6 +87,8 @@ pub async fn subscribe(
         end: StreamEnd::new(state.shutdown.clone(), access.expires_at()),
         keepalive,
         _slot: slot,
+        _gauge: state.hub.metrics().subscriber(Door::Http),
+        metrics: state.hub.metrics().clone(),
     };
     let body = stream::once(async move { Ok::<_, Infallible>(first) })
         .chain(stream::unfold(Some(stream), next_frame));
@@ -107,6 +110,8 @@ struct SseStream {
     keepalive: Interval,
     /// This stream's place in its connection's subscription count.
     _slot: SubscriptionSlot,
+    _gauge: SubscriberGauge,
+    metrics: Metrics,
 }
 
 /// The next frame of a stream; `None` ends it.
@@ -115,7 +120,11 @@ async fn next_frame(
 ) -> Option<(Result<Bytes, Infallible>, Option<SseStream>)> {
     let mut s = state?;
     let frame = tokio::select! {
-        event = s.end.next(&mut s.subscription) => match event {
+        event = s.end.next(&mut s.subscription) => match event.inspect(|e| {
+            if let Ok(event) = e {
+                s.metrics.count_event(Door::Http, event);
+            }
+        }) {
             None => return None,
             Some(Err(error)) => return Some((Ok(error_frame(&error.into())), None)),
             Some(Ok(Event::Message(m))) => message_frame(&m),

@@ -1,0 +1,181 @@
+//! `/metrics`: Prometheus text with publishes and deliveries per door, subscribers, retention,
+//! latency, limit hits and auth failures, each checked against what the test did.
+
+mod support;
+
+use futures_util::StreamExt;
+use support::{Broker, Sse, spawn_broker_with, within};
+use topichub::proto::seed;
+use topichub::proto::v1::{PublishRequest, SubscribeRequest, subscribe_response};
+
+/// The value of one sample line, `name{labels} value`, or 0 when absent.
+async fn sample(broker: &Broker, series: &str) -> f64 {
+    let response = reqwest::get(format!("{}/metrics", broker.url()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_every_door_did() {
+    let broker = spawn_broker_with(|c| c.max_payload_bytes = 100).await;
+    let url = broker.url();
+    let mut grpc = broker
+        .grpc()
+        .await
+        .subscribe(SubscribeRequest {
+            topics: vec!["m.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sse = Sse::open(&url, "/subscribe?topic=m.%3E", &[]).await;
+    sse.expect("subscribed").await;
+    let mut seed_client =
+        seed::pub_sub_service_client::PubSubServiceClient::new(broker.channel().await);
+    let _seed_stream = seed_client
+        .subscribe(seed::SubscribeRequest {
+            topic: "m.*".into(),
+        })
+        .await
+        .unwrap();
+    broker.wait_for_subscribers(3).await;
+    assert_eq!(
+        sample(&broker, r#"topichub_subscribers{door="grpc"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        sample(&broker, r#"topichub_subscribers{door="http"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        sample(&broker, r#"topichub_subscribers{door="seed"}"#).await,
+        1.0
+    );
+
+    support::http_publish(&url, "m.http", "one").await;
+    broker
+        .grpc()
+        .await
+        .publish(PublishRequest {
+            topic: "m.grpc".into(),
+            payload: b"two".to_vec().into(),
+            headers: Default::default(),
+        })
+        .await
+        .unwrap();
+    seed_client
+        .publish(seed::PublishRequest {
+            topic: "m.seed".into(),
+            payload: b"three".to_vec().into(),
+        })
+        .await
+        .unwrap();
+    let mut got = 0;
+    while got < 3 {
+        if let Some(subscribe_response::Event::Message(_)) =
+            within("grpc", grpc.next()).await.unwrap().unwrap().event
+        {
+            got += 1;
+        }
+    }
+    for _ in 0..3 {
+        sse.expect("message").await;
+    }
+
+    for door in ["grpc", "http", "seed"] {
+        assert_eq!(
+            sample(
+                &broker,
+                &format!(r#"topichub_publishes_total{{door="{door}"}}"#)
+            )
+            .await,
+            1.0,
+            "{door}"
+        );
+    }
+    assert_eq!(
+        sample(&broker, r#"topichub_deliveries_total{door="grpc"}"#).await,
+        3.0
+    );
+    assert_eq!(
+        sample(&broker, r#"topichub_deliveries_total{door="http"}"#).await,
+        3.0
+    );
+    assert!(sample(&broker, "topichub_publish_to_deliver_seconds_count").await >= 6.0);
+    assert_eq!(sample(&broker, "topichub_head_seq").await, 3.0);
+    assert_eq!(sample(&broker, "topichub_retained_messages").await, 3.0);
+    assert_eq!(sample(&broker, "topichub_topics").await, 3.0);
+    assert!(sample(&broker, "topichub_connections").await >= 3.0);
+
+    // A refusal by a limit is counted under the limit's option name.
+    let response = reqwest::Client::new()
+        .post(format!("{url}/topics/m.big"))
+        .body(vec![b'x'; 101])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        sample(
+            &broker,
+            r#"topichub_limit_hits_total{limit="max-payload-bytes"}"#
+        )
+        .await,
+        1.0
+    );
+
+    // Subscribers that leave are no longer counted.
+    drop(grpc);
+    drop(sse);
+    broker.wait_for_subscribers(1).await;
+    assert_eq!(
+        sample(&broker, r#"topichub_subscribers{door="grpc"}"#).await,
+        0.0
+    );
+    assert_eq!(
+        sample(&broker, r#"topichub_subscribers{door="http"}"#).await,
+        0.0
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_open_and_count_auth_failures() {
+    let broker =
+        spawn_broker_with(|c| c.jwt_secret = Some("a secret of at least thirty-two bytes".into()))
+            .await;
+    let refused = reqwest::Client::new()
+        .post(format!("{}/publish", broker.url()))
+        .json(&serde_json::json!({"topic": "a", "payload": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let refused = broker
+        .grpc()
+        .await
+        .publish(PublishRequest {
+            topic: "a".into(),
+            payload: Default::default(),
+            headers: Default::default(),
+        })
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(sample(&broker, "topichub_auth_failures_total").await, 2.0);
+    broker.stop().await;
+}
