@@ -82,7 +82,14 @@ pub async fn run(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(config.keepalive_interval)
-        .keep_alive_timeout(config.keepalive_timeout);
+        .keep_alive_timeout(config.keepalive_timeout)
+        // hyper's default (200 streams) would make the 201st Subscribe wait silently; allow
+        // the per-connection subscription limit plus room for unary calls, so that limit's
+        // clear error is what a client meets.
+        .max_concurrent_streams(
+            u32::try_from(config.max_subscriptions_per_connection.saturating_add(256))
+                .unwrap_or(u32::MAX),
+        );
     builder
         .http1()
         .timer(TokioTimer::new())

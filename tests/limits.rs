@@ -215,6 +215,31 @@ async fn slow_clients_cannot_hold_connections() {
     broker.stop().await;
 }
 
+/// More than hyper's default of 200 concurrent HTTP/2 streams on one connection: the 250th
+/// subscription opens, and the limit's own error comes only past the configured limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_carries_hundreds_of_subscriptions_up_to_the_limit() {
+    let broker = spawn_broker_with(|c| c.max_subscriptions_per_connection = 250).await;
+    let mut client = broker.grpc().await;
+    let mut streams = Vec::new();
+    for _ in 0..250 {
+        let stream = within("a subscription", client.subscribe(subscribe(&["many"])))
+            .await
+            .unwrap();
+        streams.push(stream.into_inner());
+    }
+    let refused = within("the 251st", client.subscribe(subscribe(&["many"])))
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .message()
+            .contains("--max-subscriptions-per-connection 250"),
+        "{refused:?}"
+    );
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_streams_count_against_their_connection() {
     let broker = spawn_broker_with(|c| c.max_subscriptions_per_connection = 1).await;

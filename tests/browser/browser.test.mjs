@@ -23,6 +23,7 @@
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
 import { createWriteStream, mkdirSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { dirname, join, resolve } from "node:path";
@@ -144,8 +145,9 @@ async function openSse(url) {
 // The broker as a child process, so that it can be restarted on the same port.
 
 class Broker {
-  constructor(bin, port, logFile) {
+  constructor(bin, port, logFile, extraArgs = []) {
     this.bin = bin;
+    this.extraArgs = extraArgs;
     this.port = port;
     this.url = `http://127.0.0.1:${port}`;
     this.log = createWriteStream(logFile, { flags: "a" });
@@ -170,7 +172,7 @@ class Broker {
   async #startOnce() {
     this.starts += 1;
     this.log.write(`\n===== start #${this.starts} on ${this.url} =====\n`);
-    const child = spawn(this.bin, ["serve", "--listen", `127.0.0.1:${this.port}`, "--shutdown-grace", "2s"], {
+    const child = spawn(this.bin, ["serve", "--listen", `127.0.0.1:${this.port}`, "--shutdown-grace", "2s", ...this.extraArgs], {
       stdio: ["ignore", "pipe", "pipe"],
       env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "info" },
     });
@@ -228,6 +230,7 @@ class Broker {
 
 let browser = null;
 let broker = null;
+let authBroker = null; // step f
 const pages = new Set();
 const pageErrors = [];
 let shotIndex = 0;
@@ -470,8 +473,55 @@ async function main() {
     });
   }
 
+  if (!broker) {
+    log("step f skipped: needs TOPICHUB_BIN to start a broker with authentication on");
+  } else {
+    await step("f: with authentication on, the page uses the token typed into its field", async () => {
+      const secret = `browser-test secret ${run} padded to thirty-two bytes`;
+      authBroker = new Broker(broker.bin, await freePort(), join(ARTIFACTS, "broker-auth.log"), ["--jwt-secret", secret]);
+      await authBroker.start();
+      const page = await newPage(context, consoleLog);
+      await page.evaluate(() => localStorage.clear()).catch(() => {});
+      await page.goto(`${authBroker.url}/?topic=auth.test`);
+      // No token: the subscription is refused, and the page says why.
+      await waitForText(page, "#status", "closed");
+      await page.locator("#messages .notice.error", { hasText: "token" }).first().waitFor();
+      const refused = await fetch(`${authBroker.url}/publish`, {
+        method: "POST",
+        body: JSON.stringify({ topic: "auth.test", payload: "x" }),
+      });
+      assert.equal(refused.status, 401);
+      await shot(page, "f-no-token");
+
+      await page.fill("#token", hs256(secret, { sub: "browser", exp: Math.floor(Date.now() / 1000) + 600,
+        topichub: { publish: ["auth.>"], subscribe: ["auth.>"] } }));
+      await page.dispatchEvent("#token", "change");
+      await waitForText(page, "#status", "live");
+      const payload = `with a token ${run}`;
+      await page.fill("#pub-topic", "auth.test");
+      await page.fill("#pub-payload", payload);
+      await page.click("#pub-button");
+      await waitForText(page, "#pub-result", ".*seq \\d+.*");
+      await waitForRow(page, "#messages", "auth.test", payload);
+      // A topic the token does not allow: the server's 403 message is shown.
+      await page.fill("#pub-topic", "other.topic");
+      await page.click("#pub-button");
+      await waitForText(page, "#pub-result", ".*may not publish.*");
+      await shot(page, "f-with-token");
+      await authBroker.stop();
+      authBroker = null;
+    });
+  }
+
   assert.deepEqual(pageErrors, [], "uncaught exceptions in the pages");
   await context.close();
+}
+
+/** An HS256 JWT, as an identity provider would issue it. */
+function hs256(secret, claims) {
+  const encode = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  const unsigned = `${encode({ alg: "HS256", typ: "JWT" })}.${encode(claims)}`;
+  return `${unsigned}.${createHmac("sha256", secret).update(unsigned).digest("base64url")}`;
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -479,9 +529,13 @@ async function main() {
 async function cleanup() {
   await browser?.close().catch(() => {});
   if (broker) await broker.stop().catch(() => broker.kill());
+  if (authBroker) await authBroker.stop().catch(() => authBroker.kill());
 }
 
-process.on("exit", () => broker?.kill());
+process.on("exit", () => {
+  broker?.kill();
+  authBroker?.kill();
+});
 for (const signal of ["SIGINT", "SIGTERM"]) {
   process.on(signal, () => {
     log(`got ${signal}; cleaning up`);
