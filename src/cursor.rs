@@ -34,9 +34,17 @@ impl FromStr for Cursor {
         if !is_epoch(epoch) {
             return Err(bad("the epoch part must be 1-32 letters or digits"));
         }
-        let seq = seq
-            .parse()
-            .map_err(|_| bad("the seq part must be a whole number"))?;
+        // One spelling per cursor: digits only, no sign, no leading zeros (u64's parser would
+        // accept `+7` and `007`).
+        let canonical = !seq.is_empty()
+            && seq.bytes().all(|b| b.is_ascii_digit())
+            && (seq == "0" || !seq.starts_with('0'));
+        let seq = canonical
+            .then(|| seq.parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                bad("the seq part must be a whole number without sign or leading zeros")
+            })?;
         Ok(Cursor {
             epoch: epoch.to_owned(),
             seq,
@@ -76,6 +84,8 @@ mod tests {
             ("ab--5", "epoch"),
             ("ab-x", "whole number"),
             ("ab-18446744073709551616", "whole number"),
+            ("ab-+7", "whole number"),
+            ("ab-007", "leading zeros"),
         ] {
             let err = bad.parse::<Cursor>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");

@@ -141,6 +141,20 @@ async fn http_bad_input_gets_precise_json_errors() {
         assert_http_error(publish(body).await.unwrap(), status, code, needle).await;
     }
 
+    // Not an object (serde alone would take the fields as a positional array).
+    let response = http
+        .post(format!("{url}/publish"))
+        .body(r#"["a", "positional", null]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_http_error(
+        response,
+        StatusCode::BAD_REQUEST,
+        "INVALID_ARGUMENT",
+        "must be a JSON object",
+    )
+    .await;
     // Malformed JSON.
     let response = http
         .post(format!("{url}/publish"))

@@ -40,6 +40,12 @@ pub struct PublishBody {
 impl PublishBody {
     /// Parses a `POST /publish` body into what the hub publishes.
     pub fn parse(body: &[u8]) -> Result<(Topic, Bytes, Headers), ApiError> {
+        // serde would also take the fields as a positional array; the API documents an object.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "the body must be a JSON object: {\"topic\": \"...\", \"payload\": ...}",
+            ));
+        }
         let request: PublishBody = serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request(format!(
                 "malformed JSON body: {e}; expected {{\"topic\": \"...\", \"payload\": ...}}"
@@ -406,7 +412,7 @@ pub struct HeaderName(pub String);
 #[derive(ToSchema)]
 #[schema(
     as = Cursor,
-    pattern = r"^[A-Za-z0-9]{1,32}-[0-9]{1,19}$",
+    pattern = r"^[A-Za-z0-9]{1,32}-(0|[1-9][0-9]{0,19})$",
     example = "k3J9xQ2mPz0a-42"
 )]
 pub struct CursorText(pub String);
