@@ -97,7 +97,8 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
 }
 
 /// Adds the bearer-token security schemes, and to each protected operation its security
-/// requirements (a token, or none when the server runs without keys) and its 401/403 answers.
+/// requirements (a token, or none when the server runs without keys), its 401/403 answers, the
+/// 429 of the limits, and for publishes the 408 of a body that does not arrive in time.
 fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[String]) {
     use utoipa::openapi::security::{
         ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
@@ -138,6 +139,12 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
         let Some(item) = openapi.paths.paths.get_mut(path) else {
             continue;
         };
+        if let Some(post) = &mut item.post {
+            post.responses.responses.insert(
+                "408".into(),
+                error("The request body did not arrive within --http-body-timeout").into(),
+            );
+        }
         for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
             operation.security = Some(vec![
                 SecurityRequirement::default(),
@@ -153,6 +160,10 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
             responses.insert(
                 "403".into(),
                 error("The token does not allow this topic or pattern").into(),
+            );
+            responses.insert(
+                "429".into(),
+                error("A limit was reached (connections, subscriptions, topics per subscription, publish rate); the message names it").into(),
             );
         }
     }
