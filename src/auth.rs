@@ -403,19 +403,14 @@ pub async fn http_guard(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let access = if auth.is_enabled() {
-        token_of(request.headers(), request.uri().query())
-            .and_then(|token| auth.authenticate(token.as_deref()))
-    } else {
-        Ok(Access::unrestricted())
-    };
-    match access {
-        Ok(access) => {
-            request.extensions_mut().insert(access);
-            next.run(request).await
-        }
+    match admit(
+        &auth,
+        &metrics,
+        &mut request,
+        TokenFrom::HeaderCookieOrQuery,
+    ) {
+        Ok(()) => next.run(request).await,
         Err(error) => {
-            metrics.auth_failed();
             let mut response = crate::http::error::ApiError::from(error).into_response();
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -444,19 +439,44 @@ pub async fn grpc_guard(
     if OPEN_GRPC_SERVICES.iter().any(|open| path.starts_with(open)) {
         return next.run(request).await;
     }
+    match admit(&auth, &metrics, &mut request, TokenFrom::Metadata) {
+        Ok(()) => next.run(request).await,
+        Err(error) => crate::grpc::status_response(tonic::Status::from(error)),
+    }
+}
+
+/// Where a transport's clients may put their token.
+enum TokenFrom {
+    /// gRPC metadata (`authorization`) only.
+    Metadata,
+    /// HTTP: the header, else the cookie or query parameter (for EventSource).
+    HeaderCookieOrQuery,
+}
+
+/// Authenticates `request` and stores its [`Access`] in the extensions; a refusal is counted.
+fn admit(
+    auth: &Authenticator,
+    metrics: &Metrics,
+    request: &mut Request,
+    from: TokenFrom,
+) -> Result<(), Error> {
     let access = if auth.is_enabled() {
-        token_of(request.headers(), None).and_then(|token| auth.authenticate(token.as_deref()))
+        let query = match from {
+            TokenFrom::Metadata => None,
+            TokenFrom::HeaderCookieOrQuery => request.uri().query(),
+        };
+        token_of(request.headers(), query).and_then(|token| auth.authenticate(token.as_deref()))
     } else {
         Ok(Access::unrestricted())
     };
     match access {
         Ok(access) => {
             request.extensions_mut().insert(access);
-            next.run(request).await
+            Ok(())
         }
         Err(error) => {
             metrics.auth_failed();
-            crate::grpc::status_response(tonic::Status::from(error))
+            Err(error)
         }
     }
 }
