@@ -209,30 +209,6 @@ async fn wait_for_subscribers_at(addr: SocketAddr, n: u64) {
     .await;
 }
 
-/// An SSE subscriber on a socket with a small, fixed receive buffer (loopback buffers otherwise
-/// grow to tens of MiB), which never reads past the response headers while the caller holds the
-/// body unpolled. (As `stuck_sse_subscriber` in tests/operations.rs.)
-async fn stuck_sse_subscriber(addr: SocketAddr, path: &str) -> hyper::body::Incoming {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(8 * 1024).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header("host", addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    // Keep the sender alive with the body: dropping it would close the connection.
-    let body = response.into_body();
-    std::mem::forget(sender);
-    body
-}
-
 /// 200 MiB are published to a topic followed by two subscribers that never read: an SSE
 /// connection with an 8 KiB receive buffer and a gRPC stream that is never polled. The broker's
 /// memory stays bounded by its limits, not by the traffic, and no publish ever waits for them.
@@ -257,7 +233,7 @@ async fn clients_that_never_read_cost_bounded_memory_and_never_stall_publishers(
     let pid = broker.id().unwrap();
     let url = format!("http://{addr}");
 
-    let _stuck_sse = stuck_sse_subscriber(addr, "/subscribe?topic=faults.flood").await;
+    let _stuck_sse = support::stuck_sse_subscriber(addr, "/subscribe?topic=faults.flood").await;
     let channel = tonic::transport::Channel::from_shared(url.clone())
         .unwrap()
         .connect()

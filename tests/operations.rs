@@ -309,7 +309,7 @@ async fn a_stuck_subscriber_never_blocks_publishers_or_other_subscribers() {
         .await
         .unwrap()
         .into_inner();
-    let mut stuck_sse = stuck_sse_subscriber(&broker, "/subscribe?topic=flood").await;
+    let mut stuck_sse = support::stuck_sse_subscriber(broker.addr, "/subscribe?topic=flood").await;
     let mut healthy = broker
         .grpc()
         .await
@@ -362,7 +362,7 @@ async fn a_stuck_subscriber_never_blocks_publishers_or_other_subscribers() {
     let mut lagged = false;
     let mut buffer = String::new();
     while seqs.len() < MESSAGES {
-        let frame = within("stuck SSE catching up", stuck_sse.frame())
+        let frame = within("stuck SSE catching up", stuck_sse.body.frame())
             .await
             .unwrap()
             .unwrap();
@@ -387,29 +387,6 @@ async fn a_stuck_subscriber_never_blocks_publishers_or_other_subscribers() {
         "caught up with no gap and no duplicate"
     );
     broker.stop().await;
-}
-
-/// An SSE subscriber on a socket with a small, fixed receive buffer (loopback buffers otherwise
-/// grow to tens of MiB), which does not read until the caller polls its body.
-async fn stuck_sse_subscriber(broker: &support::Broker, path: &str) -> hyper::body::Incoming {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(8 * 1024).unwrap();
-    let stream = socket.connect(broker.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header("host", broker.addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    // Keep the sender alive with the body: dropping it would close the connection.
-    let body = response.into_body();
-    std::mem::forget(sender);
-    body
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use topichub::ServerConfig;
 use topichub::proto::v1::pub_sub_client::PubSubClient;
+use tower::Layer as _;
 
 /// Upper bound for anything a test waits for; a hang fails the test instead of stalling CI.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -241,4 +242,33 @@ pub fn grpc_web(broker: &Broker) -> PubSubClient<GrpcWebTransport> {
     PubSubClient::with_origin(service, broker.url().parse().unwrap())
 }
 
-use tower::Layer as _;
+/// An SSE subscriber that reads nothing until the caller polls `body`: its socket has a small,
+/// fixed receive buffer (loopback buffers otherwise grow to tens of MiB), so a flood fills the
+/// path to it quickly and the broker's lag policy is what gets tested.
+pub struct StuckSse {
+    pub body: hyper::body::Incoming,
+    /// Dropping the sender would close the connection.
+    _sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+/// Opens `GET {path}` on `addr` as a [`StuckSse`]; panics unless the answer is 200.
+pub async fn stuck_sse_subscriber(addr: SocketAddr, path: &str) -> StuckSse {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    StuckSse {
+        body: response.into_body(),
+        _sender: sender,
+    }
+}
