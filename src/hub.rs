@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -864,6 +865,11 @@ impl Subscription {
     /// The next event. `None` when the subscription was ended by `unsubscribe`; an error when
     /// the hub closed it (slow consumer under the `disconnect` policy).
     pub async fn next(&mut self) -> Option<Result<Event, Error>> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Subscription::next`] for hand-written futures and bodies: no future is built per event.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, Error>>> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 if let Event::Message(m) = &event {
@@ -874,22 +880,22 @@ impl Subscription {
                     }
                     self.last_seq = m.seq;
                 }
-                return Some(Ok(event));
+                return Poll::Ready(Some(Ok(event)));
             }
-            match self.rx.recv().await {
+            match std::task::ready!(self.rx.poll_recv(cx)) {
                 Some(message) => {
                     if message.seq <= self.last_seq {
                         continue;
                     }
                     self.last_seq = message.seq;
-                    return Some(Ok(Event::Message(message)));
+                    return Poll::Ready(Some(Ok(Event::Message(message))));
                 }
                 None => match self.ended.get() {
-                    Some(Ended::Unsubscribed) => return None,
-                    Some(Ended::Closed(error)) => return Some(Err(error.clone())),
+                    Some(Ended::Unsubscribed) => return Poll::Ready(None),
+                    Some(Ended::Closed(error)) => return Poll::Ready(Some(Err(error.clone()))),
                     None => match self.hub.catch_up(self.id, self.last_seq, &mut self.pending) {
                         Some(rx) => self.rx = rx,
-                        None => return None,
+                        None => return Poll::Ready(None),
                     },
                 },
             }

@@ -2,7 +2,11 @@
 //! connection and every long-lived stream watch; [`StreamEnd`] is how streams watch it (and
 //! their token's expiry).
 
-use tokio_util::sync::CancellationToken;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::Error;
 use crate::hub::{Event, Subscription};
@@ -49,10 +53,15 @@ pub fn on_signal() -> CancellationToken {
 
 /// What ends a long-lived stream besides its subscription: server shutdown, or the expiry of
 /// the client's token.
+///
+/// Both waits are registered once per stream, not once per event: a stream that delivers many
+/// events polls them without building or tearing down a future each time.
 pub struct StreamEnd {
     shutdown: CancellationToken,
-    /// Armed once per stream, not per event.
-    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker `cancelled` was last polled with; polled again only when it changes.
+    registered: Option<Waker>,
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl StreamEnd {
@@ -67,31 +76,59 @@ impl StreamEnd {
                 .unwrap_or_default();
             Box::pin(tokio::time::sleep(left))
         });
-        StreamEnd { shutdown, expiry }
+        StreamEnd {
+            cancelled: Box::pin(shutdown.clone().cancelled_owned()),
+            shutdown,
+            registered: None,
+            expiry,
+        }
     }
 
     /// Resolves when the stream must end, with the reason.
     pub async fn ended(&mut self) -> Error {
-        let expiry = async {
-            match &mut self.expiry {
-                Some(sleep) => sleep.await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            biased;
-            () = self.shutdown.cancelled() => Error::ShuttingDown,
-            () = expiry => Error::Unauthenticated("the token has expired; reconnect with a fresh token".into()),
+        std::future::poll_fn(|cx| self.poll_ended(cx)).await
+    }
+
+    /// [`StreamEnd::ended`], polled by hand.
+    pub fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<Error> {
+        if self.shutdown.is_cancelled() {
+            return Poll::Ready(Error::ShuttingDown);
         }
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            if self.cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Error::ShuttingDown);
+            }
+            self.registered = Some(cx.waker().clone());
+        }
+        if let Some(expiry) = &mut self.expiry
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Error::Unauthenticated(
+                "the token has expired; reconnect with a fresh token".into(),
+            ));
+        }
+        Poll::Pending
     }
 
     /// The next event of `subscription`: `None` when it ended cleanly, an error when it was
     /// closed by the hub, the server is shutting down, or the token expired.
     pub async fn next(&mut self, subscription: &mut Subscription) -> Option<Result<Event, Error>> {
-        tokio::select! {
-            biased;
-            error = self.ended() => Some(Err(error)),
-            event = subscription.next() => event,
+        std::future::poll_fn(|cx| self.poll_next(cx, subscription)).await
+    }
+
+    /// [`StreamEnd::next`], polled by hand.
+    pub fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        subscription: &mut Subscription,
+    ) -> Poll<Option<Result<Event, Error>>> {
+        if let Poll::Ready(error) = self.poll_ended(cx) {
+            return Poll::Ready(Some(Err(error)));
         }
+        subscription.poll_next(cx)
     }
 }

@@ -10,8 +10,10 @@ use axum::body::Body;
 use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use futures_util::{StreamExt, stream};
 use serde::Serialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
@@ -90,15 +92,17 @@ pub async fn subscribe(
         _gauge: state.hub.metrics().subscriber(Door::Http),
         metrics: state.hub.metrics().clone(),
     };
-    let body = stream::once(async move { Ok::<_, Infallible>(first) })
-        .chain(stream::unfold(Some(stream), next_frame));
+    let body = SseBody {
+        first: Some(first),
+        stream: Some(stream),
+    };
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
             (header::HeaderName::from_static("x-accel-buffering"), "no"),
         ],
-        Body::from_stream(body),
+        Body::new(body),
     )
         .into_response())
 }
@@ -114,26 +118,64 @@ struct SseStream {
     metrics: Metrics,
 }
 
-/// The next frame of a stream; `None` ends it.
-async fn next_frame(
-    state: Option<SseStream>,
-) -> Option<(Result<Bytes, Infallible>, Option<SseStream>)> {
-    let mut s = state?;
-    let frame = tokio::select! {
-        event = s.end.next(&mut s.subscription) => match event.inspect(|e| {
-            if let Ok(event) = e {
-                s.metrics.count_event(Door::Http, event);
+/// The response body: the `subscribed` frame, then one frame per event. Hand-written rather
+/// than a stream combinator so that nothing is built per event but the event's bytes (which
+/// are shared: see [`message_frame`]). Events that are ready at once are not concatenated here:
+/// hyper already gathers the frames it is given in a row into one vectored write.
+struct SseBody {
+    first: Option<Bytes>,
+    /// `None` once the stream has ended.
+    stream: Option<SseStream>,
+}
+
+impl http_body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        let Some(s) = this.stream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match s.end.poll_next(cx, &mut s.subscription) {
+            Poll::Ready(Some(Ok(event))) => {
+                s.metrics.count_event(Door::Http, &event);
+                event_frame(event)
             }
-        }) {
-            None => return None,
-            Some(Err(error)) => return Some((Ok(error_frame(&error.into())), None)),
-            Some(Ok(Event::Message(m))) => message_frame(&m),
-            Some(Ok(Event::Gap(gap))) => frame("gap", None, &GapJson::from(gap), false),
-            Some(Ok(Event::Lag(lag))) => frame("lag", None, &LagJson::from(lag), false),
-        },
-        _ = s.keepalive.tick() => Bytes::from_static(b": keep-alive\n\n"),
-    };
-    Some((Ok(frame), Some(s)))
+            Poll::Ready(Some(Err(error))) => {
+                this.stream = None;
+                error_frame(&error.into())
+            }
+            Poll::Ready(None) => {
+                this.stream = None;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {
+                // Keep-alive comments only matter while idle; the timer is polled only then.
+                std::task::ready!(s.keepalive.poll_tick(cx));
+                Bytes::from_static(b": keep-alive\n\n")
+            }
+        };
+        Poll::Ready(Some(Ok(http_body::Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.stream.is_none()
+    }
+}
+
+fn event_frame(event: Event) -> Bytes {
+    match event {
+        Event::Message(m) => message_frame(&m),
+        Event::Gap(gap) => frame("gap", None, &GapJson::from(gap), false),
+        Event::Lag(lag) => frame("lag", None, &LagJson::from(lag), false),
+    }
 }
 
 /// The `message` event of a hub message, built once per message.
