@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 
 scripts/deps-node.sh
 scripts/deps-python.sh
-cargo test --locked "$@"
+cargo test --locked --workspace "$@"

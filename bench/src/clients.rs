@@ -1,0 +1,459 @@
+//! One client implementation per protocol, used for every target that speaks it: subscribers
+//! report to a [`Sink`], publishers publish one payload at a time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint};
+use topichub::proto::seed::pub_sub_service_client::PubSubServiceClient;
+use topichub::proto::v1::pub_sub_client::PubSubClient;
+use topichub::proto::v1::subscribe_response::Event;
+
+use crate::servers::Kind;
+use crate::stats::Sink;
+
+/// A system under test, as a client reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// topichub over gRPC, `topichub.v1.PubSub` (unary Publish, server-streaming Subscribe).
+    Grpc,
+    /// topichub over gRPC, the seed's `proto.PubSubService`.
+    Seed,
+    /// topichub over HTTP: `POST /topics/{topic}` and SSE `GET /subscribe`, HTTP/1.1.
+    Sse,
+    /// topichub SSE with many streams per HTTP/2 connection (only for holding idle subscribers).
+    SseH2,
+    /// nats-server, async-nats client (publish + flush where an acknowledgement is needed).
+    Nats,
+    /// nginx + nchan: `POST /pub?id=` and EventSource `GET /sub?id=`.
+    Nchan,
+    /// mosquitto: MQTT 3.1.1, QoS 0 delivery, QoS 1 where an acknowledgement is needed.
+    Mqtt,
+    /// The raw-loopback ceiling: a minimal program writing the SSE bytes to every socket.
+    Raw,
+}
+
+impl Target {
+    pub fn kind(self) -> Kind {
+        match self {
+            Target::Grpc | Target::Seed | Target::Sse | Target::SseH2 => Kind::Topichub,
+            Target::Nats => Kind::Nats,
+            Target::Nchan => Kind::Nchan,
+            Target::Mqtt => Kind::Mosquitto,
+            Target::Raw => Kind::Raw,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Grpc => "topichub-grpc",
+            Target::Seed => "topichub-seed",
+            Target::Sse => "topichub-sse",
+            Target::SseH2 => "topichub-sse-h2",
+            Target::Nats => "nats",
+            Target::Nchan => "nchan",
+            Target::Mqtt => "mosquitto",
+            Target::Raw => "raw-loopback",
+        }
+    }
+
+    pub fn is_topichub(self) -> bool {
+        self.kind() == Kind::Topichub
+    }
+}
+
+/// Runs one subscriber of `topic` until its stream ends or the task is aborted. It calls
+/// `sink.mark_ready()` once the server has it registered, and `sink.deliver` per message.
+pub async fn subscriber(target: Target, addr: SocketAddr, topic: String, sink: Arc<Sink>) {
+    let result = match target {
+        Target::Grpc => grpc_subscriber(addr, &topic, &sink).await,
+        Target::Seed => seed_subscriber(addr, &topic, &sink).await,
+        Target::Sse | Target::Nchan | Target::Raw => {
+            let path = sse_path(target, &topic);
+            let stream = connect(addr).await;
+            match stream {
+                Ok(stream) => sse_http1(stream, addr, &path, target, &sink).await,
+                Err(e) => Err(e),
+            }
+        }
+        Target::SseH2 => Err(anyhow::anyhow!("use sse_h2_subscribers for {target:?}")),
+        Target::Nats => nats_subscriber(addr, &topic, &sink).await,
+        Target::Mqtt => mqtt_subscriber(addr, &topic, &sink).await,
+    };
+    match result {
+        Ok(()) => sink.fail(format!("{} stream ended", target.name())),
+        Err(e) => sink.fail(format!("{}: {e:#}", target.name())),
+    }
+}
+
+fn sse_path(target: Target, topic: &str) -> String {
+    match target {
+        Target::Nchan => format!("/sub?id={topic}"),
+        Target::Raw => "/sub".into(),
+        _ => format!("/subscribe?topic={topic}"),
+    }
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn endpoint(addr: SocketAddr) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true))
+}
+
+async fn grpc_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::Result<()> {
+    let mut client =
+        PubSubClient::new(endpoint(addr)?.connect().await?).max_decoding_message_size(usize::MAX);
+    let request = topichub::proto::v1::SubscribeRequest {
+        topics: vec![topic.to_owned()],
+        ..Default::default()
+    };
+    let mut stream = client.subscribe(request).await?.into_inner();
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(Event::Message(m)) => sink.deliver(&m.payload),
+            Some(Event::Subscribed(_)) => sink.mark_ready(),
+            Some(other) => bail!("unexpected event {other:?}"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+async fn seed_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::Result<()> {
+    let mut client = PubSubServiceClient::new(endpoint(addr)?.connect().await?);
+    let request = topichub::proto::seed::SubscribeRequest {
+        topic: topic.to_owned(),
+    };
+    // The seed API has no "subscribed" event; the response headers come once the hub has the
+    // subscription.
+    let mut stream = client.subscribe(request).await?.into_inner();
+    sink.mark_ready();
+    while let Some(event) = stream.message().await? {
+        sink.deliver(&event.payload);
+    }
+    Ok(())
+}
+
+/// Splits an SSE byte stream into events (blocks ending in a blank line).
+#[derive(Default)]
+struct SseParser {
+    pending: Vec<u8>,
+}
+
+impl SseParser {
+    fn feed(
+        &mut self,
+        data: &[u8],
+        mut on_event: impl FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut rest: &[u8] = data;
+        if !self.pending.is_empty() {
+            self.pending.extend_from_slice(data);
+            let pending = std::mem::take(&mut self.pending);
+            let mut at = 0;
+            while let Some(end) = event_end(&pending[at..]) {
+                on_event(&pending[at..at + end])?;
+                at += end + 2;
+            }
+            self.pending = pending[at..].to_vec();
+            return Ok(());
+        }
+        while let Some(end) = event_end(rest) {
+            on_event(&rest[..end])?;
+            rest = &rest[end + 2..];
+        }
+        self.pending.extend_from_slice(rest);
+        Ok(())
+    }
+}
+
+/// Offset of the `\n\n` that ends the first event in `data`.
+fn event_end(data: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(nl) = data[from..].iter().position(|b| *b == b'\n') {
+        let at = from + nl;
+        match data.get(at + 1) {
+            Some(b'\n') => return Some(at),
+            Some(_) => from = at + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// What one SSE event means to the benchmark.
+fn sse_event(block: &[u8], target: Target, sink: &Sink) -> anyhow::Result<()> {
+    if block.starts_with(b":") {
+        return Ok(()); // comment (keep-alive)
+    }
+    let event = block
+        .split(|b| *b == b'\n')
+        .find_map(|line| line.strip_prefix(b"event: "))
+        .unwrap_or(b"message");
+    match event {
+        b"message" => sink.deliver(block),
+        b"subscribed" if target.is_topichub() => sink.mark_ready(),
+        other => bail!("unexpected SSE event {:?}", String::from_utf8_lossy(other)),
+    }
+    Ok(())
+}
+
+async fn sse_http1(
+    stream: TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    target: Target,
+    sink: &Sink,
+) -> anyhow::Result<()> {
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header("host", addr.to_string())
+        .header("accept", "text/event-stream")
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    read_sse(response, target, sink).await
+}
+
+async fn read_sse(
+    response: http::Response<hyper::body::Incoming>,
+    target: Target,
+    sink: &Sink,
+) -> anyhow::Result<()> {
+    if !response.status().is_success() {
+        bail!("subscribe answered {}", response.status());
+    }
+    if !target.is_topichub() {
+        // nchan and the raw server register the subscriber before answering.
+        sink.mark_ready();
+    }
+    let mut body = response.into_body();
+    let mut parser = SseParser::default();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            parser.feed(&data, |block| sse_event(block, target, sink))?;
+        }
+    }
+    Ok(())
+}
+
+/// `count` SSE subscribers of `topic` over one HTTP/2 connection (h2c, prior knowledge).
+pub async fn sse_h2_subscribers(addr: SocketAddr, topic: String, count: usize, sink: Arc<Sink>) {
+    let result = async {
+        let stream = connect(addr).await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(connection);
+        let mut streams = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let mut sender = sender.clone();
+            let sink = sink.clone();
+            let path = sse_path(Target::Sse, &topic);
+            let uri = format!("http://{addr}{path}");
+            streams.spawn(async move {
+                let request = http::Request::get(uri)
+                    .header("accept", "text/event-stream")
+                    .body(Empty::<Bytes>::new())?;
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                read_sse(response, Target::SseH2, &sink).await
+            });
+        }
+        while let Some(done) = streams.join_next().await {
+            done??;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => sink.fail("SSE h2 streams ended".into()),
+        Err(e) => sink.fail(format!("topichub-sse-h2: {e:#}")),
+    }
+}
+
+async fn nats_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::Result<()> {
+    let client = async_nats::connect(addr.to_string()).await?;
+    let mut subscription = client.subscribe(topic.to_owned()).await?;
+    // The server has processed SUB once it has answered the PING that flush sends.
+    client.flush().await?;
+    sink.mark_ready();
+    while let Some(message) = subscription.next().await {
+        sink.deliver(&message.payload);
+    }
+    Ok(())
+}
+
+fn mqtt_options(addr: SocketAddr) -> rumqttc::MqttOptions {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut options = rumqttc::MqttOptions::new(
+        format!("bench-{}-{id}", std::process::id()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    options.set_keep_alive(std::time::Duration::from_secs(60));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    options
+}
+
+async fn mqtt_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::Result<()> {
+    use rumqttc::{Event, Packet, QoS};
+    let (client, mut events) = rumqttc::AsyncClient::new(mqtt_options(addr), 16);
+    client.subscribe(topic, QoS::AtMostOnce).await?;
+    loop {
+        match events.poll().await? {
+            Event::Incoming(Packet::Publish(p)) => sink.deliver(&p.payload),
+            Event::Incoming(Packet::SubAck(_)) => sink.mark_ready(),
+            _ => {}
+        }
+    }
+}
+
+/// A publishing connection.
+pub enum Publisher {
+    Grpc(PubSubClient<Channel>),
+    Seed(PubSubServiceClient<Channel>),
+    Http {
+        sender: http1::SendRequest<Full<Bytes>>,
+        authority: String,
+        target: Target,
+    },
+    Nats(async_nats::Client),
+    Mqtt {
+        client: rumqttc::AsyncClient,
+        acks: tokio::sync::mpsc::Receiver<anyhow::Result<()>>,
+    },
+}
+
+impl Publisher {
+    pub async fn connect(target: Target, addr: SocketAddr) -> anyhow::Result<Publisher> {
+        Ok(match target {
+            Target::Grpc => Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?)),
+            Target::Seed => {
+                Publisher::Seed(PubSubServiceClient::new(endpoint(addr)?.connect().await?))
+            }
+            Target::Sse | Target::SseH2 | Target::Nchan | Target::Raw => {
+                let (sender, connection) =
+                    http1::handshake(TokioIo::new(connect(addr).await?)).await?;
+                tokio::spawn(connection);
+                Publisher::Http {
+                    sender,
+                    authority: addr.to_string(),
+                    target,
+                }
+            }
+            Target::Nats => Publisher::Nats(async_nats::connect(addr.to_string()).await?),
+            Target::Mqtt => {
+                let (client, mut events) = rumqttc::AsyncClient::new(mqtt_options(addr), 64);
+                let (tx, acks) = tokio::sync::mpsc::channel(64);
+                tokio::spawn(async move {
+                    loop {
+                        match events.poll().await {
+                            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                                if tx.send(Ok(())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+                Publisher::Mqtt { client, acks }
+            }
+        })
+    }
+
+    /// Publishes one message. With `acked`, returns once the server has acknowledged it (gRPC
+    /// and HTTP always wait for their response; NATS flushes, a PING round trip; MQTT uses
+    /// QoS 1 and waits for PUBACK); without, NATS and MQTT (QoS 0) return once it is queued.
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        acked: bool,
+    ) -> anyhow::Result<()> {
+        match self {
+            Publisher::Grpc(client) => {
+                client
+                    .publish(topichub::proto::v1::PublishRequest {
+                        topic: topic.to_owned(),
+                        payload: payload.clone(),
+                        headers: Default::default(),
+                    })
+                    .await?;
+            }
+            Publisher::Seed(client) => {
+                client
+                    .publish(topichub::proto::seed::PublishRequest {
+                        topic: topic.to_owned(),
+                        payload: payload.clone(),
+                    })
+                    .await?;
+            }
+            Publisher::Http {
+                sender,
+                authority,
+                target,
+            } => {
+                let path = match target {
+                    Target::Nchan => format!("/pub?id={topic}"),
+                    Target::Raw => "/pub".into(),
+                    _ => format!("/topics/{topic}"),
+                };
+                let request = http::Request::post(path)
+                    .header("host", authority.as_str())
+                    .header("content-type", "text/plain")
+                    .body(Full::new(payload))?;
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                let status = response.status();
+                let body = response.into_body().collect().await?.to_bytes();
+                if !status.is_success() {
+                    bail!(
+                        "publish answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+            }
+            Publisher::Nats(client) => {
+                client.publish(topic.to_owned(), payload).await?;
+                if acked {
+                    client.flush().await?;
+                }
+            }
+            Publisher::Mqtt { client, acks } => {
+                let qos = if acked {
+                    rumqttc::QoS::AtLeastOnce
+                } else {
+                    rumqttc::QoS::AtMostOnce
+                };
+                client.publish_bytes(topic, qos, false, payload).await?;
+                if acked {
+                    match acks.recv().await {
+                        Some(result) => result?,
+                        None => bail!("MQTT connection closed"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! topichub-bench: measures topichub against nats-server, nginx + nchan and mosquitto with one
+//! client implementation per protocol, in one process, on loopback.
+//!
+//! `bench/run.sh` installs the peers, builds everything and runs `suite`; see bench/README.md
+//! for the scenarios and what each figure means.
+
+mod clients;
+mod raw;
+mod report;
+mod scenarios;
+mod servers;
+mod stats;
+mod tools;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use clients::Target;
+use scenarios::{Figures, Params, Scenario};
+use servers::{Launch, Server};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks topichub against real peers on loopback")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario against every target it applies to: medians, ratios, JSON and a chart.
+    Suite(SuiteArgs),
+    /// One scenario against one target, once; prints the figures as JSON.
+    Run {
+        #[arg(long, value_enum)]
+        scenario: SuiteScenario,
+        #[arg(long, value_enum)]
+        target: Target,
+        /// Use a server that is already running at this address (e.g. under a profiler)
+        /// instead of starting one; needs --pid.
+        #[arg(long, requires = "pid")]
+        attach: Option<SocketAddr>,
+        /// PID of the attached server (for its CPU time and memory).
+        #[arg(long)]
+        pid: Option<u32>,
+        #[command(flatten)]
+        launch: LaunchArgs,
+        #[command(flatten)]
+        params: Params,
+    },
+    /// Renders the table and chart again from a results JSON file.
+    Report {
+        /// results.json written by `suite`.
+        input: PathBuf,
+    },
+    /// The raw-loopback fan-out server (started by the suite for the ceiling).
+    RawServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct LaunchArgs {
+    /// The topichub binary to benchmark.
+    #[arg(
+        long,
+        env = "BENCH_TOPICHUB",
+        default_value = "target/release/topichub"
+    )]
+    topichub: PathBuf,
+    /// CPUs the servers are pinned to (`taskset -c`); "none" to not pin.
+    #[arg(long, env = "BENCH_SERVER_CPUS", default_value = "0")]
+    server_cpus: String,
+    /// Scratch directory (configuration files, logs).
+    #[arg(long, env = "BENCH_WORK", default_value = "target/bench/work")]
+    work: PathBuf,
+}
+
+impl LaunchArgs {
+    fn launch(&self) -> anyhow::Result<Launch> {
+        Ok(Launch {
+            topichub_bin: self.topichub.clone(),
+            self_bin: std::env::current_exe()?,
+            server_cpus: (self.server_cpus != "none").then(|| self.server_cpus.clone()),
+            work_dir: std::path::absolute(&self.work)?,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct SuiteArgs {
+    /// Runs per scenario and target; the report gives the median.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Scenarios to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<SuiteScenario>,
+    /// Targets to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    targets: Vec<Target>,
+    /// Where results.json, results.md and ratios.svg go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Fails unless every figure is present and sane (for CI smoke runs).
+    #[arg(long)]
+    check: bool,
+    #[command(flatten)]
+    launch: LaunchArgs,
+    #[command(flatten)]
+    params: Params,
+}
+
+/// A scenario of the suite: the client scenarios plus the C load tools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SuiteScenario {
+    Publish,
+    /// Unary publish driven by h2load (gRPC) and wrk (HTTP POST).
+    PublishTool,
+    E2e,
+    Fanout,
+    Rate,
+    Idle,
+    MaxIdle,
+}
+
+impl SuiteScenario {
+    const ALL: [SuiteScenario; 7] = [
+        SuiteScenario::Publish,
+        SuiteScenario::PublishTool,
+        SuiteScenario::E2e,
+        SuiteScenario::Fanout,
+        SuiteScenario::Rate,
+        SuiteScenario::Idle,
+        SuiteScenario::MaxIdle,
+    ];
+
+    /// The targets this scenario is measured on.
+    fn targets(self) -> &'static [Target] {
+        use Target::*;
+        match self {
+            SuiteScenario::Publish | SuiteScenario::E2e | SuiteScenario::Rate => {
+                &[Grpc, Seed, Sse, Nats, Nchan, Mqtt]
+            }
+            SuiteScenario::PublishTool => &[Grpc, Sse, Nchan],
+            SuiteScenario::Fanout => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
+            SuiteScenario::Idle => &[Grpc, Sse, Nats, Nchan, Mqtt],
+            SuiteScenario::MaxIdle => &[Sse, SseH2],
+        }
+    }
+
+    /// Runs of this scenario: max-idle is slow and its answer is a count, so it runs once.
+    fn runs(self, runs: usize) -> usize {
+        if self == SuiteScenario::MaxIdle {
+            1
+        } else {
+            runs
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SuiteScenario::Publish => "publish",
+            SuiteScenario::PublishTool => "publish-tool",
+            SuiteScenario::E2e => "e2e",
+            SuiteScenario::Fanout => "fanout",
+            SuiteScenario::Rate => "rate",
+            SuiteScenario::Idle => "idle",
+            SuiteScenario::MaxIdle => "max-idle",
+        }
+    }
+}
+
+async fn run_once(
+    scenario: SuiteScenario,
+    target: Target,
+    launch: &Launch,
+    params: &Params,
+) -> anyhow::Result<Figures> {
+    let server = Server::start(target.kind(), launch)?;
+    let figures = measure(scenario, target, server.addr, server.pid(), launch, params).await;
+    drop(server);
+    figures
+}
+
+async fn measure(
+    scenario: SuiteScenario,
+    target: Target,
+    addr: SocketAddr,
+    pid: u32,
+    launch: &Launch,
+    params: &Params,
+) -> anyhow::Result<Figures> {
+    match scenario {
+        SuiteScenario::PublishTool => {
+            tools::publish_tool(target, addr, params, &launch.work_dir.join("tools"))
+        }
+        other => {
+            let scenario = match other {
+                SuiteScenario::Publish => Scenario::Publish,
+                SuiteScenario::E2e => Scenario::E2e,
+                SuiteScenario::Fanout => Scenario::Fanout,
+                SuiteScenario::Rate => Scenario::Rate,
+                SuiteScenario::Idle => Scenario::Idle,
+                SuiteScenario::MaxIdle => Scenario::MaxIdle,
+                SuiteScenario::PublishTool => unreachable!(),
+            };
+            scenarios::run(scenario, target, addr, pid, params).await
+        }
+    }
+}
+
+async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
+    let launch = args.launch.launch()?;
+    anyhow::ensure!(
+        launch.topichub_bin.exists(),
+        "no topichub binary at {} (cargo build --release)",
+        launch.topichub_bin.display()
+    );
+    let scenarios = if args.scenarios.is_empty() {
+        SuiteScenario::ALL.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
+    let mut results = Vec::new();
+    for scenario in scenarios {
+        for &target in scenario.targets() {
+            if !args.targets.is_empty() && !args.targets.contains(&target) {
+                continue;
+            }
+            let mut runs = Vec::new();
+            for run in 1..=scenario.runs(args.runs) {
+                eprint!("{:>12} {:<16} run {run}: ", scenario.name(), target.name());
+                match run_once(scenario, target, &launch, &args.params).await {
+                    Ok(figures) => {
+                        eprintln!("{}", report::brief(&figures));
+                        runs.push(figures);
+                    }
+                    Err(e) => {
+                        eprintln!("FAILED: {e:#}");
+                        if args.check {
+                            return Err(e.context(format!(
+                                "{} on {}",
+                                scenario.name(),
+                                target.name()
+                            )));
+                        }
+                    }
+                }
+            }
+            results.push(report::Result::new(scenario, target, runs));
+        }
+    }
+    let results = report::Results::new(results, &args.params, args.runs);
+    std::fs::create_dir_all(&args.out)?;
+    let json = args.out.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    report::render(&results, &args.out)?;
+    eprintln!("wrote {}, results.md and ratios.svg", json.display());
+    if args.check {
+        report::check(&results)?;
+        eprintln!("check: every figure present and sane");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // One thread: the client gets one core, as the server does.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Suite(args) => suite(args).await,
+            Command::Run {
+                scenario,
+                target,
+                attach,
+                pid,
+                launch,
+                params,
+            } => {
+                let launch = launch.launch()?;
+                let figures = match (attach, pid) {
+                    (Some(addr), Some(pid)) => {
+                        measure(scenario, target, addr, pid, &launch, &params).await?
+                    }
+                    _ => run_once(scenario, target, &launch, &params).await?,
+                };
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+                Ok(())
+            }
+            Command::Report { input } => {
+                let text = std::fs::read_to_string(&input)
+                    .with_context(|| format!("reading {}", input.display()))?;
+                let results: report::Results = serde_json::from_str(&text)?;
+                let dir = input.parent().unwrap_or(std::path::Path::new("."));
+                report::render(&results, dir)
+            }
+            Command::RawServer { listen } => raw::serve(listen).await,
+        }
+    })
+}

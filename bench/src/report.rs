@@ -1,0 +1,583 @@
+//! Medians, the topichub/peer ratios against the targets, and their output: a table on stdout
+//! and in results.md, results.json, and ratios.svg.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+
+use crate::SuiteScenario;
+use crate::clients::Target;
+use crate::scenarios::{Figures, Params};
+
+#[derive(Serialize, Deserialize)]
+pub struct Result {
+    pub scenario: String,
+    pub target: String,
+    pub runs: Vec<Figures>,
+    pub median: Figures,
+}
+
+impl Result {
+    pub fn new(scenario: SuiteScenario, target: Target, runs: Vec<Figures>) -> Self {
+        let mut median = Figures::new();
+        if let Some(first) = runs.first() {
+            for key in first.keys() {
+                let mut values: Vec<f64> =
+                    runs.iter().filter_map(|r| r.get(key).copied()).collect();
+                values.sort_by(f64::total_cmp);
+                median.insert(key.clone(), values[values.len() / 2]);
+            }
+        }
+        Result {
+            scenario: scenario.name().into(),
+            target: target.name().into(),
+            runs,
+            median,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Comparison {
+    /// What is compared, e.g. "fan-out deliveries/s".
+    pub what: String,
+    pub topichub: String,
+    pub value: f64,
+    /// The best peer (or "target" for absolute goals).
+    pub peer: String,
+    pub peer_value: f64,
+    /// value / peer_value.
+    pub ratio: f64,
+    /// The goal for the ratio, e.g. ">= 1.5".
+    pub goal: String,
+    pub met: Option<bool>,
+    /// True when the ratio is against a peer (charted); false for absolute goals.
+    pub versus_peer: bool,
+    pub higher_is_better: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Results {
+    pub machine: BTreeMap<String, String>,
+    pub runs: usize,
+    pub params: BTreeMap<String, f64>,
+    pub results: Vec<Result>,
+    pub comparisons: Vec<Comparison>,
+}
+
+const PEERS: [&str; 3] = ["nats", "nchan", "mosquitto"];
+
+impl Results {
+    pub fn new(results: Vec<Result>, p: &Params, runs: usize) -> Self {
+        let params = BTreeMap::from([
+            ("seconds".into(), p.seconds),
+            ("warmup".into(), p.warmup),
+            ("payload_bytes".into(), p.payload as f64),
+            ("subscribers".into(), p.subscribers as f64),
+            ("window".into(), p.window as f64),
+            ("rate".into(), p.rate),
+            ("e2e_rate".into(), p.e2e_rate),
+            ("concurrency".into(), p.concurrency as f64),
+            ("idle_subscribers".into(), p.idle_subscribers as f64),
+            ("max_idle".into(), p.max_idle as f64),
+        ]);
+        let mut out = Results {
+            machine: machine(),
+            runs,
+            params,
+            results,
+            comparisons: Vec::new(),
+        };
+        out.comparisons = out.compare();
+        out
+    }
+
+    fn figure(&self, scenario: &str, target: &str, key: &str) -> Option<f64> {
+        self.results
+            .iter()
+            .find(|r| r.scenario == scenario && r.target == target)?
+            .median
+            .get(key)
+            .copied()
+    }
+
+    /// The best peer for a figure: the highest or the lowest value.
+    fn best_peer(&self, scenario: &str, key: &str, higher: bool) -> Option<(String, f64)> {
+        PEERS
+            .iter()
+            .filter_map(|p| Some((p.to_string(), self.figure(scenario, p, key)?)))
+            .reduce(|a, b| if (b.1 > a.1) == higher { b } else { a })
+    }
+
+    fn compare(&self) -> Vec<Comparison> {
+        let mut out = Vec::new();
+        let doors = ["topichub-sse", "topichub-grpc", "topichub-seed"];
+        let versus = |what: &str,
+                      scenario: &str,
+                      key: &str,
+                      higher: bool,
+                      goal: f64,
+                      out: &mut Vec<Comparison>| {
+            let Some((peer, peer_value)) = self.best_peer(scenario, key, higher) else {
+                return;
+            };
+            for door in doors {
+                if let Some(value) = self.figure(scenario, door, key) {
+                    let ratio = value / peer_value;
+                    out.push(Comparison {
+                        what: what.into(),
+                        topichub: door.into(),
+                        value,
+                        peer: peer.clone(),
+                        peer_value,
+                        ratio,
+                        goal: if goal.is_nan() {
+                            "-".into()
+                        } else {
+                            format!("{} {goal}", if higher { ">=" } else { "<=" })
+                        },
+                        met: (!goal.is_nan()).then_some(if higher {
+                            ratio >= goal
+                        } else {
+                            ratio <= goal
+                        }),
+                        versus_peer: true,
+                        higher_is_better: higher,
+                    });
+                }
+            }
+        };
+        versus(
+            "fan-out deliveries/s",
+            "fanout",
+            "deliveries_per_s",
+            true,
+            1.5,
+            &mut out,
+        );
+        versus(
+            "server CPU per delivery",
+            "fanout",
+            "server_cpu_us_per_delivery",
+            false,
+            0.5,
+            &mut out,
+        );
+        versus(
+            "p99 latency, 1000 subscribers at 20 msg/s",
+            "rate",
+            "p99_ms",
+            false,
+            0.5,
+            &mut out,
+        );
+        versus(
+            "e2e p99 latency, 1 subscriber at 1000 msg/s",
+            "e2e",
+            "p99_ms",
+            false,
+            f64::NAN,
+            &mut out,
+        );
+        versus(
+            "unary publish, this harness's client",
+            "publish",
+            "publish_per_s",
+            true,
+            f64::NAN,
+            &mut out,
+        );
+        if let (Some(value), Some(peer_value)) = (
+            self.figure("publish-tool", "topichub-sse", "publish_per_s"),
+            self.figure("publish-tool", "nchan", "publish_per_s"),
+        ) {
+            out.push(Comparison {
+                what: "unary POST /publish with wrk".into(),
+                topichub: "topichub-sse".into(),
+                value,
+                peer: "nchan".into(),
+                peer_value,
+                ratio: value / peer_value,
+                goal: ">= 1".into(),
+                met: Some(value >= peer_value),
+                versus_peer: true,
+                higher_is_better: true,
+            });
+        }
+        let absolute = |what: &str,
+                        scenario: &str,
+                        door: &str,
+                        key: &str,
+                        limit: f64,
+                        higher: bool,
+                        out: &mut Vec<Comparison>| {
+            if let Some(value) = self.figure(scenario, door, key) {
+                out.push(Comparison {
+                    what: what.into(),
+                    topichub: door.into(),
+                    value,
+                    peer: "target".into(),
+                    peer_value: limit,
+                    ratio: value / limit,
+                    goal: format!("{} {limit}", if higher { ">=" } else { "<=" }),
+                    met: Some(if higher {
+                        value >= limit
+                    } else {
+                        value <= limit
+                    }),
+                    versus_peer: false,
+                    higher_is_better: higher,
+                });
+            }
+        };
+        absolute(
+            "idle KiB per SSE subscriber",
+            "idle",
+            "topichub-sse",
+            "kib_per_subscriber",
+            4.0,
+            false,
+            &mut out,
+        );
+        absolute(
+            "idle KiB per gRPC stream",
+            "idle",
+            "topichub-grpc",
+            "kib_per_subscriber",
+            8.0,
+            false,
+            &mut out,
+        );
+        absolute(
+            "idle SSE subscribers held (HTTP/1.1)",
+            "max-idle",
+            "topichub-sse",
+            "held_live",
+            100_000.0,
+            true,
+            &mut out,
+        );
+        absolute(
+            "idle SSE subscribers held (HTTP/2)",
+            "max-idle",
+            "topichub-sse-h2",
+            "held_live",
+            100_000.0,
+            true,
+            &mut out,
+        );
+        if let Some(ceiling) = self.figure("fanout", "raw-loopback", "deliveries_per_s") {
+            for door in doors {
+                if let Some(value) = self.figure("fanout", door, "deliveries_per_s") {
+                    out.push(Comparison {
+                        what: "fan-out, fraction of the raw-loopback ceiling".into(),
+                        topichub: door.into(),
+                        value,
+                        peer: "raw-loopback".into(),
+                        peer_value: ceiling,
+                        ratio: value / ceiling,
+                        goal: "-".into(),
+                        met: None,
+                        versus_peer: true,
+                        higher_is_better: true,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let run = |program: &str, args: &[&str]| -> String {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| {
+                let text = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_else(|_| "not found".into())
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    BTreeMap::from([
+        ("cpu".into(), cpu),
+        (
+            "cpus".into(),
+            std::thread::available_parallelism()
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+        ),
+        ("kernel".into(), run("uname", &["-r"])),
+        (
+            "topichub".into(),
+            run("git", &["describe", "--always", "--dirty"]),
+        ),
+        ("nats-server".into(), run("nats-server", &["--version"])),
+        ("nginx".into(), run("nginx", &["-v"])),
+        ("mosquitto".into(), run("mosquitto", &["-h"])),
+        ("open-files limit".into(), run("sh", &["-c", "ulimit -n"])),
+    ])
+}
+
+/// One line per run for the progress log.
+pub fn brief(figures: &Figures) -> String {
+    figures
+        .iter()
+        .map(|(k, v)| format!("{k}={}", number(*v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn number(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// The table of medians and the comparisons, as Markdown.
+pub fn table(results: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "## Medians of {} runs\n", results.runs);
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in &results.results {
+        if !scenarios.contains(&r.scenario.as_str()) {
+            scenarios.push(&r.scenario);
+        }
+    }
+    for scenario in scenarios {
+        let rows: Vec<&Result> = results
+            .results
+            .iter()
+            .filter(|r| r.scenario == scenario)
+            .collect();
+        let mut keys: Vec<&String> = Vec::new();
+        for r in &rows {
+            for k in r.median.keys() {
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
+            }
+        }
+        let _ = writeln!(out, "### {scenario}\n");
+        let _ = writeln!(
+            out,
+            "| target | {} |",
+            keys.iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(out, "|---|{}", "---:|".repeat(keys.len()));
+        for r in rows {
+            let cells: Vec<String> = keys
+                .iter()
+                .map(|k| {
+                    r.median.get(*k).map(|v| number(*v)).unwrap_or_else(|| {
+                        if r.runs.is_empty() {
+                            "failed".into()
+                        } else {
+                            "-".into()
+                        }
+                    })
+                })
+                .collect();
+            let _ = writeln!(out, "| {} | {} |", r.target, cells.join(" | "));
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out, "## topichub against the best peer and the targets\n");
+    let _ = writeln!(
+        out,
+        "| comparison | topichub door | value | best peer | peer value | ratio | goal | met |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---|---:|---:|---|---|");
+    for c in &results.comparisons {
+        let met = match c.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.2} | {} | {met} |",
+            c.what,
+            c.topichub,
+            number(c.value),
+            c.peer,
+            number(c.peer_value),
+            c.ratio,
+            c.goal
+        );
+    }
+    out
+}
+
+pub fn render(results: &Results, dir: &Path) -> anyhow::Result<()> {
+    let table = table(results);
+    println!("{table}");
+    std::fs::write(dir.join("results.md"), &table)?;
+    std::fs::write(dir.join("ratios.svg"), svg(results))?;
+    Ok(())
+}
+
+/// Horizontal bars: topichub's advantage over the best peer (higher is better; for
+/// lower-is-better figures the inverse ratio), with each goal marked.
+fn svg(results: &Results) -> String {
+    let bars: Vec<(&Comparison, f64, Option<f64>)> = results
+        .comparisons
+        .iter()
+        .filter(|c| c.versus_peer && c.ratio.is_finite() && c.ratio > 0.0)
+        .map(|c| {
+            let goal: Option<f64> = c
+                .goal
+                .split_whitespace()
+                .nth(1)
+                .and_then(|g| g.parse().ok());
+            if c.higher_is_better {
+                (c, c.ratio, goal)
+            } else {
+                (c, 1.0 / c.ratio, goal.map(|g| 1.0 / g))
+            }
+        })
+        .collect();
+    let (label_w, bar_w, row_h, top) = (430.0, 420.0, 26.0, 60.0);
+    let max = bars
+        .iter()
+        .map(|(_, a, g)| a.max(g.unwrap_or(0.0)))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let height = top + row_h * bars.len() as f64 + 40.0;
+    let width = label_w + bar_w + 80.0;
+    let x = |v: f64| label_w + v / max * bar_w;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r##"<rect width="100%" height="100%" fill="#fff"/>"##);
+    let _ = writeln!(
+        out,
+        r#"<text x="10" y="20" font-size="15" font-weight="bold">topichub vs the best peer (x times better; medians of {} runs)</text>"#,
+        results.runs
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="10" y="40" fill="gray">bar: topichub's advantage (lower-is-better figures inverted); black tick: the goal; grey line: parity</text>"#
+    );
+    let _ = writeln!(
+        out,
+        r##"<line x1="{0}" y1="{1}" x2="{0}" y2="{2}" stroke="#999" stroke-dasharray="4 3"/>"##,
+        x(1.0),
+        top - 6.0,
+        height - 34.0
+    );
+    for (i, (c, advantage, goal)) in bars.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let color = match c.met {
+            Some(true) => "#2a9d5c",
+            Some(false) => "#d0573f",
+            None => "#6c8ebf",
+        };
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="end">{} · {}</text>"#,
+            label_w - 8.0,
+            y + 14.0,
+            escape(&c.what),
+            c.topichub.trim_start_matches("topichub-")
+        );
+        let _ = writeln!(
+            out,
+            r#"<rect x="{label_w}" y="{}" width="{:.1}" height="{}" fill="{color}"/>"#,
+            y + 3.0,
+            (x(*advantage) - label_w).max(1.0),
+            row_h - 8.0
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{}">{:.2}x</text>"#,
+            x(*advantage) + 4.0,
+            y + 14.0,
+            advantage
+        );
+        if let Some(g) = goal {
+            let _ = writeln!(
+                out,
+                r##"<line x1="{0:.1}" y1="{1}" x2="{0:.1}" y2="{2}" stroke="#000" stroke-width="2"/>"##,
+                x(*g),
+                y + 1.0,
+                y + row_h - 3.0
+            );
+        }
+    }
+    let _ = writeln!(out, "</svg>");
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// For CI smoke runs: every scenario produced figures, and they make sense.
+pub fn check(results: &Results) -> anyhow::Result<()> {
+    for r in &results.results {
+        let name = format!("{} on {}", r.scenario, r.target);
+        if r.runs.is_empty() {
+            bail!("{name}: no successful run");
+        }
+        for (key, value) in &r.median {
+            if !value.is_finite() || *value < 0.0 {
+                bail!("{name}: {key} = {value}");
+            }
+        }
+        let positive = |key: &str| -> anyhow::Result<()> {
+            match r.median.get(key) {
+                Some(v) if *v > 0.0 => Ok(()),
+                other => bail!("{name}: {key} should be positive, is {other:?}"),
+            }
+        };
+        match r.scenario.as_str() {
+            "publish" | "publish-tool" => positive("publish_per_s")?,
+            "fanout" => {
+                positive("deliveries_per_s")?;
+                positive("server_cpu_us_per_delivery")?;
+            }
+            "e2e" | "rate" => {
+                positive("p50_ms")?;
+                if r.median.get("lost") != Some(&0.0) {
+                    bail!("{name}: messages lost: {:?}", r.median.get("lost"));
+                }
+            }
+            "idle" => positive("kib_per_subscriber")?,
+            "max-idle" => positive("held_live")?,
+            _ => {}
+        }
+    }
+    Ok(())
+}

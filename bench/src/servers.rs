@@ -1,0 +1,207 @@
+//! Starting and stopping the servers under test: topichub, nats-server, nginx + nchan, mosquitto
+//! and the raw fan-out program, each on a free loopback port, pinned to its own core.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// One kind of server process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Topichub,
+    Nats,
+    Nchan,
+    Mosquitto,
+    Raw,
+}
+
+/// Where to find the programs and how to pin them.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub topichub_bin: PathBuf,
+    /// This program (`raw-server` is one of its subcommands).
+    pub self_bin: PathBuf,
+    /// CPU list for `taskset -c` (None: no pinning).
+    pub server_cpus: Option<String>,
+    /// Scratch directory for configuration files and logs.
+    pub work_dir: PathBuf,
+}
+
+/// A running server; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Server {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn start(kind: Kind, launch: &Launch) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let dir = launch.work_dir.join(format!("{kind:?}").to_lowercase());
+        std::fs::create_dir_all(&dir)?;
+        let (program, args): (PathBuf, Vec<String>) = match kind {
+            Kind::Topichub => (
+                launch.topichub_bin.clone(),
+                vec![
+                    "serve".into(),
+                    "--listen".into(),
+                    addr.to_string(),
+                    "--max-subscriptions-per-connection".into(),
+                    "100000".into(),
+                ],
+            ),
+            Kind::Nats => {
+                let conf = dir.join("nats.conf");
+                std::fs::write(
+                    &conf,
+                    format!("listen: {addr}\nmax_connections: 1000000\nmax_payload: 1MB\n"),
+                )?;
+                ("nats-server".into(), vec!["-c".into(), path(&conf)])
+            }
+            Kind::Nchan => {
+                let conf = dir.join("nginx.conf");
+                std::fs::write(&conf, nginx_conf(addr, &dir))?;
+                (
+                    "nginx".into(),
+                    vec!["-p".into(), path(&dir), "-c".into(), path(&conf)],
+                )
+            }
+            Kind::Mosquitto => {
+                let conf = dir.join("mosquitto.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                         max_connections -1\nlog_dest stderr\nlog_type error\n"
+                    ),
+                )?;
+                ("mosquitto".into(), vec!["-c".into(), path(&conf)])
+            }
+            Kind::Raw => (
+                launch.self_bin.clone(),
+                vec!["raw-server".into(), "--listen".into(), addr.to_string()],
+            ),
+        };
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let mut command = match &launch.server_cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        command
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let mut server = Server { kind, addr, child };
+        server.wait_listening(&dir)?;
+        Ok(server)
+    }
+
+    fn wait_listening(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                bail!(
+                    "{:?} exited with {status} before listening:\n{log}",
+                    self.kind
+                );
+            }
+            if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{:?} did not listen on {} within 15 s",
+                    self.kind,
+                    self.addr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // nginx's master stops its workers on SIGTERM (QUIT would wait for the SSE streams).
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// nginx with nchan: one worker (the server gets one core), `POST /pub?id=T` publishes,
+/// `GET /sub?id=T` subscribes over EventSource, starting with the next message.
+fn nginx_conf(addr: SocketAddr, dir: &Path) -> String {
+    let dir = path(dir);
+    format!(
+        r#"load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile 1048576;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log error;
+events {{
+    worker_connections 1000000;
+    multi_accept on;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen {addr} backlog=65535;
+        location = /pub {{
+            nchan_publisher;
+            nchan_channel_id $arg_id;
+            nchan_message_buffer_length 100;
+            nchan_message_timeout 60s;
+        }}
+        location = /sub {{
+            nchan_subscriber eventsource;
+            nchan_channel_id $arg_id;
+            nchan_subscriber_first_message newest;
+        }}
+    }}
+}}
+"#
+    )
+}

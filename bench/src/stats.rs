@@ -1,0 +1,315 @@
+//! What the client counts (deliveries, latencies) and what it reads about the server from /proc.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// Every payload starts with `@@` and the send time in microseconds (20 digits), then padding.
+const MARK: &[u8] = b"@@";
+const DIGITS: usize = 20;
+
+fn clock() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Microseconds since the client started (one monotonic clock for publisher and subscribers).
+pub fn now_us() -> u64 {
+    clock().elapsed().as_micros() as u64
+}
+
+/// A payload of `size` bytes stamped with the current time.
+pub fn stamped_payload(size: usize) -> bytes::Bytes {
+    let mut out = format!("@@{:020}", now_us()).into_bytes();
+    out.resize(size.max(MARK.len() + DIGITS), b'x');
+    out.into()
+}
+
+/// The send time stamped into a payload, wherever the protocol put the payload in `data`
+/// (SSE frames wrap it in JSON or `data:` lines; NATS, MQTT and gRPC deliver it as is).
+pub fn stamp_of(data: &[u8]) -> Option<u64> {
+    let at = data.windows(2).position(|w| w == MARK)? + MARK.len();
+    let digits = data.get(at..at + DIGITS)?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Latency histogram in microseconds: 32 linear sub-buckets per power of two (about 3 %
+/// resolution), lock-free so that a thousand subscriber tasks can record into one.
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const SUB: u32 = 32;
+
+impl Histogram {
+    pub fn new() -> Self {
+        Self {
+            buckets: (0..(64 * SUB as usize))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn index(us: u64) -> usize {
+        if us < SUB as u64 {
+            return us as usize;
+        }
+        let power = 63 - us.leading_zeros(); // >= 5
+        let shift = power - SUB.trailing_zeros();
+        let sub = (us >> shift) as u32 - SUB; // 0..SUB
+        ((power - SUB.trailing_zeros() + 1) * SUB + sub) as usize
+    }
+
+    /// The middle of bucket `index`, in microseconds.
+    fn value(index: usize) -> f64 {
+        let index = index as u32;
+        if index < SUB {
+            return index as f64;
+        }
+        let shift = index / SUB - 1;
+        let sub = index % SUB + SUB;
+        ((sub as u64) << shift) as f64 + ((1u64 << shift) as f64 - 1.0) / 2.0
+    }
+
+    pub fn record(&self, us: u64) {
+        self.buckets[Self::index(us)].fetch_add(1, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    pub fn reset(&self) {
+        self.buckets.iter().for_each(|b| b.store(0, Relaxed));
+    }
+
+    /// The `q` quantile in milliseconds (None when empty).
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::value(i) / 1000.0);
+            }
+        }
+        None
+    }
+}
+
+/// Where every subscriber of a scenario reports: deliveries, latencies, readiness, failures.
+pub struct Sink {
+    pub delivered: AtomicU64,
+    pub latency: Histogram,
+    /// Latencies are recorded only while this is set (after warm-up).
+    pub recording: AtomicBool,
+    /// Subscribers known to be live at the server.
+    pub ready: AtomicUsize,
+    pub ready_changed: Notify,
+    /// Woken each time the delivery count reaches a multiple of `per_message`: one message has
+    /// (on count) reached every subscriber.
+    pub progress: Notify,
+    pub per_message: AtomicU64,
+    pub failures: AtomicUsize,
+    pub first_failure: Mutex<Option<String>>,
+}
+
+impl Sink {
+    pub fn new() -> Self {
+        Self {
+            delivered: AtomicU64::new(0),
+            latency: Histogram::new(),
+            recording: AtomicBool::new(false),
+            ready: AtomicUsize::new(0),
+            ready_changed: Notify::new(),
+            progress: Notify::new(),
+            per_message: AtomicU64::new(1),
+            failures: AtomicUsize::new(0),
+            first_failure: Mutex::new(None),
+        }
+    }
+
+    /// One message arrived at one subscriber; `data` holds the payload somewhere.
+    pub fn deliver(&self, data: &[u8]) {
+        let n = self.delivered.fetch_add(1, Relaxed) + 1;
+        if n.is_multiple_of(self.per_message.load(Relaxed)) {
+            self.progress.notify_one();
+        }
+        if self.recording.load(Relaxed)
+            && let Some(sent) = stamp_of(data)
+        {
+            self.latency.record(now_us().saturating_sub(sent));
+        }
+    }
+
+    pub fn mark_ready(&self) {
+        self.ready.fetch_add(1, Relaxed);
+        self.ready_changed.notify_waiters();
+    }
+
+    pub fn fail(&self, what: String) {
+        self.failures.fetch_add(1, Relaxed);
+        self.ready_changed.notify_waiters();
+        let mut first = self.first_failure.lock().unwrap();
+        first.get_or_insert(what);
+    }
+
+    pub fn first_failure(&self) -> Option<String> {
+        self.first_failure.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` subscribers are live; fails on the first subscriber failure or timeout.
+    pub async fn wait_ready(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.ready_changed.notified();
+            if self.failures.load(Relaxed) > 0 {
+                anyhow::bail!(
+                    "{} of {n} subscribers failed; first: {}",
+                    self.failures.load(Relaxed),
+                    self.first_failure().unwrap_or_default()
+                );
+            }
+            let ready = self.ready.load(Relaxed);
+            if ready >= n {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                anyhow::bail!("only {ready} of {n} subscribers were live after {timeout:?}");
+            }
+        }
+    }
+}
+
+/// Clock ticks per second of /proc/PID/stat times.
+fn ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// `pid` and every process below it (nginx's workers run under its master).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 2..];
+            let ppid = after.split(' ').nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    tree
+}
+
+/// User + system CPU seconds used so far by the process tree at `pid`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    process_tree(pid)
+        .iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let after = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = after.split(' ').collect();
+            // After the command: state(0) ppid(1) ... utime(11) stime(12).
+            let user: u64 = fields.get(11)?.parse().ok()?;
+            let system: u64 = fields.get(12)?.parse().ok()?;
+            Some((user + system) as f64 / ticks_per_second())
+        })
+        .sum()
+}
+
+/// Proportional set size of the process tree at `pid`, in KiB.
+pub fn pss_kib(pid: u32) -> f64 {
+    process_tree(pid)
+        .iter()
+        .filter_map(|p| {
+            let rollup = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
+            let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_ordered_and_close() {
+        let mut last = 0;
+        for us in [
+            0,
+            1,
+            31,
+            32,
+            33,
+            63,
+            64,
+            100,
+            1000,
+            12_345,
+            1_000_000,
+            u32::MAX as u64,
+        ] {
+            let i = Histogram::index(us);
+            assert!(i >= last, "{us}");
+            last = i;
+            let v = Histogram::value(i);
+            assert!(
+                (v - us as f64).abs() <= us as f64 * 0.04 + 1.0,
+                "{us} -> {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn quantiles() {
+        let h = Histogram::new();
+        for us in 1..=1000 {
+            h.record(us * 10);
+        }
+        let p50 = h.quantile_ms(0.5).unwrap();
+        let p99 = h.quantile_ms(0.99).unwrap();
+        assert!((p50 - 5.0).abs() < 0.2, "{p50}");
+        assert!((p99 - 9.9).abs() < 0.4, "{p99}");
+    }
+
+    #[test]
+    fn stamps_are_found_inside_frames() {
+        let payload = stamped_payload(256);
+        assert_eq!(payload.len(), 256);
+        let sent = stamp_of(&payload).unwrap();
+        let framed = [
+            b"id: 1\ndata: {\"payload\":\"".as_slice(),
+            &payload,
+            b"\"}\n\n",
+        ]
+        .concat();
+        assert_eq!(stamp_of(&framed), Some(sent));
+        assert_eq!(stamp_of(b"no stamp"), None);
+    }
+}
