@@ -127,6 +127,30 @@ impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> PingPolicyStream<IO> {
     }
 }
 
+impl<IO> PingPolicyStream<IO> {
+    /// Follows the first `written` bytes of `bufs` (just sent): HEADERS or DATA forgive strikes.
+    fn wrote(&mut self, bufs: &[io::IoSlice<'_>], written: usize) {
+        if self.inbound.passthrough {
+            return;
+        }
+        let (mut left, mut forgiven) = (written, false);
+        for buf in bufs {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(buf.len());
+            self.outbound.scan(&buf[..n], |h| {
+                forgiven |= h.kind == TYPE_DATA || h.kind == TYPE_HEADERS;
+            });
+            left -= n;
+        }
+        if forgiven {
+            self.strikes = 0;
+            self.last_ping = None;
+        }
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> AsyncRead for PingPolicyStream<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -156,20 +180,29 @@ impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> AsyncWrite for PingPolicyStre
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
-        if this.inbound.passthrough {
-            return result;
-        }
         if let Poll::Ready(Ok(written)) = result {
-            let mut forgiven = false;
-            this.outbound.scan(&data[..written], |h| {
-                forgiven |= h.kind == TYPE_DATA || h.kind == TYPE_HEADERS;
-            });
-            if forgiven {
-                this.strikes = 0;
-                this.last_ping = None;
-            }
+            this.wrote(&[io::IoSlice::new(data)], written);
         }
         result
+    }
+
+    // Vectored writes pass through: without them hyper and h2 would copy every frame into a
+    // flat buffer first.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(written)) = result {
+            this.wrote(bufs, written);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
