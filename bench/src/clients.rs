@@ -29,8 +29,10 @@ pub enum Target {
     Seed,
     /// topichub over HTTP: `POST /topics/{topic}` and SSE `GET /subscribe`, HTTP/1.1.
     Sse,
-    /// topichub SSE with many streams per HTTP/2 connection (only for holding idle subscribers).
+    /// topichub SSE with many streams per HTTP/2 connection (idle memory and holding).
     SseH2,
+    /// topichub gRPC `Subscribe` streams, many per HTTP/2 connection (idle memory and holding).
+    GrpcMux,
     /// nats-server, async-nats client (publish + flush where an acknowledgement is needed).
     Nats,
     /// nginx + nchan: `POST /pub?id=` and EventSource `GET /sub?id=`.
@@ -44,7 +46,9 @@ pub enum Target {
 impl Target {
     pub fn kind(self) -> Kind {
         match self {
-            Target::Grpc | Target::Seed | Target::Sse | Target::SseH2 => Kind::Topichub,
+            Target::Grpc | Target::Seed | Target::Sse | Target::SseH2 | Target::GrpcMux => {
+                Kind::Topichub
+            }
             Target::Nats => Kind::Nats,
             Target::Nchan => Kind::Nchan,
             Target::Mqtt => Kind::Mosquitto,
@@ -58,6 +62,7 @@ impl Target {
             Target::Seed => "topichub-seed",
             Target::Sse => "topichub-sse",
             Target::SseH2 => "topichub-sse-h2",
+            Target::GrpcMux => "topichub-grpc-mux",
             Target::Nats => "nats",
             Target::Nchan => "nchan",
             Target::Mqtt => "mosquitto",
@@ -84,7 +89,7 @@ pub async fn subscriber(target: Target, addr: SocketAddr, topic: String, sink: A
                 Err(e) => Err(e),
             }
         }
-        Target::SseH2 => Err(anyhow::anyhow!("use sse_h2_subscribers for {target:?}")),
+        Target::SseH2 | Target::GrpcMux => Err(anyhow::anyhow!("use multiplexed() for {target:?}")),
         Target::Nats => nats_subscriber(addr, &topic, &sink).await,
         Target::Mqtt => mqtt_subscriber(addr, &topic, &sink).await,
     };
@@ -113,8 +118,15 @@ fn endpoint(addr: SocketAddr) -> anyhow::Result<Endpoint> {
 }
 
 async fn grpc_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::Result<()> {
-    let mut client =
-        PubSubClient::new(endpoint(addr)?.connect().await?).max_decoding_message_size(usize::MAX);
+    let client = PubSubClient::new(endpoint(addr)?.connect().await?);
+    grpc_stream(client, topic, sink).await
+}
+
+async fn grpc_stream(
+    mut client: PubSubClient<Channel>,
+    topic: &str,
+    sink: &Sink,
+) -> anyhow::Result<()> {
     let request = topichub::proto::v1::SubscribeRequest {
         topics: vec![topic.to_owned()],
         ..Default::default()
@@ -249,9 +261,51 @@ async fn read_sse(
     Ok(())
 }
 
-/// `count` SSE subscribers of `topic` over one HTTP/2 connection (h2c, prior knowledge).
-pub async fn sse_h2_subscribers(addr: SocketAddr, topic: String, count: usize, sink: Arc<Sink>) {
-    let result = async {
+/// `count` subscribers of `topic` multiplexed over one HTTP/2 connection: SSE streams
+/// (`SseH2`, h2c with prior knowledge) or gRPC streams (`GrpcMux`).
+pub async fn multiplexed(
+    target: Target,
+    addr: SocketAddr,
+    topic: String,
+    count: usize,
+    sink: Arc<Sink>,
+) {
+    let result = match target {
+        Target::SseH2 => sse_h2_subscribers(addr, topic, count, &sink).await,
+        Target::GrpcMux => grpc_mux_subscribers(addr, topic, count, &sink).await,
+        other => Err(anyhow::anyhow!("{other:?} is not multiplexed")),
+    };
+    match result {
+        Ok(()) => sink.fail(format!("{} streams ended", target.name())),
+        Err(e) => sink.fail(format!("{}: {e:#}", target.name())),
+    }
+}
+
+async fn grpc_mux_subscribers(
+    addr: SocketAddr,
+    topic: String,
+    count: usize,
+    sink: &Arc<Sink>,
+) -> anyhow::Result<()> {
+    let client = PubSubClient::new(endpoint(addr)?.connect().await?);
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let (client, topic, sink) = (client.clone(), topic.clone(), sink.clone());
+        streams.spawn(async move { grpc_stream(client, &topic, &sink).await });
+    }
+    while let Some(done) = streams.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+async fn sse_h2_subscribers(
+    addr: SocketAddr,
+    topic: String,
+    count: usize,
+    sink: &Arc<Sink>,
+) -> anyhow::Result<()> {
+    {
         let stream = connect(addr).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(16 * 1024)
@@ -277,11 +331,6 @@ pub async fn sse_h2_subscribers(addr: SocketAddr, topic: String, count: usize, s
             done??;
         }
         anyhow::Ok(())
-    }
-    .await;
-    match result {
-        Ok(()) => sink.fail("SSE h2 streams ended".into()),
-        Err(e) => sink.fail(format!("topichub-sse-h2: {e:#}")),
     }
 }
 
@@ -346,6 +395,7 @@ impl Publisher {
             Target::Seed => {
                 Publisher::Seed(PubSubServiceClient::new(endpoint(addr)?.connect().await?))
             }
+            Target::GrpcMux => Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?)),
             Target::Sse | Target::SseH2 | Target::Nchan | Target::Raw => {
                 let (sender, connection) =
                     http1::handshake(TokioIo::new(connect(addr).await?)).await?;

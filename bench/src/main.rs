@@ -148,8 +148,8 @@ impl SuiteScenario {
             }
             SuiteScenario::PublishTool => &[Grpc, Sse, Nchan],
             SuiteScenario::Fanout => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
-            SuiteScenario::Idle => &[Grpc, Sse, Nats, Nchan, Mqtt],
-            SuiteScenario::MaxIdle => &[Sse, SseH2],
+            SuiteScenario::Idle => &[Grpc, Sse, SseH2, GrpcMux, Nats, Nchan, Mqtt],
+            SuiteScenario::MaxIdle => &[Sse, SseH2, GrpcMux],
         }
     }
 
@@ -175,16 +175,35 @@ impl SuiteScenario {
     }
 }
 
-async fn run_once(
+/// One run on a freshly started server, with a client runtime of its own: dropping the runtime
+/// ends every task the clients spawned (connection tasks, reconnect loops), so nothing of one
+/// run (sockets, CPU) outlives it.
+fn run_once(
     scenario: SuiteScenario,
     target: Target,
     launch: &Launch,
     params: &Params,
 ) -> anyhow::Result<Figures> {
     let server = Server::start(target.kind(), launch)?;
-    let figures = measure(scenario, target, server.addr, server.pid(), launch, params).await;
+    let runtime = client_runtime()?;
+    let figures = runtime.block_on(measure(
+        scenario,
+        target,
+        server.addr,
+        server.pid(),
+        launch,
+        params,
+    ));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     drop(server);
     figures
+}
+
+/// One thread: the client gets one core, as the server does.
+fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 async fn measure(
@@ -214,7 +233,7 @@ async fn measure(
     }
 }
 
-async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
+fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     let launch = args.launch.launch()?;
     anyhow::ensure!(
         launch.topichub_bin.exists(),
@@ -235,7 +254,7 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
             let mut runs = Vec::new();
             for run in 1..=scenario.runs(args.runs) {
                 eprint!("{:>12} {:<16} run {run}: ", scenario.name(), target.name());
-                match run_once(scenario, target, &launch, &args.params).await {
+                match run_once(scenario, target, &launch, &args.params) {
                     Ok(figures) => {
                         eprintln!("{}", report::brief(&figures));
                         runs.push(figures);
@@ -270,39 +289,32 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // One thread: the client gets one core, as the server does.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        match cli.command {
-            Command::Suite(args) => suite(args).await,
-            Command::Run {
-                scenario,
-                target,
-                attach,
-                pid,
-                launch,
-                params,
-            } => {
-                let launch = launch.launch()?;
-                let figures = match (attach, pid) {
-                    (Some(addr), Some(pid)) => {
-                        measure(scenario, target, addr, pid, &launch, &params).await?
-                    }
-                    _ => run_once(scenario, target, &launch, &params).await?,
-                };
-                println!("{}", serde_json::to_string_pretty(&figures)?);
-                Ok(())
-            }
-            Command::Report { input } => {
-                let text = std::fs::read_to_string(&input)
-                    .with_context(|| format!("reading {}", input.display()))?;
-                let results: report::Results = serde_json::from_str(&text)?;
-                let dir = input.parent().unwrap_or(std::path::Path::new("."));
-                report::render(&results, dir)
-            }
-            Command::RawServer { listen } => raw::serve(listen).await,
+    match cli.command {
+        Command::Suite(args) => suite(args),
+        Command::Run {
+            scenario,
+            target,
+            attach,
+            pid,
+            launch,
+            params,
+        } => {
+            let launch = launch.launch()?;
+            let figures = match (attach, pid) {
+                (Some(addr), Some(pid)) => client_runtime()?
+                    .block_on(measure(scenario, target, addr, pid, &launch, &params))?,
+                _ => run_once(scenario, target, &launch, &params)?,
+            };
+            println!("{}", serde_json::to_string_pretty(&figures)?);
+            Ok(())
         }
-    })
+        Command::Report { input } => {
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let results: report::Results = serde_json::from_str(&text)?;
+            let dir = input.parent().unwrap_or(std::path::Path::new("."));
+            report::render(&results, dir)
+        }
+        Command::RawServer { listen } => client_runtime()?.block_on(raw::serve(listen)),
+    }
 }

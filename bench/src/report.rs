@@ -234,7 +234,7 @@ impl Results {
             }
         };
         absolute(
-            "idle KiB per SSE subscriber",
+            "idle KiB per SSE subscriber, HTTP/1.1",
             "idle",
             "topichub-sse",
             "kib_per_subscriber",
@@ -243,12 +243,39 @@ impl Results {
             &mut out,
         );
         absolute(
-            "idle KiB per gRPC stream",
+            "idle KiB per gRPC stream, one connection each",
             "idle",
             "topichub-grpc",
             "kib_per_subscriber",
             8.0,
             false,
+            &mut out,
+        );
+        absolute(
+            "idle KiB per SSE subscriber, HTTP/2",
+            "idle",
+            "topichub-sse-h2",
+            "kib_per_subscriber",
+            4.0,
+            false,
+            &mut out,
+        );
+        absolute(
+            "idle KiB per gRPC stream, multiplexed",
+            "idle",
+            "topichub-grpc-mux",
+            "kib_per_subscriber",
+            8.0,
+            false,
+            &mut out,
+        );
+        absolute(
+            "idle gRPC streams held (multiplexed)",
+            "max-idle",
+            "topichub-grpc-mux",
+            "held_live",
+            100_000.0,
+            true,
             &mut out,
         );
         absolute(

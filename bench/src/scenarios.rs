@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, sleep, timeout};
 
-use crate::clients::{Publisher, Target, sse_h2_subscribers, subscriber};
+use crate::clients::{Publisher, Target, multiplexed, subscriber};
 use crate::stats::{Histogram, Sink, cpu_seconds, pss_kib, stamped_payload};
 
 /// Named figures of one run, e.g. `deliveries_per_s`.
@@ -66,7 +66,7 @@ pub struct Params {
     /// Upper bound of the max-idle scenario.
     #[arg(long, default_value_t = 100_000)]
     pub max_idle: usize,
-    /// SSE streams per HTTP/2 connection (topichub-sse-h2).
+    /// Streams per HTTP/2 connection (topichub-sse-h2, topichub-grpc-mux).
     #[arg(long, default_value_t = 100)]
     pub streams_per_connection: usize,
 }
@@ -117,11 +117,12 @@ impl Subscribers {
         p: &Params,
     ) -> anyhow::Result<()> {
         let want = self.opened + n;
-        if target == Target::SseH2 {
+        if matches!(target, Target::SseH2 | Target::GrpcMux) {
             let mut left = n;
             while left > 0 {
                 let count = left.min(p.streams_per_connection);
-                self.tasks.spawn(sse_h2_subscribers(
+                self.tasks.spawn(multiplexed(
+                    target,
                     addr,
                     TOPIC.into(),
                     count,
@@ -397,25 +398,29 @@ async fn max_idle(
     pid: u32,
     p: &Params,
 ) -> anyhow::Result<Figures> {
-    // Connected first: once the subscribers have taken every file descriptor there is, a new
-    // connection could not be opened to prove that they are live.
-    let mut publisher = Publisher::connect(target, addr).await?;
-    publisher
-        .publish(TOPIC, stamped_payload(p.payload), true)
-        .await?;
-    settle().await;
     let before = pss_kib(pid);
     let mut subs = Subscribers::new();
     let step = 1000.min(p.max_idle);
-    while subs.opened < p.max_idle {
-        let n = step.min(p.max_idle - subs.opened);
+    // One socket per subscriber in this process too: stop short of its open-file limit, or it
+    // could no longer read the server's memory from /proc.
+    let limit = rlimit_nofile();
+    let budget = if matches!(target, Target::SseH2 | Target::GrpcMux) {
+        p.max_idle
+    } else {
+        p.max_idle.min((limit as usize).saturating_sub(200))
+    };
+    while subs.opened < budget {
+        let n = step.min(budget - subs.opened);
         if let Err(e) = subs.open(target, addr, n, p).await {
             eprint!("[stopped: {e:#}] ");
             break;
         }
     }
+    settle().await;
     let held = subs.sink.ready.load(Relaxed);
-    // Held means live: every one of them gets the next message.
+    // Held means live: every one of them gets the next message. (The subscribers left room
+    // for this connection.)
+    let mut publisher = Publisher::connect(target, addr).await?;
     publisher
         .publish(TOPIC, stamped_payload(p.payload), true)
         .await?;
@@ -426,7 +431,6 @@ async fn max_idle(
     let live = subs.sink.delivered.load(Relaxed);
     settle().await;
     let after = pss_kib(pid);
-    let limit = rlimit_nofile();
     Ok(Figures::from([
         ("held".into(), held as f64),
         ("held_live".into(), live as f64),
