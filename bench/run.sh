@@ -59,7 +59,7 @@ fi
 
 # --- build -----------------------------------------------------------------------------------
 log "cargo build --release (broker and harness)"
-cargo build --release --locked -p topichub --bin topichub -p topichub-bench
+cargo build --release --locked -p topichub -p topichub-bench --bins
 target="${CARGO_TARGET_DIR:-target}"
 
 # Every idle subscriber is one socket in the broker and one in the harness.

@@ -445,7 +445,7 @@ impl Publisher {
                 client
                     .publish(topichub::proto::v1::PublishRequest {
                         topic: topic.to_owned(),
-                        payload: payload.clone(),
+                        payload,
                         headers: Default::default(),
                     })
                     .await?;
@@ -454,7 +454,7 @@ impl Publisher {
                 client
                     .publish(topichub::proto::seed::PublishRequest {
                         topic: topic.to_owned(),
-                        payload: payload.clone(),
+                        payload,
                     })
                     .await?;
             }

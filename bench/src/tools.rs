@@ -23,7 +23,7 @@ pub fn publish_tool(
         Target::Grpc => {
             let request = topichub::proto::v1::PublishRequest {
                 topic: "bench.tool".into(),
-                payload: payload.clone(),
+                payload,
                 headers: Default::default(),
             }
             .encode_to_vec();
