@@ -1,5 +1,5 @@
 //! One listener, every door: assembles the gRPC services (tonic, with gRPC-Web, health and
-//! reflection) and the HTTP routes (axum) into one router, and serves it with hyper-util so that
+//! reflection) and the HTTP routes (axum) into one router, and serves it with hyper so that
 //! HTTP/1.1, HTTP/2 (h2c) and keepalive pings work on the same port.
 
 use std::any::Any;
@@ -10,11 +10,11 @@ use axum::Router;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::Layer as _;
 use tower::util::Either;
@@ -77,10 +77,8 @@ pub async fn run(
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(invalid_input)?),
         _ => None,
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         // hyper's default (200 streams) would make the 201st Subscribe wait silently; allow
@@ -90,11 +88,11 @@ pub async fn run(
             u32::try_from(config.max_subscriptions_per_connection.saturating_add(256))
                 .unwrap_or(u32::MAX),
         );
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(config.http_header_timeout);
-    let builder = Arc::new(builder);
+    let protocols = Arc::new(Protocols { h1, h2 });
+    let header_timeout = config.http_header_timeout;
 
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -117,7 +115,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let (protocols, watcher, tls) = (protocols.clone(), graceful.watcher(), tls.clone());
         // Every request of the connection carries its `Connection` (peer, subscription count).
         let app = match limits.admit(peer) {
             Ok(connection) => Either::Left(axum::Extension(connection).layer(app.clone())),
@@ -128,28 +126,42 @@ pub async fn run(
         };
         let min_ping_interval = config.keepalive_min_ping_interval;
         tokio::spawn(async move {
+            // A task is as large as its largest state, so the rarer TLS path is boxed: plain
+            // connections, most of the idle subscribers, do not carry a TLS session's size.
             let served = match tls {
                 None => {
+                    let Some(protocol) = sniff(&stream, header_timeout).await else {
+                        tracing::debug!(%peer, "connection closed or silent before a request");
+                        return;
+                    };
                     let io = PingPolicyStream::new(stream, min_ping_interval);
-                    serve_connection(&builder, watcher, io, app).await
+                    protocols.serve(protocol, watcher, io, app).await
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(stream)) => {
-                            let io = PingPolicyStream::new(stream, min_ping_interval);
-                            serve_connection(&builder, watcher, io, app).await
-                        }
-                        Ok(Err(error)) => {
-                            tracing::debug!(%peer, %error, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    }
+                    let tls_connection = async move {
+                        let handshake =
+                            tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                        let stream = match handshake.await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                return Ok(());
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return Ok(());
+                            }
+                        };
+                        // HTTP/2 over TLS is negotiated by ALPN (RFC 9113, section 3.2);
+                        // without it the client speaks HTTP/1.1.
+                        let protocol = match stream.get_ref().1.alpn_protocol() {
+                            Some(b"h2") => Protocol::Http2,
+                            _ => Protocol::Http1,
+                        };
+                        let io = PingPolicyStream::new(stream, min_ping_interval);
+                        protocols.serve(protocol, watcher, io, app).await
+                    };
+                    Box::pin(tls_connection).await
                 }
             };
             if let Err(error) = served {
@@ -177,28 +189,84 @@ fn invalid_input(message: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, message)
 }
 
-/// Serves one accepted connection (HTTP/1.1 or HTTP/2, detected from its first bytes) until it
-/// closes or the graceful shutdown completes.
-async fn serve_connection<IO, S>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    io: IO,
-    app: S,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<
-            Request<hyper::body::Incoming>,
-            Response = Response,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let service = TowerToHyperService::new(app);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    watcher.watch(connection.into_owned()).await
+/// The HTTP/2 connection preface (RFC 9113, section 3.4): an h2c client with prior knowledge
+/// opens with it; an HTTP/1.1 request line never does.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Tells an h2c connection from an HTTP/1.1 one by its first bytes, without consuming them:
+/// hyper reads them again from the socket. (Reading them into a side buffer, as a generic
+/// detector must, doubles hyper's HTTP/1.1 read buffer to 16 KiB on every connection, since its
+/// first read then returns only those bytes.) `None` if the peer closes, or sends nothing
+/// decisive within `timeout`.
+async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let decide = async {
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+            // Part of the preface: the socket stays readable with the same bytes until the
+            // rest arrives, so look again shortly instead of spinning on it.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(timeout, decide).await.ok().flatten()
+}
+
+/// The configured HTTP/1.1 and HTTP/2 servers.
+struct Protocols {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    /// Serves one connection until it closes or the graceful shutdown completes. Each
+    /// protocol's connection is boxed on its own, so that an HTTP/1.1 connection (most of the
+    /// idle SSE subscribers) does not carry the size of an HTTP/2 one.
+    async fn serve<IO, S>(
+        &self,
+        protocol: Protocol,
+        watcher: Watcher,
+        io: IO,
+        app: S,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<
+                Request<hyper::body::Incoming>,
+                Response = Response,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let service = TowerToHyperService::new(app);
+        let io = TokioIo::new(io);
+        match protocol {
+            Protocol::Http1 => {
+                Box::pin(watcher.watch(self.h1.serve_connection(io, service))).await?;
+            }
+            Protocol::Http2 => {
+                Box::pin(watcher.watch(self.h2.serve_connection(io, service))).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The application of a connection over the connection limit: every request is answered with
@@ -375,6 +443,55 @@ mod tests {
     use axum::body::Body;
     use axum::routing::{get, post};
     use tower::ServiceExt as _;
+
+    /// A connected pair: (client, server side).
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn sniff_tells_http2_from_http1_by_the_whole_preface() {
+        use tokio::io::AsyncWriteExt;
+
+        let (mut client, server) = connected().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(sniff(&server, PATIENCE).await, Some(Protocol::Http1));
+
+        let (mut client, server) = connected().await;
+        client.write_all(H2_PREFACE).await.unwrap();
+        assert_eq!(sniff(&server, PATIENCE).await, Some(Protocol::Http2));
+
+        // "PRI" alone could still be either: sniff waits for the rest of the preface.
+        let (mut client, server) = connected().await;
+        client.write_all(&H2_PREFACE[..5]).await.unwrap();
+        let mut seen = [0u8; 5];
+        while server.peek(&mut seen).await.unwrap() < seen.len() {
+            tokio::task::yield_now().await;
+        }
+        let sniffing = sniff(&server, PATIENCE);
+        tokio::pin!(sniffing);
+        let first_poll = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(sniffing.as_mut(), cx))
+        })
+        .await;
+        assert!(first_poll.is_pending(), "a partial preface is not decided");
+        client.write_all(&H2_PREFACE[5..]).await.unwrap();
+        assert_eq!(sniffing.await, Some(Protocol::Http2));
+
+        // A peer that closes, or says nothing until the timeout, is let go.
+        let (client, server) = connected().await;
+        drop(client);
+        assert_eq!(sniff(&server, PATIENCE).await, None);
+        let (_client, server) = connected().await;
+        assert_eq!(sniff(&server, Duration::from_millis(50)).await, None);
+    }
 
     async fn boom() -> &'static str {
         panic!("handler bug")

@@ -176,6 +176,12 @@ async fn slow_clients_cannot_hold_connections() {
         c.http_body_timeout = Duration::from_millis(300);
     })
     .await;
+    // A connection that never sends a byte: closed too.
+    let mut silent = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let mut nothing = Vec::new();
+    let read = within("silent connection closes", silent.read_to_end(&mut nothing)).await;
+    assert!(read.is_ok() && nothing.is_empty(), "{read:?} {nothing:?}");
+
     // Headers that never finish: the connection is closed.
     let mut slow_headers = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
     slow_headers
