@@ -15,11 +15,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::metrics::{Metrics, Snapshot};
+use crate::queue::{self, TrySendError};
 use crate::topic::{Pattern, Topic};
 
 /// Message headers, e.g. `content-type`. Sorted, so every transport shows them in one order.
@@ -270,7 +270,7 @@ struct SubEntry {
     patterns: Vec<Pattern>,
     /// `None` while the subscriber is lagged and has not yet caught up: nothing is queued for
     /// it, so its queue cannot reorder with the replay.
-    tx: Option<mpsc::Sender<Arc<Message>>>,
+    tx: Option<queue::Sender<Arc<Message>>>,
     /// First seq its queue could not take, while lagged.
     lagged_from: Option<u64>,
     queue_size: usize,
@@ -285,7 +285,7 @@ pub struct Subscription {
     hub: Hub,
     id: u64,
     secret: u64,
-    rx: mpsc::Receiver<Arc<Message>>,
+    rx: queue::Receiver<Arc<Message>>,
     /// Set by the hub when it ends the subscription (unsubscribe, disconnect policy).
     ended: Arc<OnceLock<Ended>>,
     /// Replayed messages and notices to hand out before reading the queue again.
@@ -349,7 +349,7 @@ impl Hub {
         }
         for entry in state.subs.values() {
             if let Some(tx) = &entry.tx {
-                let depth = tx.max_capacity() - tx.capacity();
+                let depth = tx.len();
                 snapshot.queued_messages += depth;
                 snapshot.max_queue_depth = snapshot.max_queue_depth.max(depth);
             }
@@ -420,7 +420,7 @@ impl Hub {
             let Some(tx) = &entry.tx else { continue };
             match tx.try_send(message.clone()) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => match entry.policy {
+                Err(TrySendError::Full) => match entry.policy {
                     LagPolicy::CatchUp => {
                         // Dropping the sender wakes the subscriber once it has drained its
                         // queue; it then catches up from retention (see `Subscription::next`).
@@ -431,7 +431,7 @@ impl Hub {
                     LagPolicy::Disconnect => overflowed.push(*id),
                 },
                 // The receiver is gone; its `Drop` is removing the subscription right now.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(TrySendError::Closed) => {}
             }
         }
         for id in overflowed {
@@ -521,7 +521,7 @@ impl Hub {
 
         let id = state.next_sub_id;
         state.next_sub_id += 1;
-        let (tx, rx) = mpsc::channel(queue_size);
+        let (tx, rx) = queue::bounded(queue_size);
         let ended = Arc::new(OnceLock::new());
         let secret = fastrand::u64(..);
         let wildcard = patterns.iter().any(|p| p.as_topic().is_none());
@@ -692,12 +692,12 @@ impl Hub {
         id: u64,
         last_seq: u64,
         pending: &mut VecDeque<Event>,
-    ) -> Option<mpsc::Receiver<Arc<Message>>> {
+    ) -> Option<queue::Receiver<Arc<Message>>> {
         let mut guard = self.lock();
         let state = &mut *guard;
         let entry = state.subs.get_mut(&id)?;
         let from_seq = entry.lagged_from.take()?;
-        let (tx, rx) = mpsc::channel(entry.queue_size);
+        let (tx, rx) = queue::bounded(entry.queue_size);
         entry.tx = Some(tx);
         let patterns = entry.patterns.clone();
         pending.push_back(Event::Lag(Lag {

@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
+//! - `queue`: the bounded queue from the hub to each subscription.
 //! - [`auth`]: JWT bearer tokens and the topic patterns they allow; the middleware of every door.
 //! - [`topic`]: topic names and wildcard patterns.
 //! - [`cursor`]: `EPOCH-SEQ` positions for resume.
@@ -37,6 +38,7 @@ pub mod keepalive;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+mod queue;
 pub mod server;
 pub mod shutdown;
 pub mod tls;
