@@ -126,7 +126,8 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_PUBLISH_BURST", default_value_t = 0)]
     pub publish_burst: u32,
 
-    /// Time an HTTP/1.1 client has to send a request's headers (slowloris protection).
+    /// Time a new connection has to send its first bytes, and an HTTP/1.1 client a request's
+    /// headers (slowloris protection).
     #[arg(long, env = "TOPICHUB_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
 
