@@ -17,6 +17,7 @@
 //! - [`http`]: REST and SSE routes, JSON shapes, the HTTP error type, the OpenAPI document.
 //! - [`web`]: the embedded web page.
 //! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
+//! - `sse_conn`: HTTP/1.1 connections opened by `GET /subscribe`, written to without hyper.
 //! - [`tls`]: TLS on the same port (rustls), HTTP/2 and HTTP/1.1 by ALPN.
 //! - [`metrics`]: Prometheus counters, gauges and the latency histogram behind `/metrics`.
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
@@ -41,6 +42,7 @@ pub mod proto;
 mod queue;
 pub mod server;
 pub mod shutdown;
+mod sse_conn;
 pub mod tls;
 pub mod topic;
 pub mod web;

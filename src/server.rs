@@ -34,6 +34,7 @@ use crate::keepalive::PingPolicyStream;
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
+use crate::sse_conn;
 use crate::tls;
 
 /// How often aged messages are evicted and empty topics forgotten.
@@ -130,10 +131,20 @@ pub async fn run(
             // connections, most of the idle subscribers, do not carry a TLS session's size.
             let served = match tls {
                 None => {
-                    let Some(protocol) = sniff(&stream, header_timeout).await else {
+                    let Some(protocol) = Box::pin(sniff(&stream, header_timeout)).await else {
                         tracing::debug!(%peer, "connection closed or silent before a request");
                         return;
                     };
+                    if protocol == Protocol::Http1
+                        && let Some(taken) = Box::pin(sse_conn::take(&stream)).await
+                    {
+                        // Held until the stream ends: graceful shutdown waits for it.
+                        let _watcher = watcher;
+                        if let Err(error) = sse_conn::serve(stream, taken, app).await {
+                            tracing::debug!(%peer, %error, "SSE connection ended with an error");
+                        }
+                        return;
+                    }
                     let io = PingPolicyStream::new(stream, min_ping_interval);
                     protocols.serve(protocol, watcher, io, app).await
                 }

@@ -302,3 +302,88 @@ async fn raw_publish_keeps_content_type_and_json_payloads_stay_json() {
     assert_eq!(message.headers["content-type"], "text/csv");
     broker.stop().await;
 }
+
+/// Reads from `stream` into `seen` until `seen` contains `needle`.
+async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let mut buf = [0u8; 4096];
+        let n = within(needle, stream.read(&mut buf)).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Open subscriptions, as `/metrics` reports them for the HTTP door.
+async fn http_subscribers(url: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(r#"topichub_subscribers{door="http"} "#))
+        .expect("the HTTP subscriber gauge")
+        .parse()
+        .unwrap()
+}
+
+/// An HTTP/1.1 connection opened by `GET /subscribe` is written to directly, not by hyper: the
+/// wire must still be exact HTTP/1.1 (a chunked stream, `connection: close`), pipelined bytes
+/// must not disturb it, and a client that hangs up must be unsubscribed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_http1_sse_connection_gets_a_chunked_stream_and_is_unsubscribed_on_close() {
+    use tokio::io::AsyncWriteExt;
+
+    let broker = spawn_broker().await;
+    let url = broker.url();
+    let mut stream = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    stream
+        .write_all(b"GET /subscribe?topic=raw.h1 HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut stream, &mut seen, "event: subscribed").await;
+    let text = String::from_utf8_lossy(&seen).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete head");
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    for field in [
+        "content-type: text/event-stream",
+        "cache-control: no-cache",
+        "transfer-encoding: chunked",
+        "connection: close",
+        "date: ",
+    ] {
+        assert!(head.contains(field), "{field:?} in {head}");
+    }
+    assert!(!head.contains("content-length"), "{head}");
+    // The first chunk: its hex size line, then exactly that many bytes and a CRLF.
+    let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+    let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
+    assert!(rest.len() >= size + 2, "{rest:?}");
+    assert!(rest[..size].starts_with("retry:") || rest[..size].contains("event: subscribed"));
+    assert_eq!(&rest[size..size + 2], "\r\n");
+    assert_eq!(http_subscribers(&url).await, 1.0);
+
+    support::http_publish(&url, "raw.h1", "over the raw connection").await;
+    read_until(&mut stream, &mut seen, "over the raw connection").await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen).matches("HTTP/1.1 ").count(),
+        1,
+        "the pipelined request gets no response on this connection"
+    );
+
+    drop(stream);
+    support::wait_for("the subscription to end with its connection", || {
+        let url = url.clone();
+        async move { (http_subscribers(&url).await == 0.0).then_some(()) }
+    })
+    .await;
+    broker.stop().await;
+}
