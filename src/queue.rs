@@ -13,6 +13,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+/// Slots an empty queue keeps; a larger allocation is given back once the queue drains.
+const SHRINK_ABOVE: usize = 64;
+
 /// A new queue holding at most `capacity` items (at least 1).
 pub(crate) fn bounded<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Mutex::new(State {
@@ -112,6 +115,10 @@ impl<T> Receiver<T> {
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         let mut state = lock(&self.shared);
         if let Some(item) = state.items.pop_front() {
+            if state.items.is_empty() && state.items.capacity() > SHRINK_ABOVE {
+                // After a burst, an idle subscriber gives the slots back.
+                state.items.shrink_to_fit();
+            }
             return Poll::Ready(Some(item));
         }
         if state.sender_dropped {

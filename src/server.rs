@@ -117,6 +117,7 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let (protocols, watcher, tls) = (protocols.clone(), graceful.watcher(), tls.clone());
+        let shutdown = shutdown.clone();
         // Every request of the connection carries its `Connection` (peer, subscription count).
         let app = match limits.admit(peer) {
             Ok(connection) => Either::Left(axum::Extension(connection).layer(app.clone())),
@@ -131,7 +132,8 @@ pub async fn run(
             // connections, most of the idle subscribers, do not carry a TLS session's size.
             let served = match tls {
                 None => {
-                    let Some(protocol) = Box::pin(sniff(&stream, header_timeout)).await else {
+                    let sniffing = sniff(&stream, header_timeout, &shutdown);
+                    let Some(protocol) = Box::pin(sniffing).await else {
                         tracing::debug!(%peer, "connection closed or silent before a request");
                         return;
                     };
@@ -140,7 +142,7 @@ pub async fn run(
                     {
                         // Held until the stream ends: graceful shutdown waits for it.
                         let _watcher = watcher;
-                        if let Err(error) = sse_conn::serve(stream, taken, app).await {
+                        if let Err(error) = sse_conn::serve(stream, taken, app, &shutdown).await {
                             tracing::debug!(%peer, %error, "SSE connection ended with an error");
                         }
                         return;
@@ -215,9 +217,14 @@ enum Protocol {
 /// hyper reads them again from the socket. (Reading them into a side buffer, as a generic
 /// detector must, doubles hyper's HTTP/1.1 read buffer to 16 KiB on every connection, since its
 /// first read then returns only those bytes.) `None` if the peer closes, or sends nothing
-/// decisive within `timeout`.
-async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+/// decisive within `timeout`, or the server is shutting down.
+async fn sniff(
+    stream: &TcpStream,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Option<Protocol> {
     let mut buf = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(2);
     let decide = async {
         loop {
             let n = stream.peek(&mut buf).await.ok()?;
@@ -231,11 +238,17 @@ async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
                 return Some(Protocol::Http2);
             }
             // Part of the preface: the socket stays readable with the same bytes until the
-            // rest arrives, so look again shortly instead of spinning on it.
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // rest arrives, so look again after a pause (growing, so that a peer stalling
+            // here costs next to nothing) instead of spinning on it.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     };
-    tokio::time::timeout(timeout, decide).await.ok().flatten()
+    tokio::select! {
+        decided = tokio::time::timeout(timeout, decide) => decided.ok().flatten(),
+        // A connection that has not said anything yet does not hold up a graceful shutdown.
+        () = shutdown.cancelled() => None,
+    }
 }
 
 /// The configured HTTP/1.1 and HTTP/2 servers.
@@ -471,13 +484,20 @@ mod tests {
     async fn sniff_tells_http2_from_http1_by_the_whole_preface() {
         use tokio::io::AsyncWriteExt;
 
+        let never = CancellationToken::new();
         let (mut client, server) = connected().await;
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        assert_eq!(sniff(&server, PATIENCE).await, Some(Protocol::Http1));
+        assert_eq!(
+            sniff(&server, PATIENCE, &never).await,
+            Some(Protocol::Http1)
+        );
 
         let (mut client, server) = connected().await;
         client.write_all(H2_PREFACE).await.unwrap();
-        assert_eq!(sniff(&server, PATIENCE).await, Some(Protocol::Http2));
+        assert_eq!(
+            sniff(&server, PATIENCE, &never).await,
+            Some(Protocol::Http2)
+        );
 
         // "PRI" alone could still be either: sniff waits for the rest of the preface.
         let (mut client, server) = connected().await;
@@ -486,7 +506,7 @@ mod tests {
         while server.peek(&mut seen).await.unwrap() < seen.len() {
             tokio::task::yield_now().await;
         }
-        let sniffing = sniff(&server, PATIENCE);
+        let sniffing = sniff(&server, PATIENCE, &never);
         tokio::pin!(sniffing);
         let first_poll = std::future::poll_fn(|cx| {
             std::task::Poll::Ready(std::future::Future::poll(sniffing.as_mut(), cx))
@@ -499,9 +519,17 @@ mod tests {
         // A peer that closes, or says nothing until the timeout, is let go.
         let (client, server) = connected().await;
         drop(client);
-        assert_eq!(sniff(&server, PATIENCE).await, None);
+        assert_eq!(sniff(&server, PATIENCE, &never).await, None);
         let (_client, server) = connected().await;
-        assert_eq!(sniff(&server, Duration::from_millis(50)).await, None);
+        assert_eq!(
+            sniff(&server, Duration::from_millis(50), &never).await,
+            None
+        );
+        // Nor does a silent peer hold up a shutdown.
+        let (_client, server) = connected().await;
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        assert_eq!(sniff(&server, PATIENCE, &shutdown).await, None);
     }
 
     async fn boom() -> &'static str {

@@ -21,12 +21,13 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, Method, Version, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::Body as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 /// The most of a request head looked at. Longer heads go to hyper.
@@ -39,6 +40,9 @@ const MAX_BATCH: usize = 16;
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// How long a finished connection waits for the client to close first.
 const LINGER: Duration = Duration::from_secs(1);
+/// Bytes a client may send after its request (a pipelined request or two) before it is
+/// disconnected.
+const MAX_DISCARD: usize = 64 * 1024;
 
 /// A request this module serves: its head's length on the socket and the parsed request.
 pub(crate) struct Taken {
@@ -89,7 +93,12 @@ fn parse(bytes: &[u8]) -> Option<(usize, Request)> {
 
 /// Serves the taken request on `stream` and closes the connection when its response ends or
 /// the client goes away.
-pub(crate) async fn serve<S>(mut stream: TcpStream, taken: Box<Taken>, mut app: S) -> io::Result<()>
+pub(crate) async fn serve<S>(
+    mut stream: TcpStream,
+    taken: Box<Taken>,
+    mut app: S,
+    shutdown: &CancellationToken,
+) -> io::Result<()>
 where
     S: tower::Service<Request, Response = Response, Error = Infallible>,
 {
@@ -106,7 +115,9 @@ where
         let mut discard = [0u8; 512];
         while let Ok(1..) = stream.read(&mut discard).await {}
     };
-    let _ = tokio::time::timeout(LINGER, drain).await;
+    if !shutdown.is_cancelled() {
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
     Ok(())
 }
 
@@ -127,6 +138,11 @@ where
     let Ok(service) = app.ready().await;
     let Ok(response) = service.call(request).await;
     let (parts, body) = response.into_parts();
+    // 1xx, 204 and 304 responses have no body and no length (RFC 9112, section 6.3).
+    let status = parts.status;
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
     let length = body.size_hint().exact();
 
     let mut out = Vec::with_capacity(256);
@@ -162,6 +178,7 @@ where
         out.extend_from_slice(b"\r\n");
     }
     match length {
+        _ if bodiless => {}
         Some(length) => out.extend_from_slice(format!("content-length: {length}\r\n").as_bytes()),
         None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
@@ -170,14 +187,15 @@ where
     stream.write_all(&out).await?;
 
     Ok(BodyWriter {
-        body,
-        chunked: length.is_none(),
+        body: if bodiless { Body::empty() } else { body },
+        chunked: length.is_none() && !bodiless,
         batch: Vec::new(),
         size_line: [0; 20],
         size_line_len: 0,
         batch_bytes: 0,
         written: 0,
-        ended: false,
+        ended: bodiless,
+        discarded: 0,
     })
 }
 
@@ -194,13 +212,15 @@ struct BodyWriter {
     /// Bytes of the batch (size line and trailing CRLF included) already written.
     written: usize,
     ended: bool,
+    /// Bytes the client sent after its request, read and dropped.
+    discarded: usize,
 }
 
 impl BodyWriter {
     /// Ready when the body has ended and is written; an error when the client is gone.
     fn poll_run(&mut self, stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if client_gone(stream, cx) {
+            if client_gone(stream, cx, &mut self.discarded) {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
             }
             if self.batch.is_empty() {
@@ -305,6 +325,10 @@ impl BodyWriter {
             }
         }
         batch.clear();
+        if batch.capacity() > 4 {
+            // An idle subscriber keeps no more than a small batch's worth after a burst.
+            batch.shrink_to(4);
+        }
         *batch_bytes = 0;
         Poll::Ready(Ok(()))
     }
@@ -318,9 +342,10 @@ fn format_size_line(size: usize, buf: &mut [u8; 20]) -> usize {
     cursor.position() as usize
 }
 
-/// Whether the client closed its side (or the connection failed). Anything else it sends
-/// after the request is read and dropped; this connection carries one response.
-fn client_gone(stream: &TcpStream, cx: &mut Context<'_>) -> bool {
+/// Whether the client closed its side (or the connection failed). What it sends after the
+/// request is read and dropped, since this connection carries one response; past
+/// `MAX_DISCARD` bytes of that the client is not a subscriber, and is let go.
+fn client_gone(stream: &TcpStream, cx: &mut Context<'_>, discarded: &mut usize) -> bool {
     let mut discard = [0u8; 512];
     loop {
         match stream.poll_read_ready(cx) {
@@ -328,7 +353,12 @@ fn client_gone(stream: &TcpStream, cx: &mut Context<'_>) -> bool {
             Poll::Ready(Err(_)) => return true,
             Poll::Ready(Ok(())) => match stream.try_read(&mut discard) {
                 Ok(0) => return true,
-                Ok(_) => continue,
+                Ok(n) => {
+                    *discarded += n;
+                    if *discarded > MAX_DISCARD {
+                        return true;
+                    }
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return true,
             },
