@@ -2,7 +2,7 @@
 # Benchmarks topichub against nats-server, nginx + nchan and mosquitto on loopback.
 #
 #   bench/run.sh                 the full suite: every scenario, every target, 3 runs each
-#                                (about 25 minutes on 2 cores); results in target/bench/
+#                                (about 11 minutes on 2 cores); results in target/bench/
 #   bench/run.sh --smoke         the CI smoke run: topichub and nats-server only, 1 short run
 #                                each, fewer subscribers; fails unless every figure is sane
 #   bench/run.sh [OPTIONS]       any option of `topichub-bench suite --help`, e.g.

@@ -171,20 +171,44 @@ mod tests {
         assert_eq!(tx.try_send('d'), Err(TrySendError::Closed));
     }
 
-    #[tokio::test]
-    async fn a_parked_receiver_is_woken_by_a_send_and_by_the_end() {
-        let (tx, mut rx) = bounded::<u32>(1);
-        let receiver = tokio::spawn(async move {
-            let first = poll_fn(|cx| rx.poll_recv(cx)).await;
-            let end = poll_fn(|cx| rx.poll_recv(cx)).await;
-            (first, end)
-        });
-        // Let the receiver park on the empty queue first.
-        while lock(&tx.shared).waker.is_none() {
-            tokio::task::yield_now().await;
+    /// Counts its wakes.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_parked_receiver_is_woken_by_a_send_and_by_the_end() {
+        let wakes = Arc::new(Wakes(Default::default()));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let count = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        let (tx, mut rx) = bounded::<u32>(1);
+
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Pending);
         tx.try_send(7).unwrap();
+        assert_eq!(count(), 1, "a send wakes the parked receiver");
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(7)));
+
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Pending);
         drop(tx);
-        assert_eq!(receiver.await.unwrap(), (Some(7), None));
+        assert_eq!(count(), 2, "the end wakes it too");
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(None));
+    }
+
+    #[test]
+    fn a_drained_queue_gives_back_a_large_allocation() {
+        let wakes = Arc::new(Wakes(Default::default()));
+        let waker = Waker::from(wakes);
+        let mut cx = Context::from_waker(&waker);
+        let (tx, mut rx) = bounded(1000);
+        for i in 0..500 {
+            tx.try_send(i).unwrap();
+        }
+        while let Poll::Ready(Some(_)) = rx.poll_recv(&mut cx) {}
+        assert!(lock(&tx.shared).items.capacity() <= SHRINK_ABOVE);
     }
 }

@@ -133,12 +133,14 @@ pub async fn run(
             let served = match tls {
                 None => {
                     let sniffing = sniff(&stream, header_timeout, &shutdown);
-                    let Some(protocol) = Box::pin(sniffing).await else {
+                    let Some(sniffed) = Box::pin(sniffing).await else {
                         tracing::debug!(%peer, "connection closed or silent before a request");
                         return;
                     };
+                    let protocol = sniffed.protocol;
                     if protocol == Protocol::Http1
-                        && let Some(taken) = Box::pin(sse_conn::take(&stream)).await
+                        && let Some(taken) =
+                            Box::pin(sse_conn::take(&stream, sniffed.first())).await
                     {
                         // Held until the stream ends: graceful shutdown waits for it.
                         let _watcher = watcher;
@@ -213,6 +215,19 @@ enum Protocol {
     Http2,
 }
 
+/// What [`sniff`] saw: the protocol, and the first bytes it was told from.
+struct Sniffed {
+    protocol: Protocol,
+    first: [u8; H2_PREFACE.len()],
+    len: usize,
+}
+
+impl Sniffed {
+    fn first(&self) -> &[u8] {
+        &self.first[..self.len]
+    }
+}
+
 /// Tells an h2c connection from an HTTP/1.1 one by its first bytes, without consuming them:
 /// hyper reads them again from the socket. (Reading them into a side buffer, as a generic
 /// detector must, doubles hyper's HTTP/1.1 read buffer to 16 KiB on every connection, since its
@@ -222,26 +237,31 @@ async fn sniff(
     stream: &TcpStream,
     timeout: Duration,
     shutdown: &CancellationToken,
-) -> Option<Protocol> {
-    let mut buf = [0u8; H2_PREFACE.len()];
+) -> Option<Sniffed> {
+    let mut first = [0u8; H2_PREFACE.len()];
     let mut pause = Duration::from_millis(2);
     let decide = async {
         loop {
-            let n = stream.peek(&mut buf).await.ok()?;
-            if n == 0 {
+            let len = stream.peek(&mut first).await.ok()?;
+            let protocol = if len == 0 {
                 return None;
-            }
-            if buf[..n] != H2_PREFACE[..n] {
-                return Some(Protocol::Http1);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(Protocol::Http2);
-            }
-            // Part of the preface: the socket stays readable with the same bytes until the
-            // rest arrives, so look again after a pause (growing, so that a peer stalling
-            // here costs next to nothing) instead of spinning on it.
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            } else if first[..len] != H2_PREFACE[..len] {
+                Protocol::Http1
+            } else if len == H2_PREFACE.len() {
+                Protocol::Http2
+            } else {
+                // Part of the preface: the socket stays readable with the same bytes until
+                // the rest arrives, so look again after a pause (growing, so that a peer
+                // stalling here costs next to nothing) instead of spinning on it.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+                continue;
+            };
+            return Some(Sniffed {
+                protocol,
+                first,
+                len,
+            });
         }
     };
     tokio::select! {
@@ -488,14 +508,14 @@ mod tests {
         let (mut client, server) = connected().await;
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         assert_eq!(
-            sniff(&server, PATIENCE, &never).await,
+            sniff(&server, PATIENCE, &never).await.map(|s| s.protocol),
             Some(Protocol::Http1)
         );
 
         let (mut client, server) = connected().await;
         client.write_all(H2_PREFACE).await.unwrap();
         assert_eq!(
-            sniff(&server, PATIENCE, &never).await,
+            sniff(&server, PATIENCE, &never).await.map(|s| s.protocol),
             Some(Protocol::Http2)
         );
 
@@ -503,9 +523,13 @@ mod tests {
         let (mut client, server) = connected().await;
         client.write_all(&H2_PREFACE[..5]).await.unwrap();
         let mut seen = [0u8; 5];
-        while server.peek(&mut seen).await.unwrap() < seen.len() {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(PATIENCE, async {
+            while server.peek(&mut seen).await.unwrap() < seen.len() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the partial preface arrives");
         let sniffing = sniff(&server, PATIENCE, &never);
         tokio::pin!(sniffing);
         let first_poll = std::future::poll_fn(|cx| {
@@ -514,22 +538,23 @@ mod tests {
         .await;
         assert!(first_poll.is_pending(), "a partial preface is not decided");
         client.write_all(&H2_PREFACE[5..]).await.unwrap();
-        assert_eq!(sniffing.await, Some(Protocol::Http2));
+        assert_eq!(sniffing.await.map(|s| s.protocol), Some(Protocol::Http2));
 
         // A peer that closes, or says nothing until the timeout, is let go.
         let (client, server) = connected().await;
         drop(client);
-        assert_eq!(sniff(&server, PATIENCE, &never).await, None);
+        assert!(sniff(&server, PATIENCE, &never).await.is_none());
         let (_client, server) = connected().await;
-        assert_eq!(
-            sniff(&server, Duration::from_millis(50), &never).await,
-            None
+        assert!(
+            sniff(&server, Duration::from_millis(50), &never)
+                .await
+                .is_none()
         );
         // Nor does a silent peer hold up a shutdown.
         let (_client, server) = connected().await;
         let shutdown = CancellationToken::new();
         shutdown.cancel();
-        assert_eq!(sniff(&server, PATIENCE, &shutdown).await, None);
+        assert!(sniff(&server, PATIENCE, &shutdown).await.is_none());
     }
 
     async fn boom() -> &'static str {

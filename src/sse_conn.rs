@@ -50,11 +50,19 @@ pub(crate) struct Taken {
     request: Request,
 }
 
+/// The start of every request this module takes.
+const REQUEST_LINE: &[u8] = b"GET /subscribe";
+
 /// Peeks at the connection's first bytes; `Some` if they are a complete `GET /subscribe`
-/// request head that this module serves. Consumes nothing. (Boxed, as is everything that lives
-/// only until the response head: the connection's task keeps the size of its largest state
-/// for the life of the stream.)
-pub(crate) async fn take(stream: &TcpStream) -> Option<Box<Taken>> {
+/// request head that this module serves. Consumes nothing. `first` is what the listener has
+/// already peeked: any other request is turned away without looking further. (Boxed by the
+/// caller, as is everything that lives only until the response head: the connection's task
+/// keeps the size of its largest state for the life of the stream.)
+pub(crate) async fn take(stream: &TcpStream, first: &[u8]) -> Option<Box<Taken>> {
+    let known = first.len().min(REQUEST_LINE.len());
+    if first[..known] != REQUEST_LINE[..known] {
+        return None;
+    }
     let mut head = vec![0; MAX_HEAD];
     let peeked = stream.peek(&mut head).await.ok()?;
     let (length, request) = parse(&head[..peeked])?;
@@ -116,7 +124,8 @@ where
         while let Ok(1..) = stream.read(&mut discard).await {}
     };
     if !shutdown.is_cancelled() {
-        let _ = tokio::time::timeout(LINGER, drain).await;
+        // Boxed: only a closing connection needs the timer.
+        let _ = Box::pin(tokio::time::timeout(LINGER, drain)).await;
     }
     Ok(())
 }
@@ -147,15 +156,9 @@ where
 
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("Unknown")
-            .as_bytes(),
-    );
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
         if [
@@ -192,7 +195,7 @@ where
         batch: Vec::new(),
         size_line: [0; 20],
         size_line_len: 0,
-        batch_bytes: 0,
+        tail: b"",
         written: 0,
         ended: bodiless,
         discarded: 0,
@@ -203,13 +206,14 @@ where
 struct BodyWriter {
     body: Body,
     chunked: bool,
-    /// Frames being written: one chunk when `chunked`.
+    /// Data frames being written: one chunk when `chunked`.
     batch: Vec<Bytes>,
-    /// The chunk's size line (`1a2b\r\n`).
+    /// The chunk's size line (`1a2b\r\n`), empty when not chunked or no data is batched.
     size_line: [u8; 20],
     size_line_len: usize,
-    batch_bytes: usize,
-    /// Bytes of the batch (size line and trailing CRLF included) already written.
+    /// What follows the batch: the chunk's CRLF, and the last chunk once the body has ended.
+    tail: &'static [u8],
+    /// Bytes of size line, batch and tail already written.
     written: usize,
     ended: bool,
     /// Bytes the client sent after its request, read and dropped.
@@ -223,26 +227,28 @@ impl BodyWriter {
             if client_gone(stream, cx, &mut self.discarded) {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
             }
-            if self.batch.is_empty() {
+            if self.batch.is_empty() && self.tail.is_empty() {
                 if self.ended {
                     return Poll::Ready(Ok(()));
                 }
                 ready!(self.poll_gather(cx))?;
-                continue;
+            } else {
+                ready!(self.poll_write(stream, cx))?;
             }
-            ready!(self.poll_write(stream, cx))?;
         }
     }
 
-    /// Collects the frames that are ready into the batch; pending only if none is.
+    /// Collects the frames that are ready into the batch and frames it; pending only if
+    /// nothing is ready.
     fn poll_gather(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.batch.len() < MAX_BATCH && self.batch_bytes < MAX_BATCH_BYTES {
+        let mut bytes = 0;
+        while self.batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data()
                         && !data.is_empty()
                     {
-                        self.batch_bytes += data.len();
+                        bytes += data.len();
                         self.batch.push(data);
                     }
                 }
@@ -256,60 +262,39 @@ impl BodyWriter {
             }
         }
         if self.chunked {
-            if !self.batch.is_empty() {
-                let line = format_size_line(self.batch_bytes, &mut self.size_line);
-                self.size_line_len = line;
-            }
-            if self.ended {
-                // The last chunk; the body has no trailers.
-                self.batch.push(Bytes::from_static(b"0\r\n\r\n"));
-            }
+            let data = !self.batch.is_empty();
+            self.size_line_len = if data {
+                format_size_line(bytes, &mut self.size_line)
+            } else {
+                0
+            };
+            // The body has no trailers, so the last chunk is empty.
+            self.tail = match (data, self.ended) {
+                (true, false) => b"\r\n",
+                (true, true) => b"\r\n0\r\n\r\n",
+                (false, true) => b"0\r\n\r\n",
+                (false, false) => b"",
+            };
         }
         self.written = 0;
         Poll::Ready(Ok(()))
     }
 
-    /// Writes (the rest of) the batch; ready when all of it is written.
+    /// Writes (the rest of) the size line, batch and tail; ready when all of it is written.
     fn poll_write(&mut self, stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Self {
-            batch,
-            size_line,
-            size_line_len,
-            written,
-            batch_bytes,
-            chunked,
-            ended,
-            ..
-        } = self;
-        // A chunk's data frames sit between its size line and its CRLF; the final
-        // `0\r\n\r\n`, pushed after them once the body has ended, is written as is.
-        let terminator = *chunked && *ended;
-        let data_frames = batch.len() - usize::from(terminator);
-        let framed = *chunked && data_frames > 0;
-        let mut parts: [&[u8]; MAX_BATCH + 3] = [&[]; MAX_BATCH + 3];
-        let mut count = 0;
-        if framed {
-            parts[count] = &size_line[..*size_line_len];
-            count += 1;
+        let mut parts: [&[u8]; MAX_BATCH + 2] = [&[]; MAX_BATCH + 2];
+        parts[0] = &self.size_line[..self.size_line_len];
+        for (part, data) in parts[1..].iter_mut().zip(&self.batch) {
+            *part = data;
         }
-        for data in &batch[..data_frames] {
-            parts[count] = data;
-            count += 1;
-        }
-        if framed {
-            parts[count] = b"\r\n";
-            count += 1;
-        }
-        if terminator {
-            parts[count] = &batch[data_frames];
-            count += 1;
-        }
-        let total: usize = parts[..count].iter().map(|part| part.len()).sum();
-        while *written < total {
-            let mut slices = [IoSlice::new(&[]); MAX_BATCH + 3];
-            let mut skip = *written;
+        parts[self.batch.len() + 1] = self.tail;
+        let parts = &parts[..self.batch.len() + 2];
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        while self.written < total {
+            let mut slices = [IoSlice::new(&[]); MAX_BATCH + 2];
+            let mut skip = self.written;
             let mut used = 0;
-            for part in &parts[..count] {
+            for part in parts {
                 if skip >= part.len() {
                     skip -= part.len();
                     continue;
@@ -320,16 +305,17 @@ impl BodyWriter {
             }
             match ready!(poll_write_vectored(stream, cx, &slices[..used])) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => *written += n,
+                Ok(n) => self.written += n,
                 Err(error) => return Poll::Ready(Err(error)),
             }
         }
-        batch.clear();
-        if batch.capacity() > 4 {
+        self.batch.clear();
+        if self.batch.capacity() > 4 {
             // An idle subscriber keeps no more than a small batch's worth after a burst.
-            batch.shrink_to(4);
+            self.batch.shrink_to(4);
         }
-        *batch_bytes = 0;
+        self.size_line_len = 0;
+        self.tail = b"";
         Poll::Ready(Ok(()))
     }
 }

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 
 use futures_util::StreamExt;
-use support::{Sse, spawn_broker, within};
+use support::{Sse, metric, spawn_broker, within};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use topichub::proto::seed;
@@ -303,6 +303,9 @@ async fn raw_publish_keeps_content_type_and_json_payloads_stay_json() {
     broker.stop().await;
 }
 
+/// The HTTP door's open subscriptions on `/metrics`.
+const HTTP_SUBSCRIBERS: &str = r#"topichub_subscribers{door="http"}"#;
+
 /// Reads from `stream` into `seen` until `seen` contains `needle`.
 async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, needle: &str) {
     use tokio::io::AsyncReadExt;
@@ -316,21 +319,6 @@ async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, need
         );
         seen.extend_from_slice(&buf[..n]);
     }
-}
-
-/// Open subscriptions, as `/metrics` reports them for the HTTP door.
-async fn http_subscribers(url: &str) -> f64 {
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(r#"topichub_subscribers{door="http"} "#))
-        .expect("the HTTP subscriber gauge")
-        .parse()
-        .unwrap()
 }
 
 /// An HTTP/1.1 connection opened by `GET /subscribe` is written to directly, not by hyper: the
@@ -369,7 +357,7 @@ async fn a_raw_http1_sse_connection_gets_a_chunked_stream_and_is_unsubscribed_on
     assert!(rest.len() >= size + 2, "{rest:?}");
     assert!(rest[..size].starts_with("retry:") || rest[..size].contains("event: subscribed"));
     assert_eq!(&rest[size..size + 2], "\r\n");
-    assert_eq!(http_subscribers(&url).await, 1.0);
+    assert_eq!(metric(&broker, HTTP_SUBSCRIBERS).await, 1.0);
 
     support::http_publish(&url, "raw.h1", "over the raw connection").await;
     read_until(&mut stream, &mut seen, "over the raw connection").await;
@@ -380,9 +368,8 @@ async fn a_raw_http1_sse_connection_gets_a_chunked_stream_and_is_unsubscribed_on
     );
 
     drop(stream);
-    support::wait_for("the subscription to end with its connection", || {
-        let url = url.clone();
-        async move { (http_subscribers(&url).await == 0.0).then_some(()) }
+    support::wait_for("the subscription to end with its connection", || async {
+        (metric(&broker, HTTP_SUBSCRIBERS).await == 0.0).then_some(())
     })
     .await;
     broker.stop().await;

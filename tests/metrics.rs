@@ -4,30 +4,9 @@
 mod support;
 
 use futures_util::StreamExt;
-use support::{Broker, Sse, spawn_broker_with, within};
+use support::{Sse, metric, spawn_broker_with, within};
 use topichub::proto::seed;
 use topichub::proto::v1::{PublishRequest, SubscribeRequest, subscribe_response};
-
-/// The value of one sample line, `name{labels} value`, or 0 when absent.
-async fn sample(broker: &Broker, series: &str) -> f64 {
-    let response = reqwest::get(format!("{}/metrics", broker.url()))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
-    );
-    let text = response.text().await.unwrap();
-    text.lines()
-        .find_map(|line| {
-            line.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .map_or(0.0, |value| value.parse().unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_every_door_did() {
@@ -55,15 +34,15 @@ async fn metrics_count_what_every_door_did() {
         .unwrap();
     broker.wait_for_subscribers(3).await;
     assert_eq!(
-        sample(&broker, r#"topichub_subscribers{door="grpc"}"#).await,
+        metric(&broker, r#"topichub_subscribers{door="grpc"}"#).await,
         1.0
     );
     assert_eq!(
-        sample(&broker, r#"topichub_subscribers{door="http"}"#).await,
+        metric(&broker, r#"topichub_subscribers{door="http"}"#).await,
         1.0
     );
     assert_eq!(
-        sample(&broker, r#"topichub_subscribers{door="seed"}"#).await,
+        metric(&broker, r#"topichub_subscribers{door="seed"}"#).await,
         1.0
     );
 
@@ -99,7 +78,7 @@ async fn metrics_count_what_every_door_did() {
 
     for door in ["grpc", "http", "seed"] {
         assert_eq!(
-            sample(
+            metric(
                 &broker,
                 &format!(r#"topichub_publishes_total{{door="{door}"}}"#)
             )
@@ -109,18 +88,18 @@ async fn metrics_count_what_every_door_did() {
         );
     }
     assert_eq!(
-        sample(&broker, r#"topichub_deliveries_total{door="grpc"}"#).await,
+        metric(&broker, r#"topichub_deliveries_total{door="grpc"}"#).await,
         3.0
     );
     assert_eq!(
-        sample(&broker, r#"topichub_deliveries_total{door="http"}"#).await,
+        metric(&broker, r#"topichub_deliveries_total{door="http"}"#).await,
         3.0
     );
-    assert!(sample(&broker, "topichub_publish_to_deliver_seconds_count").await >= 6.0);
-    assert_eq!(sample(&broker, "topichub_head_seq").await, 3.0);
-    assert_eq!(sample(&broker, "topichub_retained_messages").await, 3.0);
-    assert_eq!(sample(&broker, "topichub_topics").await, 3.0);
-    assert!(sample(&broker, "topichub_connections").await >= 3.0);
+    assert!(metric(&broker, "topichub_publish_to_deliver_seconds_count").await >= 6.0);
+    assert_eq!(metric(&broker, "topichub_head_seq").await, 3.0);
+    assert_eq!(metric(&broker, "topichub_retained_messages").await, 3.0);
+    assert_eq!(metric(&broker, "topichub_topics").await, 3.0);
+    assert!(metric(&broker, "topichub_connections").await >= 3.0);
 
     // A refusal by a limit is counted under the limit's option name.
     let response = reqwest::Client::new()
@@ -131,7 +110,7 @@ async fn metrics_count_what_every_door_did() {
         .unwrap();
     assert_eq!(response.status(), 413);
     assert_eq!(
-        sample(
+        metric(
             &broker,
             r#"topichub_limit_hits_total{limit="max-payload-bytes"}"#
         )
@@ -144,11 +123,11 @@ async fn metrics_count_what_every_door_did() {
     drop(sse);
     broker.wait_for_subscribers(1).await;
     assert_eq!(
-        sample(&broker, r#"topichub_subscribers{door="grpc"}"#).await,
+        metric(&broker, r#"topichub_subscribers{door="grpc"}"#).await,
         0.0
     );
     assert_eq!(
-        sample(&broker, r#"topichub_subscribers{door="http"}"#).await,
+        metric(&broker, r#"topichub_subscribers{door="http"}"#).await,
         0.0
     );
     broker.stop().await;
@@ -176,6 +155,6 @@ async fn metrics_stay_open_and_count_auth_failures() {
         })
         .await;
     assert!(refused.is_err());
-    assert_eq!(sample(&broker, "topichub_auth_failures_total").await, 2.0);
+    assert_eq!(metric(&broker, "topichub_auth_failures_total").await, 2.0);
     broker.stop().await;
 }

@@ -272,3 +272,24 @@ pub async fn stuck_sse_subscriber(addr: SocketAddr, path: &str) -> StuckSse {
         _sender: sender,
     }
 }
+
+/// The value of one sample line, `name{labels} value`, or 0 when absent.
+pub async fn metric(broker: &Broker, series: &str) -> f64 {
+    let response = reqwest::get(format!("{}/metrics", broker.url()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map_or(0.0, |value| value.parse().unwrap())
+}
