@@ -39,6 +39,7 @@ pub mod keepalive;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+mod publish_conn;
 mod queue;
 pub mod server;
 pub mod shutdown;

@@ -31,9 +31,10 @@ use crate::grpc::{self, PubSubService};
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
-use crate::limits::Limits;
+use crate::limits::{Connection, Limits};
 use crate::proto;
 use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
+use crate::publish_conn;
 use crate::sse_conn;
 use crate::tls;
 
@@ -52,6 +53,7 @@ pub async fn run(
     if auth.is_enabled() {
         tracing::info!("authentication on: pub/sub calls need a bearer token");
     }
+    let auth_enabled = auth.is_enabled();
     let hub = Hub::new(config.hub());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PubSubServer<PubSubService>>().await;
@@ -94,6 +96,14 @@ pub async fn run(
         .header_read_timeout(config.http_header_timeout);
     let protocols = Arc::new(Protocols { h1, h2 });
     let header_timeout = config.http_header_timeout;
+    // Tokens are checked by the application's guard, so the lane is off with authentication.
+    let lane = (!auth_enabled).then(|| {
+        Arc::new(publish_conn::Lane {
+            hub: hub.clone(),
+            limits: limits.clone(),
+            idle_timeout: header_timeout,
+        })
+    });
 
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -118,13 +128,16 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let (protocols, watcher, tls) = (protocols.clone(), graceful.watcher(), tls.clone());
         let shutdown = shutdown.clone();
+        let admitted = limits.admit(peer);
+        if let Err(refusal) = &admitted {
+            tracing::warn!(%peer, %refusal, "connection refused");
+        }
+        let lane = admitted.is_ok().then(|| lane.clone()).flatten();
+        let app = app.clone();
         // Every request of the connection carries its `Connection` (peer, subscription count).
-        let app = match limits.admit(peer) {
-            Ok(connection) => Either::Left(axum::Extension(connection).layer(app.clone())),
-            Err(refusal) => {
-                tracing::warn!(%peer, %refusal, "connection refused");
-                Either::Right(refused(refusal))
-            }
+        let service = move |admitted: Result<Connection, Error>| match admitted {
+            Ok(connection) => Either::Left(axum::Extension(connection).layer(app)),
+            Err(refusal) => Either::Right(refused(refusal)),
         };
         let min_ping_interval = config.keepalive_min_ping_interval;
         tokio::spawn(async move {
@@ -144,13 +157,38 @@ pub async fn run(
                     {
                         // Held until the stream ends: graceful shutdown waits for it.
                         let _watcher = watcher;
+                        let app = service(admitted);
                         if let Err(error) = sse_conn::serve(stream, taken, app, &shutdown).await {
                             tracing::debug!(%peer, %error, "SSE connection ended with an error");
                         }
                         return;
                     }
+                    if protocol == Protocol::Http1
+                        && let (Some(lane), Ok(connection)) = (lane, &admitted)
+                        && sniffed.first().starts_with(publish_conn::REQUEST_LINE)
+                    {
+                        // The watcher is held meanwhile: graceful shutdown waits for the lane,
+                        // which closes the connection between requests once shutdown begins.
+                        let publishing = publish_conn::serve(stream, &lane, connection, &shutdown);
+                        return match Box::pin(publishing).await {
+                            Ok(publish_conn::Left::Closed) => {}
+                            Ok(publish_conn::Left::Handover(io)) => {
+                                let served = protocols
+                                    .serve(Protocol::Http1, watcher, io, service(admitted))
+                                    .await;
+                                if let Err(error) = served {
+                                    tracing::debug!(%peer, %error, "connection ended with an error");
+                                }
+                            }
+                            Err(error) => {
+                                tracing::debug!(%peer, %error, "connection ended with an error");
+                            }
+                        };
+                    }
                     let io = PingPolicyStream::new(stream, min_ping_interval);
-                    protocols.serve(protocol, watcher, io, app).await
+                    protocols
+                        .serve(protocol, watcher, io, service(admitted))
+                        .await
                 }
                 Some(acceptor) => {
                     let tls_connection = async move {
@@ -174,7 +212,9 @@ pub async fn run(
                             _ => Protocol::Http1,
                         };
                         let io = PingPolicyStream::new(stream, min_ping_interval);
-                        protocols.serve(protocol, watcher, io, app).await
+                        protocols
+                            .serve(protocol, watcher, io, service(admitted))
+                            .await
                     };
                     Box::pin(tls_connection).await
                 }

@@ -309,6 +309,14 @@ async fn rest_and_sse_accept_header_query_and_cookie_tokens() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    // A new connection that opens with a raw publish and no token is refused too.
+    let response = reqwest::Client::new()
+        .post(format!("{url}/topics/web.a"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 
     // SSE: header, query parameter (EventSource) and cookie all work; a pattern the token does
     // not cover is refused before the stream starts.

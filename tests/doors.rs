@@ -374,3 +374,165 @@ async fn a_raw_http1_sse_connection_gets_a_chunked_stream_and_is_unsubscribed_on
     .await;
     broker.stop().await;
 }
+
+/// One HTTP/1.1 response read off a raw connection.
+#[derive(Debug)]
+struct RawResponse {
+    status: u16,
+    /// Lowercased names, in order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+
+    /// The fields that do not change from one answer to the next.
+    fn fixed_headers(&self) -> Vec<(String, String)> {
+        let mut fixed: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(name, _)| name != "date" && name != "content-length")
+            .cloned()
+            .collect();
+        fixed.sort();
+        fixed
+    }
+}
+
+/// Reads the next response (with a `content-length` body) from `stream`; `seen` keeps bytes
+/// read past it.
+async fn read_response(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -> RawResponse {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut fields);
+        if let httparse::Status::Complete(head) = response.parse(seen).expect("a valid response") {
+            let headers: Vec<(String, String)> = response
+                .headers
+                .iter()
+                .map(|h| {
+                    let value = String::from_utf8(h.value.to_vec()).unwrap();
+                    (h.name.to_ascii_lowercase(), value)
+                })
+                .collect();
+            let length: usize = headers
+                .iter()
+                .find(|(name, _)| name == "content-length")
+                .map(|(_, value)| value.parse().unwrap())
+                .expect("a content-length");
+            if seen.len() >= head + length {
+                let status = response.code.unwrap();
+                let body = seen[head..head + length].to_vec();
+                seen.drain(..head + length);
+                return RawResponse {
+                    status,
+                    headers,
+                    body,
+                };
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = within("a response", stream.read(&mut buf)).await.unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection that opens with `POST /topics/` is answered without hyper
+/// while it publishes: the answers, pipelined or not, must be the application's, byte for byte
+/// but for the date and the message's own fields, and every other request on the connection
+/// must still reach the application with none of its bytes lost. Shutdown closes such a
+/// connection between requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_on_a_keep_alive_connection_are_answered_as_the_application_does() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let broker = spawn_broker().await;
+    let url = broker.url();
+    let mut sse = Sse::open(&url, "/subscribe?topic=lane.*", &[]).await;
+    sse.expect("subscribed").await;
+
+    let mut stream = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let mut seen = Vec::new();
+    // Two publishes in one write, the second without a content type.
+    stream
+        .write_all(b"POST /topics/lane.a HTTP/1.1\r\nhost: x\r\ncontent-type: text/csv\r\ncontent-length: 3\r\n\r\n1,2POST /topics/lane.a HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\ntwo")
+        .await
+        .unwrap();
+    let first = read_response(&mut stream, &mut seen).await;
+    let second = read_response(&mut stream, &mut seen).await;
+    // Then a publish only the application answers (a query string), another route, and a
+    // publish after them.
+    stream
+        .write_all(b"POST /topics/lane.b?via=app HTTP/1.1\r\nhost: x\r\ncontent-type: text/csv\r\ncontent-length: 5\r\n\r\nthreeGET /topics/lane.a/messages HTTP/1.1\r\nhost: x\r\n\r\nPOST /topics/lane.b HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nfour")
+        .await
+        .unwrap();
+    let third = read_response(&mut stream, &mut seen).await;
+    let history = read_response(&mut stream, &mut seen).await;
+    let fourth = read_response(&mut stream, &mut seen).await;
+
+    let published = [&first, &second, &third, &fourth];
+    for (i, (response, topic)) in published
+        .iter()
+        .zip(["lane.a", "lane.a", "lane.b", "lane.b"])
+        .enumerate()
+    {
+        assert_eq!(response.status, 200, "{response:?}");
+        let json = response.json();
+        assert_eq!(json["seq"], i as u64 + 1, "{json}");
+        assert_eq!(json["topic"], topic, "{json}");
+        let keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["cursor", "published_at", "seq", "topic"], "{json}");
+    }
+    for response in [&first, &second, &fourth] {
+        assert_eq!(response.fixed_headers(), third.fixed_headers());
+    }
+    assert_eq!(history.status, 200, "{history:?}");
+    let messages = history.json()["messages"].clone();
+    assert_eq!(messages[0]["payload"], "1,2", "{messages}");
+    assert_eq!(messages[0]["headers"]["content-type"], "text/csv");
+    assert_eq!(messages[1]["payload"], "two", "{messages}");
+    assert!(
+        messages[1]["headers"].get("content-type").is_none(),
+        "{messages}"
+    );
+    for (payload, content_type) in [
+        ("1,2", Some("text/csv")),
+        ("two", None),
+        ("three", Some("text/csv")),
+        ("four", None),
+    ] {
+        let message = sse.expect("message").await.json();
+        assert_eq!(message["payload"], payload, "{message}");
+        assert_eq!(
+            message["headers"]["content-type"].as_str(),
+            content_type,
+            "{message}"
+        );
+    }
+
+    // A connection that only published, idle when shutdown begins, is closed promptly.
+    let mut idle = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    idle.write_all(b"POST /topics/lane.c HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nidle")
+        .await
+        .unwrap();
+    let mut idle_seen = Vec::new();
+    assert_eq!(read_response(&mut idle, &mut idle_seen).await.status, 200);
+    let took = broker.stop().await;
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "shutdown took {took:?}"
+    );
+    let mut rest = Vec::new();
+    within("the idle connection closes", idle.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+}

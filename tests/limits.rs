@@ -153,6 +153,15 @@ async fn publishers_over_their_rate_are_refused_or_paced() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    // So do raw publishes, on a connection of their own.
+    let response = reqwest::Client::new()
+        .post(format!("{}/topics/rate", broker.url()))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.text().await.unwrap().contains("--publish-rate"));
 
     // A batch is paced, not failed: 15 messages at 20/s after an empty burst take >= 0.5 s.
     let started = std::time::Instant::now();
@@ -181,6 +190,18 @@ async fn slow_clients_cannot_hold_connections() {
     let mut nothing = Vec::new();
     let read = within("silent connection closes", silent.read_to_end(&mut nothing)).await;
     assert!(read.is_ok() && nothing.is_empty(), "{read:?} {nothing:?}");
+
+    // A keep-alive connection left idle after a publish: answered, then closed.
+    let mut idle = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    idle.write_all(b"POST /topics/idle HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\n\r\nx")
+        .await
+        .unwrap();
+    let mut answered = Vec::new();
+    within("idle connection closes", idle.read_to_end(&mut answered))
+        .await
+        .unwrap();
+    let answered = String::from_utf8_lossy(&answered);
+    assert!(answered.starts_with("HTTP/1.1 200 OK"), "{answered}");
 
     // Headers that never finish: the connection is closed.
     let mut slow_headers = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
