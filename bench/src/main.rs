@@ -143,10 +143,9 @@ impl SuiteScenario {
     fn targets(self) -> &'static [Target] {
         use Target::*;
         match self {
-            SuiteScenario::Publish | SuiteScenario::E2e | SuiteScenario::Rate => {
-                &[Grpc, Seed, Sse, Nats, Nchan, Mqtt]
-            }
-            SuiteScenario::PublishTool => &[Grpc, Sse, Nchan],
+            SuiteScenario::Publish | SuiteScenario::E2e => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt],
+            SuiteScenario::Rate => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
+            SuiteScenario::PublishTool => &[Grpc, Sse, Nchan, Raw],
             SuiteScenario::Fanout => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
             SuiteScenario::Idle => &[Grpc, Sse, SseH2, GrpcMux, Nats, Nchan, Mqtt],
             SuiteScenario::MaxIdle => &[Sse, SseH2, GrpcMux],

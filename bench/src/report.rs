@@ -296,11 +296,31 @@ impl Results {
             true,
             &mut out,
         );
-        if let Some(ceiling) = self.figure("fanout", "raw-loopback", "deliveries_per_s") {
+        // The same figures against the raw-loopback program: how far from the least any server
+        // can do each scenario's writes with.
+        for (what, scenario, key, higher) in [
+            ("fan-out deliveries/s", "fanout", "deliveries_per_s", true),
+            (
+                "server CPU per delivery",
+                "fanout",
+                "server_cpu_us_per_delivery",
+                false,
+            ),
+            (
+                "p99 latency, 1000 subscribers at 20 msg/s",
+                "rate",
+                "p99_ms",
+                false,
+            ),
+            ("unary POST with wrk", "publish-tool", "publish_per_s", true),
+        ] {
+            let Some(ceiling) = self.figure(scenario, "raw-loopback", key) else {
+                continue;
+            };
             for door in doors {
-                if let Some(value) = self.figure("fanout", door, "deliveries_per_s") {
+                if let Some(value) = self.figure(scenario, door, key) {
                     out.push(Comparison {
-                        what: "fan-out, fraction of the raw-loopback ceiling".into(),
+                        what: format!("{what}, against raw-loopback"),
                         topichub: door.into(),
                         value,
                         peer: "raw-loopback".into(),
@@ -309,7 +329,7 @@ impl Results {
                         goal: "-".into(),
                         met: None,
                         versus_peer: true,
-                        higher_is_better: true,
+                        higher_is_better: higher,
                     });
                 }
             }

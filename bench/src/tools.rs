@@ -52,11 +52,11 @@ pub fn publish_tool(
             }
             parse_h2load(&text)
         }
-        Target::Sse | Target::Nchan => {
-            let path = if target == Target::Nchan {
-                "/pub?id=bench.tool".to_owned()
-            } else {
-                "/topics/bench.tool".to_owned()
+        Target::Sse | Target::Nchan | Target::Raw => {
+            let path = match target {
+                Target::Nchan => "/pub?id=bench.tool",
+                Target::Raw => "/pub",
+                _ => "/topics/bench.tool",
             };
             let script = dir.join("post.lua");
             std::fs::write(
