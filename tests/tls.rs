@@ -17,8 +17,9 @@ fn certificate() -> (PathBuf, PathBuf, String) {
     let certified =
         rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
             .unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "topichub-tls-{}-{}",
+    // Cargo's scratch directory for integration tests, inside target/: nothing is left in /tmp.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "tls-{}-{}",
         std::process::id(),
         fastrand::u64(..)
     ));
