@@ -51,7 +51,8 @@ enum Command {
         #[command(flatten)]
         params: Params,
     },
-    /// Renders the table and chart again from a results JSON file.
+    /// Computes the comparisons again from a results JSON file's medians (rewriting it) and
+    /// renders the table and chart again.
     Report {
         /// results.json written by `suite`.
         input: PathBuf,
@@ -310,7 +311,9 @@ fn main() -> anyhow::Result<()> {
         Command::Report { input } => {
             let text = std::fs::read_to_string(&input)
                 .with_context(|| format!("reading {}", input.display()))?;
-            let results: report::Results = serde_json::from_str(&text)?;
+            let mut results: report::Results = serde_json::from_str(&text)?;
+            results.compare_again();
+            std::fs::write(&input, serde_json::to_string_pretty(&results)?)?;
             let dir = input.parent().unwrap_or(std::path::Path::new("."));
             report::render(&results, dir)
         }
