@@ -95,6 +95,15 @@ impl Limits {
             .map_err(|_| self.publish_refusal(&client))
     }
 
+    /// [`Limits::check_publish`] without recording a refusal in the metrics: for a caller that
+    /// lets the application refuse (and count) the same publish.
+    pub(crate) fn try_publish(&self, access: &Access, connection: &Connection) -> bool {
+        self.inner
+            .publish
+            .as_ref()
+            .is_none_or(|limiter| limiter.check_key(&client_key(access, connection)).is_ok())
+    }
+
     /// Waits until the client may publish one more message (client-streaming publishes are slowed
     /// down, through HTTP/2 flow control, instead of failed).
     pub async fn pace_publish(&self, access: &Access, connection: &Connection) {

@@ -15,9 +15,14 @@
 //! `connection` other than keep-alive, `upgrade`), an invalid topic, a payload over the limit,
 //! a refusal of the publish-rate limit. Errors are therefore always the application's. The lane
 //! is off when authentication is on: tokens are checked by the application's guard.
+//!
+//! Like hyper's, an idle connection is closed after `--http-header-timeout`, and once shutdown
+//! begins the connection closes between requests; a request read just as it began is answered
+//! with `connection: close` first.
 
 use std::io::{self, IoSlice, Write as _};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Access;
 use crate::http::json::Published;
-use crate::hub::{Headers, Hub};
+use crate::hub::{Headers, Hub, Message};
 use crate::limits::{Connection, Limits};
 use crate::metrics::Door;
 use crate::topic::Topic;
@@ -75,26 +80,32 @@ pub(crate) async fn serve(
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     loop {
+        // Once shutdown has begun, a request that has arrived is still answered, as hyper does:
+        // one, with `connection: close`, and then the connection closes.
+        let closing = shutdown.is_cancelled();
         // Answer every whole request at the front of the buffer, all in one write.
         while let Some(request) = parse(&buffer, lane.hub.config().max_payload_bytes) {
-            if !lane.publish(&access, connection, &request, &buffer, &mut out, &mut date) {
+            let Some(message) = lane.publish(&access, connection, &request, &buffer) else {
+                break;
+            };
+            answer(&message, closing, &mut date, &mut out);
+            buffer.advance(request.length);
+            if closing {
                 break;
             }
-            buffer.advance(request.length);
         }
         if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
+        }
+        if closing {
+            return Ok(Left::Closed);
         }
         if !buffer.is_empty() {
             return Ok(Left::Handover(Prefixed {
                 prefix: buffer.freeze(),
                 stream,
             }));
-        }
-        if shutdown.is_cancelled() {
-            // Between requests: nothing is lost by closing.
-            return Ok(Left::Closed);
         }
         if buffer.capacity() < READ_BUFFER {
             buffer.reserve(READ_BUFFER);
@@ -107,6 +118,7 @@ pub(crate) async fn serve(
             read = stream.read_buf(&mut buffer) => if read? == 0 {
                 return Ok(Left::Closed);
             },
+            // Between requests: nothing is lost by closing.
             () = &mut cancelled => return Ok(Left::Closed),
             () = &mut idle => {
                 tracing::debug!("idle HTTP/1.1 connection closed after --http-header-timeout");
@@ -204,23 +216,20 @@ fn offset_of(whole: &[u8], part: &[u8]) -> (usize, usize) {
 }
 
 impl Lane {
-    /// Publishes `request` and appends the answer to `out`; false if the application must
-    /// answer it instead (invalid topic, a limit).
+    /// Publishes `request`, found in `bytes`; `None` if the application must answer it instead
+    /// (invalid topic, a limit).
     fn publish(
         &self,
         access: &Access,
         connection: &Connection,
         request: &Request,
         bytes: &[u8],
-        out: &mut Vec<u8>,
-        date: &mut HttpDate,
-    ) -> bool {
+    ) -> Option<Arc<Message>> {
         let text = |(start, end): (usize, usize)| std::str::from_utf8(&bytes[start..end]).ok();
-        let Some(Ok(topic)) = text(request.topic).map(Topic::parse) else {
-            return false;
-        };
-        if self.limits.check_publish(access, connection).is_err() {
-            return false;
+        let topic = Topic::parse(text(request.topic)?).ok()?;
+        // A refusal is the application's to answer and count.
+        if !self.limits.try_publish(access, connection) {
+            return None;
         }
         let mut headers = Headers::new();
         if let Some(content_type) = request.content_type.and_then(text) {
@@ -228,20 +237,25 @@ impl Lane {
         }
         let (start, end) = request.body;
         let payload = Bytes::copy_from_slice(&bytes[start..end]);
-        let Ok(message) = self.hub.publish(topic, payload, headers) else {
-            return false;
-        };
+        let message = self.hub.publish(topic, payload, headers).ok()?;
         self.hub.metrics().published(Door::Http);
         tracing::debug!(topic = %message.topic, seq = message.seq, "published over HTTP/1.1");
-
-        let body = serde_json::to_vec(&Published::of(&message)).expect("serializable");
-        out.extend_from_slice(HEAD);
-        let _ = write!(out, "{}\r\ndate: ", body.len());
-        out.extend_from_slice(date.now());
-        out.extend_from_slice(b"\r\n\r\n");
-        out.extend_from_slice(&body);
-        true
+        Some(message)
     }
+}
+
+/// Appends the answer to a published message to `out`, telling the client to close when the
+/// server is `closing`.
+fn answer(message: &Message, closing: bool, date: &mut HttpDate, out: &mut Vec<u8>) {
+    let body = serde_json::to_vec(&Published::of(message)).expect("serializable");
+    out.extend_from_slice(HEAD);
+    let _ = write!(out, "{}\r\ndate: ", body.len());
+    out.extend_from_slice(date.now());
+    if closing {
+        out.extend_from_slice(b"\r\nconnection: close");
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(&body);
 }
 
 /// The `date` header's value, formatted once a second.
@@ -419,6 +433,34 @@ mod tests {
             matches!(task.await.unwrap(), Ok(Left::Closed)),
             "closed on shutdown"
         );
+    }
+
+    #[test]
+    fn answers_are_whole_responses_and_say_close_when_closing() {
+        let hub = Hub::new(Default::default());
+        let topic = Topic::parse("t").unwrap();
+        let message = hub.publish(topic, Bytes::from_static(b"x"), Headers::new());
+        let message = message.unwrap();
+        for closing in [false, true] {
+            let mut out = Vec::new();
+            answer(&message, closing, &mut HttpDate::default(), &mut out);
+            let mut fields = [httparse::EMPTY_HEADER; 16];
+            let mut response = httparse::Response::new(&mut fields);
+            let httparse::Status::Complete(head) = response.parse(&out).unwrap() else {
+                panic!("a whole head: {}", String::from_utf8_lossy(&out));
+            };
+            assert_eq!(response.code, Some(200));
+            let field = |name: &str| {
+                let found = response.headers.iter().find(|h| h.name == name);
+                found.map(|h| std::str::from_utf8(h.value).unwrap().to_owned())
+            };
+            let length: usize = field("content-length").unwrap().parse().unwrap();
+            assert_eq!(out.len(), head + length, "the body is the rest");
+            let json: serde_json::Value = serde_json::from_slice(&out[head..]).unwrap();
+            assert_eq!(json["seq"], 1);
+            assert!(field("date").is_some());
+            assert_eq!(field("connection").as_deref(), closing.then_some("close"));
+        }
     }
 
     #[test]

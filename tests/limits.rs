@@ -153,7 +153,9 @@ async fn publishers_over_their_rate_are_refused_or_paced() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-    // So do raw publishes, on a connection of their own.
+    // So do raw publishes, on a connection of their own; each refusal is counted once.
+    const RATE_HITS: &str = r#"topichub_limit_hits_total{limit="publish-rate"}"#;
+    let hits = support::metric(&broker, RATE_HITS).await;
     let response = reqwest::Client::new()
         .post(format!("{}/topics/rate", broker.url()))
         .body("x")
@@ -162,6 +164,7 @@ async fn publishers_over_their_rate_are_refused_or_paced() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(response.text().await.unwrap().contains("--publish-rate"));
+    assert_eq!(support::metric(&broker, RATE_HITS).await, hits + 1.0);
 
     // A batch is paced, not failed: 15 messages at 20/s after an empty burst take >= 0.5 s.
     let started = std::time::Instant::now();
