@@ -308,17 +308,20 @@ const HTTP_SUBSCRIBERS: &str = r#"topichub_subscribers{door="http"}"#;
 
 /// Reads from `stream` into `seen` until `seen` contains `needle`.
 async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, needle: &str) {
-    use tokio::io::AsyncReadExt;
     while !String::from_utf8_lossy(seen).contains(needle) {
-        let mut buf = [0u8; 4096];
-        let n = within(needle, stream.read(&mut buf)).await.unwrap();
-        assert!(
-            n > 0,
-            "closed before {needle:?}: {}",
-            String::from_utf8_lossy(seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
+        read_more(stream, seen, needle).await;
     }
+}
+
+/// Reads what `stream` has next into `seen`; fails the test if it closes or sends nothing.
+async fn read_more(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, awaited: &str) {
+    use tokio::io::AsyncReadExt;
+    let n = within(awaited, stream.read_buf(seen)).await.unwrap();
+    assert!(
+        n > 0,
+        "closed before {awaited:?}: {}",
+        String::from_utf8_lossy(seen)
+    );
 }
 
 /// An HTTP/1.1 connection opened by `GET /subscribe` is written to directly, not by hyper: the
@@ -405,7 +408,6 @@ impl RawResponse {
 /// Reads the next response (with a `content-length` body) from `stream`; `seen` keeps bytes
 /// read past it.
 async fn read_response(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -> RawResponse {
-    use tokio::io::AsyncReadExt;
     loop {
         let mut fields = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut fields);
@@ -434,14 +436,7 @@ async fn read_response(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -
                 };
             }
         }
-        let mut buf = [0u8; 4096];
-        let n = within("a response", stream.read(&mut buf)).await.unwrap();
-        assert!(
-            n > 0,
-            "closed mid-response: {}",
-            String::from_utf8_lossy(seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
+        read_more(stream, seen, "a whole response").await;
     }
 }
 
