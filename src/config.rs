@@ -127,7 +127,7 @@ pub struct ServerConfig {
     pub publish_burst: u32,
 
     /// Time a new connection has to send its first bytes, and an HTTP/1.1 client a request's
-    /// headers (slowloris protection).
+    /// headers or, on an idle keep-alive connection, its next request (slowloris protection).
     #[arg(long, env = "TOPICHUB_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http_header_timeout: Duration,
 
