@@ -24,7 +24,7 @@ use std::io::{self, IoSlice, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use bytes::{Buf as _, BytesMut};
@@ -40,7 +40,7 @@ use crate::metrics::Door;
 use crate::topic::Topic;
 
 /// The start of every request this module takes.
-pub(crate) const REQUEST_LINE: &[u8] = b"POST /topics/";
+const REQUEST_LINE: &[u8] = b"POST /topics/";
 /// Headers a request may have to be taken here.
 const MAX_HEADERS: usize = 32;
 /// Room for one read: a request head and a small body, or a few pipelined ones.
@@ -65,6 +65,11 @@ pub(crate) enum Left {
     Handover(Prefixed),
 }
 
+/// Whether a connection whose first bytes (as peeked) are `first` is served here.
+pub(crate) fn takes(first: &[u8]) -> bool {
+    first.starts_with(REQUEST_LINE)
+}
+
 /// Serves publishes on `stream` until it closes or a request needs the application.
 pub(crate) async fn serve(
     mut stream: TcpStream,
@@ -75,7 +80,7 @@ pub(crate) async fn serve(
     let access = Access::unrestricted();
     let mut buffer = BytesMut::with_capacity(READ_BUFFER);
     let mut out = Vec::with_capacity(512);
-    let mut date = HttpDate::default();
+    let mut answers = Answers::default();
     let mut idle = Box::pin(tokio::time::sleep(lane.idle_timeout));
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
@@ -88,7 +93,7 @@ pub(crate) async fn serve(
             let Some(message) = lane.publish(&access, connection, &request, &buffer) else {
                 break;
             };
-            answer(&message, closing, &mut date, &mut out);
+            answers.write(&message, closing, &mut out);
             buffer.advance(request.length);
             if closing {
                 break;
@@ -244,36 +249,38 @@ impl Lane {
     }
 }
 
-/// Appends the answer to a published message to `out`, telling the client to close when the
-/// server is `closing`.
-fn answer(message: &Message, closing: bool, date: &mut HttpDate, out: &mut Vec<u8>) {
-    let body = serde_json::to_vec(&Published::of(message)).expect("serializable");
-    out.extend_from_slice(HEAD);
-    let _ = write!(out, "{}\r\ndate: ", body.len());
-    out.extend_from_slice(date.now());
-    if closing {
-        out.extend_from_slice(b"\r\nconnection: close");
-    }
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(&body);
-}
-
-/// The `date` header's value, formatted once a second.
+/// Writes a connection's answers, keeping what one answer can lend the next: the `date`
+/// header's value (formatted once a second) and the JSON body's buffer.
 #[derive(Default)]
-struct HttpDate {
+struct Answers {
     second: u64,
-    text: String,
+    date: String,
+    body: Vec<u8>,
 }
 
-impl HttpDate {
-    fn now(&mut self) -> &[u8] {
-        let now = SystemTime::now();
-        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if second != self.second || self.text.is_empty() {
+impl Answers {
+    /// Appends the answer to a published message to `out`, telling the client to close when
+    /// the server is `closing`.
+    fn write(&mut self, message: &Message, closing: bool, out: &mut Vec<u8>) {
+        self.body.clear();
+        serde_json::to_writer(&mut self.body, &Published::of(message)).expect("serializable");
+        out.extend_from_slice(HEAD);
+        let _ = write!(out, "{}\r\ndate: ", self.body.len());
+        // The hub stamped the message just now: its time is the answer's date.
+        let second = message
+            .published_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if second != self.second || self.date.is_empty() {
             self.second = second;
-            self.text = httpdate::fmt_http_date(now);
+            self.date = httpdate::fmt_http_date(message.published_at);
         }
-        self.text.as_bytes()
+        out.extend_from_slice(self.date.as_bytes());
+        if closing {
+            out.extend_from_slice(b"\r\nconnection: close");
+        }
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(&self.body);
     }
 }
 
@@ -335,6 +342,14 @@ mod tests {
 
     const MAX: usize = 1024;
 
+    /// The lane's task's end, failing the test instead of hanging if it does not come.
+    async fn within(task: tokio::task::JoinHandle<io::Result<Left>>) -> io::Result<Left> {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the lane ends within 10 s")
+            .unwrap()
+    }
+
     fn taken(bytes: &[u8]) -> Option<Request> {
         parse(bytes, MAX)
     }
@@ -392,7 +407,7 @@ mod tests {
         let mut requests = b"POST /topics/t HTTP/1.1\r\ncontent-length: 1\r\n\r\n1".repeat(2);
         requests.extend_from_slice(next);
         client.write_all(&requests).await.unwrap();
-        let Left::Handover(mut handed) = task.await.unwrap().unwrap() else {
+        let Left::Handover(mut handed) = within(task).await.unwrap() else {
             panic!("the GET is handed over");
         };
         let mut rest = vec![0; next.len()];
@@ -417,7 +432,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let (_hub, _client, task) = lane(Duration::from_millis(50), &shutdown).await;
         assert!(
-            matches!(task.await.unwrap(), Ok(Left::Closed)),
+            matches!(within(task).await, Ok(Left::Closed)),
             "closed when idle"
         );
 
@@ -430,7 +445,7 @@ mod tests {
         assert!(client.read(&mut answer).await.unwrap() > 0);
         shutdown.cancel();
         assert!(
-            matches!(task.await.unwrap(), Ok(Left::Closed)),
+            matches!(within(task).await, Ok(Left::Closed)),
             "closed on shutdown"
         );
     }
@@ -443,7 +458,7 @@ mod tests {
         let message = message.unwrap();
         for closing in [false, true] {
             let mut out = Vec::new();
-            answer(&message, closing, &mut HttpDate::default(), &mut out);
+            Answers::default().write(&message, closing, &mut out);
             let mut fields = [httparse::EMPTY_HEADER; 16];
             let mut response = httparse::Response::new(&mut fields);
             let httparse::Status::Complete(head) = response.parse(&out).unwrap() else {

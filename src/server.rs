@@ -50,10 +50,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let auth = Authenticator::new(&config.auth()).map_err(invalid_input)?;
-    if auth.is_enabled() {
+    let auth_enabled = auth.is_enabled();
+    if auth_enabled {
         tracing::info!("authentication on: pub/sub calls need a bearer token");
     }
-    let auth_enabled = auth.is_enabled();
     let hub = Hub::new(config.hub());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PubSubServer<PubSubService>>().await;
@@ -132,8 +132,7 @@ pub async fn run(
         if let Err(refusal) = &admitted {
             tracing::warn!(%peer, %refusal, "connection refused");
         }
-        let lane = admitted.is_ok().then(|| lane.clone()).flatten();
-        let app = app.clone();
+        let (lane, app) = (lane.clone(), app.clone());
         // Every request of the connection carries its `Connection` (peer, subscription count).
         let service = move |admitted: Result<Connection, Error>| match admitted {
             Ok(connection) => Either::Left(axum::Extension(connection).layer(app)),
@@ -165,30 +164,25 @@ pub async fn run(
                     }
                     if protocol == Protocol::Http1
                         && let (Some(lane), Ok(connection)) = (lane, &admitted)
-                        && sniffed.first().starts_with(publish_conn::REQUEST_LINE)
+                        && publish_conn::takes(sniffed.first())
                     {
                         // The watcher is held meanwhile: graceful shutdown waits for the lane,
                         // which closes the connection between requests once shutdown begins.
                         let publishing = publish_conn::serve(stream, &lane, connection, &shutdown);
-                        return match Box::pin(publishing).await {
-                            Ok(publish_conn::Left::Closed) => {}
+                        match Box::pin(publishing).await {
+                            Ok(publish_conn::Left::Closed) => Ok(()),
                             Ok(publish_conn::Left::Handover(io)) => {
-                                let served = protocols
-                                    .serve(Protocol::Http1, watcher, io, service(admitted))
-                                    .await;
-                                if let Err(error) = served {
-                                    tracing::debug!(%peer, %error, "connection ended with an error");
-                                }
+                                let app = service(admitted);
+                                protocols.serve(Protocol::Http1, watcher, io, app).await
                             }
-                            Err(error) => {
-                                tracing::debug!(%peer, %error, "connection ended with an error");
-                            }
-                        };
+                            Err(error) => Err(error.into()),
+                        }
+                    } else {
+                        let io = PingPolicyStream::new(stream, min_ping_interval);
+                        protocols
+                            .serve(protocol, watcher, io, service(admitted))
+                            .await
                     }
-                    let io = PingPolicyStream::new(stream, min_ping_interval);
-                    protocols
-                        .serve(protocol, watcher, io, service(admitted))
-                        .await
                 }
                 Some(acceptor) => {
                     let tls_connection = async move {
