@@ -420,8 +420,37 @@ async fn a_stream_ends_when_its_token_expires() {
         .await
         .unwrap()
         .into_inner();
+    // A Connect stream with the same token, which the client half-closes (it sends nothing more).
+    let (requests, rx) = tokio::sync::mpsc::channel(1);
+    let mut connect = broker
+        .grpc()
+        .await
+        .connect(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &short,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    requests
+        .send(v1::ConnectRequest {
+            request_id: 1,
+            request: Some(v1::connect_request::Request::Subscribe(SubscribeRequest {
+                topics: vec!["t".into()],
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    within("subscribed", connect.next()).await.unwrap().unwrap();
+    drop(requests);
+
     within("subscribed", stream.next()).await.unwrap().unwrap();
     let end = within("expiry", stream.next()).await.unwrap().unwrap_err();
+    assert_eq!(end.code(), Code::Unauthenticated);
+    assert!(end.message().contains("expired"), "{end:?}");
+    // The half-closed Connect stream ends too.
+    let end = within("expiry", connect.next()).await.unwrap().unwrap_err();
     assert_eq!(end.code(), Code::Unauthenticated);
     assert!(end.message().contains("expired"), "{end:?}");
 

@@ -293,6 +293,65 @@ async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
     );
 }
 
+/// A client that half-closes its `Connect` stream (no more requests) keeps receiving on it;
+/// shutdown still ends that stream with its status, and does not wait out the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connect_stream_keeps_delivering_and_still_ends_on_shutdown() {
+    use v1::connect_request::Request as Req;
+    use v1::connect_response::Event as Ev;
+    let broker = spawn_broker().await;
+    let (requests, rx) = mpsc::channel(1);
+    let mut connect = broker
+        .grpc()
+        .await
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    requests
+        .send(v1::ConnectRequest {
+            request_id: 1,
+            request: Some(Req::Subscribe(SubscribeRequest {
+                topics: vec!["half".into()],
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let first = within("subscribed", connect.next()).await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(Ev::Subscribed(_))), "{first:?}");
+    drop(requests);
+
+    // Still delivering after the half-close.
+    broker
+        .grpc()
+        .await
+        .publish(PublishRequest {
+            topic: "half".into(),
+            payload: b"after half-close".to_vec().into(),
+            headers: Default::default(),
+        })
+        .await
+        .unwrap();
+    let delivered = within("message", connect.next()).await.unwrap().unwrap();
+    let Some(Ev::Message(message)) = delivered.event else {
+        panic!("expected the message, got {delivered:?}");
+    };
+    assert_eq!(&message.payload[..], b"after half-close");
+
+    let took = broker.stop().await;
+    assert!(
+        took < Duration::from_secs(3),
+        "shutdown took {took:?} with a half-closed Connect stream attached"
+    );
+    let end = within("connect end", connect.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable);
+    assert!(end.message().contains("shutting down"), "{end:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_subscriber_never_blocks_publishers_or_other_subscribers() {
     const MESSAGES: usize = 3_000;

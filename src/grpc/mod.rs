@@ -330,9 +330,10 @@ impl ConnectSession {
     async fn run(mut self, mut requests: Streaming<v1::ConnectRequest>) {
         // Shutdown and token expiry end the whole stream, with all its subscriptions.
         let mut end = StreamEnd::new(self.shutdown.clone(), self.caller.access.expires_at());
+        let mut half_closed = false;
         loop {
             let request = tokio::select! {
-                request = requests.message() => request,
+                request = requests.message(), if !half_closed => request,
                 () = self.outbox.closed() => break,
                 error = end.ended() => {
                     let _ = self.outbox.send(Err(error.into())).await;
@@ -345,11 +346,9 @@ impl ConnectSession {
                         break;
                     }
                 }
-                // The client half-closed: keep delivering to its subscriptions until it leaves.
-                Ok(None) => {
-                    self.outbox.closed().await;
-                    break;
-                }
+                // The client half-closed: keep delivering to its subscriptions until it leaves,
+                // the server shuts down or its token expires.
+                Ok(None) => half_closed = true,
                 Err(status) => {
                     tracing::debug!(%status, "connect stream ended by the client");
                     break;

@@ -303,7 +303,8 @@ export declare type Gap = Message$1<"topichub.v1.Gap"> & {
   fromSeq: bigint;
 
   /**
-   * Last seq that may be missing (inclusive).
+   * Last seq that may be missing (inclusive); 0 when the range runs to the end of an earlier
+   * epoch (reason `epoch`), whose last seq this hub cannot know.
    *
    * @generated from field: uint64 to_seq = 2;
    */
@@ -817,6 +818,8 @@ export declare const PubSub: GenService<{
   /**
    * One bidirectional stream: subscribe, unsubscribe and publish (each publish acknowledged with
    * its cursor). Events of all subscriptions on the stream are multiplexed by subscription id.
+   * Half-closing the request side ends requests, not deliveries: the stream stays open until
+   * the client cancels it, the server shuts down (UNAVAILABLE) or the token expires.
    *
    * @generated from rpc topichub.v1.PubSub.Connect
    */
