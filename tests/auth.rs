@@ -444,6 +444,11 @@ async fn a_stream_ends_when_its_token_expires() {
         .unwrap();
     within("subscribed", connect.next()).await.unwrap().unwrap();
     drop(requests);
+    // And a PublishBatch stream with the same token that sends nothing.
+    let (messages, rx) = tokio::sync::mpsc::channel::<PublishRequest>(1);
+    let mut client = broker.grpc().await;
+    let requests = with_token(tokio_stream::wrappers::ReceiverStream::new(rx), &short);
+    let batch = tokio::spawn(async move { client.publish_batch(requests).await });
 
     within("subscribed", stream.next()).await.unwrap().unwrap();
     let end = within("expiry", stream.next()).await.unwrap().unwrap_err();
@@ -453,6 +458,14 @@ async fn a_stream_ends_when_its_token_expires() {
     let end = within("expiry", connect.next()).await.unwrap().unwrap_err();
     assert_eq!(end.code(), Code::Unauthenticated);
     assert!(end.message().contains("expired"), "{end:?}");
+    let end = within("expiry", batch).await.unwrap().unwrap_err();
+    assert_eq!(end.code(), Code::Unauthenticated);
+    assert!(
+        end.message()
+            .contains("the batch ended before message #1: unauthenticated: the token has expired"),
+        "{end:?}"
+    );
+    drop(messages);
 
     let mut sse = Sse::open(
         &broker.url(),

@@ -399,10 +399,16 @@ async fn grpc_bad_input_gets_precise_statuses() {
         publish("bad topic", 1),
         publish("good.batch", 1),
     ]);
+    let rejected = client.publish_batch(batch).await.map(|r| r.into_inner());
     assert_status(
-        client.publish_batch(batch).await,
+        rejected.clone(),
         Code::InvalidArgument,
-        "message #2 of the batch was rejected",
+        "message #2 of the batch was rejected: invalid topic",
+    );
+    assert_status(
+        rejected,
+        Code::InvalidArgument,
+        "the 1 message before it was published",
     );
 
     // Malformed protobuf and unknown methods, with a raw gRPC client.

@@ -293,6 +293,58 @@ async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
     );
 }
 
+/// A `PublishBatch` stream left open ends on shutdown like every other live stream, and its
+/// status says how much of the batch was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_publish_batch_ends_on_shutdown_saying_what_was_published() {
+    let broker = spawn_broker().await;
+    let mut witness = broker
+        .grpc()
+        .await
+        .subscribe(SubscribeRequest {
+            topics: vec!["batch".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    within("subscribed", witness.next()).await.unwrap().unwrap();
+    let (messages, rx) = mpsc::channel(4);
+    let mut client = broker.grpc().await;
+    let batch = tokio::spawn(async move { client.publish_batch(ReceiverStream::new(rx)).await });
+    for n in 0..2 {
+        messages
+            .send(PublishRequest {
+                topic: "batch".into(),
+                payload: format!("#{n}").into_bytes().into(),
+                headers: Default::default(),
+            })
+            .await
+            .unwrap();
+        let delivered = within("delivery", witness.next()).await.unwrap().unwrap();
+        assert!(
+            matches!(delivered.event, Some(subscribe_response::Event::Message(_))),
+            "{delivered:?}"
+        );
+    }
+
+    // The publisher keeps its stream open and sends nothing more.
+    let took = broker.stop().await;
+    assert!(
+        took < Duration::from_secs(3),
+        "shutdown took {took:?} with a publish batch open"
+    );
+    let end = within("batch end", batch).await.unwrap().unwrap_err();
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("shutting down"), "{end:?}");
+    assert!(
+        end.message()
+            .contains("the 2 messages before it were published"),
+        "{end:?}"
+    );
+    drop(messages);
+}
+
 /// A client that half-closes its `Connect` stream (no more requests) keeps receiving on it;
 /// shutdown still ends that stream with its status, and does not wait out the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

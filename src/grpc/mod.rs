@@ -201,7 +201,29 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let mut stream = request.into_inner();
         let mut accepted = 0u64;
         let mut last_cursor = None;
-        while let Some(item) = stream.message().await? {
+        // Like every live stream, a batch ends when the server shuts down or its token expires;
+        // the status says how much of it was published.
+        let mut end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
+        let failed = |error: Error, accepted: u64, what: &str| {
+            let status = Status::from(error);
+            let before = match accepted {
+                1 => "the 1 message before it was published".to_string(),
+                n => format!("the {n} messages before it were published"),
+            };
+            Status::new(
+                status.code(),
+                format!("{what}: {}; {before}", status.message()),
+            )
+        };
+        loop {
+            let item = tokio::select! {
+                item = stream.message() => item?,
+                error = end.ended() => {
+                    let what = format!("the batch ended before message #{}", accepted + 1);
+                    return Err(failed(error, accepted, &what));
+                }
+            };
+            let Some(item) = item else { break };
             self.limits
                 .pace_publish(&caller.access, &caller.connection)
                 .await;
@@ -211,15 +233,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
                     last_cursor = Some(cursor);
                 }
                 Err(error) => {
-                    let status = Status::from(error);
-                    return Err(Status::new(
-                        status.code(),
-                        format!(
-                            "message #{} of the batch was rejected: {}; the {accepted} before it were published",
-                            accepted + 1,
-                            status.message()
-                        ),
-                    ));
+                    let what = format!("message #{} of the batch was rejected", accepted + 1);
+                    return Err(failed(error, accepted, &what));
                 }
             }
         }

@@ -795,7 +795,8 @@ export declare const PubSub: GenService<{
   /**
    * Publishes a stream of messages; answers with counts and the last cursor when the client
    * half-closes. The first invalid message aborts the batch with an error that says how many
-   * messages were accepted before it; those stay published.
+   * messages were accepted before it; those stay published. Shutdown (UNAVAILABLE) and token
+   * expiry end an open batch the same way.
    *
    * @generated from rpc topichub.v1.PubSub.PublishBatch
    */
