@@ -8,6 +8,7 @@ pub mod wire;
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::task::Poll;
 
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -216,14 +217,19 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             )
         };
         loop {
-            let item = tokio::select! {
-                item = stream.message() => item?,
-                error = end.ended() => {
+            // The end is checked first, so a publisher that never pauses still sees it.
+            let next = std::future::poll_fn(|cx| match end.poll_ended(cx) {
+                Poll::Ready(error) => Poll::Ready(Err(error)),
+                Poll::Pending => stream.poll_next_unpin(cx).map(Ok),
+            });
+            let item = match next.await {
+                Ok(Some(item)) => item?,
+                Ok(None) => break,
+                Err(error) => {
                     let what = format!("the batch ended before message #{}", accepted + 1);
                     return Err(failed(error, accepted, &what));
                 }
             };
-            let Some(item) = item else { break };
             self.limits
                 .pace_publish(&caller.access, &caller.connection)
                 .await;
