@@ -86,13 +86,11 @@ impl Limits {
 
     /// Takes one message from the client's publish allowance, or refuses.
     pub fn check_publish(&self, access: &Access, connection: &Connection) -> Result<(), Error> {
-        let Some(limiter) = &self.inner.publish else {
-            return Ok(());
-        };
-        let client = client_key(access, connection);
-        limiter
-            .check_key(&client)
-            .map_err(|_| self.publish_refusal(&client))
+        if self.try_publish(access, connection) {
+            Ok(())
+        } else {
+            Err(self.publish_refusal(&client_key(access, connection)))
+        }
     }
 
     /// [`Limits::check_publish`] without recording a refusal in the metrics: for a caller that

@@ -231,8 +231,10 @@ impl Lane {
         bytes: &[u8],
     ) -> Option<Arc<Message>> {
         let text = |(start, end): (usize, usize)| std::str::from_utf8(&bytes[start..end]).ok();
+        // The application's checks, in its order; a refusal is the application's to answer
+        // and count.
         let topic = Topic::parse(text(request.topic)?).ok()?;
-        // A refusal is the application's to answer and count.
+        access.check_publish(&topic).ok()?;
         if !self.limits.try_publish(access, connection) {
             return None;
         }
@@ -240,6 +242,8 @@ impl Lane {
         if let Some(content_type) = request.content_type.and_then(text) {
             headers.insert("content-type".into(), content_type.to_owned());
         }
+        // Copied, not split off the read buffer: a retained message must not keep a whole
+        // 4 KiB buffer alive.
         let (start, end) = request.body;
         let payload = Bytes::copy_from_slice(&bytes[start..end]);
         let message = self.hub.publish(topic, payload, headers).ok()?;
