@@ -421,28 +421,7 @@ async fn a_stream_ends_when_its_token_expires() {
         .unwrap()
         .into_inner();
     // A Connect stream with the same token, which the client half-closes (it sends nothing more).
-    let (requests, rx) = tokio::sync::mpsc::channel(1);
-    let mut connect = broker
-        .grpc()
-        .await
-        .connect(with_token(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &short,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    requests
-        .send(v1::ConnectRequest {
-            request_id: 1,
-            request: Some(v1::connect_request::Request::Subscribe(SubscribeRequest {
-                topics: vec!["t".into()],
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-    within("subscribed", connect.next()).await.unwrap().unwrap();
+    let (requests, mut connect) = broker.connect_subscribed("t", Some(&short)).await;
     drop(requests);
     // And a PublishBatch stream with the same token that sends nothing.
     let (messages, rx) = tokio::sync::mpsc::channel::<PublishRequest>(1);

@@ -6,22 +6,13 @@ mod support;
 use futures_util::StreamExt;
 use support::{Sse, metric, spawn_broker_with, within};
 use topichub::proto::seed;
-use topichub::proto::v1::{PublishRequest, SubscribeRequest, subscribe_response};
+use topichub::proto::v1::{PublishRequest, subscribe_response};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_every_door_did() {
     let broker = spawn_broker_with(|c| c.max_payload_bytes = 100).await;
     let url = broker.url();
-    let mut grpc = broker
-        .grpc()
-        .await
-        .subscribe(SubscribeRequest {
-            topics: vec!["m.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut grpc = broker.grpc_subscribe(&["m.>"]).await;
     let mut sse = Sse::open(&url, "/subscribe?topic=m.%3E", &[]).await;
     sse.expect("subscribed").await;
     let mut seed_client =

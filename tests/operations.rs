@@ -180,16 +180,7 @@ async fn departed_subscribers_are_freed_and_empty_topics_forgotten() {
     };
 
     // gRPC: the client cancels its stream.
-    let stream = broker
-        .grpc()
-        .await
-        .subscribe(SubscribeRequest {
-            topics: vec!["leave.grpc".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stream = broker.grpc_subscribe(&["leave.grpc"]).await;
     broker.wait_for_subscribers(1).await;
     assert_eq!(topics().await, ["leave.grpc"]);
     drop(stream);
@@ -224,16 +215,7 @@ async fn departed_subscribers_are_freed_and_empty_topics_forgotten() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
     let broker = spawn_broker().await;
-    let mut grpc = broker
-        .grpc()
-        .await
-        .subscribe(SubscribeRequest {
-            topics: vec!["bye".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut grpc = broker.grpc_subscribe(&["bye"]).await;
     let mut seed = topichub::proto::seed::pub_sub_service_client::PubSubServiceClient::new(
         broker.channel().await,
     )
@@ -298,16 +280,7 @@ async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_publish_batch_ends_on_shutdown_saying_what_was_published() {
     let broker = spawn_broker().await;
-    let mut witness = broker
-        .grpc()
-        .await
-        .subscribe(SubscribeRequest {
-            topics: vec!["batch".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut witness = broker.grpc_subscribe(&["batch"]).await;
     within("subscribed", witness.next()).await.unwrap().unwrap();
     let (messages, rx) = mpsc::channel(4);
     let mut client = broker.grpc().await;
@@ -349,29 +322,9 @@ async fn an_open_publish_batch_ends_on_shutdown_saying_what_was_published() {
 /// shutdown still ends that stream with its status, and does not wait out the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_connect_stream_keeps_delivering_and_still_ends_on_shutdown() {
-    use v1::connect_request::Request as Req;
     use v1::connect_response::Event as Ev;
     let broker = spawn_broker().await;
-    let (requests, rx) = mpsc::channel(1);
-    let mut connect = broker
-        .grpc()
-        .await
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    requests
-        .send(v1::ConnectRequest {
-            request_id: 1,
-            request: Some(Req::Subscribe(SubscribeRequest {
-                topics: vec!["half".into()],
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap();
-    let first = within("subscribed", connect.next()).await.unwrap().unwrap();
-    assert!(matches!(first.event, Some(Ev::Subscribed(_))), "{first:?}");
+    let (requests, mut connect) = broker.connect_subscribed("half", None).await;
     drop(requests);
 
     // Still delivering after the half-close.

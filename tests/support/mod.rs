@@ -8,9 +8,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
 use tonic::transport::Channel;
 use topichub::ServerConfig;
-use topichub::proto::v1::pub_sub_client::PubSubClient;
+use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
 use tower::Layer as _;
 
 /// Upper bound for anything a test waits for; a hang fails the test instead of stalling CI.
@@ -59,6 +60,66 @@ impl Broker {
             .await
             .expect("gRPC connect");
         PubSubClient::new(channel)
+    }
+
+    /// A gRPC `Subscribe` stream on its own connection to `topics` (a topic or pattern each),
+    /// with default options; its first event is `subscribed`.
+    pub async fn grpc_subscribe(&self, topics: &[&str]) -> Streaming<v1::SubscribeResponse> {
+        self.grpc()
+            .await
+            .subscribe(v1::SubscribeRequest {
+                topics: topics.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("gRPC subscribe")
+            .into_inner()
+    }
+
+    /// A `Connect` stream, with `token` as its bearer token if given, that has subscribed to
+    /// `pattern` and received `subscribed`: the sender of its requests, and its events.
+    pub async fn connect_subscribed(
+        &self,
+        pattern: &str,
+        token: Option<&str>,
+    ) -> (
+        tokio::sync::mpsc::Sender<v1::ConnectRequest>,
+        Streaming<v1::ConnectResponse>,
+    ) {
+        let (requests, rx) = tokio::sync::mpsc::channel(4);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut events = self
+            .grpc()
+            .await
+            .connect(request)
+            .await
+            .expect("gRPC connect stream")
+            .into_inner();
+        requests
+            .send(v1::ConnectRequest {
+                request_id: 1,
+                request: Some(v1::connect_request::Request::Subscribe(
+                    v1::SubscribeRequest {
+                        topics: vec![pattern.into()],
+                        ..Default::default()
+                    },
+                )),
+            })
+            .await
+            .unwrap();
+        let first = within("subscribed", events.next()).await.unwrap().unwrap();
+        assert!(
+            matches!(
+                first.event,
+                Some(v1::connect_response::Event::Subscribed(_))
+            ),
+            "{first:?}"
+        );
+        (requests, events)
     }
 
     /// A channel for other generated clients (seed, health, reflection).
