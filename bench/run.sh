@@ -79,7 +79,7 @@ if $smoke; then
     args=(--runs 1 --seconds 1 --warmup 0.3 --subscribers 100 --idle-subscribers 300
           --max-idle 2000 --streams-per-connection 50 --targets grpc,seed,sse,sse-h2,nats,raw
           --out "$target/bench-smoke" --check "${args[@]}")
-else
+elif [[ " ${args[*]} " != *" --out "* && " ${args[*]} " != *" --out="* ]]; then
     args=(--out "$target/bench" "${args[@]}")
 fi
 exec "${pin[@]}" "$target/release/topichub-bench" suite --topichub "$target/release/topichub" \

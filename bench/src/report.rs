@@ -59,6 +59,25 @@ pub struct Comparison {
     pub higher_is_better: bool,
 }
 
+/// What a peer-relative goal leaves a server per delivery, against the least kernel time any
+/// server spent per delivery in the same fan-out runs. Every server here makes one write per
+/// subscriber per message on one core, so a goal whose budget is below that kernel time is out
+/// of reach even for a server that spends nothing in user space.
+#[derive(Serialize, Deserialize)]
+pub struct Budget {
+    pub goal: String,
+    /// How the budget follows from the goal and the best peer's figure.
+    pub derivation: String,
+    pub budget_us: f64,
+    pub kernel_us: f64,
+    /// The server that spent `kernel_us`.
+    pub kernel_of: String,
+    pub within_reach: bool,
+    /// What topichub's SSE door spent per delivery in the fan-out, all of it and in the kernel.
+    pub topichub_us: Option<f64>,
+    pub topichub_kernel_us: Option<f64>,
+}
+
 #[derive(Serialize, Deserialize)]
 pub struct Results {
     pub machine: BTreeMap<String, String>,
@@ -66,6 +85,9 @@ pub struct Results {
     pub params: BTreeMap<String, f64>,
     pub results: Vec<Result>,
     pub comparisons: Vec<Comparison>,
+    /// Empty for results recorded before the fan-out scenario measured kernel time.
+    #[serde(default)]
+    pub budgets: Vec<Budget>,
 }
 
 const PEERS: [&str; 3] = ["nats", "nchan", "mosquitto"];
@@ -90,14 +112,83 @@ impl Results {
             params,
             results,
             comparisons: Vec::new(),
+            budgets: Vec::new(),
         };
-        out.comparisons = out.compare();
+        out.compare_again();
         out
     }
 
-    /// Computes the comparisons again from the medians (after the report's rules changed).
+    /// Computes the comparisons and budgets again from the medians (after the report's rules
+    /// changed).
     pub fn compare_again(&mut self) {
         self.comparisons = self.compare();
+        self.budgets = self.budgets();
+    }
+
+    /// The three per-delivery goals as CPU budgets, against the kernel's cost of a delivery.
+    fn budgets(&self) -> Vec<Budget> {
+        let Some((kernel_of, kernel_us)) = self
+            .results
+            .iter()
+            .filter(|r| r.scenario == "fanout")
+            .filter_map(|r| {
+                Some((
+                    r.target.clone(),
+                    *r.median.get("server_kernel_us_per_delivery")?,
+                ))
+            })
+            .filter(|(_, us)| *us > 0.0)
+            .reduce(|a, b| if b.1 < a.1 { b } else { a })
+        else {
+            return Vec::new();
+        };
+        let topichub_us = self.figure("fanout", "topichub-sse", "server_cpu_us_per_delivery");
+        let topichub_kernel_us =
+            self.figure("fanout", "topichub-sse", "server_kernel_us_per_delivery");
+        let mut out = Vec::new();
+        let mut budget = |goal: &str, derivation: String, budget_us: f64| {
+            out.push(Budget {
+                goal: goal.into(),
+                derivation,
+                budget_us,
+                kernel_us,
+                kernel_of: kernel_of.clone(),
+                within_reach: budget_us >= kernel_us,
+                topichub_us,
+                topichub_kernel_us,
+            });
+        };
+        if let Some((peer, rate)) = self.best_peer("fanout", "deliveries_per_s", true) {
+            budget(
+                "fan-out >= 1.5 x best peer",
+                format!(
+                    "one core-second over 1.5 x {} deliveries/s ({peer})",
+                    number(rate)
+                ),
+                1e6 / (1.5 * rate),
+            );
+        }
+        if let Some((peer, cpu)) = self.best_peer("fanout", "server_cpu_us_per_delivery", false) {
+            budget(
+                "CPU per delivery <= 0.5 x best peer",
+                format!("0.5 x {} us ({peer})", number(cpu)),
+                0.5 * cpu,
+            );
+        }
+        let subscribers = self.params.get("subscribers").copied().unwrap_or(1000.0);
+        if let Some((peer, p99)) = self.best_peer("rate", "p99_ms", false) {
+            // A message's 99th-percentile delivery comes after that many writes, one at a time.
+            let writes = (0.99 * subscribers).ceil();
+            budget(
+                "p99 at 1000 subscribers <= 0.5 x best peer",
+                format!(
+                    "0.5 x {} ms ({peer}) over the {writes} writes before a message's 99th-percentile delivery",
+                    number(p99)
+                ),
+                0.5 * p99 * 1000.0 / writes,
+            );
+        }
+        out
     }
 
     fn figure(&self, scenario: &str, target: &str, key: &str) -> Option<f64> {
@@ -501,6 +592,37 @@ pub fn table(results: &Results) -> String {
             c.goal
         );
     }
+    if !results.budgets.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n## The goals as CPU per delivery, against the kernel's share of one\n"
+        );
+        let _ = writeln!(
+            out,
+            "| goal | leaves per delivery, us | from | least kernel time per delivery, us | spent by | left for user space, us | topichub-sse spent, us (kernel) |"
+        );
+        let _ = writeln!(out, "|---|---:|---|---:|---|---:|---:|");
+        for b in &results.budgets {
+            let spent = match (b.topichub_us, b.topichub_kernel_us) {
+                (Some(all), Some(kernel)) => format!("{} ({})", number(all), number(kernel)),
+                _ => "-".into(),
+            };
+            let room = if b.within_reach {
+                number(b.budget_us - b.kernel_us)
+            } else {
+                "**none**".into()
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {room} | {spent} |",
+                b.goal,
+                number(b.budget_us),
+                b.derivation,
+                number(b.kernel_us),
+                b.kernel_of,
+            );
+        }
+    }
     out
 }
 
@@ -635,6 +757,7 @@ pub fn check(results: &Results) -> anyhow::Result<()> {
             "fanout" => {
                 positive("deliveries_per_s")?;
                 positive("server_cpu_us_per_delivery")?;
+                positive("server_kernel_us_per_delivery")?;
             }
             "e2e" | "rate" => {
                 positive("p50_ms")?;
@@ -648,4 +771,78 @@ pub fn check(results: &Results) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(scenario: &str, target: &str, figures: &[(&str, f64)]) -> Result {
+        let median: Figures = figures.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        Result {
+            scenario: scenario.into(),
+            target: target.into(),
+            runs: vec![median.clone()],
+            median,
+        }
+    }
+
+    #[test]
+    fn goals_become_cpu_budgets_against_the_least_kernel_time() {
+        let fanout = |target, rate, cpu, kernel| {
+            result(
+                "fanout",
+                target,
+                &[
+                    ("deliveries_per_s", rate),
+                    ("server_cpu_us_per_delivery", cpu),
+                    ("server_kernel_us_per_delivery", kernel),
+                ],
+            )
+        };
+        let mut results = Results {
+            machine: BTreeMap::new(),
+            runs: 1,
+            params: BTreeMap::from([("subscribers".into(), 1000.0)]),
+            results: vec![
+                fanout("topichub-sse", 110_000.0, 8.0, 6.0),
+                fanout("nchan", 100_000.0, 10.0, 7.0),
+                fanout("mosquitto", 80_000.0, 12.0, 8.0),
+                fanout("raw-loopback", 150_000.0, 6.0, 5.5),
+                result("rate", "nchan", &[("p99_ms", 9.9)]),
+                result("rate", "nats", &[("p99_ms", 20.0)]),
+            ],
+            comparisons: Vec::new(),
+            budgets: Vec::new(),
+        };
+        results.compare_again();
+        let budgets: Vec<(&str, f64, bool)> = results
+            .budgets
+            .iter()
+            .map(|b| (b.goal.as_str(), b.budget_us, b.within_reach))
+            .collect();
+        // 1 s / (1.5 × 100,000); 0.5 × 10 µs; 0.5 × 9.9 ms over 990 writes.
+        let expected = [(6.667, true), (5.0, false), (5.0, false)];
+        assert_eq!(budgets.len(), 3, "{budgets:?}");
+        for ((goal, budget, reach), (want, want_reach)) in budgets.iter().zip(expected) {
+            assert!((budget - want).abs() < 0.001, "{goal}: {budget} != {want}");
+            assert_eq!(*reach, want_reach, "{goal}");
+        }
+        for b in &results.budgets {
+            assert_eq!((b.kernel_of.as_str(), b.kernel_us), ("raw-loopback", 5.5));
+            assert_eq!(
+                (b.topichub_us, b.topichub_kernel_us),
+                (Some(8.0), Some(6.0))
+            );
+        }
+        assert!(table(&results).contains("| **none** | 8.000 (6.000) |"));
+
+        // Results recorded without kernel time have no budgets.
+        for r in &mut results.results {
+            r.median.remove("server_kernel_us_per_delivery");
+        }
+        results.compare_again();
+        assert!(results.budgets.is_empty());
+        assert!(!table(&results).contains("kernel"));
+    }
 }

@@ -359,9 +359,13 @@ async fn fanout(target: Target, addr: SocketAddr, pid: u32, p: &Params) -> anyho
         ),
         (
             "server_cpu_us_per_delivery".into(),
-            (cpu1 - cpu0) * 1e6 / deliveries,
+            (cpu1 - cpu0).total() * 1e6 / deliveries,
         ),
-        ("server_cpu_share".into(), (cpu1 - cpu0) / elapsed),
+        (
+            "server_kernel_us_per_delivery".into(),
+            (cpu1 - cpu0).system * 1e6 / deliveries,
+        ),
+        ("server_cpu_share".into(), (cpu1 - cpu0).total() / elapsed),
     ]))
 }
 

@@ -226,8 +226,35 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     tree
 }
 
-/// User + system CPU seconds used so far by the process tree at `pid`.
-pub fn cpu_seconds(pid: u32) -> f64 {
+/// CPU seconds used so far by a process tree, in user space and in the kernel.
+#[derive(Clone, Copy, Default)]
+pub struct CpuSeconds {
+    pub user: f64,
+    /// System time: the process's system calls. Unless the kernel accounts IRQ time on its own
+    /// (`CONFIG_IRQ_TIME_ACCOUNTING`), this includes the softirq work done inside them; over
+    /// loopback that is the delivery into the receiving socket that each write sets off.
+    pub system: f64,
+}
+
+impl CpuSeconds {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for CpuSeconds {
+    type Output = CpuSeconds;
+    fn sub(self, earlier: CpuSeconds) -> CpuSeconds {
+        CpuSeconds {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+/// CPU time used so far by the process tree at `pid`.
+pub fn cpu_seconds(pid: u32) -> CpuSeconds {
+    let tick = ticks_per_second();
     process_tree(pid)
         .iter()
         .filter_map(|p| {
@@ -237,9 +264,15 @@ pub fn cpu_seconds(pid: u32) -> f64 {
             // After the command: state(0) ppid(1) ... utime(11) stime(12).
             let user: u64 = fields.get(11)?.parse().ok()?;
             let system: u64 = fields.get(12)?.parse().ok()?;
-            Some((user + system) as f64 / ticks_per_second())
+            Some(CpuSeconds {
+                user: user as f64 / tick,
+                system: system as f64 / tick,
+            })
         })
-        .sum()
+        .fold(CpuSeconds::default(), |a, b| CpuSeconds {
+            user: a.user + b.user,
+            system: a.system + b.system,
+        })
 }
 
 /// Proportional set size of the process tree at `pid`, in KiB.
