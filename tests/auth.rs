@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use reqwest::StatusCode;
-use support::{Broker, Sse, spawn_broker_with, within};
+use support::{Broker, Sse, publish_request, spawn_broker_with, within};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use topichub::proto::seed;
@@ -51,14 +51,6 @@ fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-fn publish_request(topic: &str) -> PublishRequest {
-    PublishRequest {
-        topic: topic.into(),
-        payload: b"x".to_vec().into(),
-        headers: Default::default(),
-    }
-}
-
 fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
     let status = result.expect_err("must be refused");
     assert_eq!(status.code(), code, "{status:?}");
@@ -77,12 +69,12 @@ async fn grpc_grpc_web_and_seed_require_a_token_that_allows_the_topic() {
 
     // gRPC: none, wrong, expired, allowed, not allowed.
     assert_code(
-        grpc.publish(publish_request("orders.a")).await,
+        grpc.publish(publish_request("orders.a", "x")).await,
         Code::Unauthenticated,
         "token is required",
     );
     assert_code(
-        grpc.publish(with_token(publish_request("orders.a"), "nonsense"))
+        grpc.publish(with_token(publish_request("orders.a", "x"), "nonsense"))
             .await,
         Code::Unauthenticated,
         "malformed token",
@@ -94,16 +86,16 @@ async fn grpc_grpc_web_and_seed_require_a_token_that_allows_the_topic() {
     )
     .unwrap();
     assert_code(
-        grpc.publish(with_token(publish_request("orders.a"), &expired))
+        grpc.publish(with_token(publish_request("orders.a", "x"), &expired))
             .await,
         Code::Unauthenticated,
         "expired",
     );
-    grpc.publish(with_token(publish_request("orders.a"), &good))
+    grpc.publish(with_token(publish_request("orders.a", "x"), &good))
         .await
         .unwrap();
     assert_code(
-        grpc.publish(with_token(publish_request("logs.a"), &good))
+        grpc.publish(with_token(publish_request("logs.a", "x"), &good))
             .await,
         Code::PermissionDenied,
         "may not publish to \"logs.a\"",
@@ -130,7 +122,7 @@ async fn grpc_grpc_web_and_seed_require_a_token_that_allows_the_topic() {
         .unwrap()
         .into_inner();
     within("subscribed", stream.next()).await.unwrap().unwrap();
-    grpc.publish(with_token(publish_request("orders.b"), &good))
+    grpc.publish(with_token(publish_request("orders.b", "x"), &good))
         .await
         .unwrap();
     let event = within("message", stream.next()).await.unwrap().unwrap();
@@ -139,8 +131,10 @@ async fn grpc_grpc_web_and_seed_require_a_token_that_allows_the_topic() {
     );
 
     // A batch is checked message by message.
-    let batch =
-        futures_util::stream::iter([publish_request("orders.c"), publish_request("secret.x")]);
+    let batch = futures_util::stream::iter([
+        publish_request("orders.c", "x"),
+        publish_request("secret.x", "x"),
+    ]);
     assert_code(
         grpc.publish_batch(with_token(batch, &good)).await,
         Code::PermissionDenied,
@@ -152,7 +146,7 @@ async fn grpc_grpc_web_and_seed_require_a_token_that_allows_the_topic() {
         .grpc()
         .await
         .publish(with_token(
-            publish_request("orders.z.deep"),
+            publish_request("orders.z.deep", "x"),
             &token(&[">"], &[]),
         ))
         .await
@@ -171,11 +165,11 @@ async fn grpc_grpc_web_and_seed_require_a_token_that_allows_the_topic() {
     // gRPC-Web carries the same metadata.
     let mut web = support::grpc_web(&broker);
     assert_code(
-        web.publish(publish_request("orders.a")).await,
+        web.publish(publish_request("orders.a", "x")).await,
         Code::Unauthenticated,
         "token",
     );
-    web.publish(with_token(publish_request("orders.a"), &good))
+    web.publish(with_token(publish_request("orders.a", "x"), &good))
         .await
         .unwrap();
 
@@ -253,7 +247,7 @@ async fn connect_checks_each_request_against_the_stream_token() {
         .into_inner();
     tx.send(v1::ConnectRequest {
         request_id: 1,
-        request: Some(Req::Publish(publish_request("b.x"))),
+        request: Some(Req::Publish(publish_request("b.x", "x"))),
     })
     .await
     .unwrap();
@@ -264,7 +258,7 @@ async fn connect_checks_each_request_against_the_stream_token() {
     );
     tx.send(v1::ConnectRequest {
         request_id: 2,
-        request: Some(Req::Publish(publish_request("a.x"))),
+        request: Some(Req::Publish(publish_request("a.x", "x"))),
     })
     .await
     .unwrap();
@@ -476,7 +470,7 @@ async fn rs256_public_keys_and_es256_jwks_verify_tokens() {
     let good = encode(&Header::new(Algorithm::RS256), &claims, &signing).unwrap();
     rsa.grpc()
         .await
-        .publish(with_token(publish_request("k.rsa"), &good))
+        .publish(with_token(publish_request("k.rsa", "x"), &good))
         .await
         .unwrap();
     // An HS256 token signed with the public key text must not pass (algorithm confusion).
@@ -489,7 +483,7 @@ async fn rs256_public_keys_and_es256_jwks_verify_tokens() {
     assert_code(
         rsa.grpc()
             .await
-            .publish(with_token(publish_request("k.rsa"), &confused))
+            .publish(with_token(publish_request("k.rsa", "x"), &confused))
             .await,
         Code::Unauthenticated,
         "algorithm",
@@ -503,7 +497,7 @@ async fn rs256_public_keys_and_es256_jwks_verify_tokens() {
     let good = encode(&header, &claims, &signing).unwrap();
     ec.grpc()
         .await
-        .publish(with_token(publish_request("k.ec"), &good))
+        .publish(with_token(publish_request("k.ec", "x"), &good))
         .await
         .unwrap();
     header.kid = Some("unknown".into());
@@ -511,7 +505,7 @@ async fn rs256_public_keys_and_es256_jwks_verify_tokens() {
     assert_code(
         ec.grpc()
             .await
-            .publish(with_token(publish_request("k.ec"), &wrong_kid))
+            .publish(with_token(publish_request("k.ec", "x"), &wrong_kid))
             .await,
         Code::Unauthenticated,
         "key id",

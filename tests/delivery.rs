@@ -8,30 +8,22 @@ mod support;
 use std::collections::HashSet;
 
 use futures_util::StreamExt;
-use support::{Sse, spawn_broker, spawn_broker_with, within};
+use support::{Sse, publish_request, spawn_broker, spawn_broker_with, within};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 use topichub::proto::v1::{
-    self, ConnectRequest, Cursor, LagPolicy, PublishRequest, StartPosition, SubscribeRequest,
-    UnsubscribeRequest, connect_request, connect_response, pub_sub_client::PubSubClient,
-    start_position::Position, subscribe_response::Event,
+    self, ConnectRequest, Cursor, LagPolicy, StartPosition, SubscribeRequest, UnsubscribeRequest,
+    connect_request, connect_response, pub_sub_client::PubSubClient, start_position::Position,
+    subscribe_response::Event,
 };
 
 type Client = PubSubClient<Channel>;
 
-fn request(topic: &str, payload: impl Into<Vec<u8>>) -> PublishRequest {
-    PublishRequest {
-        topic: topic.into(),
-        payload: payload.into().into(),
-        headers: Default::default(),
-    }
-}
-
 async fn publish(client: &mut Client, topic: &str, payload: impl Into<Vec<u8>>) -> Cursor {
     client
-        .publish(request(topic, payload))
+        .publish(publish_request(topic, payload))
         .await
         .unwrap()
         .into_inner()
@@ -679,7 +671,7 @@ async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream() {
         panic!()
     };
 
-    send(3, Req::Publish(request("conn.a", "hello"))).await;
+    send(3, Req::Publish(publish_request("conn.a", "hello"))).await;
     // One ack, and the message once per subscription, each tagged with its subscription.
     let mut ack = None;
     let mut deliveries = HashSet::new();
@@ -707,7 +699,7 @@ async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream() {
     );
 
     // A bad request is answered with an error event; the stream stays open.
-    send(4, Req::Publish(request("bad topic", "x"))).await;
+    send(4, Req::Publish(publish_request("bad topic", "x"))).await;
     let error = next().await;
     let Some(Ev::Error(e)) = error.event else {
         panic!("{error:?}")
@@ -724,7 +716,7 @@ async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream() {
     let ended = next().await;
     assert_eq!(ended.subscription_id, a.subscription_id);
     assert!(matches!(ended.event, Some(Ev::Unsubscribed(ref u)) if u.reason == "unsubscribed"));
-    send(6, Req::Publish(request("conn.a", "after"))).await;
+    send(6, Req::Publish(publish_request("conn.a", "after"))).await;
     let mut after = Vec::new();
     for _ in 0..2 {
         after.push(next().await);
@@ -755,7 +747,8 @@ async fn publish_batch_streams_many_messages_and_reports_counts() {
         },
     )
     .await;
-    let requests = futures_util::stream::iter((0..COUNT).map(|i| request("batch", format!("{i}"))));
+    let requests =
+        futures_util::stream::iter((0..COUNT).map(|i| publish_request("batch", format!("{i}"))));
     let reply = client.publish_batch(requests).await.unwrap().into_inner();
     assert_eq!(reply.accepted, COUNT as u64);
     let last = reply.last_cursor.unwrap().seq;

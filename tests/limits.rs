@@ -8,23 +8,15 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use support::{Sse, spawn_broker_with, within};
+use support::{Sse, publish_request, spawn_broker_with, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
-use topichub::proto::v1::{PublishRequest, SubscribeRequest};
+use topichub::proto::v1::SubscribeRequest;
 
 fn subscribe(topics: &[&str]) -> SubscribeRequest {
     SubscribeRequest {
         topics: topics.iter().map(|t| t.to_string()).collect(),
         ..Default::default()
-    }
-}
-
-fn publish(topic: &str) -> PublishRequest {
-    PublishRequest {
-        topic: topic.into(),
-        payload: b"x".to_vec().into(),
-        headers: Default::default(),
     }
 }
 
@@ -47,7 +39,7 @@ async fn connections_over_the_limit_are_told_why() {
             .contains("--max-connections 2"),
         "{body}"
     );
-    let grpc = broker.grpc().await.publish(publish("a")).await;
+    let grpc = broker.grpc().await.publish(publish_request("a", "x")).await;
     let status = grpc.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().contains("--max-connections"), "{status:?}");
@@ -133,7 +125,7 @@ async fn publishers_over_their_rate_are_refused_or_paced() {
     let mut client = broker.grpc().await;
     let mut refused = None;
     for _ in 0..6 {
-        if let Err(status) = client.publish(publish("rate")).await {
+        if let Err(status) = client.publish(publish_request("rate", "x")).await {
             refused = Some(status);
             break;
         }
@@ -168,7 +160,7 @@ async fn publishers_over_their_rate_are_refused_or_paced() {
 
     // A batch is paced, not failed: 15 messages at 20/s after an empty burst take >= 0.5 s.
     let started = std::time::Instant::now();
-    let batch = futures_util::stream::iter((0..15).map(|_| publish("rate")));
+    let batch = futures_util::stream::iter((0..15).map(|_| publish_request("rate", "x")));
     let reply = within("paced batch", client.publish_batch(batch))
         .await
         .unwrap()

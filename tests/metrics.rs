@@ -4,9 +4,9 @@
 mod support;
 
 use futures_util::StreamExt;
-use support::{Sse, metric, spawn_broker_with, within};
+use support::{Sse, metric, publish_request, spawn_broker_with, within};
 use topichub::proto::seed;
-use topichub::proto::v1::{PublishRequest, subscribe_response};
+use topichub::proto::v1::subscribe_response;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_every_door_did() {
@@ -41,11 +41,7 @@ async fn metrics_count_what_every_door_did() {
     broker
         .grpc()
         .await
-        .publish(PublishRequest {
-            topic: "m.grpc".into(),
-            payload: b"two".to_vec().into(),
-            headers: Default::default(),
-        })
+        .publish(publish_request("m.grpc", "two"))
         .await
         .unwrap();
     seed_client
@@ -136,15 +132,7 @@ async fn metrics_stay_open_and_count_auth_failures() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
-    let refused = broker
-        .grpc()
-        .await
-        .publish(PublishRequest {
-            topic: "a".into(),
-            payload: Default::default(),
-            headers: Default::default(),
-        })
-        .await;
+    let refused = broker.grpc().await.publish(publish_request("a", "")).await;
     assert!(refused.is_err());
     assert_eq!(metric(&broker, "topichub_auth_failures_total").await, 2.0);
     broker.stop().await;

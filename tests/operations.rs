@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use http_body_util::BodyExt as _;
-use support::{Sse, spawn_broker, spawn_broker_with, within};
+use support::{Sse, publish_request, spawn_broker, spawn_broker_with, within};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -287,11 +287,7 @@ async fn an_open_publish_batch_ends_on_shutdown_saying_what_was_published() {
     let batch = tokio::spawn(async move { client.publish_batch(ReceiverStream::new(rx)).await });
     for n in 0..2 {
         messages
-            .send(PublishRequest {
-                topic: "batch".into(),
-                payload: format!("#{n}").into_bytes().into(),
-                headers: Default::default(),
-            })
+            .send(publish_request("batch", format!("#{n}")))
             .await
             .unwrap();
         let delivered = within("delivery", witness.next()).await.unwrap().unwrap();
@@ -331,11 +327,7 @@ async fn a_half_closed_connect_stream_keeps_delivering_and_still_ends_on_shutdow
     broker
         .grpc()
         .await
-        .publish(PublishRequest {
-            topic: "half".into(),
-            payload: b"after half-close".to_vec().into(),
-            headers: Default::default(),
-        })
+        .publish(publish_request("half", "after half-close"))
         .await
         .unwrap();
     let delivered = within("message", connect.next()).await.unwrap().unwrap();

@@ -275,6 +275,15 @@ impl Sse {
     }
 }
 
+/// A `topichub.v1` publish of `payload` to `topic`, without headers.
+pub fn publish_request(topic: &str, payload: impl Into<Vec<u8>>) -> v1::PublishRequest {
+    v1::PublishRequest {
+        topic: topic.into(),
+        payload: payload.into().into(),
+        headers: Default::default(),
+    }
+}
+
 /// Publishes JSON over HTTP; returns the response body.
 pub async fn http_publish(url: &str, topic: &str, payload: &str) -> serde_json::Value {
     let response = reqwest::Client::new()
