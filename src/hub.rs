@@ -1,9 +1,15 @@
 //! The hub: topics, subscriptions, sequence numbers, retained history and the lag policy.
 //!
-//! Every transport calls into one [`Hub`]. All state sits behind one mutex so that assigning a
-//! `seq`, retaining the message and handing it to subscriber queues is one atomic step; that is
-//! what makes resume exact (a subscriber registers and snapshots history under the same lock, so
-//! each message is either replayed or delivered live, never both, never neither).
+//! Every transport calls into one [`Hub`]. All state sits behind one mutex so that retaining a
+//! message and handing it to subscriber queues is one atomic step; that is what makes resume
+//! exact (a subscriber registers and snapshots history under the same lock, so each message is
+//! either replayed or delivered live, never both, never neither).
+//!
+//! History lives in a log (see [`crate::log`]). Without a durable one, a publish assigns the seq
+//! and delivers in the same critical section. With one, the seq is assigned and the message
+//! handed to the log under the lock (so the log sees seq order), and the log calls back once the
+//! message is durable to retain and deliver it, again under the lock; `head` is the newest
+//! delivered seq, so nothing a subscriber sees can be lost by a crash.
 //!
 //! The lock is a `std::sync::Mutex`, not an async one: it is never held across an `.await`, and
 //! every critical section is short and non-blocking (`try_send` into bounded queues), so the
