@@ -77,7 +77,7 @@ pub struct ServerConfig {
 
     /// Bytes retained across all topics together; when over, the oldest messages hub-wide are
     /// evicted first (resumes from before them get a `gap`). Default: a quarter of the
-    /// machine's memory (1 GiB when it cannot be read).
+    /// machine's memory or of the container's limit (1 GiB when neither can be read).
     #[arg(long, env = "TOPICHUB_MAX_RETAINED_BYTES")]
     pub max_retained_bytes: Option<usize>,
 
@@ -296,15 +296,23 @@ fn parse_fsync(text: &str) -> Result<Fsync, String> {
     text.parse()
 }
 
-/// A quarter of the machine's memory (`MemTotal` of /proc/meminfo), 1 GiB when unknown.
+/// A quarter of the memory this process may use: the machine's (`MemTotal` of /proc/meminfo),
+/// or the container's limit (cgroup v2 `memory.max`) when lower; 1 GiB when neither is known.
 fn default_max_retained_bytes() -> usize {
-    let total = std::fs::read_to_string("/proc/meminfo")
+    let machine = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
             let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
             let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib.saturating_mul(1024))
         });
+    let container = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok());
+    let total = match (machine, container) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    };
     total.map_or(1024 * 1024 * 1024, |bytes| bytes / 4)
 }
 
