@@ -178,7 +178,26 @@ async fn a_cursor_taken_before_a_restart_resumes_with_exactly_the_missed_message
     for i in 1..=10 {
         cursors.push(publish(&mut client, "keep.t", &format!("m{i}")).await);
     }
-    let epoch = broker.health().await["epoch"].as_str().unwrap().to_owned();
+    let health = broker.health().await;
+    let epoch = health["epoch"].as_str().unwrap().to_owned();
+    assert!(
+        health["log"]["bytes_on_disk"].as_u64().unwrap() > 0,
+        "{health}"
+    );
+    assert_eq!(health["oldest_seq"], 1, "{health}");
+    let metrics = reqwest::get(format!("{}/metrics", broker.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "topichub_log_bytes_on_disk ",
+        "topichub_oldest_retained_seq 1",
+        "topichub_log_fsync_seconds_count ",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
     broker.stop().await;
 
     let broker = Broker::start(addr, &dir, &[]).await;
