@@ -39,6 +39,10 @@ pub trait Log: Send + Sync {
     /// Hands `message` to the log. Called under the hub's lock, so messages arrive in seq
     /// order; must not block. `ack` is answered once the message is durable and applied, or
     /// with the error that kept it from being stored.
+    ///
+    /// A log that numbers messages itself (a JetStream stream, shared by several hubs) treats
+    /// the hub's seq as a local order only: it applies and acknowledges the message re-stamped
+    /// with its own seq, and applies other nodes' messages through the same [`Apply`].
     fn append(&self, message: Arc<Message>, ack: Ack);
 
     /// Retention evicted `seq` of `topic`: the log may drop it. Also called under the hub's lock.
