@@ -10,24 +10,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
 
-use support::{fresh_data_dir, publish_request};
+use support::{free_port, fresh_data_dir, publish_request};
 
 const BIN: &str = env!("CARGO_BIN_EXE_topichub");
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A free loopback port (bound, then released for the broker process to take).
-async fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// `topichub serve --data-dir DIR` as a child process, ready once `/healthz` answers.
 struct Broker {
@@ -64,6 +54,24 @@ impl Broker {
             .await
             .unwrap();
         PubSubClient::new(channel)
+    }
+
+    /// A live `Subscribe` stream to `topic`.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        queue_size: u32,
+    ) -> tonic::Streaming<v1::SubscribeResponse> {
+        self.grpc()
+            .await
+            .subscribe(v1::SubscribeRequest {
+                topics: vec![topic.into()],
+                queue_size,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     async fn health(&self) -> serde_json::Value {
@@ -248,16 +256,7 @@ async fn sigkill_during_a_publish_batch_keeps_a_whole_prefix_in_order() {
     let retain = ["--retain-messages", "1000000"];
     let broker = Broker::start(addr, &dir, &retain).await;
     // What a subscriber received was durable before it was delivered.
-    let mut watcher = broker.grpc().await;
-    let mut delivered = watcher
-        .subscribe(v1::SubscribeRequest {
-            topics: vec!["batch.t".into()],
-            queue_size: 65_536,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut delivered = broker.subscribe("batch.t", 65_536).await;
     let mut client = broker.grpc().await;
     let batch = tokio::spawn(async move {
         let requests = futures_util::stream::iter(
@@ -552,16 +551,7 @@ async fn a_full_disk_refuses_publishes_clearly_and_recovers_by_itself() {
     let dir = fs.0.join("data");
     let addr = free_port().await;
     let broker = Broker::start(addr, &dir, &[]).await;
-    let mut subscriber = broker.grpc().await;
-    let mut delivered = subscriber
-        .subscribe(v1::SubscribeRequest {
-            topics: vec!["full.t".into()],
-            queue_size: 4096,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut delivered = broker.subscribe("full.t", 4096).await;
     let http = reqwest::Client::new();
     let payload = "x".repeat(64 * 1024);
     let publish = |payload: String| {
