@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::auth::AuthConfig;
 use crate::hub::{HubConfig, LagPolicy};
 use crate::limits::LimitsConfig;
+use crate::log::disk::Fsync;
 
 /// topichub: a topic-based publish/subscribe broker (gRPC, gRPC-Web, HTTP/JSON and SSE on one port).
 #[derive(Debug, Parser)]
@@ -29,6 +30,9 @@ pub enum Command {
     Sub(SubArgs),
     /// Print the OpenAPI document of the HTTP API (as committed in openapi/openapi.json).
     Openapi,
+    /// Check and repair a stopped broker's data dir: rolls back a torn last commit, verifies
+    /// every checksum and reads every retained message back.
+    Repair(RepairArgs),
 }
 
 /// Broker options. Every option can also be set through the environment variable shown.
@@ -70,6 +74,24 @@ pub struct ServerConfig {
         default_value = "catch-up"
     )]
     pub lag_policy: LagPolicy,
+
+    /// Bytes retained across all topics together; when over, the oldest messages hub-wide are
+    /// evicted first (resumes from before them get a `gap`). Default: a quarter of the
+    /// machine's memory or of the container's limit (1 GiB when neither can be read).
+    #[arg(long, env = "TOPICHUB_MAX_RETAINED_BYTES")]
+    pub max_retained_bytes: Option<usize>,
+
+    /// Keep history in this directory: the epoch, the seq counter and retained messages survive
+    /// restarts and crashes. Without it, history is in memory only and a restart starts afresh.
+    #[arg(long, env = "TOPICHUB_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+
+    /// With --data-dir, when a publish is acknowledged: `always` (after an fsync shared by
+    /// concurrent publishes; survives power loss) or `every=DURATION`, e.g. `every=100ms`
+    /// (after the write, fsync at most that interval later; faster, may lose the last interval
+    /// on a crash).
+    #[arg(long, env = "TOPICHUB_FSYNC", default_value = "always", value_parser = parse_fsync)]
+    pub fsync: Fsync,
 
     /// Interval of HTTP/2 keepalive pings to clients (detects dead peers).
     #[arg(long, env = "TOPICHUB_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -193,6 +215,9 @@ impl ServerConfig {
             max_queue_size: self.max_queue_size,
             lag_policy: self.lag_policy,
             max_topics_per_subscription: self.max_topics_per_subscription,
+            max_retained_bytes: self
+                .max_retained_bytes
+                .unwrap_or_else(default_max_retained_bytes),
         }
     }
 
@@ -220,6 +245,18 @@ pub struct ClientArgs {
     /// JWT to send as `authorization: Bearer` (needed when the broker has authentication on).
     #[arg(long, env = "TOPICHUB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// `topichub repair`.
+#[derive(Debug, Clone, Args)]
+pub struct RepairArgs {
+    /// The data dir of a stopped broker.
+    #[arg(long, env = "TOPICHUB_DATA_DIR")]
+    pub data_dir: std::path::PathBuf,
+    /// If the log cannot be repaired, move its file aside so that the broker starts with an
+    /// empty history (a new epoch); the file is kept for inspection.
+    #[arg(long)]
+    pub discard: bool,
 }
 
 /// `topichub pub`.
@@ -253,6 +290,30 @@ pub struct SubArgs {
     /// Longest wait between reconnect attempts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub max_backoff: Duration,
+}
+
+fn parse_fsync(text: &str) -> Result<Fsync, String> {
+    text.parse()
+}
+
+/// A quarter of the memory this process may use: the machine's (`MemTotal` of /proc/meminfo),
+/// or the container's limit (cgroup v2 `memory.max`) when lower; 1 GiB when neither is known.
+fn default_max_retained_bytes() -> usize {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        });
+    let container = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok());
+    let total = match (machine, container) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    };
+    total.map_or(1024 * 1024 * 1024, |bytes| bytes / 4)
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {

@@ -30,6 +30,8 @@ pub enum Error {
     PermissionDenied(String),
     /// A server limit was reached; the message names it and the option that sets it.
     LimitExceeded(String),
+    /// The log could not store a message (e.g. the disk is full); nothing was published.
+    Unavailable(String),
 }
 
 /// The gRPC status code name each error maps to; HTTP codes follow grpc-gateway's mapping.
@@ -56,7 +58,7 @@ impl Error {
             | Error::SlowConsumer { .. }
             | Error::LimitExceeded(_) => Kind::ResourceExhausted,
             Error::UnknownSubscription(_) => Kind::NotFound,
-            Error::ShuttingDown => Kind::Unavailable,
+            Error::ShuttingDown | Error::Unavailable(_) => Kind::Unavailable,
             Error::Unauthenticated(_) => Kind::Unauthenticated,
             Error::PermissionDenied(_) => Kind::PermissionDenied,
         }
@@ -94,6 +96,7 @@ impl fmt::Display for Error {
             Error::Unauthenticated(reason) => write!(f, "unauthenticated: {reason}"),
             Error::PermissionDenied(reason) => write!(f, "permission denied: {reason}"),
             Error::LimitExceeded(reason) => write!(f, "limit reached: {reason}"),
+            Error::Unavailable(reason) => write!(f, "unavailable: {reason}"),
         }
     }
 }

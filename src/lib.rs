@@ -8,6 +8,8 @@
 //!
 //! # Layout
 //! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
+//! - [`message`]: an accepted message, shared by the hub and the log.
+//! - [`log`]: the hub's history behind one interface: in memory, or on disk (`--data-dir`).
 //! - `queue`: the bounded queue from the hub to each subscription.
 //! - [`auth`]: JWT bearer tokens and the topic patterns they allow; the middleware of every door.
 //! - [`topic`]: topic names and wildcard patterns.
@@ -37,6 +39,8 @@ pub mod http;
 pub mod hub;
 pub mod keepalive;
 pub mod limits;
+pub mod log;
+pub mod message;
 pub mod metrics;
 pub mod proto;
 mod publish_conn;

@@ -57,6 +57,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Pub(args) => topichub::client::publish(args).await?,
         Command::Sub(args) => topichub::client::subscribe(args).await?,
+        Command::Repair(args) => {
+            let summary = topichub::log::disk::repair(&args.data_dir, args.discard)
+                .map_err(anyhow::Error::msg)?;
+            println!("{summary}");
+        }
         Command::Openapi => {
             println!("{}", topichub::http::openapi().to_pretty_json()?);
         }

@@ -79,6 +79,9 @@ struct Inner {
     queued_messages: Gauge,
     max_queue_depth: Gauge,
     head_seq: Gauge,
+    oldest_retained_seq: Gauge,
+    log_bytes_on_disk: Gauge,
+    log_commit: Histogram,
 }
 
 impl Default for Metrics {
@@ -100,7 +103,9 @@ impl Metrics {
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 19));
         let auth_failures = Counter::default();
         let limit_hits = Family::<LimitLabel, Counter>::default();
-        let gauges: [Gauge; 7] = Default::default();
+        // 50 us .. ~0.8 s
+        let log_commit = Histogram::new(exponential_buckets(0.000_05, 2.0, 15));
+        let gauges: [Gauge; 9] = Default::default();
         let [
             connections,
             topics,
@@ -109,6 +114,8 @@ impl Metrics {
             queued_messages,
             max_queue_depth,
             head_seq,
+            oldest_retained_seq,
+            log_bytes_on_disk,
         ] = gauges;
         registry.register("publishes", "Messages accepted, by door", publishes.clone());
         registry.register(
@@ -181,6 +188,21 @@ impl Metrics {
             "Seq of the newest message (messages accepted this epoch)",
             head_seq.clone(),
         );
+        registry.register(
+            "oldest_retained_seq",
+            "Seq of the oldest message held for replay (0 when none)",
+            oldest_retained_seq.clone(),
+        );
+        registry.register(
+            "log_bytes_on_disk",
+            "Bytes the log's files take on disk (0 without --data-dir)",
+            log_bytes_on_disk.clone(),
+        );
+        registry.register(
+            "log_fsync_seconds",
+            "Time to write and fsync one group commit of the disk log",
+            log_commit.clone(),
+        );
         let doors = DOORS.map(|door| {
             let label = DoorLabel::from(door);
             DoorSeries {
@@ -205,6 +227,9 @@ impl Metrics {
                 queued_messages,
                 max_queue_depth,
                 head_seq,
+                oldest_retained_seq,
+                log_bytes_on_disk,
+                log_commit,
             }),
         }
     }
@@ -265,6 +290,13 @@ impl Metrics {
             .inc();
     }
 
+    /// The disk log made a commit that took `elapsed`; only fsynced ones are timed.
+    pub fn log_committed(&self, elapsed: std::time::Duration, synced: bool) {
+        if synced {
+            self.inner.log_commit.observe(elapsed.as_secs_f64());
+        }
+    }
+
     /// The exposition text, after updating the scrape-time gauges.
     pub fn render(&self, state: &Snapshot) -> String {
         let inner = &self.inner;
@@ -275,6 +307,10 @@ impl Metrics {
         inner.queued_messages.set(state.queued_messages as i64);
         inner.max_queue_depth.set(state.max_queue_depth as i64);
         inner.head_seq.set(state.head_seq as i64);
+        inner
+            .oldest_retained_seq
+            .set(state.oldest_retained_seq as i64);
+        inner.log_bytes_on_disk.set(state.log_bytes_on_disk as i64);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &inner.registry)
             .expect("writing to a String cannot fail");
@@ -299,6 +335,10 @@ pub struct Snapshot {
     pub max_queue_depth: usize,
     /// Seq of the newest message.
     pub head_seq: u64,
+    /// Seq of the oldest retained message (0 when none).
+    pub oldest_retained_seq: u64,
+    /// Bytes the log's files take on disk (0 without a data dir).
+    pub log_bytes_on_disk: u64,
 }
 
 /// Decrements a door's subscriber gauge when the subscription ends.

@@ -54,7 +54,7 @@ pub async fn run(
     if auth_enabled {
         tracing::info!("authentication on: pub/sub calls need a bearer token");
     }
-    let hub = Hub::new(config.hub());
+    let hub = open_hub(&config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PubSubServer<PubSubService>>().await;
     health
@@ -96,8 +96,9 @@ pub async fn run(
         .header_read_timeout(config.http_header_timeout);
     let protocols = Arc::new(Protocols { h1, h2 });
     let header_timeout = config.http_header_timeout;
-    // Tokens are checked by the application's guard, so the lane is off with authentication.
-    let lane = (!auth_enabled).then(|| {
+    // Tokens are checked by the application's guard, so the lane is off with authentication;
+    // it answers synchronously, so it is off with a durable log too.
+    let lane = (!auth_enabled && !hub.is_durable()).then(|| {
         Arc::new(publish_conn::Lane {
             hub: hub.clone(),
             limits: limits.clone(),
@@ -230,7 +231,33 @@ pub async fn run(
             tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the grace period; closing them");
         }
     }
+    hub.close().await;
     Ok(())
+}
+
+/// The hub, on a disk log when `--data-dir` is set.
+fn open_hub(config: &ServerConfig) -> std::io::Result<Hub> {
+    let Some(dir) = &config.data_dir else {
+        return Ok(Hub::new(config.hub()));
+    };
+    let metrics = crate::metrics::Metrics::new();
+    let started = std::time::Instant::now();
+    let (log, recovered) = crate::log::disk::DiskLog::open(dir, config.fsync, metrics.clone())
+        .map_err(invalid_input)?;
+    tracing::info!(
+        data_dir = %dir.display(),
+        epoch = %recovered.epoch,
+        head = recovered.head,
+        messages = recovered.messages.len(),
+        elapsed = ?started.elapsed(),
+        "history loaded from disk"
+    );
+    Ok(Hub::with_log(
+        config.hub(),
+        metrics,
+        Box::new(log),
+        recovered,
+    ))
 }
 
 /// A configuration error, as `run` reports it.

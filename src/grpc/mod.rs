@@ -6,7 +6,7 @@ pub mod codec;
 pub mod seed;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -19,7 +19,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::{Error, Kind};
-use crate::hub::{self, Hub, LagPolicy, Start, SubscribeOptions, Subscription};
+use crate::hub::{self, Hub, LagPolicy, Publishing, Start, SubscribeOptions, Subscription};
 use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::metrics::{Door, Metrics};
 use crate::shutdown::StreamEnd;
@@ -88,18 +88,58 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     }
 }
 
-/// Publishes a `PublishRequest` (shared by `Publish`, `PublishBatch` and `Connect`).
-fn publish(hub: &Hub, access: &Access, request: v1::PublishRequest) -> Result<v1::Cursor, Error> {
+/// Checks a `PublishRequest` and hands it to the hub (shared by `Publish`, `PublishBatch` and
+/// `Connect`); the publish is done when the returned future resolves.
+fn start_publish(
+    hub: &Hub,
+    access: &Access,
+    request: v1::PublishRequest,
+) -> Result<Publishing, Error> {
     hub.check_payload(request.payload.len())?;
     let topic = Topic::parse(&request.topic)?;
     access.check_publish(&topic)?;
-    let message = hub.publish(
+    Ok(hub.publish(
         topic,
         request.payload,
         request.headers.into_iter().collect(),
-    )?;
+    ))
+}
+
+/// Publishes a `PublishRequest` and waits until it is acknowledged.
+async fn publish(
+    hub: &Hub,
+    access: &Access,
+    request: v1::PublishRequest,
+) -> Result<v1::Cursor, Error> {
+    let message = start_publish(hub, access, request)?.await?;
     hub.metrics().published(Door::Grpc);
     Ok(wire::cursor(&message.cursor()))
+}
+
+/// Publishes of one `PublishBatch` handed to a durable log and not yet acknowledged: a batch
+/// keeps up to this many in flight, so that they share group commits instead of each waiting
+/// for its own fsync.
+const BATCH_IN_FLIGHT: usize = 1024;
+
+/// A batch's publishes in flight, settled in order.
+struct Pipeline {
+    hub: Hub,
+    in_flight: VecDeque<Publishing>,
+    accepted: u64,
+    last: Option<v1::Cursor>,
+}
+
+impl Pipeline {
+    /// Waits for publishes in flight until at most `keep` remain.
+    async fn settle(&mut self, keep: usize) -> Result<(), Error> {
+        while self.in_flight.len() > keep {
+            let message = self.in_flight.pop_front().expect("more than keep").await?;
+            self.hub.metrics().published(Door::Grpc);
+            self.accepted += 1;
+            self.last = Some(wire::cursor(&message.cursor()));
+        }
+        Ok(())
+    }
 }
 
 /// Validates a `SubscribeRequest` into hub options the token allows.
@@ -185,7 +225,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let caller = caller(&request)?;
         self.limits
             .check_publish(&caller.access, &caller.connection)?;
-        let cursor = publish(&self.hub, &caller.access, request.into_inner())?;
+        let cursor = publish(&self.hub, &caller.access, request.into_inner()).await?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
         }))
@@ -200,8 +240,17 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         // publish rate limit paces the stream the same way rather than failing it.
         let caller = caller(&request)?;
         let mut stream = request.into_inner();
-        let mut accepted = 0u64;
-        let mut last_cursor = None;
+        let window = if self.hub.is_durable() {
+            BATCH_IN_FLIGHT
+        } else {
+            0
+        };
+        let mut pipeline = Pipeline {
+            hub: self.hub.clone(),
+            in_flight: VecDeque::new(),
+            accepted: 0,
+            last: None,
+        };
         // Like every live stream, a batch ends when the server shuts down or its token expires;
         // the status says how much of it was published.
         let mut end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
@@ -223,30 +272,62 @@ impl v1::pub_sub_server::PubSub for PubSubService {
                 Poll::Pending => stream.poll_next_unpin(cx).map(Ok),
             });
             let item = match next.await {
-                Ok(Some(item)) => item?,
+                Ok(Some(item)) => Ok(item),
                 Ok(None) => break,
-                Err(error) => {
-                    let what = format!("the batch ended before message #{}", accepted + 1);
-                    return Err(failed(error, accepted, &what));
-                }
+                Err(error) => Err(error),
             };
-            self.limits
-                .pace_publish(&caller.access, &caller.connection)
-                .await;
-            match publish(&self.hub, &caller.access, item) {
-                Ok(cursor) => {
-                    accepted += 1;
-                    last_cursor = Some(cursor);
+            // Whatever ends the batch, the publishes in flight are settled first, so the
+            // answer counts exactly what was published.
+            let rejected = match item {
+                Ok(Ok(item)) => {
+                    self.limits
+                        .pace_publish(&caller.access, &caller.connection)
+                        .await;
+                    match start_publish(&self.hub, &caller.access, item) {
+                        Ok(publishing) => {
+                            pipeline.in_flight.push_back(publishing);
+                            None
+                        }
+                        Err(error) => Some((error, "was rejected")),
+                    }
                 }
-                Err(error) => {
-                    let what = format!("message #{} of the batch was rejected", accepted + 1);
-                    return Err(failed(error, accepted, &what));
+                Ok(Err(status)) => {
+                    pipeline.settle(0).await.ok();
+                    return Err(status);
+                }
+                Err(error) => Some((error, "ended")),
+            };
+            let number = pipeline.accepted + pipeline.in_flight.len() as u64 + 1;
+            let keep = if rejected.is_some() { 0 } else { window };
+            if let Err(error) = pipeline.settle(keep).await {
+                let what = format!(
+                    "message #{} of the batch was rejected",
+                    pipeline.accepted + 1
+                );
+                return Err(failed(error, pipeline.accepted, &what));
+            }
+            match rejected {
+                None => {}
+                Some((error, "ended")) => {
+                    let what = format!("the batch ended before message #{number}");
+                    return Err(failed(error, pipeline.accepted, &what));
+                }
+                Some((error, _)) => {
+                    let what = format!("message #{number} of the batch was rejected");
+                    return Err(failed(error, pipeline.accepted, &what));
                 }
             }
         }
+        if let Err(error) = pipeline.settle(0).await {
+            let what = format!(
+                "message #{} of the batch was rejected",
+                pipeline.accepted + 1
+            );
+            return Err(failed(error, pipeline.accepted, &what));
+        }
         Ok(Response::new(v1::PublishBatchResponse {
-            accepted,
-            last_cursor,
+            accepted: pipeline.accepted,
+            last_cursor: pipeline.last,
         }))
     }
 
@@ -396,7 +477,14 @@ impl ConnectSession {
                 let published = self
                     .limits
                     .check_publish(&self.caller.access, &self.caller.connection)
-                    .and_then(|()| publish(&self.hub, &self.caller.access, publish_request));
+                    .and_then(|()| start_publish(&self.hub, &self.caller.access, publish_request));
+                let published = match published {
+                    Ok(publishing) => publishing.await.map(|message| {
+                        self.hub.metrics().published(Door::Grpc);
+                        wire::cursor(&message.cursor())
+                    }),
+                    Err(error) => Err(error),
+                };
                 match published {
                     Ok(cursor) => reply(
                         String::new(),

@@ -48,7 +48,8 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
         let topic = Topic::parse(&request.topic)?;
         access.check_publish(&topic)?;
         self.hub
-            .publish(topic, request.payload, Default::default())?;
+            .publish(topic, request.payload, Default::default())
+            .await?;
         self.hub.metrics().published(Door::Seed);
         Ok(Response::new(()))
     }

@@ -273,6 +273,22 @@ pub struct Health {
     pub head: u64,
     /// Live subscriptions over all doors.
     pub subscribers: usize,
+    /// Seq of the oldest retained message (0 when none).
+    pub oldest_seq: u64,
+    /// The durable log (`--data-dir`); absent when history is in memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogHealth>,
+}
+
+/// The state of the durable log, in `GET /healthz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LogHealth {
+    /// Bytes its files take on disk.
+    pub bytes_on_disk: u64,
+    /// Why the last write failed (e.g. the disk is full); absent while writes succeed.
+    /// Publishes are refused with 503 meanwhile; subscribers keep receiving.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing: Option<String>,
 }
 
 /// One event of the `GET /subscribe` stream as an SSE client parses it (`event`, `id`, `retry`,

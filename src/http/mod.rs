@@ -224,6 +224,7 @@ pub async fn method_not_allowed() -> ApiError {
         (status = 200, description = "Accepted", body = Published),
         (status = 400, description = "Malformed JSON, invalid topic, wildcard topic or bad base64", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
+        (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
 )]
 async fn publish(
@@ -236,7 +237,7 @@ async fn publish(
     let (topic, payload, headers) = PublishBody::parse(&body)?;
     access.check_publish(&topic)?;
     state.limits.check_publish(&access, &connection)?;
-    let message = state.hub.publish(topic, payload, headers)?;
+    let message = state.hub.publish(topic, payload, headers).await?;
     state.hub.metrics().published(Door::Http);
     Ok(Json(Published::of(&message)))
 }
@@ -255,6 +256,7 @@ async fn publish(
         (status = 200, description = "Accepted", body = Published),
         (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
+        (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
 )]
 async fn publish_raw(
@@ -276,7 +278,7 @@ async fn publish_raw(
             .map_err(|_| ApiError::bad_request("Content-Type must be ASCII"))?;
         headers.insert("content-type".into(), text.to_owned());
     }
-    let message = state.hub.publish(topic, body, headers)?;
+    let message = state.hub.publish(topic, body, headers).await?;
     state.hub.metrics().published(Door::Http);
     Ok(Json(Published::of(&message)))
 }
@@ -388,6 +390,11 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
         epoch: state.hub.epoch().to_owned(),
         head: state.hub.head().seq,
         subscribers: state.hub.subscriber_count(),
+        oldest_seq: state.hub.snapshot().oldest_retained_seq,
+        log: state.hub.log_stats().map(|stats| json::LogHealth {
+            bytes_on_disk: stats.bytes_on_disk,
+            failing: stats.failing,
+        }),
     })
 }
 

@@ -363,3 +363,55 @@ pub async fn metric(broker: &Broker, series: &str) -> f64 {
         })
         .map_or(0.0, |value| value.parse().unwrap())
 }
+
+/// Where a test broker keeps its history: the same tests run against each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// In memory (no `--data-dir`).
+    Memory,
+    /// On disk, in a fresh data dir.
+    Disk,
+}
+
+/// Starts a broker on `backend` after `configure` adjusts the defaults.
+pub async fn spawn_broker_on(
+    backend: Backend,
+    configure: impl FnOnce(&mut ServerConfig),
+) -> Broker {
+    spawn_broker_with(|config| {
+        if backend == Backend::Disk {
+            config.data_dir = Some(fresh_data_dir("broker"));
+        }
+        configure(config);
+    })
+    .await
+}
+
+/// A new, empty directory for a data dir, under cargo's scratch directory for integration tests.
+/// Directories left by test processes that have exited are removed on the way.
+pub fn fresh_data_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("data-dirs");
+    std::fs::create_dir_all(&root).unwrap();
+    for entry in std::fs::read_dir(&root).unwrap().flatten() {
+        let file_name = entry.file_name();
+        let pid = file_name.to_str().and_then(|n| n.split('-').next());
+        if pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = root.join(format!("{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A free loopback port (bound, then released for a broker process to take).
+pub async fn free_port() -> SocketAddr {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
