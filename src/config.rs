@@ -84,6 +84,12 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_KEEPALIVE_MIN_PING_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_min_ping_interval: Duration,
 
+    /// How long a connection may have data pending while its peer accepts no bytes (a frozen
+    /// reader: socket open, nothing read) before it is closed; SSE, gRPC and gRPC-Web alike.
+    /// `0s` turns it off.
+    #[arg(long, env = "TOPICHUB_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
     /// Interval of SSE keep-alive comments (keeps proxies from closing idle streams).
     #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub sse_keepalive: Duration,

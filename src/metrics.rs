@@ -62,6 +62,7 @@ struct DoorSeries {
     lag_events: Counter,
     gap_events: Counter,
     subscribers: Gauge,
+    write_timeouts: Counter,
 }
 
 const DOORS: [Door; 3] = [Door::Grpc, Door::Seed, Door::Http];
@@ -96,6 +97,7 @@ impl Metrics {
         let lag_events = Family::<DoorLabel, Counter>::default();
         let gap_events = Family::<DoorLabel, Counter>::default();
         let subscribers = Family::<DoorLabel, Gauge>::default();
+        let write_timeouts = Family::<DoorLabel, Counter>::default();
         // 50 us .. ~13 s
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 19));
         let auth_failures = Counter::default();
@@ -130,6 +132,11 @@ impl Metrics {
             "subscribers",
             "Live subscriptions, by door",
             subscribers.clone(),
+        );
+        registry.register(
+            "write_timeouts",
+            "Connections closed because the peer accepted no bytes within --write-timeout while data was pending, by door (HTTP/2 connections count under grpc)",
+            write_timeouts.clone(),
         );
         registry.register(
             "publish_to_deliver_seconds",
@@ -189,6 +196,7 @@ impl Metrics {
                 lag_events: lag_events.get_or_create_owned(&label),
                 gap_events: gap_events.get_or_create_owned(&label),
                 subscribers: subscribers.get_or_create_owned(&label),
+                write_timeouts: write_timeouts.get_or_create_owned(&label),
             }
         });
         Metrics {
@@ -243,6 +251,11 @@ impl Metrics {
     /// A gap notice went to a subscriber of `door`.
     pub fn gapped(&self, door: Door) {
         self.series(door).gap_events.inc();
+    }
+
+    /// A connection of `door` was closed for accepting no bytes within the write timeout.
+    pub fn write_timed_out(&self, door: Door) {
+        self.series(door).write_timeouts.inc();
     }
 
     /// Counts a live subscription of `door` until the returned guard is dropped.
