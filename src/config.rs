@@ -62,6 +62,16 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_MAX_QUEUE_SIZE", default_value_t = 65_536)]
     pub max_queue_size: usize,
 
+    /// Default byte budget of a subscriber queue (payload + headers + topic of the queued
+    /// messages); a message that would take a non-empty queue over it triggers the lag policy,
+    /// like a full queue.
+    #[arg(long, env = "TOPICHUB_QUEUE_BYTES", default_value_t = crate::hub::DEFAULT_QUEUE_BYTES)]
+    pub queue_bytes: usize,
+
+    /// Largest byte budget a subscriber may ask for (`queue_bytes`).
+    #[arg(long, env = "TOPICHUB_MAX_QUEUE_BYTES", default_value_t = crate::hub::DEFAULT_MAX_QUEUE_BYTES)]
+    pub max_queue_bytes: usize,
+
     /// What happens to a subscriber whose queue overflows.
     #[arg(
         long,
@@ -197,6 +207,8 @@ impl ServerConfig {
             retain_age: self.retain_age,
             queue_size: self.queue_size,
             max_queue_size: self.max_queue_size,
+            queue_bytes: self.queue_bytes,
+            max_queue_bytes: self.max_queue_bytes,
             lag_policy: self.lag_policy,
             max_topics_per_subscription: self.max_topics_per_subscription,
         }

@@ -79,6 +79,8 @@ struct Inner {
     retained_bytes: Gauge,
     queued_messages: Gauge,
     max_queue_depth: Gauge,
+    queued_bytes: Gauge,
+    max_queue_bytes: Gauge,
     head_seq: Gauge,
 }
 
@@ -102,7 +104,7 @@ impl Metrics {
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 19));
         let auth_failures = Counter::default();
         let limit_hits = Family::<LimitLabel, Counter>::default();
-        let gauges: [Gauge; 7] = Default::default();
+        let gauges: [Gauge; 9] = Default::default();
         let [
             connections,
             topics,
@@ -110,6 +112,8 @@ impl Metrics {
             retained_bytes,
             queued_messages,
             max_queue_depth,
+            queued_bytes,
+            max_queue_bytes,
             head_seq,
         ] = gauges;
         registry.register("publishes", "Messages accepted, by door", publishes.clone());
@@ -184,6 +188,16 @@ impl Metrics {
             max_queue_depth.clone(),
         );
         registry.register(
+            "queued_bytes",
+            "Bytes of messages waiting in subscriber queues (a message in several queues counts in each)",
+            queued_bytes.clone(),
+        );
+        registry.register(
+            "max_queue_bytes",
+            "Most bytes waiting in one subscriber queue",
+            max_queue_bytes.clone(),
+        );
+        registry.register(
             "head_seq",
             "Seq of the newest message (messages accepted this epoch)",
             head_seq.clone(),
@@ -212,6 +226,8 @@ impl Metrics {
                 retained_bytes,
                 queued_messages,
                 max_queue_depth,
+                queued_bytes,
+                max_queue_bytes,
                 head_seq,
             }),
         }
@@ -287,6 +303,8 @@ impl Metrics {
         inner.retained_bytes.set(state.retained_bytes as i64);
         inner.queued_messages.set(state.queued_messages as i64);
         inner.max_queue_depth.set(state.max_queue_depth as i64);
+        inner.queued_bytes.set(state.queued_bytes as i64);
+        inner.max_queue_bytes.set(state.max_queue_bytes as i64);
         inner.head_seq.set(state.head_seq as i64);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &inner.registry)
@@ -310,6 +328,11 @@ pub struct Snapshot {
     pub queued_messages: usize,
     /// Longest subscriber queue.
     pub max_queue_depth: usize,
+    /// Bytes of the messages waiting in subscriber queues, summed over queues (a message in
+    /// several queues counts in each).
+    pub queued_bytes: usize,
+    /// Most bytes waiting in one subscriber queue.
+    pub max_queue_bytes: usize,
     /// Seq of the newest message.
     pub head_seq: u64,
 }
