@@ -66,6 +66,16 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_MAX_QUEUE_SIZE", default_value_t = 65_536)]
     pub max_queue_size: usize,
 
+    /// Default byte budget of a subscriber queue (payload + headers + topic of the queued
+    /// messages); a message that would take a non-empty queue over it triggers the lag policy,
+    /// like a full queue.
+    #[arg(long, env = "TOPICHUB_QUEUE_BYTES", default_value_t = crate::hub::DEFAULT_QUEUE_BYTES)]
+    pub queue_bytes: usize,
+
+    /// Largest byte budget a subscriber may ask for (`queue_bytes`).
+    #[arg(long, env = "TOPICHUB_MAX_QUEUE_BYTES", default_value_t = crate::hub::DEFAULT_MAX_QUEUE_BYTES)]
+    pub max_queue_bytes: usize,
+
     /// What happens to a subscriber whose queue overflows.
     #[arg(
         long,
@@ -105,6 +115,12 @@ pub struct ServerConfig {
     /// GOAWAY(too_many_pings) and disconnected after 2 strikes (gRPC's keepalive enforcement).
     #[arg(long, env = "TOPICHUB_KEEPALIVE_MIN_PING_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_min_ping_interval: Duration,
+
+    /// How long a connection may have data pending while its peer accepts no bytes (a frozen
+    /// reader: socket open, nothing read) before it is closed; SSE, gRPC and gRPC-Web alike.
+    /// `0s` turns it off.
+    #[arg(long, env = "TOPICHUB_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
 
     /// Interval of SSE keep-alive comments (keeps proxies from closing idle streams).
     #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -213,6 +229,8 @@ impl ServerConfig {
             retain_age: self.retain_age,
             queue_size: self.queue_size,
             max_queue_size: self.max_queue_size,
+            queue_bytes: self.queue_bytes,
+            max_queue_bytes: self.max_queue_bytes,
             lag_policy: self.lag_policy,
             max_topics_per_subscription: self.max_topics_per_subscription,
             max_retained_bytes: self

@@ -27,16 +27,22 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::cursor::Cursor;
-use crate::error::Error;
+use crate::error::{Behind, Error};
 use crate::log::memory::{Retention, TopicLog};
 use crate::log::{Log, Recovered};
 pub use crate::message::{Headers, Message};
 use crate::metrics::{Metrics, Snapshot};
-use crate::queue::{self, TrySendError};
+use crate::queue::{self, Bound, TrySendError, Weigh};
 use crate::topic::{Pattern, Topic};
 
 /// Most header bytes (keys + values) one message may carry.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Default byte budget of a subscriber's queue (`--queue-bytes`).
+pub const DEFAULT_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default of the largest byte budget a subscriber may ask for (`--max-queue-bytes`).
+pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Limits and defaults of a hub. Every field is a server option (see `config`).
 #[derive(Clone, Debug)]
@@ -53,6 +59,11 @@ pub struct HubConfig {
     pub queue_size: usize,
     /// Largest queue length a subscriber may ask for.
     pub max_queue_size: usize,
+    /// Default byte budget of a subscriber's queue (see [`Message::queued_size`]). A message that
+    /// would take a non-empty queue over it triggers the subscriber's lag policy.
+    pub queue_bytes: usize,
+    /// Largest byte budget a subscriber may ask for.
+    pub max_queue_bytes: usize,
     /// Default lag policy.
     pub lag_policy: LagPolicy,
     /// Topics and patterns one subscription may name.
@@ -80,6 +91,8 @@ impl Default for HubConfig {
             retain_age: Duration::from_secs(3600),
             queue_size: 1024,
             max_queue_size: 65_536,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
             lag_policy: LagPolicy::CatchUp,
             max_topics_per_subscription: 100,
             max_retained_bytes: 1024 * 1024 * 1024,
@@ -94,6 +107,12 @@ pub enum LagPolicy {
     CatchUp,
     /// End the subscription with a slow-consumer error.
     Disconnect,
+}
+
+impl Weigh for Arc<Message> {
+    fn weight(&self) -> usize {
+        self.queued_size()
+    }
 }
 
 /// Where a new subscription starts.
@@ -117,6 +136,8 @@ pub struct SubscribeOptions {
     pub start: Start,
     /// Queue length (`None` = server default; capped by the server maximum).
     pub queue_size: Option<usize>,
+    /// Queue byte budget (`None` = server default; capped by the server maximum).
+    pub queue_bytes: Option<usize>,
     /// Lag policy (`None` = server default).
     pub lag_policy: Option<LagPolicy>,
 }
@@ -250,6 +271,7 @@ struct SubEntry {
     /// First seq its queue could not take, while lagged.
     lagged_from: Option<u64>,
     queue_size: usize,
+    queue_bytes: usize,
     policy: LagPolicy,
     /// Topics whose subscriber lists hold this subscription.
     topics: Vec<Topic>,
@@ -398,9 +420,11 @@ impl Hub {
         snapshot.oldest_retained_seq = if oldest == u64::MAX { 0 } else { oldest };
         for entry in state.subs.values() {
             if let Some(tx) = &entry.tx {
-                let depth = tx.len();
+                let (depth, bytes) = tx.depth();
                 snapshot.queued_messages += depth;
                 snapshot.max_queue_depth = snapshot.max_queue_depth.max(depth);
+                snapshot.queued_bytes += bytes;
+                snapshot.max_queue_bytes = snapshot.max_queue_bytes.max(bytes);
             }
         }
         drop(state);
@@ -504,6 +528,16 @@ impl Hub {
             }
             Some(n) => n,
         };
+        let queue_bytes = match options.queue_bytes {
+            None | Some(0) => config.queue_bytes,
+            Some(n) if n > config.max_queue_bytes => {
+                return Err(Error::InvalidRequest(format!(
+                    "queue_bytes {n} is over the server maximum of {} (--max-queue-bytes)",
+                    config.max_queue_bytes
+                )));
+            }
+            Some(n) => n,
+        };
         let mut patterns = options.patterns;
         patterns.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         patterns.dedup();
@@ -553,7 +587,7 @@ impl Hub {
 
         let id = state.next_sub_id;
         state.next_sub_id += 1;
-        let (tx, rx) = queue::bounded(queue_size);
+        let (tx, rx) = queue::bounded(queue_size, queue_bytes);
         let ended = Arc::new(OnceLock::new());
         let secret = fastrand::u64(..);
         let wildcard = patterns.iter().any(|p| p.as_topic().is_none());
@@ -565,6 +599,7 @@ impl Hub {
                 tx: Some(tx),
                 lagged_from: None,
                 queue_size,
+                queue_bytes,
                 policy: options.lag_policy.unwrap_or(config.lag_policy),
                 topics: Vec::new(),
                 ended: ended.clone(),
@@ -736,7 +771,7 @@ impl Hub {
         let state = &mut *guard;
         let entry = state.subs.get_mut(&id)?;
         let from_seq = entry.lagged_from.take()?;
-        let (tx, rx) = queue::bounded(entry.queue_size);
+        let (tx, rx) = queue::bounded(entry.queue_size, entry.queue_bytes);
         entry.tx = Some(tx);
         let patterns = entry.patterns.clone();
         pending.push_back(Event::Lag(Lag {
@@ -785,28 +820,33 @@ impl State {
             let Some(tx) = &entry.tx else { continue };
             match tx.try_send(message.clone()) {
                 Ok(()) => {}
-                Err(TrySendError::Full) => match entry.policy {
+                Err(TrySendError::Full(bound)) => match entry.policy {
                     LagPolicy::CatchUp => {
                         // Dropping the sender wakes the subscriber once it has drained its
                         // queue; it then catches up from retention (see `Subscription::next`).
                         entry.tx = None;
                         entry.lagged_from = Some(message.seq);
-                        tracing::debug!(subscription = id, seq = message.seq, "subscriber lagged");
+                        tracing::debug!(
+                            subscription = id,
+                            seq = message.seq,
+                            ?bound,
+                            "subscriber lagged"
+                        );
                     }
-                    LagPolicy::Disconnect => overflowed.push(*id),
+                    LagPolicy::Disconnect => overflowed.push((*id, bound)),
                 },
                 // The receiver is gone; its `Drop` is removing the subscription right now.
                 Err(TrySendError::Closed) => {}
             }
         }
-        for id in overflowed {
-            let queue_size = self.subs[&id].queue_size;
-            tracing::info!(
-                subscription = id,
-                queue_size,
-                "slow subscriber disconnected"
-            );
-            self.remove_sub(id, Ended::Closed(Error::SlowConsumer { queue_size }));
+        for (id, bound) in overflowed {
+            let entry = &self.subs[&id];
+            let behind = match bound {
+                Bound::Items => Behind::Messages(entry.queue_size),
+                Bound::Bytes => Behind::Bytes(entry.queue_bytes),
+            };
+            tracing::info!(subscription = id, ?behind, "slow subscriber disconnected");
+            self.remove_sub(id, Ended::Closed(Error::SlowConsumer(behind)));
         }
         if self.retained_bytes > config.max_retained_bytes {
             self.evict_hub_wide(config.max_retained_bytes, log);

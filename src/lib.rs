@@ -24,6 +24,7 @@
 //! - [`metrics`]: Prometheus counters, gauges and the latency histogram behind `/metrics`.
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
 //! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
+//! - [`write_timeout`]: closes connections whose peer stops reading while data is pending.
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
 //! - [`config`]: command line and environment.
 //! - [`client`]: the `pub` and `sub` command-line clients.
@@ -51,6 +52,7 @@ mod sse_conn;
 pub mod tls;
 pub mod topic;
 pub mod web;
+pub mod write_timeout;
 
 pub use config::ServerConfig;
 pub use hub::Hub;

@@ -62,6 +62,7 @@ struct DoorSeries {
     lag_events: Counter,
     gap_events: Counter,
     subscribers: Gauge,
+    write_timeouts: Counter,
 }
 
 const DOORS: [Door; 3] = [Door::Grpc, Door::Seed, Door::Http];
@@ -78,6 +79,8 @@ struct Inner {
     retained_bytes: Gauge,
     queued_messages: Gauge,
     max_queue_depth: Gauge,
+    queued_bytes: Gauge,
+    max_queue_bytes: Gauge,
     head_seq: Gauge,
     oldest_retained_seq: Gauge,
     log_bytes_on_disk: Gauge,
@@ -99,13 +102,14 @@ impl Metrics {
         let lag_events = Family::<DoorLabel, Counter>::default();
         let gap_events = Family::<DoorLabel, Counter>::default();
         let subscribers = Family::<DoorLabel, Gauge>::default();
+        let write_timeouts = Family::<DoorLabel, Counter>::default();
         // 50 us .. ~13 s
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 19));
         let auth_failures = Counter::default();
         let limit_hits = Family::<LimitLabel, Counter>::default();
         // 50 us .. ~0.8 s
         let log_commit = Histogram::new(exponential_buckets(0.000_05, 2.0, 15));
-        let gauges: [Gauge; 9] = Default::default();
+        let gauges: [Gauge; 11] = Default::default();
         let [
             connections,
             topics,
@@ -113,6 +117,8 @@ impl Metrics {
             retained_bytes,
             queued_messages,
             max_queue_depth,
+            queued_bytes,
+            max_queue_bytes,
             head_seq,
             oldest_retained_seq,
             log_bytes_on_disk,
@@ -137,6 +143,11 @@ impl Metrics {
             "subscribers",
             "Live subscriptions, by door",
             subscribers.clone(),
+        );
+        registry.register(
+            "write_timeouts",
+            "Connections closed because the peer accepted no bytes within --write-timeout while data was pending, by door (HTTP/2 connections count under grpc)",
+            write_timeouts.clone(),
         );
         registry.register(
             "publish_to_deliver_seconds",
@@ -184,6 +195,16 @@ impl Metrics {
             max_queue_depth.clone(),
         );
         registry.register(
+            "queued_bytes",
+            "Bytes of messages waiting in subscriber queues (a message in several queues counts in each)",
+            queued_bytes.clone(),
+        );
+        registry.register(
+            "max_queue_bytes",
+            "Most bytes waiting in one subscriber queue",
+            max_queue_bytes.clone(),
+        );
+        registry.register(
             "head_seq",
             "Seq of the newest message (messages accepted this epoch)",
             head_seq.clone(),
@@ -211,6 +232,7 @@ impl Metrics {
                 lag_events: lag_events.get_or_create_owned(&label),
                 gap_events: gap_events.get_or_create_owned(&label),
                 subscribers: subscribers.get_or_create_owned(&label),
+                write_timeouts: write_timeouts.get_or_create_owned(&label),
             }
         });
         Metrics {
@@ -226,6 +248,8 @@ impl Metrics {
                 retained_bytes,
                 queued_messages,
                 max_queue_depth,
+                queued_bytes,
+                max_queue_bytes,
                 head_seq,
                 oldest_retained_seq,
                 log_bytes_on_disk,
@@ -270,6 +294,11 @@ impl Metrics {
         self.series(door).gap_events.inc();
     }
 
+    /// A connection of `door` was closed for accepting no bytes within the write timeout.
+    pub fn write_timed_out(&self, door: Door) {
+        self.series(door).write_timeouts.inc();
+    }
+
     /// Counts a live subscription of `door` until the returned guard is dropped.
     pub fn subscriber(&self, door: Door) -> SubscriberGauge {
         let gauge = self.series(door).subscribers.clone();
@@ -306,6 +335,8 @@ impl Metrics {
         inner.retained_bytes.set(state.retained_bytes as i64);
         inner.queued_messages.set(state.queued_messages as i64);
         inner.max_queue_depth.set(state.max_queue_depth as i64);
+        inner.queued_bytes.set(state.queued_bytes as i64);
+        inner.max_queue_bytes.set(state.max_queue_bytes as i64);
         inner.head_seq.set(state.head_seq as i64);
         inner
             .oldest_retained_seq
@@ -333,6 +364,11 @@ pub struct Snapshot {
     pub queued_messages: usize,
     /// Longest subscriber queue.
     pub max_queue_depth: usize,
+    /// Bytes of the messages waiting in subscriber queues, summed over queues (a message in
+    /// several queues counts in each).
+    pub queued_bytes: usize,
+    /// Most bytes waiting in one subscriber queue.
+    pub max_queue_bytes: usize,
     /// Seq of the newest message.
     pub head_seq: u64,
     /// Seq of the oldest retained message (0 when none).

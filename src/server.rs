@@ -32,11 +32,13 @@ use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
 use crate::limits::{Connection, Limits};
+use crate::metrics::Door;
 use crate::proto;
 use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
 use crate::publish_conn;
 use crate::sse_conn;
 use crate::tls;
+use crate::write_timeout::{WriteProgress, WriteTimeout};
 
 /// How often aged messages are evicted and empty topics forgotten.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -94,7 +96,12 @@ pub async fn run(
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(config.http_header_timeout);
-    let protocols = Arc::new(Protocols { h1, h2 });
+    let protocols = Arc::new(Protocols {
+        h1,
+        h2,
+        write_timeout: config.write_timeout,
+        metrics: hub.metrics().clone(),
+    });
     let header_timeout = config.http_header_timeout;
     // Tokens are checked by the application's guard, so the lane is off with authentication;
     // it answers synchronously, so it is off with a durable log too.
@@ -158,7 +165,9 @@ pub async fn run(
                         // Held until the stream ends: graceful shutdown waits for it.
                         let _watcher = watcher;
                         let app = service(admitted);
-                        if let Err(error) = sse_conn::serve(stream, taken, app, &shutdown).await {
+                        let write_timeout = protocols.write_timeout(Protocol::Http1);
+                        let serving = sse_conn::serve(stream, taken, app, &shutdown, write_timeout);
+                        if let Err(error) = serving.await {
                             tracing::debug!(%peer, %error, "SSE connection ended with an error");
                         }
                         return;
@@ -336,9 +345,22 @@ async fn sniff(
 struct Protocols {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// `--write-timeout`, applied to every connection.
+    write_timeout: Duration,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Protocols {
+    /// The write timeout of a connection speaking `protocol`. Which door an HTTP/2 connection
+    /// serves is not known per connection; nearly all are gRPC's, and count there.
+    fn write_timeout(&self, protocol: Protocol) -> WriteTimeout {
+        let door = match protocol {
+            Protocol::Http1 => Door::Http,
+            Protocol::Http2 => Door::Grpc,
+        };
+        WriteTimeout::new(self.write_timeout, door, self.metrics.clone())
+    }
+
     /// Serves one connection until it closes or the graceful shutdown completes. Each
     /// protocol's connection is boxed on its own, so that an HTTP/1.1 connection (most of the
     /// idle SSE subscribers) does not carry the size of an HTTP/2 one.
@@ -361,7 +383,7 @@ impl Protocols {
         S::Future: Send + 'static,
     {
         let service = TowerToHyperService::new(app);
-        let io = TokioIo::new(io);
+        let io = TokioIo::new(WriteProgress::new(io, self.write_timeout(protocol)));
         match protocol {
             Protocol::Http1 => {
                 Box::pin(watcher.watch(self.h1.serve_connection(io, service))).await?;

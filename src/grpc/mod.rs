@@ -8,10 +8,11 @@ pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 
 use futures_util::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -29,6 +30,56 @@ use wire::v1;
 /// Events buffered per Connect stream between the hub and the client's HTTP/2 window. A client
 /// that stops reading fills it, then its subscriptions' own queues, whose lag policy applies.
 const CONNECT_OUTBOX: usize = 64;
+
+/// Bytes of messages (payload + headers + topic) buffered per Connect stream, besides the count
+/// above: with 1 MiB payloads, 64 buffered events alone held 64 MiB per stream on top of its
+/// subscriptions' queues. A message larger than this waits for an empty outbox and goes alone.
+const CONNECT_OUTBOX_BYTES: usize = 4 * 1024 * 1024;
+
+/// An event for the client, with the share of the outbox's byte budget it holds until the
+/// response stream hands it to tonic.
+type Outgoing = (
+    Result<v1::ConnectResponse, Status>,
+    Option<OwnedSemaphorePermit>,
+);
+
+/// The sending side of a Connect stream, shared by its session and forwarding tasks.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    budget: Arc<Semaphore>,
+}
+
+impl Outbox {
+    /// The outbox, and the response stream that drains it.
+    fn new() -> (
+        Outbox,
+        impl Stream<Item = Result<v1::ConnectResponse, Status>> + Send,
+    ) {
+        let (tx, rx) = mpsc::channel(CONNECT_OUTBOX);
+        let budget = Arc::new(Semaphore::new(CONNECT_OUTBOX_BYTES));
+        let events = ReceiverStream::new(rx).map(|(event, _budget)| event);
+        (Outbox { tx, budget }, events)
+    }
+
+    /// Sends an event that carries no message; `Err` when the client is gone.
+    async fn send(&self, event: Result<v1::ConnectResponse, Status>) -> Result<(), ()> {
+        self.tx.send((event, None)).await.map_err(drop)
+    }
+
+    /// Sends an event carrying a message of `bytes`, once the byte budget has room for it.
+    async fn send_message(&self, event: v1::ConnectResponse, bytes: usize) -> Result<(), ()> {
+        let share = u32::try_from(bytes.min(CONNECT_OUTBOX_BYTES)).unwrap_or(u32::MAX);
+        // Events left in the channel when the client goes away are dropped with it, giving
+        // their shares back, so this wait ends then too.
+        let held = self.budget.clone().acquire_many_owned(share).await;
+        self.tx.send((Ok(event), held.ok())).await.map_err(drop)
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
@@ -186,6 +237,8 @@ fn subscribe_options(
         patterns,
         start,
         queue_size: (request.queue_size > 0).then_some(request.queue_size as usize),
+        queue_bytes: (request.queue_bytes > 0)
+            .then(|| usize::try_from(request.queue_bytes).unwrap_or(usize::MAX)),
         lag_policy,
     })
 }
@@ -363,7 +416,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<Streaming<v1::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let (outbox, events) = mpsc::channel(CONNECT_OUTBOX);
+        let (outbox, events) = Outbox::new();
         let session = ConnectSession {
             caller: caller(&request)?,
             limits: self.limits.clone(),
@@ -373,7 +426,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             subscriptions: HashMap::new(),
         };
         tokio::spawn(session.run(request.into_inner()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn unsubscribe(
@@ -423,7 +476,7 @@ struct ConnectSession {
     limits: Limits,
     hub: Hub,
     shutdown: CancellationToken,
-    outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
+    outbox: Outbox,
     /// Subscriptions opened on this stream, by id.
     subscriptions: HashMap<String, tokio::task::AbortHandle>,
 }
@@ -504,7 +557,7 @@ impl ConnectSession {
                     Ok((slot, subscription)) => {
                         let id = subscription.id();
                         let first = reply(id.clone(), Event::Subscribed(subscribed(&subscription)));
-                        self.outbox.send(Ok(first)).await.map_err(drop)?;
+                        self.outbox.send(Ok(first)).await?;
                         let task = tokio::spawn(forward(
                             subscription,
                             id.clone(),
@@ -542,7 +595,7 @@ impl ConnectSession {
                 )),
             ),
         };
-        self.outbox.send(Ok(response)).await.map_err(drop)
+        self.outbox.send(Ok(response)).await
     }
 }
 
@@ -581,7 +634,7 @@ fn code_name(code: Code) -> &'static str {
 async fn forward(
     mut subscription: Subscription,
     id: String,
-    outbox: mpsc::Sender<Result<v1::ConnectResponse, Status>>,
+    outbox: Outbox,
     mut end: StreamEnd,
     // Held until the subscription ends, freeing its place in the connection's count.
     _slot: SubscriptionSlot,
@@ -603,7 +656,14 @@ async fn forward(
             metrics.count_event(Door::Grpc, delivered);
         }
         let response = match next {
-            Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage(Some(m)))),
+            Some(Ok(hub::Event::Message(m))) => {
+                let bytes = m.queued_size();
+                let message = event(Event::Message(wire::SharedMessage(Some(m))));
+                if outbox.send_message(message, bytes).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
             Some(Err(Error::ShuttingDown)) => {

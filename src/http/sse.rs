@@ -32,11 +32,12 @@ use crate::topic::Pattern;
 const RETRY_MS: u64 = 1000;
 
 /// Query parameters of `GET /subscribe`.
-pub(crate) const PARAMS: [&str; 6] = [
+pub(crate) const PARAMS: [&str; 7] = [
     "topic",
     "last_event_id",
     "from",
     "queue_size",
+    "queue_bytes",
     "lag_policy",
     crate::auth::TOKEN_PARAM,
 ];
@@ -57,6 +58,7 @@ pub(crate) const PARAMS: [&str; 6] = [
         ("last_event_id" = Option<super::json::CursorText>, Query, description = "Resume after this cursor (`EPOCH-SEQ`); the `Last-Event-ID` header takes precedence"),
         ("from" = Option<String>, Query, description = "`latest` (default: only new messages) or `earliest` (everything retained first)", pattern = "^(latest|earliest)$"),
         ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default or 0: the server's --queue-size; at most the server's --max-queue-size, 65536 by default)", maximum = 65536),
+        ("queue_bytes" = Option<u64>, Query, description = "Byte budget of this subscriber's queue: payload + headers + topic of the messages waiting for it (default or 0: the server's --queue-bytes, 16 MiB by default; at most the server's --max-queue-bytes, 64 MiB by default). A message that would take a non-empty queue over it triggers the lag policy, as a full queue does.", maximum = 67108864),
         ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`", pattern = "^(catch-up|disconnect)$"),
         ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-[0-9]{1,19})?$"),
     ),
@@ -234,6 +236,14 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
                     ))
                 })?;
                 options.queue_size = Some(size);
+            }
+            "queue_bytes" => {
+                let bytes = value.parse::<usize>().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "queue_bytes must be a whole number of bytes, got {value:?}"
+                    ))
+                })?;
+                options.queue_bytes = Some(bytes);
             }
             crate::auth::TOKEN_PARAM => {}
             "lag_policy" => {
