@@ -42,7 +42,7 @@ use crate::tls;
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Serves the broker on `listener` until `shutdown` is cancelled, then drains: live streams end
-/// with a clean status (gRPC UNAVAILABLE, an SSE `error` event), connections get up to
+/// with a clean status (gRPC UNAVAILABLE, an SSE `end` event), connections get up to
 /// `config.shutdown_grace` to finish, and the function returns.
 pub async fn run(
     listener: TcpListener,

@@ -449,7 +449,7 @@ async function main() {
   } else {
     await step("e: pages reconnect after a broker restart on the same port", async () => {
       await broker.stop();
-      // Both pages notice the broken streams (the server's SSE `error` event / gRPC UNAVAILABLE).
+      // Both pages notice the broken streams (the server's SSE `end` event / gRPC UNAVAILABLE).
       await waitForText(live, "#status", "reconnecting|connecting|closed");
       await waitForText(gw, "#gw-status", "reconnecting|connecting|closed");
       await shot(live, "e-broker-down");
