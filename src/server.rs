@@ -33,7 +33,7 @@ use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
 use crate::limits::{Connection, Limits};
 use crate::proto;
-use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
+use crate::grpc::seed::server::pub_sub_service_server::PubSubServiceServer;
 use crate::publish_conn;
 use crate::sse_conn;
 use crate::tls;

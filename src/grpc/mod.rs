@@ -515,7 +515,7 @@ async fn forward(
             metrics.count_event(Door::Grpc, delivered);
         }
         let response = match next {
-            Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage(Some(m)))),
+            Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage::new(m))),
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
             Some(Err(Error::ShuttingDown)) => {
