@@ -222,9 +222,17 @@ pub async fn run(
     drop(listener);
     health
         .set_not_serving::<PubSubServer<PubSubService>>()
+    // Every service, and the server as a whole (""), so that a load balancer watching any of
+    // them stops routing here before the drain.
         .await;
     tracing::info!(connections = graceful.count(), "draining connections");
     tokio::select! {
+    health
+        .set_not_serving::<PubSubServiceServer<SeedService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the grace period; closing them");

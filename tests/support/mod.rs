@@ -363,3 +363,10 @@ pub async fn metric(broker: &Broker, series: &str) -> f64 {
         })
         .map_or(0.0, |value| value.parse().unwrap())
 }
+
+impl Broker {
+    /// Whether `run` is still going (it returns once the drain has ended).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
