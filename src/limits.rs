@@ -5,14 +5,14 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::auth::Access;
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionDoor, ConnectionGauge, Metrics};
 
 /// The server-wide limits (see the `--max-*` and `--publish-rate` options).
 #[derive(Clone, Debug)]
@@ -72,6 +72,7 @@ impl Limits {
         }
         Ok(Connection {
             peer,
+            door: Arc::new(OnceLock::new()),
             subscriptions: Arc::new(AtomicUsize::new(0)),
             max_subscriptions: self.inner.config.max_subscriptions_per_connection,
             metrics: self.inner.metrics.clone(),
@@ -152,6 +153,8 @@ impl Drop for ConnectionCount {
 pub struct Connection {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The door of its first request, counted in the metrics while the connection is open.
+    door: Arc<OnceLock<ConnectionGauge>>,
     subscriptions: Arc<AtomicUsize>,
     max_subscriptions: usize,
     metrics: Metrics,
@@ -159,6 +162,13 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Records the door of the connection's first request; later requests change nothing.
+    pub fn enter(&self, door: ConnectionDoor) {
+        if self.door.get().is_none() {
+            let _ = self.door.set(self.metrics.connection(door));
+        }
+    }
+
     /// Reserves a subscription slot on this connection; freed when the slot is dropped.
     pub fn open_subscription(&self) -> Result<SubscriptionSlot, Error> {
         let held = self.subscriptions.fetch_add(1, Ordering::AcqRel);

@@ -39,6 +39,8 @@ pub(crate) struct Encodings {
     pub(crate) proto: OnceLock<Bytes>,
     /// A complete SSE `message` event.
     pub(crate) sse: OnceLock<Bytes>,
+    /// Protobuf encoding of the seed's `proto.SubscribeResponse`.
+    pub(crate) seed: OnceLock<Bytes>,
 }
 
 impl Message {

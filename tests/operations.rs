@@ -267,11 +267,11 @@ async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
             .code(),
         Code::Unavailable
     );
-    let error = sse.expect("error").await.json();
+    let error = sse.expect("end").await.json();
     assert_eq!(error["error"]["code"], "UNAVAILABLE");
     assert!(
         sse.next().await.is_none(),
-        "the SSE stream ends after its error event"
+        "the SSE stream ends after its end event"
     );
 }
 

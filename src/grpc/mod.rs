@@ -123,6 +123,8 @@ impl PubSubService {
 pub(crate) struct Caller {
     pub(crate) access: Access,
     pub(crate) connection: Connection,
+    /// `topichub.v1`'s door for this call: gRPC, or gRPC-Web when the listener marked it so.
+    pub(crate) door: Door,
 }
 
 /// The caller of `request`; fails closed when the middlewares did not run.
@@ -132,6 +134,7 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
         (Some(access), Some(connection)) => Ok(Caller {
             access: access.clone(),
             connection: connection.clone(),
+            door: extensions.get::<Door>().copied().unwrap_or(Door::Grpc),
         }),
         _ => Err(Status::unauthenticated(
             "no credentials were checked for this call",
@@ -160,10 +163,11 @@ fn start_publish(
 async fn publish(
     hub: &Hub,
     access: &Access,
+    door: Door,
     request: v1::PublishRequest,
 ) -> Result<v1::Cursor, Error> {
     let message = start_publish(hub, access, request)?.await?;
-    hub.metrics().published(Door::Grpc);
+    hub.metrics().published(door);
     Ok(wire::cursor(&message.cursor()))
 }
 
@@ -175,6 +179,7 @@ const BATCH_IN_FLIGHT: usize = 1024;
 /// A batch's publishes in flight, settled in order.
 struct Pipeline {
     hub: Hub,
+    door: Door,
     in_flight: VecDeque<Publishing>,
     accepted: u64,
     last: Option<v1::Cursor>,
@@ -185,7 +190,7 @@ impl Pipeline {
     async fn settle(&mut self, keep: usize) -> Result<(), Error> {
         while self.in_flight.len() > keep {
             let message = self.in_flight.pop_front().expect("more than keep").await?;
-            self.hub.metrics().published(Door::Grpc);
+            self.hub.metrics().published(self.door);
             self.accepted += 1;
             self.last = Some(wire::cursor(&message.cursor()));
         }
@@ -278,7 +283,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let caller = caller(&request)?;
         self.limits
             .check_publish(&caller.access, &caller.connection)?;
-        let cursor = publish(&self.hub, &caller.access, request.into_inner()).await?;
+        let cursor = publish(&self.hub, &caller.access, caller.door, request.into_inner()).await?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
         }))
@@ -300,6 +305,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         };
         let mut pipeline = Pipeline {
             hub: self.hub.clone(),
+            door: caller.door,
             in_flight: VecDeque::new(),
             accepted: 0,
             last: None,
@@ -401,7 +407,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             ))),
         };
         let end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
-        let metrics = (self.hub.metrics().clone(), Door::Grpc);
+        let metrics = (self.hub.metrics().clone(), caller.door);
         let events = subscription_stream(subscription, end, slot, metrics, |event| {
             Some(wire::subscribe_event(event))
         });
@@ -533,7 +539,7 @@ impl ConnectSession {
                     .and_then(|()| start_publish(&self.hub, &self.caller.access, publish_request));
                 let published = match published {
                     Ok(publishing) => publishing.await.map(|message| {
-                        self.hub.metrics().published(Door::Grpc);
+                        self.hub.metrics().published(self.caller.door);
                         wire::cursor(&message.cursor())
                     }),
                     Err(error) => Err(error),
@@ -564,7 +570,7 @@ impl ConnectSession {
                             self.outbox.clone(),
                             StreamEnd::new(self.shutdown.clone(), None),
                             slot,
-                            self.hub.metrics().clone(),
+                            (self.hub.metrics().clone(), self.caller.door),
                         ));
                         self.subscriptions.retain(|_, t| !t.is_finished());
                         self.subscriptions.insert(id, task.abort_handle());
@@ -638,10 +644,10 @@ async fn forward(
     mut end: StreamEnd,
     // Held until the subscription ends, freeing its place in the connection's count.
     _slot: SubscriptionSlot,
-    metrics: Metrics,
+    (metrics, door): (Metrics, Door),
 ) {
     use v1::connect_response::Event;
-    let _gauge = metrics.subscriber(Door::Grpc);
+    let _gauge = metrics.subscriber(door);
     let event = |event| v1::ConnectResponse {
         request_id: 0,
         subscription_id: id.clone(),
@@ -653,12 +659,12 @@ async fn forward(
             () = outbox.closed() => return,
         };
         if let Some(Ok(delivered)) = &next {
-            metrics.count_event(Door::Grpc, delivered);
+            metrics.count_event(door, delivered);
         }
         let response = match next {
             Some(Ok(hub::Event::Message(m))) => {
                 let bytes = m.queued_size();
-                let message = event(Event::Message(wire::SharedMessage(Some(m))));
+                let message = event(Event::Message(wire::SharedMessage::new(m)));
                 if outbox.send_message(message, bytes).await.is_err() {
                     return;
                 }

@@ -165,7 +165,7 @@ impl MessageJson {
 pub struct SubscribedJson {
     /// The subscription's id.
     pub subscription_id: String,
-    /// The hub's newest cursor when the stream started (also this event's id).
+    /// The hub's newest cursor when the stream started (this event's id for `from=latest`).
     pub head: String,
 }
 
@@ -291,6 +291,17 @@ pub struct LogHealth {
     pub failing: Option<String>,
 }
 
+/// What an event's `id` field holds, in [`SseEvent`]'s schema.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Id {
+    /// Always a cursor.
+    Cursor,
+    /// A cursor, or absent.
+    MaybeCursor,
+    /// No id of its own: a parser reports the last one seen.
+    Repeated,
+}
+
 /// One event of the `GET /subscribe` stream as an SSE client parses it (`event`, `id`, `retry`,
 /// `data`): the schema of each item of the `text/event-stream` body (OpenAPI 3.2's `itemSchema`;
 /// in 3.1 tools such as schemathesis read the media type's `schema` this way). `data` is JSON of
@@ -301,13 +312,13 @@ impl utoipa::PartialSchema for SseEvent {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
         use utoipa::openapi::{Ref, RefOr};
-        // `id` is the cursor on `subscribed` and `message`; a parser repeats the last id on the
-        // other events, so there it is any string.
-        let event = |name: &str, data: &str, with_cursor: bool, description: &str| {
-            let id: RefOr<_> = if with_cursor {
-                Ref::from_schema_name("Cursor").into()
-            } else {
-                ObjectBuilder::new().schema_type(Type::String).into()
+        // `id` is a cursor on `message` and (unless the stream starts at `from=earliest`) on
+        // `subscribed`; a parser repeats the last id on the other events, so there it is any
+        // string.
+        let event = |name: &str, data: &str, id: Id, description: &str| {
+            let id_schema: RefOr<_> = match id {
+                Id::Cursor | Id::MaybeCursor => Ref::from_schema_name("Cursor").into(),
+                Id::Repeated => ObjectBuilder::new().schema_type(Type::String).into(),
             };
             let mut event = ObjectBuilder::new()
                 .schema_type(Type::Object)
@@ -319,7 +330,7 @@ impl utoipa::PartialSchema for SseEvent {
                         .enum_values(Some([name])),
                 )
                 .required("event")
-                .property("id", id)
+                .property("id", id_schema)
                 .property(
                     "retry",
                     ObjectBuilder::new()
@@ -334,7 +345,7 @@ impl utoipa::PartialSchema for SseEvent {
                         .content_schema(Some(Ref::from_schema_name(data))),
                 )
                 .required("data");
-            if with_cursor {
+            if id == Id::Cursor {
                 event = event.required("id");
             }
             event
@@ -343,32 +354,32 @@ impl utoipa::PartialSchema for SseEvent {
             .item(event(
                 "subscribed",
                 "SubscribedJson",
-                true,
-                "First event of every stream; id: the hub's head cursor",
+                Id::MaybeCursor,
+                "First event of every stream; id: the position the stream starts after (the resume cursor, or the head for `from=latest`; none for `from=earliest`), so that a reconnect before the first message resumes there",
             ))
             .item(event(
                 "message",
                 "MessageJson",
-                true,
+                Id::Cursor,
                 "A message; id: its cursor",
             ))
             .item(event(
                 "gap",
                 "GapJson",
-                false,
+                Id::Repeated,
                 "Messages in a seq range will not be delivered",
             ))
             .item(event(
                 "lag",
                 "LagJson",
-                false,
+                Id::Repeated,
                 "The subscriber fell behind and is caught up from retention",
             ))
             .item(event(
-                "error",
+                "end",
                 "ErrorBody",
-                false,
-                "Why the server ends the stream (shutdown, slow consumer); the last event",
+                Id::Repeated,
+                "Why the server ends the stream: UNAVAILABLE (shutdown: reconnect and resume), UNAUTHENTICATED (the token expired), RESOURCE_EXHAUSTED (slow consumer under the `disconnect` policy); the last event. Named `end`, not `error`, which is EventSource's own event for a failed connection",
             ))
             .description(Some(
                 "One event of the stream as an SSE client parses it; `data` is JSON of the schema named for each event.",

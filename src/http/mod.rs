@@ -41,7 +41,7 @@ pub struct AppState {
     pub limits: Limits,
     /// Time a client has to send a publish request's body.
     pub http_body_timeout: Duration,
-    /// Cancelled on shutdown; SSE streams end with an `error` event.
+    /// Cancelled on shutdown; SSE streams end with an `end` event.
     pub shutdown: CancellationToken,
     /// Interval of SSE keep-alive comments.
     pub sse_keepalive: Duration,

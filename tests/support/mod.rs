@@ -415,3 +415,10 @@ pub async fn free_port() -> SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+impl Broker {
+    /// Whether `run` is still going (it returns once the drain has ended).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
