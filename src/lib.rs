@@ -22,6 +22,7 @@
 //! - [`metrics`]: Prometheus counters, gauges and the latency histogram behind `/metrics`.
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
 //! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
+//! - [`logging`]: the log filter's defaults.
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
 //! - [`config`]: command line and environment.
 //! - [`client`]: the `pub` and `sub` command-line clients.
@@ -37,6 +38,7 @@ pub mod http;
 pub mod hub;
 pub mod keepalive;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proto;
 mod publish_conn;

@@ -417,6 +417,11 @@ pub fn app(
     let grpc = services
         .routes()
         .into_axum_router()
+        // Inside gRPC-Web's translation: the body is gRPC-framed by then, for both kinds.
+        .layer(axum::middleware::from_fn_with_state(
+            config.http_body_timeout,
+            grpc::deadline::guard,
+        ))
         // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
         .layer(axum::middleware::from_fn_with_state(
             (auth.clone(), hub.metrics().clone()),

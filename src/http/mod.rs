@@ -392,22 +392,33 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
 }
 
 /// Reads a publish request's body: at most what the largest payload needs, within
-/// `--http-body-timeout` (a client trickling its body cannot hold a connection forever).
+/// `--http-body-timeout` (a client trickling its body cannot hold a connection forever). A
+/// `content-length` over that is refused at once, before any of the body is waited for.
 async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    use http_body::Body as _;
     use http_body_util::BodyExt as _;
     let max_payload = state.hub.config().max_payload_bytes;
-    let read = http_body_util::Limited::new(body, body_limit(max_payload)).collect();
-    match tokio::time::timeout(state.http_body_timeout, read).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+    let limit = body_limit(max_payload);
+    let too_large = || {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RESOURCE_EXHAUSTED",
             format!(
                 "request body is too large: payloads are limited to {max_payload} bytes (server option --max-payload-bytes)"
             ),
         )
-        .closing_connection()),
-        Ok(Err(error)) => Err(ApiError::bad_request(format!("could not read the request body: {error}"))),
+        .closing_connection()
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let read = http_body_util::Limited::new(body, limit).collect();
+    match tokio::time::timeout(state.http_body_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(error)) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {error}"
+        ))),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "DEADLINE_EXCEEDED",
