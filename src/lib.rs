@@ -22,7 +22,7 @@
 //! - [`metrics`]: Prometheus counters, gauges and the latency histogram behind `/metrics`.
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
 //! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
-//! - [`logging`]: the log filter's defaults.
+//! - [`logging`]: the log filter's defaults; bearer tokens blanked from every line.
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
 //! - [`config`]: command line and environment.
 //! - [`client`]: the `pub` and `sub` command-line clients.
