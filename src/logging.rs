@@ -9,8 +9,9 @@
 //! debug and trace logs print: our request spans, and hyper's and h2's own events. Two defences:
 //! the request span records the URI through [`uri`], and every line the process logs goes
 //! through [`Redacting`], which blanks anything token-shaped whoever wrote it: the value of an
-//! `access_token=` pair, the credentials after `Bearer `, and any JWT (three base64url parts,
-//! the first starting `eyJ`, the encoding of `{"`).
+//! `authorization` header (`authorization: ...`, `"authorization": "..."`), the value of an
+//! `access_token=` pair, the credentials after `Bearer `, and any JWT (three base64url parts, the
+//! first starting `eyJ`, the encoding of `{"`).
 
 use std::borrow::Cow;
 use std::io;
@@ -55,24 +56,27 @@ pub fn text(line: &str) -> Cow<'_, str> {
     let mut copied = 0;
     let mut at = 0;
     while at < bytes.len() {
-        let value = if starts_with_ignore_case(&bytes[at..], b"access_token=") {
-            Some(at + "access_token=".len())
+        let value = if starts_with_ignore_case(&bytes[at..], b"authorization") {
+            header_value(bytes, at + "authorization".len())
+        } else if starts_with_ignore_case(&bytes[at..], b"access_token=") {
+            let start = at + "access_token=".len();
+            Some((start, start + token_len(&bytes[start..])))
         } else if starts_with_ignore_case(&bytes[at..], b"bearer ")
             && (at == 0 || !bytes[at - 1].is_ascii_alphanumeric())
         {
-            Some(at + "bearer ".len())
+            let start = at + "bearer ".len();
+            Some((start, start + token_len(&bytes[start..])))
         } else if bytes[at..].starts_with(b"eyJ") && (at == 0 || !is_token_byte(bytes[at - 1])) {
             let end = at + token_len(&bytes[at..]);
             let dots = bytes[at..end].iter().filter(|&&b| b == b'.').count();
-            (dots == 2).then_some(at)
+            (dots == 2).then_some((at, end))
         } else {
             None
         };
-        let Some(start) = value else {
+        let Some((start, end)) = value else {
             at += 1;
             continue;
         };
-        let end = start + token_len(&bytes[start..]);
         if end == start {
             at = start;
             continue;
@@ -90,6 +94,28 @@ pub fn text(line: &str) -> Cow<'_, str> {
             Cow::Owned(out)
         }
     }
+}
+
+/// Where the value after a header name at `at` is: past an optional closing quote, `:` or `=`,
+/// spaces and an optional opening quote, up to the end of the line, a quote, a backtick, `,` or
+/// `}`.
+fn header_value(bytes: &[u8], mut at: usize) -> Option<(usize, usize)> {
+    let skip = |at: &mut usize, what: &[u8]| {
+        while bytes.get(*at).is_some_and(|b| what.contains(b)) {
+            *at += 1;
+        }
+    };
+    skip(&mut at, b"\"");
+    if !matches!(bytes.get(at), Some(b':' | b'=')) {
+        return None;
+    }
+    at += 1;
+    skip(&mut at, b" \t\"");
+    let len = bytes[at..]
+        .iter()
+        .take_while(|b| !matches!(b, b'"' | b'`' | b'\n' | b'\r' | b',' | b'}'))
+        .count();
+    Some((at, at + len))
 }
 
 /// Bytes a token (or a percent-encoded one) may be made of: base64url, `.`, and the `%`, `+`,
@@ -147,12 +173,20 @@ mod tests {
                 "uri=/subscribe?topic=a&access_token=[redacted]&x=1",
             ),
             (
-                format!(r#"headers={{"authorization": "Bearer {JWT}"}}"#),
-                r#"headers={"authorization": "Bearer [redacted]"}"#,
+                format!(r#"headers={{"authorization": "Bearer {JWT}", "x": "1"}}"#),
+                r#"headers={"authorization": "[redacted]", "x": "1"}"#,
             ),
             (
-                "authorization: bearer opaque-secret".to_owned(),
-                "authorization: bearer [redacted]",
+                "Authorization: Basic dXNlcjpwYXNz".to_owned(),
+                "Authorization: [redacted]",
+            ),
+            (
+                "forwarded bearer opaque-secret".to_owned(),
+                "forwarded bearer [redacted]",
+            ),
+            (
+                "no authorization needed".to_owned(),
+                "no authorization needed",
             ),
             (
                 format!("cookie: theme=dark; access_token={JWT}"),

@@ -208,30 +208,18 @@ async fn unsolicited_ping_acks_close_the_connection_and_stay_out_of_the_log() {
     );
 }
 
-/// A self-signed certificate for 127.0.0.1, written to a fresh directory: (cert, key, PEM).
-fn certificate() -> (std::path::PathBuf, std::path::PathBuf, String) {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "slow-peers-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pem = certified.cert.pem();
-    std::fs::write(dir.join("cert.pem"), &pem).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
-    (dir.join("cert.pem"), dir.join("key.pem"), pem)
-}
-
 /// Over TLS, keepalive enforcement and the ACK-flood rule send their GOAWAY before closing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_the_goaway_is_sent_before_the_close() {
     use tokio_rustls::rustls::pki_types::pem::PemObject as _;
     use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::ServerName};
-    let (cert, key, pem) = certificate();
+    let (pem, key) = support::self_signed_certificate();
+    let dir = support::scratch_dir("slow-peers-tls");
+    std::fs::write(dir.join("cert.pem"), &pem).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
     let broker = spawn_broker_with(|c| {
-        c.tls_cert = Some(cert.clone());
-        c.tls_key = Some(key.clone());
+        c.tls_cert = Some(dir.join("cert.pem"));
+        c.tls_key = Some(dir.join("key.pem"));
     })
     .await;
     let mut roots = rustls::RootCertStore::empty();

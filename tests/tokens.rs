@@ -4,12 +4,14 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{EncodingKey, Header, encode};
 use reqwest::StatusCode;
-use support::{BrokerProcess, Sse, publish_request, spawn_broker_with, within};
+use support::{
+    BrokerProcess, Sse, publish_request, scratch_dir, self_signed_certificate, spawn_broker_with,
+    within,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -73,29 +75,27 @@ async fn tokens_never_reach_the_log_at_any_level() {
             .build()
             .unwrap(),
     ] {
-        let history = http
-            .get(format!("{url}/topics/t/messages?access_token={token}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(history.status(), StatusCode::OK);
-        let published = http
-            .post(format!("{url}/topics/t"))
-            .header("authorization", &bearer)
-            .body("x")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(published.status(), StatusCode::OK);
-        // Refused, and logged as such: still without the token.
-        let refused = http
-            .post(format!("{url}/topics/t?access_token={token}"))
-            .header("cookie", &cookie)
-            .body("x")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        for (request, expected) in [
+            (
+                http.get(format!("{url}/topics/t/messages?access_token={token}")),
+                StatusCode::OK,
+            ),
+            (
+                http.post(format!("{url}/topics/t"))
+                    .header("authorization", &bearer)
+                    .body("x"),
+                StatusCode::OK,
+            ),
+            // Refused, and logged as such: still without the token.
+            (
+                http.post(format!("{url}/topics/t?access_token={token}"))
+                    .header("cookie", &cookie)
+                    .body("x"),
+                StatusCode::UNAUTHORIZED,
+            ),
+        ] {
+            assert_eq!(request.send().await.unwrap().status(), expected);
+        }
     }
 
     let channel = tonic::transport::Channel::from_shared(url.clone())
@@ -230,25 +230,6 @@ async fn cookie_and_query_tokens_only_where_eventsource_needs_them() {
     broker.stop().await;
 }
 
-/// A fresh directory under Cargo's scratch space for this test's files.
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A self-signed server certificate for localhost: (certificate PEM, key PEM).
-fn server_certificate() -> (String, String) {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
-    (certified.cert.pem(), certified.signing_key.serialize_pem())
-}
-
 /// A CA that signs client certificates.
 struct ClientCa {
     pem: String,
@@ -300,8 +281,8 @@ fn https_client(server_pem: &str, identity: Option<&str>) -> reqwest::Client {
 /// subject is the client's name in limits, and with JWT keys too a client needs both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_requires_a_client_certificate_on_every_door_and_names_the_client() {
-    let dir = scratch("mtls");
-    let (server_pem, server_key) = server_certificate();
+    let dir = scratch_dir("mtls");
+    let (server_pem, server_key) = self_signed_certificate();
     let ca = ClientCa::new("topichub test clients");
     let stranger = ClientCa::new("someone else");
     for (name, text) in [
@@ -424,9 +405,9 @@ fn es256_token(private_pem: &str) -> String {
 /// be used keeps the old keys, with a warning saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_certificate_and_jwt_keys_without_a_restart() {
-    let dir = scratch("rotation");
-    let (cert1, key1) = server_certificate();
-    let (cert2, key2) = server_certificate();
+    let dir = scratch_dir("rotation");
+    let (cert1, key1) = self_signed_certificate();
+    let (cert2, key2) = self_signed_certificate();
     let (sign1, verify1) = es256_keys();
     let (sign2, verify2) = es256_keys();
     let (cert, key, jwt) = (

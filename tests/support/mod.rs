@@ -427,3 +427,24 @@ impl BrokerProcess {
         self.log()
     }
 }
+
+/// A fresh directory for one test's files, in Cargo's scratch space inside target/ (nothing is
+/// left in /tmp).
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A throwaway self-signed server certificate for `localhost` and 127.0.0.1:
+/// (certificate PEM, private key PEM).
+pub fn self_signed_certificate() -> (String, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    (certified.cert.pem(), certified.signing_key.serialize_pem())
+}
