@@ -134,6 +134,12 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
 
+    /// PEM CA certificate(s): require every client to present a certificate signed by one of
+    /// them (mTLS, every door). The certificate's subject names the client in limits and logs;
+    /// with JWT keys configured too, a client needs both.
+    #[arg(long, env = "TOPICHUB_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
     /// Open connections at most; more are answered with 429 / RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOPICHUB_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub max_connections: usize,
@@ -154,8 +160,9 @@ pub struct ServerConfig {
     )]
     pub max_topics_per_subscription: usize,
 
-    /// Messages per second one client may publish, 0 for no limit. A client is its token's
-    /// subject when authentication is on, else its IP address. Unary and HTTP publishes over the
+    /// Messages per second one client may publish, 0 for no limit. A client is its certificate's
+    /// subject with --tls-client-ca, else its token's subject when authentication is on, else its
+    /// IP address. Unary and HTTP publishes over the
     /// rate get 429 / RESOURCE_EXHAUSTED; PublishBatch streams are slowed down instead.
     #[arg(long, env = "TOPICHUB_PUBLISH_RATE", default_value_t = 0)]
     pub publish_rate: u32,
@@ -218,6 +225,15 @@ impl ServerConfig {
             audience: self.jwt_audience.clone(),
             issuer: self.jwt_issuer.clone(),
         }
+    }
+
+    /// The TLS files, when TLS is configured.
+    pub fn tls(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     /// The hub's part of the configuration.

@@ -25,6 +25,7 @@
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
 //! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
 //! - [`write_timeout`]: closes connections whose peer stops reading while data is pending.
+//! - [`logging`]: the log filter's defaults; bearer tokens blanked from every line.
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
 //! - [`config`]: command line and environment.
 //! - [`client`]: the `pub` and `sub` command-line clients.
@@ -42,6 +43,7 @@ pub mod keepalive;
 pub mod limits;
 pub mod log;
 pub mod message;
+pub mod logging;
 pub mod metrics;
 pub mod proto;
 mod publish_conn;

@@ -21,8 +21,8 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Live subscriptions one connection may hold (gRPC streams, Connect subscriptions).
     pub max_subscriptions_per_connection: usize,
-    /// Messages per second one client may publish (0: no limit). A client is its token's
-    /// subject when authentication is on, else its IP address.
+    /// Messages per second one client may publish (0: no limit). A client is its certificate's
+    /// subject with mTLS, else its token's subject when authentication is on, else its IP address.
     pub publish_rate: u32,
     /// Messages a client may publish in a burst above the rate.
     pub publish_burst: u32,
@@ -73,6 +73,7 @@ impl Limits {
         Ok(Connection {
             peer,
             door: Arc::new(OnceLock::new()),
+            certificate_subject: None,
             subscriptions: Arc::new(AtomicUsize::new(0)),
             max_subscriptions: self.inner.config.max_subscriptions_per_connection,
             metrics: self.inner.metrics.clone(),
@@ -131,11 +132,13 @@ impl Limits {
     }
 }
 
-/// The rate-limit identity of a client: its token's subject, else its IP address.
+/// The rate-limit identity of a client: its certificate's subject (mTLS), else its token's
+/// subject, else its IP address.
 fn client_key(access: &Access, connection: &Connection) -> String {
-    match access.subject() {
-        Some(subject) => format!("token subject {subject:?}"),
-        None => format!("client {}", connection.peer.ip()),
+    match (&connection.certificate_subject, access.subject()) {
+        (Some(subject), _) => format!("certificate subject {subject:?}"),
+        (None, Some(subject)) => format!("token subject {subject:?}"),
+        (None, None) => format!("client {}", connection.peer.ip()),
     }
 }
 
@@ -155,6 +158,8 @@ pub struct Connection {
     pub peer: SocketAddr,
     /// The door of its first request, counted in the metrics while the connection is open.
     door: Arc<OnceLock<ConnectionGauge>>,
+    /// The subject of the client's certificate, over TLS with client certificates (mTLS).
+    pub certificate_subject: Option<Arc<str>>,
     subscriptions: Arc<AtomicUsize>,
     max_subscriptions: usize,
     metrics: Metrics,

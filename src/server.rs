@@ -65,7 +65,7 @@ pub async fn run(
     let limits = Limits::new(config.limits(), hub.metrics().clone());
     let app = app(
         hub.clone(),
-        auth,
+        auth.clone(),
         limits.clone(),
         &config,
         shutdown.clone(),
@@ -78,10 +78,16 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(invalid_input)?),
-        _ => None,
+    let tls = match config.tls() {
+        Some(files) => Some(tls::Tls::load(files).map_err(invalid_input)?),
+        None => None,
     };
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(
+        auth.clone(),
+        tls.clone(),
+        shutdown.clone(),
+    ));
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .keep_alive_interval(config.keepalive_interval)
@@ -117,6 +123,7 @@ pub async fn run(
         addr = %listener.local_addr()?,
         epoch = hub.epoch(),
         tls = tls.is_some(),
+        client_certificates = tls.as_ref().is_some_and(tls::Tls::requires_client_certificates),
         "topichub listening (gRPC, gRPC-Web, HTTP and SSE on one port)"
     );
     let graceful = GracefulShutdown::new();
@@ -134,9 +141,10 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (protocols, watcher, tls) = (protocols.clone(), graceful.watcher(), tls.clone());
+        let (protocols, watcher) = (protocols.clone(), graceful.watcher());
+        let tls = tls.as_ref().map(tls::Tls::acceptor);
         let shutdown = shutdown.clone();
-        let admitted = limits.admit(peer);
+        let mut admitted = limits.admit(peer);
         if let Err(refusal) = &admitted {
             tracing::warn!(%peer, %refusal, "connection refused");
         }
@@ -210,6 +218,13 @@ pub async fn run(
                                 return Ok(());
                             }
                         };
+                        // With mTLS the certificate, verified by the handshake, names the client.
+                        if let Ok(connection) = &mut admitted
+                            && let Some(subject) = tls::client_subject(stream.get_ref().1)
+                        {
+                            tracing::debug!(%peer, %subject, "client certificate accepted");
+                            connection.certificate_subject = Some(subject.into());
+                        }
                         // HTTP/2 over TLS is negotiated by ALPN (RFC 9113, section 3.2);
                         // without it the client speaks HTTP/1.1.
                         let protocol = match stream.get_ref().1.alpn_protocol() {
@@ -475,6 +490,11 @@ pub fn app(
     let grpc = services
         .routes()
         .into_axum_router()
+        // Inside gRPC-Web's translation: the body is gRPC-framed by then, for both kinds.
+        .layer(axum::middleware::from_fn_with_state(
+            config.http_body_timeout,
+            grpc::deadline::guard,
+        ))
         // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
         .layer(axum::middleware::from_fn_with_state(
             (auth.clone(), hub.metrics().clone()),
@@ -501,7 +521,54 @@ pub fn app(
         // Inside CORS: a preflight is not a request of any door.
         .layer(tower::util::MapRequestLayer::new(mark_door))
         .layer(cors())
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+}
+
+/// The span of a request, as tower-http's default one but with any `access_token` in the URI
+/// blanked: debug logs must not hand out tokens.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let connection = request.extensions().get::<Connection>();
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        uri = %crate::logging::uri(request.uri()),
+        version = ?request.version(),
+        peer = connection.map(|c| tracing::field::display(c.peer)),
+        client = connection
+            .and_then(|c| c.certificate_subject.as_deref())
+            .map(tracing::field::display),
+    )
+}
+
+/// On SIGHUP, reads the JWT key file and the TLS certificate, key and client CA again: keys
+/// rotate without a restart. A file that cannot be used keeps the old keys, and says why.
+#[cfg(unix)]
+async fn reload_on_hangup(auth: Authenticator, tls: Option<tls::Tls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; keys are not reloadable");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match auth.reload() {
+            Ok(true) => tracing::info!("SIGHUP: JWT keys reloaded"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "SIGHUP: keeping the old JWT keys"),
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(error) => tracing::warn!(%error, "SIGHUP: keeping the old TLS certificate"),
+            }
+        }
+    }
 }
 
 /// Unknown routes: UNIMPLEMENTED for gRPC and gRPC-Web clients, a JSON 404 for everyone else.

@@ -3,6 +3,7 @@
 //! convert; the hub holds all state.
 
 pub mod codec;
+pub mod deadline;
 pub mod seed;
 pub mod wire;
 

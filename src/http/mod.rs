@@ -65,32 +65,53 @@ pub struct AppState {
 )]
 struct ApiDoc;
 
+/// Where a protected route takes its token from.
+enum Guard {
+    /// The `authorization` header only.
+    Header,
+    /// Also the `access_token` cookie or query parameter.
+    Browser,
+}
+
 /// The REST/SSE routes and their OpenAPI document.
 fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    // Everything but health needs a token when authentication is on.
-    let protected = OpenApiRouter::new()
-        .routes(routes!(publish))
-        .routes(routes!(publish_raw))
-        .routes(routes!(sse::subscribe))
-        .routes(routes!(list_topics))
-        .routes(routes!(history));
-    let protected_paths: Vec<String> = protected
-        .get_openapi()
-        .paths
-        .paths
-        .keys()
-        .cloned()
-        .collect();
-    let protected = protected.route_layer(axum::middleware::from_fn_with_state(
-        (state.auth.clone(), state.hub.metrics().clone()),
-        auth::http_guard,
-    ));
+    // Everything but health needs a token when authentication is on. Only the reads a browser's
+    // EventSource (or a link) makes may carry it as a cookie or query parameter.
+    let guard = |router: OpenApiRouter<AppState>, guard| {
+        let paths: Vec<String> = router.get_openapi().paths.paths.keys().cloned().collect();
+        let state = (state.auth.clone(), state.hub.metrics().clone());
+        let router = match guard {
+            Guard::Header => router.route_layer(axum::middleware::from_fn_with_state(
+                state,
+                auth::http_guard,
+            )),
+            Guard::Browser => router.route_layer(axum::middleware::from_fn_with_state(
+                state,
+                auth::http_browser_guard,
+            )),
+        };
+        (router, paths)
+    };
+    let (header_only, header_paths) = guard(
+        OpenApiRouter::new()
+            .routes(routes!(publish))
+            .routes(routes!(publish_raw))
+            .routes(routes!(list_topics)),
+        Guard::Header,
+    );
+    let (browser, browser_paths) = guard(
+        OpenApiRouter::new()
+            .routes(routes!(sse::subscribe))
+            .routes(routes!(history)),
+        Guard::Browser,
+    );
+    let protected = header_only.merge(browser);
     let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .split_for_parts();
-    document_auth(&mut openapi, &protected_paths);
+    document_auth(&mut openapi, &header_paths, &browser_paths);
     json::document_publish_rule(&mut openapi);
     let router = router.with_state(state);
     (router, openapi)
@@ -98,8 +119,13 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
 
 /// Adds the bearer-token security schemes, and to each protected operation its security
 /// requirements (a token, or none when the server runs without keys), its 401/403 answers, the
-/// 429 of the limits, and for publishes the 408 of a body that does not arrive in time.
-fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[String]) {
+/// 429 of the limits, and for publishes the 408 of a body that does not arrive in time. The
+/// `access_token` cookie or query parameter is documented only on `browser_paths`.
+fn document_auth(
+    openapi: &mut utoipa::openapi::OpenApi,
+    header_paths: &[String],
+    browser_paths: &[String],
+) {
     use utoipa::openapi::security::{
         ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
     };
@@ -121,7 +147,7 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
         "access_token",
         SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
             auth::TOKEN_PARAM,
-            "The same JWT as a query parameter (or cookie `access_token`), for browsers' EventSource, which cannot send headers.",
+            "The same JWT as a query parameter (or cookie `access_token`), for browsers' EventSource, which cannot send headers. Accepted only by GET /subscribe and GET /topics/{topic}/messages; elsewhere it is refused with 401.",
         ))),
     );
     let error = |description: &str| {
@@ -135,7 +161,8 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
             )
             .build()
     };
-    for path in protected_paths {
+    let paths = header_paths.iter().map(|p| (p, false));
+    for (path, browser) in paths.chain(browser_paths.iter().map(|p| (p, true))) {
         let Some(item) = openapi.paths.paths.get_mut(path) else {
             continue;
         };
@@ -146,15 +173,21 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
             );
         }
         for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
-            operation.security = Some(vec![
+            let mut security = vec![
                 SecurityRequirement::default(),
                 SecurityRequirement::new("bearer", Vec::<String>::new()),
-                SecurityRequirement::new("access_token", Vec::<String>::new()),
-            ]);
+            ];
+            if browser {
+                security.push(SecurityRequirement::new(
+                    "access_token",
+                    Vec::<String>::new(),
+                ));
+            }
+            operation.security = Some(security);
             let responses = &mut operation.responses.responses;
             responses.insert(
                 "401".into(),
-                error("Missing, malformed or expired token (only when authentication is on)")
+                error("Missing, malformed or expired token, or a token where this route does not take it (only when authentication is on)")
                     .into(),
             );
             responses.insert(
@@ -399,22 +432,33 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
 }
 
 /// Reads a publish request's body: at most what the largest payload needs, within
-/// `--http-body-timeout` (a client trickling its body cannot hold a connection forever).
+/// `--http-body-timeout` (a client trickling its body cannot hold a connection forever). A
+/// `content-length` over that is refused at once, before any of the body is waited for.
 async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    use http_body::Body as _;
     use http_body_util::BodyExt as _;
     let max_payload = state.hub.config().max_payload_bytes;
-    let read = http_body_util::Limited::new(body, body_limit(max_payload)).collect();
-    match tokio::time::timeout(state.http_body_timeout, read).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+    let limit = body_limit(max_payload);
+    let too_large = || {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RESOURCE_EXHAUSTED",
             format!(
                 "request body is too large: payloads are limited to {max_payload} bytes (server option --max-payload-bytes)"
             ),
         )
-        .closing_connection()),
-        Ok(Err(error)) => Err(ApiError::bad_request(format!("could not read the request body: {error}"))),
+        .closing_connection()
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let read = http_body_util::Limited::new(body, limit).collect();
+    match tokio::time::timeout(state.http_body_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(error)) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {error}"
+        ))),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "DEADLINE_EXCEEDED",

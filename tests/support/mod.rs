@@ -422,3 +422,88 @@ impl Broker {
         !self.task.is_finished()
     }
 }
+
+/// `topichub serve` as a child process on a free loopback port, its log (stderr) written to a
+/// file the test can read. Killed when dropped.
+pub struct BrokerProcess {
+    pub addr: SocketAddr,
+    pub child: tokio::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl BrokerProcess {
+    /// Starts the broker with `args` after `serve --listen ADDR` and `RUST_LOG=rust_log`; ready
+    /// once it logs that it is listening.
+    pub async fn start(args: &[&str], rust_log: &str) -> BrokerProcess {
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "broker-{}-{}.log",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+            .args(["serve", "--listen", &addr.to_string()])
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let broker = BrokerProcess { addr, child, log };
+        wait_for("the broker process to listen", || async {
+            broker.log().contains("topichub listening").then_some(())
+        })
+        .await;
+        broker
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`, ...) to the broker.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Stops the broker with SIGTERM and returns its whole log.
+    pub async fn stop(mut self) -> String {
+        self.signal("TERM");
+        let status = within("the broker process to exit", self.child.wait())
+            .await
+            .unwrap();
+        assert!(status.success(), "graceful exit: {status:?}");
+        self.log()
+    }
+}
+
+/// A fresh directory for one test's files, in Cargo's scratch space inside target/ (nothing is
+/// left in /tmp).
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A throwaway self-signed server certificate for `localhost` and 127.0.0.1:
+/// (certificate PEM, private key PEM).
+pub fn self_signed_certificate() -> (String, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    (certified.cert.pem(), certified.signing_key.serialize_pem())
+}
