@@ -5,14 +5,14 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::auth::Access;
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionDoor, ConnectionGauge, Metrics};
 
 /// The server-wide limits (see the `--max-*` and `--publish-rate` options).
 #[derive(Clone, Debug)]
@@ -63,7 +63,10 @@ impl Limits {
     pub fn admit(&self, peer: SocketAddr) -> Result<Connection, Error> {
         let limit = self.inner.config.max_connections;
         let open = self.inner.connections.fetch_add(1, Ordering::AcqRel);
-        let counted = Arc::new(ConnectionCount(self.inner.connections.clone()));
+        let counted = Arc::new(ConnectionCount {
+            open: self.inner.connections.clone(),
+            door: OnceLock::new(),
+        });
         if open >= limit {
             self.inner.metrics.limit_hit("max-connections");
             return Err(Error::LimitExceeded(format!(
@@ -75,7 +78,7 @@ impl Limits {
             subscriptions: Arc::new(AtomicUsize::new(0)),
             max_subscriptions: self.inner.config.max_subscriptions_per_connection,
             metrics: self.inner.metrics.clone(),
-            _counted: counted,
+            counted,
         })
     }
 
@@ -138,12 +141,18 @@ fn client_key(access: &Access, connection: &Connection) -> String {
     }
 }
 
-/// Decrements the open-connection count when the connection's last handle is dropped.
-struct ConnectionCount(Arc<AtomicUsize>);
+/// Decrements the open-connection count (and its door's) when the connection's last handle is
+/// dropped.
+struct ConnectionCount {
+    open: Arc<AtomicUsize>,
+    /// The door of the connection's first request, counted in the metrics while it is open
+    /// (kept here rather than in an `Arc` of its own: one allocation per connection).
+    door: OnceLock<ConnectionGauge>,
+}
 
 impl Drop for ConnectionCount {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -155,10 +164,18 @@ pub struct Connection {
     subscriptions: Arc<AtomicUsize>,
     max_subscriptions: usize,
     metrics: Metrics,
-    _counted: Arc<ConnectionCount>,
+    counted: Arc<ConnectionCount>,
 }
 
 impl Connection {
+    /// Records the door of the connection's first request; later requests change nothing.
+    pub fn enter(&self, door: ConnectionDoor) {
+        let counted = &self.counted.door;
+        if counted.get().is_none() {
+            let _ = counted.set(self.metrics.connection(door));
+        }
+    }
+
     /// Reserves a subscription slot on this connection; freed when the slot is dropped.
     pub fn open_subscription(&self) -> Result<SubscriptionSlot, Error> {
         let held = self.subscriptions.fetch_add(1, Ordering::AcqRel);

@@ -18,12 +18,14 @@ use prometheus_client::registry::Registry;
 /// Which door a publish or delivery went through.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Door {
-    /// `topichub.v1` over gRPC or gRPC-Web (unary, batch and Connect).
+    /// `topichub.v1` over gRPC (unary, batch and Connect).
     Grpc = 0,
-    /// The seed's `proto.PubSubService`.
+    /// The seed's `proto.PubSubService` (gRPC or gRPC-Web).
     Seed = 1,
     /// HTTP/JSON publish and SSE subscribe.
     Http = 2,
+    /// `topichub.v1` over gRPC-Web (a browser, HTTP/1.1).
+    GrpcWeb = 3,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,6 +40,41 @@ impl From<Door> for DoorLabel {
                 Door::Grpc => "grpc",
                 Door::Seed => "seed",
                 Door::Http => "http",
+                Door::GrpcWeb => "grpc-web",
+            },
+        }
+    }
+}
+
+/// What a connection carries, told by its first request: the `door` label of
+/// `topichub_connections_by_door`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ConnectionDoor {
+    /// gRPC (HTTP/2; `topichub.v1`, the seed service, health, reflection).
+    Grpc = 0,
+    /// gRPC-Web (HTTP/1.1 or HTTP/2).
+    GrpcWeb = 1,
+    /// Every other HTTP request: publish, history, topics, docs, metrics, the web page.
+    Http = 2,
+    /// `GET /subscribe`: a Server-Sent Events stream.
+    Sse = 3,
+}
+
+impl ConnectionDoor {
+    const ALL: [ConnectionDoor; 4] = [
+        ConnectionDoor::Grpc,
+        ConnectionDoor::GrpcWeb,
+        ConnectionDoor::Http,
+        ConnectionDoor::Sse,
+    ];
+
+    fn label(self) -> DoorLabel {
+        DoorLabel {
+            door: match self {
+                ConnectionDoor::Grpc => "grpc",
+                ConnectionDoor::GrpcWeb => "grpc-web",
+                ConnectionDoor::Http => "http",
+                ConnectionDoor::Sse => "sse",
             },
         }
     }
@@ -64,11 +101,13 @@ struct DoorSeries {
     subscribers: Gauge,
 }
 
-const DOORS: [Door; 3] = [Door::Grpc, Door::Seed, Door::Http];
+const DOORS: [Door; 4] = [Door::Grpc, Door::Seed, Door::Http, Door::GrpcWeb];
 
 struct Inner {
     registry: Registry,
-    doors: [DoorSeries; 3],
+    doors: [DoorSeries; 4],
+    /// Open connections per [`ConnectionDoor`], in its order.
+    door_connections: [Gauge; 4],
     latency: Histogram,
     auth_failures: Counter,
     limit_hits: Family<LimitLabel, Counter>,
@@ -151,6 +190,14 @@ impl Metrics {
             "Open client connections",
             connections.clone(),
         );
+        let connections_by_door = Family::<DoorLabel, Gauge>::default();
+        registry.register(
+            "connections_by_door",
+            "Open client connections, by the door of their first request (grpc, grpc-web, http, sse); a connection that has sent no request yet is only in topichub_connections",
+            connections_by_door.clone(),
+        );
+        let door_connections =
+            ConnectionDoor::ALL.map(|door| connections_by_door.get_or_create_owned(&door.label()));
         registry.register(
             "topics",
             "Topics with retained messages or live subscribers",
@@ -195,6 +242,7 @@ impl Metrics {
             inner: Arc::new(Inner {
                 registry,
                 doors,
+                door_connections,
                 latency,
                 auth_failures,
                 limit_hits,
@@ -252,6 +300,13 @@ impl Metrics {
         SubscriberGauge(gauge)
     }
 
+    /// Counts an open connection of `door` until the returned guard is dropped.
+    pub fn connection(&self, door: ConnectionDoor) -> ConnectionGauge {
+        let gauge = self.inner.door_connections[door as usize].clone();
+        gauge.inc();
+        ConnectionGauge(gauge)
+    }
+
     /// A request was refused for its token.
     pub fn auth_failed(&self) {
         self.inner.auth_failures.inc();
@@ -299,6 +354,15 @@ pub struct Snapshot {
     pub max_queue_depth: usize,
     /// Seq of the newest message.
     pub head_seq: u64,
+}
+
+/// Decrements a door's connection gauge when the connection closes.
+pub struct ConnectionGauge(Gauge);
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Decrements a door's subscriber gauge when the subscription ends.

@@ -26,14 +26,15 @@ use crate::auth::{self, Authenticator};
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::grpc::seed::SeedService;
+use crate::grpc::seed::server::pub_sub_service_server::PubSubServiceServer;
 use crate::grpc::wire::v1::pub_sub_server::PubSubServer;
 use crate::grpc::{self, PubSubService};
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
 use crate::limits::{Connection, Limits};
+use crate::metrics::{ConnectionDoor, Door};
 use crate::proto;
-use crate::grpc::seed::server::pub_sub_service_server::PubSubServiceServer;
 use crate::publish_conn;
 use crate::sse_conn;
 use crate::tls;
@@ -166,6 +167,7 @@ pub async fn run(
                         && let (Some(lane), Ok(connection)) = (lane, &admitted)
                         && publish_conn::takes(sniffed.first())
                     {
+                        connection.enter(ConnectionDoor::Http);
                         // The watcher is held meanwhile: graceful shutdown waits for the lane,
                         // which closes the connection between requests once shutdown begins.
                         let publishing = publish_conn::serve(stream, &lane, connection, &shutdown);
@@ -220,19 +222,19 @@ pub async fn run(
     }
 
     drop(listener);
-    health
-        .set_not_serving::<PubSubServer<PubSubService>>()
     // Every service, and the server as a whole (""), so that a load balancer watching any of
     // them stops routing here before the drain.
+    health
+        .set_not_serving::<PubSubServer<PubSubService>>()
         .await;
-    tracing::info!(connections = graceful.count(), "draining connections");
-    tokio::select! {
     health
         .set_not_serving::<PubSubServiceServer<SeedService>>()
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    tracing::info!(connections = graceful.count(), "draining connections");
+    tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the grace period; closing them");
@@ -448,6 +450,8 @@ pub fn app(
     grpc.merge(rest)
         // `Routes` brings a gRPC fallback; ours answers both kinds of client.
         .fallback(fallback)
+        // Inside CORS: a preflight is not a request of any door.
+        .layer(tower::util::MapRequestLayer::new(mark_door))
         .layer(cors())
         .layer(TraceLayer::new_for_http())
 }
@@ -460,6 +464,37 @@ async fn fallback(request: Request) -> Response {
         ))
     } else {
         http::not_found().await.into_response()
+    }
+}
+
+/// Notes the door of every request: its connection is counted under the door of its first
+/// one, and gRPC handlers learn that a call is gRPC-Web, which tonic-web's translation hides
+/// from them. (A plain request map: nothing boxed per request.)
+fn mark_door(mut request: Request) -> Request {
+    let door = door_of(&request);
+    if let Some(connection) = request.extensions().get::<Connection>() {
+        connection.enter(door);
+    }
+    if door == ConnectionDoor::GrpcWeb {
+        request.extensions_mut().insert(Door::GrpcWeb);
+    }
+    request
+}
+
+fn door_of(request: &Request) -> ConnectionDoor {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("application/grpc-web") {
+        ConnectionDoor::GrpcWeb
+    } else if content_type.starts_with("application/grpc") {
+        ConnectionDoor::Grpc
+    } else if request.uri().path() == "/subscribe" {
+        ConnectionDoor::Sse
+    } else {
+        ConnectionDoor::Http
     }
 }
 

@@ -72,6 +72,8 @@ impl PubSubService {
 pub(crate) struct Caller {
     pub(crate) access: Access,
     pub(crate) connection: Connection,
+    /// `topichub.v1`'s door for this call: gRPC, or gRPC-Web when the listener marked it so.
+    pub(crate) door: Door,
 }
 
 /// The caller of `request`; fails closed when the middlewares did not run.
@@ -81,6 +83,7 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
         (Some(access), Some(connection)) => Ok(Caller {
             access: access.clone(),
             connection: connection.clone(),
+            door: extensions.get::<Door>().copied().unwrap_or(Door::Grpc),
         }),
         _ => Err(Status::unauthenticated(
             "no credentials were checked for this call",
@@ -89,7 +92,12 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 }
 
 /// Publishes a `PublishRequest` (shared by `Publish`, `PublishBatch` and `Connect`).
-fn publish(hub: &Hub, access: &Access, request: v1::PublishRequest) -> Result<v1::Cursor, Error> {
+fn publish(
+    hub: &Hub,
+    access: &Access,
+    door: Door,
+    request: v1::PublishRequest,
+) -> Result<v1::Cursor, Error> {
     hub.check_payload(request.payload.len())?;
     let topic = Topic::parse(&request.topic)?;
     access.check_publish(&topic)?;
@@ -98,7 +106,7 @@ fn publish(hub: &Hub, access: &Access, request: v1::PublishRequest) -> Result<v1
         request.payload,
         request.headers.into_iter().collect(),
     )?;
-    hub.metrics().published(Door::Grpc);
+    hub.metrics().published(door);
     Ok(wire::cursor(&message.cursor()))
 }
 
@@ -185,7 +193,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let caller = caller(&request)?;
         self.limits
             .check_publish(&caller.access, &caller.connection)?;
-        let cursor = publish(&self.hub, &caller.access, request.into_inner())?;
+        let cursor = publish(&self.hub, &caller.access, caller.door, request.into_inner())?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
         }))
@@ -233,7 +241,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             self.limits
                 .pace_publish(&caller.access, &caller.connection)
                 .await;
-            match publish(&self.hub, &caller.access, item) {
+            match publish(&self.hub, &caller.access, caller.door, item) {
                 Ok(cursor) => {
                     accepted += 1;
                     last_cursor = Some(cursor);
@@ -267,7 +275,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             ))),
         };
         let end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
-        let metrics = (self.hub.metrics().clone(), Door::Grpc);
+        let metrics = (self.hub.metrics().clone(), caller.door);
         let events = subscription_stream(subscription, end, slot, metrics, |event| {
             Some(wire::subscribe_event(event))
         });
@@ -396,7 +404,14 @@ impl ConnectSession {
                 let published = self
                     .limits
                     .check_publish(&self.caller.access, &self.caller.connection)
-                    .and_then(|()| publish(&self.hub, &self.caller.access, publish_request));
+                    .and_then(|()| {
+                        publish(
+                            &self.hub,
+                            &self.caller.access,
+                            self.caller.door,
+                            publish_request,
+                        )
+                    });
                 match published {
                     Ok(cursor) => reply(
                         String::new(),
@@ -423,7 +438,7 @@ impl ConnectSession {
                             self.outbox.clone(),
                             StreamEnd::new(self.shutdown.clone(), None),
                             slot,
-                            self.hub.metrics().clone(),
+                            (self.hub.metrics().clone(), self.caller.door),
                         ));
                         self.subscriptions.retain(|_, t| !t.is_finished());
                         self.subscriptions.insert(id, task.abort_handle());
@@ -497,10 +512,10 @@ async fn forward(
     mut end: StreamEnd,
     // Held until the subscription ends, freeing its place in the connection's count.
     _slot: SubscriptionSlot,
-    metrics: Metrics,
+    (metrics, door): (Metrics, Door),
 ) {
     use v1::connect_response::Event;
-    let _gauge = metrics.subscriber(Door::Grpc);
+    let _gauge = metrics.subscriber(door);
     let event = |event| v1::ConnectResponse {
         request_id: 0,
         subscription_id: id.clone(),
@@ -512,7 +527,7 @@ async fn forward(
             () = outbox.closed() => return,
         };
         if let Some(Ok(delivered)) = &next {
-            metrics.count_event(Door::Grpc, delivered);
+            metrics.count_event(door, delivered);
         }
         let response = match next {
             Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage::new(m))),
