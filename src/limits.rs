@@ -63,7 +63,10 @@ impl Limits {
     pub fn admit(&self, peer: SocketAddr) -> Result<Connection, Error> {
         let limit = self.inner.config.max_connections;
         let open = self.inner.connections.fetch_add(1, Ordering::AcqRel);
-        let counted = Arc::new(ConnectionCount(self.inner.connections.clone()));
+        let counted = Arc::new(ConnectionCount {
+            open: self.inner.connections.clone(),
+            door: OnceLock::new(),
+        });
         if open >= limit {
             self.inner.metrics.limit_hit("max-connections");
             return Err(Error::LimitExceeded(format!(
@@ -72,12 +75,11 @@ impl Limits {
         }
         Ok(Connection {
             peer,
-            door: Arc::new(OnceLock::new()),
             certificate_subject: None,
             subscriptions: Arc::new(AtomicUsize::new(0)),
             max_subscriptions: self.inner.config.max_subscriptions_per_connection,
             metrics: self.inner.metrics.clone(),
-            _counted: counted,
+            counted,
         })
     }
 
@@ -142,12 +144,18 @@ fn client_key(access: &Access, connection: &Connection) -> String {
     }
 }
 
-/// Decrements the open-connection count when the connection's last handle is dropped.
-struct ConnectionCount(Arc<AtomicUsize>);
+/// Decrements the open-connection count (and its door's) when the connection's last handle is
+/// dropped.
+struct ConnectionCount {
+    open: Arc<AtomicUsize>,
+    /// The door of the connection's first request, counted in the metrics while it is open
+    /// (kept here rather than in an `Arc` of its own: one allocation per connection).
+    door: OnceLock<ConnectionGauge>,
+}
 
 impl Drop for ConnectionCount {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -156,21 +164,20 @@ impl Drop for ConnectionCount {
 pub struct Connection {
     /// The client's address.
     pub peer: SocketAddr,
-    /// The door of its first request, counted in the metrics while the connection is open.
-    door: Arc<OnceLock<ConnectionGauge>>,
     /// The subject of the client's certificate, over TLS with client certificates (mTLS).
     pub certificate_subject: Option<Arc<str>>,
     subscriptions: Arc<AtomicUsize>,
     max_subscriptions: usize,
     metrics: Metrics,
-    _counted: Arc<ConnectionCount>,
+    counted: Arc<ConnectionCount>,
 }
 
 impl Connection {
     /// Records the door of the connection's first request; later requests change nothing.
     pub fn enter(&self, door: ConnectionDoor) {
-        if self.door.get().is_none() {
-            let _ = self.door.set(self.metrics.connection(door));
+        let counted = &self.counted.door;
+        if counted.get().is_none() {
+            let _ = counted.set(self.metrics.connection(door));
         }
     }
 

@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-use support::{Broker, http_publish, spawn_broker, within};
+use support::{Broker, http_publish, spawn_broker, spawn_broker_with, within};
 
 /// Which SSE path the proxy steers requests to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -410,4 +410,49 @@ async fn shutdown_is_an_end_event_not_a_second_error() {
     assert_eq!(closed.kind, "error", "{closed:?}");
     assert!(closed.data.is_empty(), "the browser's error has no data");
     within("broker stop", stopping).await.unwrap();
+}
+
+/// A gap of a multi-topic subscription can end past messages still to be replayed (another
+/// topic retains older ones), so it carries no id: cut right after the gap, the client resumes
+/// from where it really is, is told of the gap again, and gets each replayed message once.
+#[tokio::test]
+async fn a_cut_after_a_gap_loses_none_of_the_replay() {
+    let broker = spawn_broker_with(|c| c.retain_messages = 2).await;
+    // b: seq 1, retained. a: seqs 2-5, of which 2 and 3 are evicted.
+    let b = publish(&broker, "b", 1..=1).await;
+    publish(&broker, "a", 1..=4).await;
+    let (epoch, _) = b[0].rsplit_once('-').unwrap();
+    let proxy = Proxy::start(broker.addr, Writer::Direct, vec![2]).await;
+    let mut client = Client::start(&format!(
+        "http://{}/subscribe?topic=a&topic=b&last_event_id={epoch}-0",
+        proxy.addr
+    ));
+    let events = client.until_message("m4").await;
+    let delivered: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e.kind == "message")
+        .map(|e| {
+            let data: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+            (data["topic"].as_str().unwrap().to_owned(), payload(e))
+        })
+        .collect();
+    let expected = [("b", "m1"), ("a", "m3"), ("a", "m4")]
+        .map(|(topic, payload)| (topic.to_owned(), payload.to_owned()));
+    assert_eq!(delivered, expected, "{events:?}");
+    let gaps: Vec<&ClientEvent> = events.iter().filter(|e| e.kind == "gap").collect();
+    assert_eq!(
+        gaps.len(),
+        2,
+        "the gap, and again after the reconnect: {events:?}"
+    );
+    let gap: serde_json::Value = serde_json::from_str(&gaps[0].data).unwrap();
+    assert_eq!(
+        (gap["from_seq"].as_u64(), gap["to_seq"].as_u64()),
+        (Some(1), Some(3))
+    );
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].last_event_id, Some(format!("{epoch}-0")));
+    drop(client);
+    broker.stop().await;
 }
