@@ -219,6 +219,13 @@ fn frame(event: &str, id: Option<&str>, data: &impl Serialize, retry: bool) -> B
     Bytes::from(out)
 }
 
+/// The whole number `value` of query parameter `name`.
+fn whole_number(name: &str, value: &str) -> Result<usize, ApiError> {
+    value
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{name} must be a whole number, got {value:?}")))
+}
+
 /// Parses the query and `Last-Event-ID` into subscription options.
 fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiError> {
     let mut options = SubscribeOptions::default();
@@ -229,22 +236,8 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
             "topic" => options.patterns.push(Pattern::parse(&value)?),
             "last_event_id" => last_event_id = Some(value.into_owned()),
             "from" => from = Some(value.into_owned()),
-            "queue_size" => {
-                let size = value.parse::<usize>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "queue_size must be a whole number, got {value:?}"
-                    ))
-                })?;
-                options.queue_size = Some(size);
-            }
-            "queue_bytes" => {
-                let bytes = value.parse::<usize>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "queue_bytes must be a whole number of bytes, got {value:?}"
-                    ))
-                })?;
-                options.queue_bytes = Some(bytes);
-            }
+            "queue_size" => options.queue_size = Some(whole_number("queue_size", &value)?),
+            "queue_bytes" => options.queue_bytes = Some(whole_number("queue_bytes", &value)?),
             crate::auth::TOKEN_PARAM => {}
             "lag_policy" => {
                 options.lag_policy = Some(match &*value {
