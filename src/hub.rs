@@ -124,17 +124,17 @@ impl Message {
         }
     }
 
-    /// Bytes this message counts for against retention limits.
-    fn retained_size(&self) -> usize {
-        self.queued_size()
-    }
-
     /// Bytes this message counts for against a subscriber queue's byte budget: payload, headers
     /// and topic, as for retention. The message is shared, so this is what one queue can keep
     /// alive after retention let go of it; the wire encodings cached on it once subscribers have
     /// taken it (SSE: up to 4/3 of a binary payload as base64; gRPC: about the payload) are not
     /// counted, as they are shared by every queue and subscriber holding the message.
     pub fn queued_size(&self) -> usize {
+        self.retained_size()
+    }
+
+    /// Bytes this message counts for against retention limits.
+    fn retained_size(&self) -> usize {
         self.payload.len()
             + self.topic.as_str().len()
             + self

@@ -60,7 +60,7 @@ pub(crate) const PARAMS: [&str; 7] = [
         ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default or 0: the server's --queue-size; at most the server's --max-queue-size, 65536 by default)", maximum = 65536),
         ("queue_bytes" = Option<u64>, Query, description = "Byte budget of this subscriber's queue: payload + headers + topic of the messages waiting for it (default or 0: the server's --queue-bytes, 16 MiB by default; at most the server's --max-queue-bytes, 64 MiB by default). A message that would take a non-empty queue over it triggers the lag policy, as a full queue does.", maximum = 67108864),
         ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`", pattern = "^(catch-up|disconnect)$"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-[0-9]{1,19})?$"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-(0|[1-9][0-9]{0,19}))?$"),
     ),
     responses(
         (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `error` (data: ErrorBody, then the stream ends).", content_type = "text/event-stream", body = super::json::SseEvent),
