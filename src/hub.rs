@@ -518,26 +518,18 @@ impl Hub {
                 options.patterns.len()
             )));
         }
-        let queue_size = match options.queue_size {
-            None | Some(0) => config.queue_size,
-            Some(n) if n > config.max_queue_size => {
-                return Err(Error::InvalidRequest(format!(
-                    "queue_size {n} is over the server maximum of {}",
-                    config.max_queue_size
-                )));
-            }
-            Some(n) => n,
-        };
-        let queue_bytes = match options.queue_bytes {
-            None | Some(0) => config.queue_bytes,
-            Some(n) if n > config.max_queue_bytes => {
-                return Err(Error::InvalidRequest(format!(
-                    "queue_bytes {n} is over the server maximum of {} (--max-queue-bytes)",
-                    config.max_queue_bytes
-                )));
-            }
-            Some(n) => n,
-        };
+        let queue_size = requested(
+            options.queue_size,
+            (config.queue_size, config.max_queue_size),
+            "queue_size",
+            "--max-queue-size",
+        )?;
+        let queue_bytes = requested(
+            options.queue_bytes,
+            (config.queue_bytes, config.max_queue_bytes),
+            "queue_bytes",
+            "--max-queue-bytes",
+        )?;
         let mut patterns = options.patterns;
         patterns.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         patterns.dedup();
@@ -1076,6 +1068,23 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.hub.remove(self.id);
+    }
+}
+
+/// A subscriber's requested queue bound `name`: the server's default when not given (or 0),
+/// refused when over the server's maximum (set by `option`).
+fn requested(
+    value: Option<usize>,
+    (default, max): (usize, usize),
+    name: &str,
+    option: &str,
+) -> Result<usize, Error> {
+    match value {
+        None | Some(0) => Ok(default),
+        Some(n) if n > max => Err(Error::InvalidRequest(format!(
+            "{name} {n} is over the server maximum of {max} ({option})"
+        ))),
+        Some(n) => Ok(n),
     }
 }
 

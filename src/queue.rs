@@ -8,7 +8,7 @@
 //! let one subscriber that never reads pin `capacity` x the largest payload (64 Ki x 1 MiB). An
 //! empty queue always takes one item, however heavy, so a budget smaller than one message
 //! still delivers (one at a time) rather than overflowing on every message; the bytes a queue
-//! holds are therefore at most its byte budget plus one item.
+//! holds are therefore at most its byte budget, or one item larger than it.
 //!
 //! A general-purpose channel (`tokio::sync::mpsc`) pads its halves to cache lines and allocates
 //! its slots in blocks of 32; with one channel per subscriber that was about 0.75 KiB of every

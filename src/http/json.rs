@@ -262,6 +262,93 @@ pub struct HistoryJson {
     pub more: bool,
 }
 
+/// A [`HistoryJson`] written piece by piece, for a streamed response body: the head (and gap),
+/// then one message at a time, then `next` and `more`. Only one message's JSON exists at a time,
+/// so a page over large messages costs one message of memory rather than the whole page (a page
+/// of 1000 1 MiB messages, built whole, took over 100 MB per request). Messages stop before the
+/// one that would take the page over `max_bytes`, keeping at least one.
+pub struct HistoryPage {
+    head: Option<Bytes>,
+    messages: std::vec::IntoIter<std::sync::Arc<Message>>,
+    max_bytes: usize,
+    /// Bytes of message JSON written so far.
+    written: usize,
+    /// Cursor of the last message written.
+    next: Option<String>,
+    more: bool,
+    /// The tail has been written.
+    done: bool,
+}
+
+impl HistoryPage {
+    /// The pieces of `page`, with its messages cut at `max_bytes` of JSON.
+    pub fn new(page: hub::History, max_bytes: usize) -> HistoryPage {
+        let mut head = String::from("{");
+        if let Some(gap) = page.gap {
+            head.push_str("\"gap\":");
+            head.push_str(
+                &serde_json::to_string(&GapJson::from(gap)).expect("JSON shapes serialize"),
+            );
+            head.push(',');
+        }
+        head.push_str("\"messages\":[");
+        HistoryPage {
+            head: Some(Bytes::from(head)),
+            messages: page.messages.into_iter(),
+            max_bytes,
+            written: 0,
+            next: None,
+            more: page.more,
+            done: false,
+        }
+    }
+
+    fn tail(&mut self) -> Bytes {
+        self.done = true;
+        let mut tail = String::from("]");
+        if let Some(next) = &self.next {
+            tail.push_str(",\"next\":");
+            tail.push_str(&serde_json::to_string(next).expect("a string serializes"));
+        }
+        tail.push_str(if self.more {
+            ",\"more\":true}"
+        } else {
+            ",\"more\":false}"
+        });
+        Bytes::from(tail)
+    }
+}
+
+impl Iterator for HistoryPage {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        if let Some(head) = self.head.take() {
+            return Some(head);
+        }
+        if self.done {
+            return None;
+        }
+        let Some(message) = self.messages.next() else {
+            return Some(self.tail());
+        };
+        let first = self.next.is_none();
+        let mut json = Vec::with_capacity(message.payload.len() + 256);
+        if !first {
+            json.push(b',');
+        }
+        serde_json::to_writer(&mut json, &MessageJson::of(&message))
+            .expect("JSON shapes serialize");
+        if !first && self.written + json.len() > self.max_bytes {
+            self.more = true;
+            return Some(self.tail());
+        }
+        self.written += json.len();
+        self.next = Some(message.cursor().to_string());
+        Some(Bytes::from(json))
+    }
+}
+
 /// `GET /healthz`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {

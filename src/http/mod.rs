@@ -25,10 +25,15 @@ use crate::limits::{Connection, Limits};
 use crate::metrics::{Door, Snapshot};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
-use json::{Health, HistoryJson, MessageJson, PublishBody, Published, TopicJson, TopicList};
+use json::{Health, HistoryJson, PublishBody, Published, TopicJson, TopicList};
 
 /// Most messages one history request returns.
 pub const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// Most bytes of message JSON one history page carries; a page is cut before the message that
+/// would take it over (`more: true`, and `next` continues from the last message sent). The first
+/// message is always sent, so a page over one large message is that message alone.
+pub const MAX_HISTORY_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// What HTTP handlers share: the hub, the authenticator and the server's shutdown signal.
 #[derive(Clone)]
@@ -362,10 +367,10 @@ async fn list_topics(
     params(
         ("topic" = json::TopicPattern, Path, description = "Topic or pattern", example = "demo.greetings"),
         ("after" = Option<json::CursorText>, Query, description = "Only messages after this cursor (`EPOCH-SEQ`); default: from the oldest retained"),
-        ("limit" = Option<usize>, Query, description = "At most this many messages (default 100, at most 1000)", minimum = 1, maximum = 1000),
+        ("limit" = Option<usize>, Query, description = "At most this many messages (default 100, at most 1000). A page also stops before the message that would take its messages' JSON over 8 MiB (always holding at least one); `more` is then true and `next` continues after the last message returned.", minimum = 1, maximum = 1000),
     ),
     responses(
-        (status = 200, description = "A page of history", body = HistoryJson),
+        (status = 200, description = "A page of history: at most `limit` messages and 8 MiB of message JSON (at least one message). Pages over 64 KiB are streamed (chunked) as they are encoded.", body = HistoryJson),
         (status = 400, description = "Invalid topic, cursor or limit; or a cursor ahead of the hub", body = ErrorBody),
     )
 )]
@@ -374,7 +379,7 @@ async fn history(
     Extension(access): Extension<Access>,
     Path(topic): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<HistoryJson>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let pattern = Pattern::parse(&topic)?;
     access.check_subscribe(std::slice::from_ref(&pattern))?;
     let mut after = None;
@@ -402,13 +407,32 @@ async fn history(
         }
     }
     let page = state.hub.history(&pattern, after.as_ref(), limit)?;
-    Ok(Json(HistoryJson {
-        gap: page.gap.map(Into::into),
-        next: page.messages.last().map(|m| m.cursor().to_string()),
-        more: page.more,
-        messages: page.messages.iter().map(|m| MessageJson::of(m)).collect(),
-    }))
+    use axum::response::IntoResponse as _;
+    let mut pieces = json::HistoryPage::new(page, MAX_HISTORY_PAGE_BYTES);
+    // A small page goes out whole, with its length; a larger one is streamed as it is encoded.
+    let mut start = Vec::new();
+    let mut size = 0;
+    while size <= HISTORY_WHOLE_BYTES {
+        let Some(piece) = pieces.next() else {
+            let whole: Vec<u8> = start.concat();
+            return Ok(([(header::CONTENT_TYPE, "application/json")], whole).into_response());
+        };
+        size += piece.len();
+        start.push(piece);
+    }
+    let rest = start.into_iter().chain(pieces);
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(futures_util::stream::iter(
+            rest.map(Ok::<_, std::convert::Infallible>),
+        )),
+    )
+        .into_response())
 }
+
+/// History pages up to this size are sent whole (with a `content-length`); larger ones are
+/// streamed.
+const HISTORY_WHOLE_BYTES: usize = 64 * 1024;
 
 /// Liveness and a few facts about the hub.
 #[utoipa::path(

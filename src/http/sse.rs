@@ -65,7 +65,7 @@ pub(crate) const PARAMS: [&str; 7] = [
         ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default or 0: the server's --queue-size; at most the server's --max-queue-size, 65536 by default)", maximum = 65536),
         ("queue_bytes" = Option<u64>, Query, description = "Byte budget of this subscriber's queue: payload + headers + topic of the messages waiting for it (default or 0: the server's --queue-bytes, 16 MiB by default; at most the server's --max-queue-bytes, 64 MiB by default). A message that would take a non-empty queue over it triggers the lag policy, as a full queue does.", maximum = 67108864),
         ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`", pattern = "^(catch-up|disconnect)$"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-[0-9]{1,19})?$"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-(0|[1-9][0-9]{0,19}))?$"),
     ),
     responses(
         (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `end` (data: ErrorBody saying why the server ends the stream: UNAVAILABLE on shutdown, UNAUTHENTICATED when the token expires, RESOURCE_EXHAUSTED for a slow consumer; the last event). Only `subscribed` and `message` carry an id (a cursor), and never one ahead of a message not yet delivered: resuming from the last id seen loses nothing.", content_type = "text/event-stream", body = super::json::SseEvent),
@@ -253,6 +253,13 @@ fn frame(event: &str, id: Option<&str>, data: &impl Serialize, retry: bool) -> B
     Bytes::from(out)
 }
 
+/// The whole number `value` of query parameter `name`.
+fn whole_number(name: &str, value: &str) -> Result<usize, ApiError> {
+    value
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{name} must be a whole number, got {value:?}")))
+}
+
 /// Parses the query and `Last-Event-ID` into subscription options.
 fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiError> {
     let mut options = SubscribeOptions::default();
@@ -263,22 +270,8 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
             "topic" => options.patterns.push(Pattern::parse(&value)?),
             "last_event_id" => last_event_id = Some(value.into_owned()),
             "from" => from = Some(value.into_owned()),
-            "queue_size" => {
-                let size = value.parse::<usize>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "queue_size must be a whole number, got {value:?}"
-                    ))
-                })?;
-                options.queue_size = Some(size);
-            }
-            "queue_bytes" => {
-                let bytes = value.parse::<usize>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "queue_bytes must be a whole number of bytes, got {value:?}"
-                    ))
-                })?;
-                options.queue_bytes = Some(bytes);
-            }
+            "queue_size" => options.queue_size = Some(whole_number("queue_size", &value)?),
+            "queue_bytes" => options.queue_bytes = Some(whole_number("queue_bytes", &value)?),
             crate::auth::TOKEN_PARAM => {}
             "lag_policy" => {
                 options.lag_policy = Some(match &*value {

@@ -507,3 +507,38 @@ pub fn self_signed_certificate() -> (String, String) {
             .unwrap();
     (certified.cert.pem(), certified.signing_key.serialize_pem())
 }
+
+/// `topichub serve` as a child process on `addr` with extra flags; ready once `/healthz`
+/// answers. For tests that measure the process itself (its memory in `/proc/PID/status`).
+pub async fn broker_process(addr: SocketAddr, flags: &[&str]) -> tokio::process::Child {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(flags)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start topichub serve");
+    let url = format!("http://{addr}/healthz");
+    wait_for("the broker process to answer /healthz", || {
+        let url = url.clone();
+        async move { reqwest::get(&url).await.ok().map(|_| ()) }
+    })
+    .await;
+    child
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"));
+    let kib: u64 = line
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .expect("a number of kB");
+    kib * 1024
+}
