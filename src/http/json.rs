@@ -258,7 +258,8 @@ pub struct HistoryJson {
     /// Cursor to pass as `after` for the next page (absent when the page is empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
-    /// Whether more retained messages follow.
+    /// Whether more retained messages follow: the page stopped at `limit` messages or at 8 MiB
+    /// of message JSON; continue with `after` = `next`.
     pub more: bool,
 }
 
