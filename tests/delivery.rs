@@ -8,9 +8,7 @@ mod support;
 use std::collections::HashSet;
 
 use futures_util::StreamExt;
-use support::{Sse, publish_request, spawn_broker, spawn_broker_with, within};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use support::{Sse, publish_request, reference, spawn_broker, spawn_broker_with, within};
 use tonic::Code;
 use tonic::transport::Channel;
 use topichub::proto::v1::{
@@ -548,12 +546,7 @@ async fn wildcards_match_on_every_door_and_resume_with_them() {
             "orders.us.created"
         ]
     );
-    let http: serde_json::Value = reqwest::get(format!("{}/topics?pattern=logs.*", broker.url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let http = support::get_json(&format!("{}/topics?pattern=logs.*", broker.url())).await;
     assert_eq!(http["topics"].as_array().unwrap().len(), 1);
     broker.stop().await;
 }
@@ -620,14 +613,7 @@ async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream() {
     use connect_request::Request as Req;
     use connect_response::Event as Ev;
     let broker = spawn_broker().await;
-    let (tx, rx) = mpsc::channel(16);
-    let mut events = broker
-        .grpc()
-        .await
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut events) = broker.connect_stream(None).await;
     let send = |id: u64, request: Req| {
         let tx = tx.clone();
         async move {
@@ -790,19 +776,6 @@ async fn randomized_interleaving_matches_the_model() {
         expected: Vec<u64>,
         live: bool,
     }
-    let matches = |pattern: &str, topic: &str| -> bool {
-        let (p, t): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), topic.split('.').collect());
-        fn go(p: &[&str], t: &[&str]) -> bool {
-            match (p.first(), t.first()) {
-                (Some(&">"), Some(_)) => true,
-                (Some(&"*"), Some(_)) => go(&p[1..], &t[1..]),
-                (Some(a), Some(b)) => a == b && go(&p[1..], &t[1..]),
-                (None, None) => true,
-                _ => false,
-            }
-        }
-        go(&p, &t)
-    };
     let mut subs: Vec<Model> = Vec::new();
     let mut dropped = 0;
     for _ in 0..400 {
@@ -811,7 +784,7 @@ async fn randomized_interleaving_matches_the_model() {
                 let topic = topics[rng.usize(..topics.len())];
                 let seq = publish(&mut client, topic, topic).await.seq;
                 for sub in subs.iter_mut().filter(|s| s.live) {
-                    if sub.patterns.iter().any(|p| matches(p, topic)) {
+                    if sub.patterns.iter().any(|p| reference::matches(p, topic)) {
                         sub.expected.push(seq);
                     }
                 }
