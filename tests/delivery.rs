@@ -1,7 +1,24 @@
-//! The delivery contract (DESIGN.md): order and no duplicates, exact resume across the replay ->
-//! live hand-over under concurrent publishing, explicit gaps, lag with catch-up, the disconnect
-//! policy, wildcards, Connect, PublishBatch, Unsubscribe, and a randomized interleaving checked
-//! against a model.
+//! The delivery contract (docs/design.md, "Delivery contract"): order and no duplicates, exact
+//! resume across the replay -> live hand-over under concurrent publishing, explicit gaps, lag
+//! with catch-up, the disconnect policy, wildcards, Connect, PublishBatch, Unsubscribe, and a
+//! randomized interleaving checked against a model.
+//!
+//! Which test proves which rule of the contract:
+//! 1. order, no duplicates: `per_topic_order_without_duplicates_under_concurrent_publishers`,
+//!    `randomized_interleaving_matches_the_model`;
+//! 2. nothing lost silently: `randomized_interleaving_matches_the_model`,
+//!    `a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up`;
+//! 3. exact resume: `grpc_resume_is_exact_across_the_handover_while_publishing_continues`,
+//!    `sse_reconnect_with_last_event_id_loses_and_repeats_nothing`,
+//!    `a_cursor_from_another_epoch_yields_a_gap_then_everything_retained`,
+//!    `a_cursor_older_than_retention_yields_a_gap_for_exactly_the_evicted_range`,
+//!    `history_pages_through_retention_with_next_cursors` (a cursor ahead of the hub:
+//!    `tests/bad_input.rs`);
+//! 4. positions never run ahead: `sse_reconnect_with_last_event_id_loses_and_repeats_nothing`
+//!    (resuming from each id it was given loses nothing);
+//! 5. publishers do not wait: `a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up`,
+//!    `the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status`;
+//! 6. bad input hurts only itself: `tests/bad_input.rs`, `tests/limits.rs`, `tests/differential.rs`.
 
 mod support;
 
