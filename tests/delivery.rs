@@ -1,16 +1,31 @@
-//! The delivery contract (DESIGN.md): order and no duplicates, exact resume across the replay ->
-//! live hand-over under concurrent publishing, explicit gaps, lag with catch-up, the disconnect
-//! policy, wildcards, Connect, PublishBatch, Unsubscribe, and a randomized interleaving checked
-//! against a model.
+//! The delivery contract (docs/design.md, "Delivery contract"): order and no duplicates, exact
+//! resume across the replay -> live hand-over under concurrent publishing, explicit gaps, lag
+//! with catch-up, the disconnect policy, wildcards, Connect, PublishBatch, Unsubscribe, and a
+//! randomized interleaving checked against a model.
+//!
+//! Which test proves which rule of the contract:
+//! 1. order, no duplicates: `per_topic_order_without_duplicates_under_concurrent_publishers`,
+//!    `randomized_interleaving_matches_the_model`;
+//! 2. nothing lost silently: `randomized_interleaving_matches_the_model`,
+//!    `a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up`;
+//! 3. exact resume: `grpc_resume_is_exact_across_the_handover_while_publishing_continues`,
+//!    `sse_reconnect_with_last_event_id_loses_and_repeats_nothing`,
+//!    `a_cursor_from_another_epoch_yields_a_gap_then_everything_retained`,
+//!    `a_cursor_older_than_retention_yields_a_gap_for_exactly_the_evicted_range`,
+//!    `history_pages_through_retention_with_next_cursors` (a cursor ahead of the hub:
+//!    `tests/bad_input.rs`);
+//! 4. positions never run ahead: `sse_reconnect_with_last_event_id_loses_and_repeats_nothing`
+//!    (resuming from each id it was given loses nothing);
+//! 5. publishers do not wait: `a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up`,
+//!    `the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status`;
+//! 6. bad input hurts only itself: `tests/bad_input.rs`, `tests/limits.rs`, `tests/differential.rs`.
 
 mod support;
 
 use std::collections::HashSet;
 
 use futures_util::StreamExt;
-use support::{Backend, Sse, publish_request, spawn_broker_on, within};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use support::{Backend, Sse, publish_request, reference, spawn_broker_on, within};
 use tonic::Code;
 use tonic::transport::Channel;
 use topichub::proto::v1::{
@@ -541,12 +556,7 @@ async fn wildcards_match_on_every_door_and_resume_with_them(backend: Backend) {
             "orders.us.created"
         ]
     );
-    let http: serde_json::Value = reqwest::get(format!("{}/topics?pattern=logs.*", broker.url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let http = support::get_json(&format!("{}/topics?pattern=logs.*", broker.url())).await;
     assert_eq!(http["topics"].as_array().unwrap().len(), 1);
     broker.stop().await;
 }
@@ -611,14 +621,7 @@ async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream(bac
     use connect_request::Request as Req;
     use connect_response::Event as Ev;
     let broker = spawn_broker_on(backend, |_| {}).await;
-    let (tx, rx) = mpsc::channel(16);
-    let mut events = broker
-        .grpc()
-        .await
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut events) = broker.connect_stream(None).await;
     let send = |id: u64, request: Req| {
         let tx = tx.clone();
         async move {
@@ -779,19 +782,6 @@ async fn randomized_interleaving_matches_the_model(backend: Backend) {
         expected: Vec<u64>,
         live: bool,
     }
-    let matches = |pattern: &str, topic: &str| -> bool {
-        let (p, t): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), topic.split('.').collect());
-        fn go(p: &[&str], t: &[&str]) -> bool {
-            match (p.first(), t.first()) {
-                (Some(&">"), Some(_)) => true,
-                (Some(&"*"), Some(_)) => go(&p[1..], &t[1..]),
-                (Some(a), Some(b)) => a == b && go(&p[1..], &t[1..]),
-                (None, None) => true,
-                _ => false,
-            }
-        }
-        go(&p, &t)
-    };
     let mut subs: Vec<Model> = Vec::new();
     let mut dropped = 0;
     for _ in 0..400 {
@@ -800,7 +790,7 @@ async fn randomized_interleaving_matches_the_model(backend: Backend) {
                 let topic = topics[rng.usize(..topics.len())];
                 let seq = publish(&mut client, topic, topic).await.seq;
                 for sub in subs.iter_mut().filter(|s| s.live) {
-                    if sub.patterns.iter().any(|p| matches(p, topic)) {
+                    if sub.patterns.iter().any(|p| reference::matches(p, topic)) {
                         sub.expected.push(seq);
                     }
                 }

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use support::{
-    Sse, WAIT, broker_process as start_broker_process, free_port, proc_status_bytes,
-    spawn_broker_with, wait_for, within,
+    Sse, WAIT, free_port, proc_status_bytes, spawn_broker_with, start_broker_process, wait_for,
+    within,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

@@ -18,8 +18,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::BodyExt as _;
 use support::{
-    Broker, broker_process, free_port, metric, proc_status_bytes, publish_request,
-    spawn_broker_with, stuck_sse_subscriber, wait_for, within,
+    Broker, free_port, metric, proc_status_bytes, publish_request, spawn_broker_with,
+    start_broker_process, stuck_sse_subscriber, wait_for, within,
 };
 use tokio::io::AsyncWriteExt as _;
 use tonic::Code;
@@ -68,7 +68,7 @@ async fn never_reading_subscribers_are_held_to_the_queue_byte_budget() {
     const MESSAGES: usize = 200;
     const RETAIN: usize = 8 * MIB;
     let addr = free_port().await;
-    let broker = broker_process(addr, &["--retain-bytes", &RETAIN.to_string()]).await;
+    let broker = start_broker_process(addr, &["--retain-bytes", &RETAIN.to_string()]).await;
     let pid = broker.id().unwrap();
 
     let _sse = [
@@ -377,7 +377,7 @@ async fn history_pages_are_cut_by_bytes_and_streamed() {
 async fn concurrent_history_pages_over_large_messages_cost_little_memory() {
     const MESSAGES: usize = 60;
     let addr = free_port().await;
-    let broker = broker_process(addr, &[]).await;
+    let broker = start_broker_process(addr, &[]).await;
     let pid = broker.id().unwrap();
     let mut client = grpc_at(addr).await;
     let payload = Bytes::from(vec![b'h'; MIB]);

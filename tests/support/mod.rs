@@ -2,6 +2,8 @@
 //! for every door (gRPC, gRPC-Web over HTTP/1.1, HTTP/JSON, SSE).
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -76,8 +78,32 @@ impl Broker {
             .into_inner()
     }
 
-    /// A `Connect` stream, with `token` as its bearer token if given, that has subscribed to
-    /// `pattern` and received `subscribed`: the sender of its requests, and its events.
+    /// A `Connect` stream on its own connection, with `token` as its bearer token if given: the
+    /// sender of its requests, and its events.
+    pub async fn connect_stream(
+        &self,
+        token: Option<&str>,
+    ) -> (
+        tokio::sync::mpsc::Sender<v1::ConnectRequest>,
+        Streaming<v1::ConnectResponse>,
+    ) {
+        let (requests, rx) = tokio::sync::mpsc::channel(16);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        let events = self
+            .grpc()
+            .await
+            .connect(request)
+            .await
+            .expect("gRPC connect stream")
+            .into_inner();
+        (requests, events)
+    }
+
+    /// A [`Broker::connect_stream`] that has subscribed to `pattern` and received `subscribed`.
     pub async fn connect_subscribed(
         &self,
         pattern: &str,
@@ -86,19 +112,7 @@ impl Broker {
         tokio::sync::mpsc::Sender<v1::ConnectRequest>,
         Streaming<v1::ConnectResponse>,
     ) {
-        let (requests, rx) = tokio::sync::mpsc::channel(4);
-        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        if let Some(token) = token {
-            let value = format!("Bearer {token}").parse().unwrap();
-            request.metadata_mut().insert("authorization", value);
-        }
-        let mut events = self
-            .grpc()
-            .await
-            .connect(request)
-            .await
-            .expect("gRPC connect stream")
-            .into_inner();
+        let (requests, mut events) = self.connect_stream(token).await;
         requests
             .send(v1::ConnectRequest {
                 request_id: 1,
@@ -143,6 +157,12 @@ impl Broker {
         started.elapsed()
     }
 
+    /// The hub's epoch, as `/healthz` reports it.
+    pub async fn epoch(&self) -> String {
+        let health = get_json(&format!("{}/healthz", self.url())).await;
+        health["epoch"].as_str().expect("an epoch").to_owned()
+    }
+
     /// Waits until the hub reports `n` live subscribers (all doors), via `/healthz`.
     pub async fn wait_for_subscribers(&self, n: usize) {
         let http = reqwest::Client::new();
@@ -158,6 +178,12 @@ impl Broker {
         })
         .await;
     }
+}
+
+/// `GET url` as JSON; panics unless it answers with JSON.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let response = reqwest::get(url).await.expect("GET");
+    response.json().await.expect("a JSON answer")
 }
 
 /// Polls `check` (every 10 ms) until it yields `Some`, failing the test after [`WAIT`].
@@ -184,6 +210,34 @@ pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>)
     tokio::time::timeout(WAIT, future)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A free loopback port (bound, then released for a broker process to take).
+pub async fn free_port() -> SocketAddr {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `topichub serve` on `addr` as a child process with extra `flags`, killed when dropped; ready
+/// once `/healthz` answers.
+pub async fn start_broker_process(addr: SocketAddr, flags: &[&str]) -> tokio::process::Child {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(flags)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start topichub serve");
+    let url = format!("http://{addr}/healthz");
+    wait_for("the broker process to answer /healthz", || {
+        let url = url.clone();
+        async move { reqwest::get(&url).await.ok().map(|_| ()) }
+    })
+    .await;
+    child
 }
 
 /// One parsed SSE event.
@@ -407,15 +461,6 @@ pub fn fresh_data_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// A free loopback port (bound, then released for a broker process to take).
-pub async fn free_port() -> SocketAddr {
-    tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 impl Broker {
     /// Whether `run` is still going (it returns once the drain has ended).
     pub fn is_running(&self) -> bool {
@@ -506,25 +551,6 @@ pub fn self_signed_certificate() -> (String, String) {
         rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
             .unwrap();
     (certified.cert.pem(), certified.signing_key.serialize_pem())
-}
-
-/// `topichub serve` as a child process on `addr` with extra flags; ready once `/healthz`
-/// answers. For tests that measure the process itself (its memory in `/proc/PID/status`).
-pub async fn broker_process(addr: SocketAddr, flags: &[&str]) -> tokio::process::Child {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
-        .args(["serve", "--listen", &addr.to_string()])
-        .args(flags)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start topichub serve");
-    let url = format!("http://{addr}/healthz");
-    wait_for("the broker process to answer /healthz", || {
-        let url = url.clone();
-        async move { reqwest::get(&url).await.ok().map(|_| ()) }
-    })
-    .await;
-    child
 }
 
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
