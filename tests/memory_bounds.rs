@@ -264,7 +264,7 @@ async fn a_queue_over_its_byte_budget_is_disconnected_under_that_policy() {
     }
     let tail = String::from_utf8_lossy(&tail);
     assert!(
-        tail.contains("event: error") && tail.contains("fell more than 262144 bytes behind"),
+        tail.contains("event: end") && tail.contains("fell more than 262144 bytes behind"),
         "{tail}"
     );
     broker.wait_for_subscribers(0).await;
