@@ -7,8 +7,10 @@
 //!   `meta` (epoch, head seq, reserved seq, forgotten-through seq).
 //!
 //! redb is a copy-on-write B-tree: a commit is atomic, a torn write after a crash is rolled back
-//! to the last commit, and a corrupt page fails its checksum instead of being misread. Quick
-//! repair is on, so opening after SIGKILL does not walk the whole file.
+//! to the last commit, and a corrupt page fails its checksum instead of being misread. redb's
+//! quick repair is off: it makes every commit two fsyncs (halving group-commit throughput), while
+//! the full repair after a SIGKILL of a file with a million messages measured no slower to
+//! start (about 2 s either way, loading included).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -311,7 +313,6 @@ impl Writer {
             Durability::None
         })
         .map_err(|e| text(&e))?;
-        txn.set_quick_repair(durable);
         {
             let mut messages = txn.open_table(MESSAGES).map_err(|e| text(&e))?;
             let mut record = Vec::new();
