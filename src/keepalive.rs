@@ -361,6 +361,21 @@ impl FrameScanner {
     }
 }
 
+/// Scans `pieces`, in order, as what a client sends, for the fuzz target in `fuzz/`: the frame
+/// headers found (type, flags, stream id), whether the bytes were let through as not HTTP/2, and
+/// whether they end on a frame boundary.
+#[doc(hidden)]
+pub fn scan_client_bytes<'a>(
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<(u8, u8, u32)>, bool, bool) {
+    let mut scanner = FrameScanner::expecting_preface();
+    let mut frames = Vec::new();
+    for piece in pieces {
+        scanner.scan(piece, |h| frames.push((h.kind, h.flags, h.stream_id)));
+    }
+    (frames, scanner.passthrough, scanner.at_frame_boundary())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

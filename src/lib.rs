@@ -56,6 +56,14 @@ pub mod topic;
 pub mod web;
 pub mod write_timeout;
 
+/// The private request parsers, reachable from the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::keepalive::scan_client_bytes as scan_http2_client_bytes;
+    pub use crate::publish_conn::{PublishParts, parse_publish};
+    pub use crate::sse_conn::parse as parse_subscribe;
+}
+
 pub use config::ServerConfig;
 pub use hub::Hub;
 pub use server::run;

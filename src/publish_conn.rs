@@ -220,6 +220,16 @@ fn offset_of(whole: &[u8], part: &[u8]) -> (usize, usize) {
     (start, start + part.len())
 }
 
+/// [`parse`] for the fuzz target in `fuzz/`: where the topic, the content type and the body of
+/// the request at the front of `bytes` are, if the lane takes it (the body ends the request).
+#[doc(hidden)]
+pub fn parse_publish(bytes: &[u8], max_payload: usize) -> Option<PublishParts> {
+    parse(bytes, max_payload).map(|r| (r.topic, r.content_type, r.body))
+}
+
+/// What [`parse_publish`] finds: topic, content type and body, as (start, end) in the bytes.
+pub type PublishParts = ((usize, usize), Option<(usize, usize)>, (usize, usize));
+
 impl Lane {
     /// Publishes `request`, found in `bytes`; `None` if the application must answer it instead
     /// (invalid topic, a limit).

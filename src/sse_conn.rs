@@ -73,7 +73,7 @@ pub(crate) async fn take(stream: &TcpStream, first: &[u8]) -> Option<Box<Taken>>
 }
 
 /// Parses a complete `GET /subscribe` HTTP/1.1 head with no body; `None` for anything else.
-fn parse(bytes: &[u8]) -> Option<(usize, Request)> {
+pub fn parse(bytes: &[u8]) -> Option<(usize, Request)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(length) = parsed.parse(bytes).ok()? else {
