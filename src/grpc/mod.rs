@@ -338,7 +338,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             };
             // Whatever ends the batch, the publishes in flight are settled first, so the
             // answer counts exactly what was published.
-            let rejected = match item {
+            let number = pipeline.accepted + pipeline.in_flight.len() as u64 + 1;
+            let stop = match item {
                 Ok(Ok(item)) => {
                     self.limits
                         .pace_publish(&caller.access, &caller.connection)
@@ -348,17 +349,19 @@ impl v1::pub_sub_server::PubSub for PubSubService {
                             pipeline.in_flight.push_back(publishing);
                             None
                         }
-                        Err(error) => Some((error, "was rejected")),
+                        Err(error) => Some((
+                            error,
+                            format!("message #{number} of the batch was rejected"),
+                        )),
                     }
                 }
                 Ok(Err(status)) => {
                     pipeline.settle(0).await.ok();
                     return Err(status);
                 }
-                Err(error) => Some((error, "ended")),
+                Err(error) => Some((error, format!("the batch ended before message #{number}"))),
             };
-            let number = pipeline.accepted + pipeline.in_flight.len() as u64 + 1;
-            let keep = if rejected.is_some() { 0 } else { window };
+            let keep = if stop.is_some() { 0 } else { window };
             if let Err(error) = pipeline.settle(keep).await {
                 let what = format!(
                     "message #{} of the batch was rejected",
@@ -366,16 +369,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
                 );
                 return Err(failed(error, pipeline.accepted, &what));
             }
-            match rejected {
-                None => {}
-                Some((error, "ended")) => {
-                    let what = format!("the batch ended before message #{number}");
-                    return Err(failed(error, pipeline.accepted, &what));
-                }
-                Some((error, _)) => {
-                    let what = format!("message #{number} of the batch was rejected");
-                    return Err(failed(error, pipeline.accepted, &what));
-                }
+            if let Some((error, what)) = stop {
+                return Err(failed(error, pipeline.accepted, &what));
             }
         }
         if let Err(error) = pipeline.settle(0).await {
