@@ -18,6 +18,7 @@
 //! - [`connect`]: the `Connect` protocol (many subscriptions, acked publishes) below its doors.
 //! - [`grpc`]: the gRPC services (`seed`: the seed service).
 //! - [`http`]: REST and SSE routes, the HTTP error type, the OpenAPI document.
+//! - [`ws`]: `GET /ws`, the `Connect` protocol over WebSocket for browsers.
 //! - [`web`]: the embedded web page.
 //! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
 //! - `sse_conn`: HTTP/1.1 connections opened by `GET /subscribe`, written to without hyper.
@@ -53,6 +54,7 @@ pub mod tls;
 pub mod topic;
 pub mod web;
 pub mod wire;
+pub mod ws;
 
 pub use config::ServerConfig;
 pub use hub::Hub;

@@ -24,6 +24,8 @@ pub enum Door {
     Seed = 1,
     /// HTTP/JSON publish and SSE subscribe.
     Http = 2,
+    /// The WebSocket door (`GET /ws`).
+    Ws = 3,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,6 +40,7 @@ impl From<Door> for DoorLabel {
                 Door::Grpc => "grpc",
                 Door::Seed => "seed",
                 Door::Http => "http",
+                Door::Ws => "ws",
             },
         }
     }
@@ -64,11 +67,11 @@ struct DoorSeries {
     subscribers: Gauge,
 }
 
-const DOORS: [Door; 3] = [Door::Grpc, Door::Seed, Door::Http];
+const DOORS: [Door; 4] = [Door::Grpc, Door::Seed, Door::Http, Door::Ws];
 
 struct Inner {
     registry: Registry,
-    doors: [DoorSeries; 3],
+    doors: [DoorSeries; 4],
     latency: Histogram,
     auth_failures: Counter,
     limit_hits: Family<LimitLabel, Counter>,

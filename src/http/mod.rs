@@ -73,7 +73,8 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(publish_raw))
         .routes(routes!(sse::subscribe))
         .routes(routes!(list_topics))
-        .routes(routes!(history));
+        .routes(routes!(history))
+        .routes(routes!(crate::ws::connect));
     let protected_paths: Vec<String> = protected
         .get_openapi()
         .paths
@@ -92,6 +93,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .split_for_parts();
     document_auth(&mut openapi, &protected_paths);
     json::document_publish_rule(&mut openapi);
+    crate::ws::document(&mut openapi);
     let router = router.with_state(state);
     (router, openapi)
 }
@@ -444,8 +446,7 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
         .into_response()
 }
 
-/// Largest request body read for a publish: the payload as base64 at worst (4/3 larger) plus
-/// the JSON envelope. Bodies between the payload limit and this get the hub's precise 413.
+/// Largest request body read for a publish (the rule shared with the WebSocket door).
 fn body_limit(max_payload: usize) -> usize {
-    max_payload / 3 * 4 + 64 * 1024
+    crate::json::max_request_bytes(max_payload)
 }
