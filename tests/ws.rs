@@ -21,6 +21,10 @@ use topichub::proto::v1;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// What a WebSocket runs over: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Io for T {}
+
 async fn open(broker: &Broker, query: &str) -> Ws {
     let url = format!("ws://{}/ws{query}", broker.addr);
     within("WebSocket handshake", tokio_tungstenite::connect_async(url))
@@ -29,14 +33,14 @@ async fn open(broker: &Broker, query: &str) -> Ws {
         .0
 }
 
-async fn send(ws: &mut Ws, frame: Value) {
+async fn send<S: Io>(ws: &mut WebSocketStream<S>, frame: Value) {
     ws.send(Message::Text(frame.to_string().into()))
         .await
         .expect("send");
 }
 
 /// The next data frame (pings and pongs are skipped).
-async fn next_message(ws: &mut Ws) -> Message {
+async fn next_message<S: Io>(ws: &mut WebSocketStream<S>) -> Message {
     within("a frame", async {
         loop {
             match ws.next().await {
@@ -50,7 +54,7 @@ async fn next_message(ws: &mut Ws) -> Message {
 }
 
 /// The next JSON frame.
-async fn recv(ws: &mut Ws) -> Value {
+async fn recv<S: Io>(ws: &mut WebSocketStream<S>) -> Value {
     match next_message(ws).await {
         Message::Text(text) => serde_json::from_str(text.as_str()).expect("JSON frame"),
         other => panic!("expected a text frame, got {other:?}"),
@@ -58,7 +62,7 @@ async fn recv(ws: &mut Ws) -> Value {
 }
 
 /// The close frame that ends the socket.
-async fn closed(ws: &mut Ws) -> CloseFrame {
+async fn closed<S: Io>(ws: &mut WebSocketStream<S>) -> CloseFrame {
     match next_message(ws).await {
         Message::Close(Some(frame)) => frame,
         other => panic!("expected a close frame, got {other:?}"),
@@ -66,7 +70,12 @@ async fn closed(ws: &mut Ws) -> CloseFrame {
 }
 
 /// Subscribes to `topics` with `extra` subscribe fields; returns the subscription id.
-async fn subscribe(ws: &mut Ws, request_id: u64, topics: &[&str], extra: Value) -> String {
+async fn subscribe<S: Io>(
+    ws: &mut WebSocketStream<S>,
+    request_id: u64,
+    topics: &[&str],
+    extra: Value,
+) -> String {
     let mut subscribe = json!({ "topics": topics });
     if let Value::Object(fields) = extra {
         subscribe.as_object_mut().unwrap().extend(fields);
@@ -87,7 +96,7 @@ async fn subscribe(ws: &mut Ws, request_id: u64, topics: &[&str], extra: Value) 
 }
 
 /// The next binary frame, as a protobuf `ConnectResponse`.
-async fn recv_proto(ws: &mut Ws) -> v1::ConnectResponse {
+async fn recv_proto<S: Io>(ws: &mut WebSocketStream<S>) -> v1::ConnectResponse {
     use prost::Message as _;
     match next_message(ws).await {
         Message::Binary(bytes) => v1::ConnectResponse::decode(bytes).expect("a ConnectResponse"),
@@ -729,5 +738,91 @@ async fn a_slow_reader_is_told_it_lagged_and_caught_up() {
         seqs, published,
         "caught up with every message, in order, once"
     );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_socket_closes_when_its_token_expires() {
+    let broker = spawn_broker_with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    // Past its `exp` by 4 s but inside the 5 s leeway: accepted, and it expires in about 1 s.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"exp": now - 4, "topichub": {"subscribe": [">"]}});
+    let short = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut ws = open(&broker, &format!("?access_token={short}")).await;
+    subscribe(&mut ws, 1, &["t"], json!({})).await;
+    let close = closed(&mut ws).await;
+    assert_eq!(close.code, CloseCode::Policy);
+    assert!(
+        close.reason.as_str().contains("token has expired"),
+        "{close:?}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_works_over_tls_on_the_same_port() {
+    use base64::Engine as _;
+    use tokio_rustls::rustls;
+    let (cert, key, pem) = support::certificate();
+    let broker = spawn_broker_with(|c| {
+        c.tls_cert = Some(cert.clone());
+        c.tls_key = Some(key.clone());
+    })
+    .await;
+    let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(der)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.into()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // Browsers open WebSockets over HTTP/1.1.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(broker.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let url = format!("wss://localhost:{}/ws", broker.addr.port());
+    let (mut ws, _) = within(
+        "upgrade over TLS",
+        tokio_tungstenite::client_async(url, tls),
+    )
+    .await
+    .unwrap();
+    subscribe(&mut ws, 1, &["tls.t"], json!({})).await;
+    send(
+        &mut ws,
+        json!({"request_id": 2, "publish": {"topic": "tls.t", "payload": "over wss"}}),
+    )
+    .await;
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let frame = recv(&mut ws).await;
+        if let Some(message) = frame.get("message") {
+            assert_eq!(message["payload"], "over wss");
+        }
+        kinds.push(if frame.get("ack").is_some() {
+            "ack"
+        } else {
+            "message"
+        });
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["ack", "message"]);
     broker.stop().await;
 }

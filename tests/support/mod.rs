@@ -363,3 +363,21 @@ pub async fn metric(broker: &Broker, series: &str) -> f64 {
         })
         .map_or(0.0, |value| value.parse().unwrap())
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, written to a fresh directory.
+pub fn certificate() -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    // Cargo's scratch directory for integration tests, inside target/: nothing is left in /tmp.
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "tls-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = certified.cert.pem();
+    std::fs::write(dir.join("cert.pem"), &pem).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
+    (dir.join("cert.pem"), dir.join("key.pem"), pem)
+}
