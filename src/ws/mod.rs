@@ -228,12 +228,18 @@ async fn serve(socket: WebSocket, door: WsDoor, access: Access, connection: Conn
     };
     // The reason goes through the outbox, after the answers queued before it; the writer turns
     // it into the close frame.
+    // A client that stopped reading cannot be told, and is not waited for longer than it has
+    // to answer a ping; neither is the writer, whose socket may be full for good.
+    let patience = door.keepalive_timeout;
     if let Some(error) = ended {
-        session.fail(error).await;
+        let _ = tokio::time::timeout(patience, session.fail(error)).await;
     }
     // Ends every subscription of the socket.
     drop(session);
-    let _ = writer.await;
+    let mut writer = writer;
+    if tokio::time::timeout(patience, &mut writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 /// Decodes one request frame of `kind`; the first frame fixes the socket's format and a frame of
