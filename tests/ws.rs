@@ -95,6 +95,29 @@ async fn subscribe<S: Io>(
     id
 }
 
+/// Publishes `publish` (the request's fields) on a socket subscribed to its topic; returns the
+/// ack and the delivered message frames, which may arrive in either order.
+async fn publish_and_receive<S: Io>(
+    ws: &mut WebSocketStream<S>,
+    request_id: u64,
+    publish: Value,
+) -> (Value, Value) {
+    send(ws, json!({"request_id": request_id, "publish": publish})).await;
+    let (mut ack, mut message) = (None, None);
+    for _ in 0..2 {
+        let frame = recv(ws).await;
+        if frame.get("ack").is_some() {
+            ack = Some(frame);
+        } else {
+            message = Some(frame);
+        }
+    }
+    let (ack, message) = (ack.expect("an ack"), message.expect("a message"));
+    assert_eq!(ack["request_id"], request_id, "{ack}");
+    assert!(message.get("message").is_some(), "{message}");
+    (ack, message)
+}
+
 /// The next binary frame, as a protobuf `ConnectResponse`.
 async fn recv_proto<S: Io>(ws: &mut WebSocketStream<S>) -> v1::ConnectResponse {
     use prost::Message as _;
@@ -115,22 +138,13 @@ async fn subscribe_publish_ack_round_trip() {
     let broker = spawn_broker().await;
     let mut ws = open(&broker, "").await;
     let id = subscribe(&mut ws, 1, &["orders.>"], json!({})).await;
-    send(
+    // The ack and the delivery travel on one socket in either order.
+    let (ack, message) = publish_and_receive(
         &mut ws,
-        json!({"request_id": 2, "publish": {"topic": "orders.eu", "payload": {"n": 1}, "headers": {"x-trace": "t1"}}}),
+        2,
+        json!({"topic": "orders.eu", "payload": {"n": 1}, "headers": {"x-trace": "t1"}}),
     )
     .await;
-    // The ack and the delivery travel on one socket in either order.
-    let (mut ack, mut message) = (None, None);
-    for _ in 0..2 {
-        let frame = recv(&mut ws).await;
-        if frame.get("ack").is_some() {
-            ack = Some(frame);
-        } else {
-            message = Some(frame);
-        }
-    }
-    let (ack, message) = (ack.unwrap(), message.unwrap());
     assert_eq!(ack["request_id"], 2);
     assert!(ack.get("subscription_id").is_none(), "{ack}");
     let cursor = ack["ack"]["cursor"].as_str().unwrap();
@@ -148,19 +162,13 @@ async fn subscribe_publish_ack_round_trip() {
     assert_eq!(m["headers"]["content-type"], "application/json");
 
     // Text stays text; bytes that are not UTF-8 travel as base64 both ways.
-    send(
+    let (_, binary) = publish_and_receive(
         &mut ws,
-        json!({"request_id": 3, "publish": {"topic": "orders.bin", "payload_base64": "/wA="}}),
+        3,
+        json!({"topic": "orders.bin", "payload_base64": "/wA="}),
     )
     .await;
-    let mut binary = None;
-    for _ in 0..2 {
-        let frame = recv(&mut ws).await;
-        if frame.get("message").is_some() {
-            binary = Some(frame);
-        }
-    }
-    assert_eq!(binary.unwrap()["message"]["payload_base64"], "/wA=");
+    assert_eq!(binary["message"]["payload_base64"], "/wA=");
     broker.stop().await;
 }
 
@@ -332,19 +340,9 @@ async fn every_door_reaches_the_socket_and_back() {
     within("gRPC message", grpc.next()).await.unwrap().unwrap();
 
     // WebSocket -> SSE and gRPC, same seq everywhere.
-    send(
-        &mut ws,
-        json!({"request_id": 2, "publish": {"topic": "x.ws", "payload": "from ws"}}),
-    )
-    .await;
-    let mut ack = None;
-    for _ in 0..2 {
-        let frame = recv(&mut ws).await;
-        if frame.get("ack").is_some() {
-            ack = Some(frame["ack"].clone());
-        }
-    }
-    let ack = ack.expect("ack");
+    let (ack, _) =
+        publish_and_receive(&mut ws, 2, json!({"topic": "x.ws", "payload": "from ws"})).await;
+    let ack = &ack["ack"];
     let event = sse.expect("message").await;
     assert_eq!(event.id.as_deref(), ack["cursor"].as_str());
     assert_eq!(event.json()["payload"], "from ws");
@@ -408,22 +406,7 @@ async fn the_upgrade_needs_a_token_from_the_header_query_or_cookie() {
     )
     .await;
     assert_eq!(recv(&mut ws).await["error"]["code"], "PERMISSION_DENIED");
-    send(
-        &mut ws,
-        json!({"request_id": 4, "publish": {"topic": "mine.x", "payload": "yes"}}),
-    )
-    .await;
-    let mut kinds = Vec::new();
-    for _ in 0..2 {
-        let frame = recv(&mut ws).await;
-        kinds.push(if frame.get("ack").is_some() {
-            "ack"
-        } else {
-            "message"
-        });
-    }
-    kinds.sort();
-    assert_eq!(kinds, ["ack", "message"]);
+    publish_and_receive(&mut ws, 4, json!({"topic": "mine.x", "payload": "yes"})).await;
     // Header and cookie.
     for (name, value) in [
         ("authorization", format!("Bearer {token}")),
@@ -805,24 +788,8 @@ async fn the_socket_works_over_tls_on_the_same_port() {
     .await
     .unwrap();
     subscribe(&mut ws, 1, &["tls.t"], json!({})).await;
-    send(
-        &mut ws,
-        json!({"request_id": 2, "publish": {"topic": "tls.t", "payload": "over wss"}}),
-    )
-    .await;
-    let mut kinds = Vec::new();
-    for _ in 0..2 {
-        let frame = recv(&mut ws).await;
-        if let Some(message) = frame.get("message") {
-            assert_eq!(message["payload"], "over wss");
-        }
-        kinds.push(if frame.get("ack").is_some() {
-            "ack"
-        } else {
-            "message"
-        });
-    }
-    kinds.sort();
-    assert_eq!(kinds, ["ack", "message"]);
+    let (_, message) =
+        publish_and_receive(&mut ws, 2, json!({"topic": "tls.t", "payload": "over wss"})).await;
+    assert_eq!(message["message"]["payload"], "over wss");
     broker.stop().await;
 }
