@@ -5,7 +5,8 @@ COPY . .
 RUN cargo build --release --locked --bin topichub
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home topichub
+RUN useradd --system --uid 10001 --no-create-home topichub \
+    && mkdir /data && chown topichub /data
 COPY --from=build /src/target/release/topichub /usr/local/bin/topichub
 USER topichub
 # Inside a container the broker must listen on all interfaces to be reachable.

@@ -1,11 +1,13 @@
 //! Compiles `proto/` with protox (pure Rust, no system `protoc`) and tonic-prost-build.
 //!
-//! Three passes share one descriptor set:
+//! Four passes share one descriptor set:
 //! - `client/`: plain types and clients for `topichub.v1` (used by the CLI, tests and library users);
 //! - `server/`: the same package for the server, where `topichub.v1.Message` is bound to
 //!   `crate::wire::SharedMessage`, which writes a message's protobuf encoding computed once
 //!   per message instead of once per subscriber;
-//! - `seed/`: the seed-compatible `proto.PubSubService`, client and server.
+//! - `seed/`: the seed-compatible `proto.PubSubService`: types and client;
+//! - `seed_server/`: its server, where `proto.SubscribeResponse` is bound to
+//!   `crate::grpc::seed::SharedPayload`, encoded once per message as well.
 //!
 //! The descriptor set is also written to `OUT_DIR/topichub_descriptor.bin` for server reflection.
 //! `compile_fds` prints no `rerun-if-changed` lines, so they are printed here.
@@ -48,7 +50,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".topichub.v1.Message", "crate::wire::SharedMessage")
         .compile_fds(only(&fds, "topichub/v1/topichub.proto"))?;
     pass("seed")?
+        .build_server(false)
+        .compile_fds(only(&fds, "seed/pubsub.proto"))?;
+    pass("seed_server")?
+        .build_client(false)
         .codec_path("crate::grpc::codec::Codec")
+        .extern_path(
+            ".proto.SubscribeResponse",
+            "crate::grpc::seed::SharedPayload",
+        )
         .compile_fds(only(&fds, "seed/pubsub.proto"))?;
     Ok(())
 }

@@ -366,7 +366,7 @@ async fn sse_subscriber(
                 b"gap" => {
                     ctx.subs[i].gaps.fetch_add(1, Relaxed);
                 }
-                b"error" => return Err(String::from_utf8_lossy(payload).into_owned()),
+                b"end" => return Err(String::from_utf8_lossy(payload).into_owned()),
                 _ => {}
             }
         }

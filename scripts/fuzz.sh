@@ -33,7 +33,7 @@ fi
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(topic_pattern cursor publish_json proto_requests)
+    targets=(topic_pattern cursor publish_json proto_requests publish_request subscribe_request http2_frames)
 fi
 
 cd fuzz

@@ -16,7 +16,7 @@
 //! whether a topic or pattern is allowed.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
@@ -53,11 +53,18 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
 }
 
-/// Verifies tokens; cheap to clone.
+/// Verifies tokens; cheap to clone (clones share the keys, and [`Authenticator::reload`]).
 #[derive(Clone, Default)]
 pub struct Authenticator {
     /// `None`: authentication is off.
-    verifier: Option<Arc<Verifier>>,
+    keys: Option<Arc<Keys>>,
+}
+
+/// The configured key source and the verifier loaded from it last.
+struct Keys {
+    config: AuthConfig,
+    // A std lock: held only to clone an `Arc`, never across an await.
+    current: RwLock<Arc<Verifier>>,
 }
 
 struct Verifier {
@@ -113,35 +120,54 @@ impl Authenticator {
             config.public_key.is_some(),
             config.jwks.is_some(),
         ];
-        let keys = match sources.iter().filter(|s| **s).count() {
+        match sources.iter().filter(|s| **s).count() {
             0 => return Ok(Authenticator::default()),
-            1 => load_keys(config)?,
+            1 => {}
             _ => {
                 return Err(
                     "configure one of --jwt-secret, --jwt-public-key and --jwks, not several"
                         .into(),
                 );
             }
-        };
+        }
         Ok(Authenticator {
-            verifier: Some(Arc::new(Verifier {
-                keys,
-                audience: config.audience.clone(),
-                issuer: config.issuer.clone(),
+            keys: Some(Arc::new(Keys {
+                current: RwLock::new(Arc::new(Verifier::load(config)?)),
+                config: config.clone(),
             })),
         })
     }
 
     /// Whether tokens are required.
     pub fn is_enabled(&self) -> bool {
-        self.verifier.is_some()
+        self.keys.is_some()
+    }
+
+    /// Reads the key file (`--jwt-public-key` or `--jwks`) again; tokens are verified with the
+    /// new keys from then on. `Ok(false)`: there is no file to read (no keys, or a secret). On
+    /// error the old keys stay.
+    pub fn reload(&self) -> Result<bool, String> {
+        let Some(keys) = &self.keys else {
+            return Ok(false);
+        };
+        if keys.config.secret.is_some() {
+            return Ok(false);
+        }
+        let verifier = Arc::new(Verifier::load(&keys.config)?);
+        *keys.current.write().unwrap_or_else(|e| e.into_inner()) = verifier;
+        Ok(true)
     }
 
     /// Checks a token (`None`: none was sent) and returns what it allows.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Access, Error> {
-        let Some(verifier) = &self.verifier else {
+        let Some(keys) = &self.keys else {
             return Ok(Access::unrestricted());
         };
+        let verifier = keys
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let token = token.ok_or_else(|| {
             Error::Unauthenticated(
                 "a token is required: send `authorization: Bearer <JWT>` (SSE: ?access_token=<JWT>)"
@@ -206,6 +232,16 @@ impl Authenticator {
             expires_at: claims
                 .exp
                 .map(|exp| UNIX_EPOCH + Duration::from_secs(exp) + LEEWAY),
+        })
+    }
+}
+
+impl Verifier {
+    fn load(config: &AuthConfig) -> Result<Verifier, String> {
+        Ok(Verifier {
+            keys: load_keys(config)?,
+            audience: config.audience.clone(),
+            issuer: config.issuer.clone(),
         })
     }
 }
@@ -363,9 +399,15 @@ fn list(patterns: &[Pattern]) -> String {
         .join(", ")
 }
 
-/// The bearer token of a request: the `authorization` header, else (for browsers) the
-/// `access_token` cookie or query parameter.
-fn token_of(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, Error> {
+/// The bearer token of a request: the `authorization` header, else, where `from` allows it (a
+/// browser's `EventSource` cannot send headers), the `access_token` cookie or query parameter.
+/// A cookie or query token where only the header is accepted is refused rather than ignored, so
+/// the client learns which header to use.
+fn token_of(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    from: TokenFrom,
+) -> Result<Option<String>, Error> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.to_str().unwrap_or("");
         let token = value
@@ -386,29 +428,64 @@ fn token_of(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, 
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == TOKEN_PARAM)
         .map(|(_, value)| value.to_owned());
-    if cookie.is_some() {
-        return Ok(cookie);
-    }
-    Ok(query.and_then(|q| {
+    let query = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == TOKEN_PARAM)
             .map(|(_, v)| v.into_owned())
-    }))
+    });
+    let (Some(token), place) = (match (cookie, query) {
+        (Some(cookie), _) => (Some(cookie), "cookie"),
+        (None, query) => (query, "query parameter"),
+    }) else {
+        return Ok(None);
+    };
+    match from {
+        TokenFrom::HeaderCookieOrQuery => Ok(Some(token)),
+        TokenFrom::Header => Err(Error::Unauthenticated(format!(
+            "the {TOKEN_PARAM} {place} is accepted only by GET /subscribe and GET /topics/{{topic}}/messages (for EventSource); send the token as `authorization: Bearer <JWT>`"
+        ))),
+        TokenFrom::Metadata => Err(Error::Unauthenticated(format!(
+            "gRPC takes no {TOKEN_PARAM} {place}; send the token as metadata `authorization: Bearer <JWT>`"
+        ))),
+    }
 }
 
-/// HTTP middleware for protected routes: authenticates and stores the [`Access`], or answers
-/// 401 with a JSON error.
+/// HTTP middleware for protected routes that take the token from the `authorization` header
+/// only (publishes, listings): a cookie would let a cross-site form publish (CSRF), and a query
+/// string ends up in access logs. Authenticates and stores the [`Access`], or answers 401.
 pub async fn http_guard(
     State((auth, metrics)): State<(Authenticator, Metrics)>,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
-    match admit(
+    guard_http(&auth, &metrics, request, next, TokenFrom::Header).await
+}
+
+/// HTTP middleware for the reads a browser's `EventSource` (or a plain link) makes, which cannot
+/// send headers: the `access_token` cookie or query parameter is accepted too.
+pub async fn http_browser_guard(
+    State((auth, metrics)): State<(Authenticator, Metrics)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    guard_http(
         &auth,
         &metrics,
-        &mut request,
+        request,
+        next,
         TokenFrom::HeaderCookieOrQuery,
-    ) {
+    )
+    .await
+}
+
+async fn guard_http(
+    auth: &Authenticator,
+    metrics: &Metrics,
+    mut request: Request,
+    next: Next,
+    from: TokenFrom,
+) -> Response {
+    match admit(auth, metrics, &mut request, from) {
         Ok(()) => next.run(request).await,
         Err(error) => {
             let mut response = crate::http::error::ApiError::from(error).into_response();
@@ -446,9 +523,12 @@ pub async fn grpc_guard(
 }
 
 /// Where a transport's clients may put their token.
+#[derive(Clone, Copy)]
 enum TokenFrom {
     /// gRPC metadata (`authorization`) only.
     Metadata,
+    /// HTTP: the `authorization` header only.
+    Header,
     /// HTTP: the header, else the cookie or query parameter (for EventSource).
     HeaderCookieOrQuery,
 }
@@ -463,9 +543,10 @@ fn admit(
     let access = if auth.is_enabled() {
         let query = match from {
             TokenFrom::Metadata => None,
-            TokenFrom::HeaderCookieOrQuery => request.uri().query(),
+            TokenFrom::Header | TokenFrom::HeaderCookieOrQuery => request.uri().query(),
         };
-        token_of(request.headers(), query).and_then(|token| auth.authenticate(token.as_deref()))
+        token_of(request.headers(), query, from)
+            .and_then(|token| auth.authenticate(token.as_deref()))
     } else {
         Ok(Access::unrestricted())
     };
@@ -572,24 +653,37 @@ mod tests {
 
     #[test]
     fn tokens_come_from_header_cookie_or_query() {
+        use TokenFrom::*;
         let mut headers = HeaderMap::new();
+        let browser = |h: &HeaderMap, q| token_of(h, q, HeaderCookieOrQuery);
         assert_eq!(
-            token_of(&headers, Some("topic=a&access_token=q"))
+            browser(&headers, Some("topic=a&access_token=q"))
                 .unwrap()
                 .as_deref(),
             Some("q")
         );
+        assert!(token_of(&headers, Some("access_token=q"), Header).is_err());
+        assert_eq!(token_of(&headers, Some("topic=a"), Header).unwrap(), None);
         headers.insert(header::COOKIE, "x=1; access_token=c".parse().unwrap());
         assert_eq!(
-            token_of(&headers, Some("access_token=q"))
+            browser(&headers, Some("access_token=q"))
                 .unwrap()
                 .as_deref(),
             Some("c")
         );
+        for from in [Header, Metadata] {
+            let refused = token_of(&headers, None, from).unwrap_err().to_string();
+            assert!(refused.contains("authorization: Bearer"), "{refused}");
+        }
         headers.insert(header::AUTHORIZATION, "bearer h".parse().unwrap());
-        assert_eq!(token_of(&headers, None).unwrap().as_deref(), Some("h"));
+        for from in [Header, Metadata, HeaderCookieOrQuery] {
+            assert_eq!(
+                token_of(&headers, None, from).unwrap().as_deref(),
+                Some("h")
+            );
+        }
         headers.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
-        assert!(token_of(&headers, None).is_err());
+        assert!(browser(&headers, None).is_err());
     }
 
     #[test]

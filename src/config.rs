@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::auth::AuthConfig;
 use crate::hub::{HubConfig, LagPolicy};
 use crate::limits::LimitsConfig;
+use crate::log::disk::Fsync;
 
 /// topichub: a topic-based publish/subscribe broker (gRPC, gRPC-Web, HTTP/JSON and SSE on one port).
 #[derive(Debug, Parser)]
@@ -29,6 +30,9 @@ pub enum Command {
     Sub(SubArgs),
     /// Print the OpenAPI document of the HTTP API (as committed in openapi/openapi.json).
     Openapi,
+    /// Check and repair a stopped broker's data dir: rolls back a torn last commit, verifies
+    /// every checksum and reads every retained message back.
+    Repair(RepairArgs),
 }
 
 /// Broker options. Every option can also be set through the environment variable shown.
@@ -62,6 +66,16 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_MAX_QUEUE_SIZE", default_value_t = 65_536)]
     pub max_queue_size: usize,
 
+    /// Default byte budget of a subscriber queue (payload + headers + topic of the queued
+    /// messages); a message that would take a non-empty queue over it triggers the lag policy,
+    /// like a full queue.
+    #[arg(long, env = "TOPICHUB_QUEUE_BYTES", default_value_t = crate::hub::DEFAULT_QUEUE_BYTES)]
+    pub queue_bytes: usize,
+
+    /// Largest byte budget a subscriber may ask for (`queue_bytes`).
+    #[arg(long, env = "TOPICHUB_MAX_QUEUE_BYTES", default_value_t = crate::hub::DEFAULT_MAX_QUEUE_BYTES)]
+    pub max_queue_bytes: usize,
+
     /// What happens to a subscriber whose queue overflows.
     #[arg(
         long,
@@ -70,6 +84,24 @@ pub struct ServerConfig {
         default_value = "catch-up"
     )]
     pub lag_policy: LagPolicy,
+
+    /// Bytes retained across all topics together; when over, the oldest messages hub-wide are
+    /// evicted first (resumes from before them get a `gap`). Default: a quarter of the
+    /// machine's memory or of the container's limit (1 GiB when neither can be read).
+    #[arg(long, env = "TOPICHUB_MAX_RETAINED_BYTES")]
+    pub max_retained_bytes: Option<usize>,
+
+    /// Keep history in this directory: the epoch, the seq counter and retained messages survive
+    /// restarts and crashes. Without it, history is in memory only and a restart starts afresh.
+    #[arg(long, env = "TOPICHUB_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+
+    /// With --data-dir, when a publish is acknowledged: `always` (after an fsync shared by
+    /// concurrent publishes; survives power loss) or `every=DURATION`, e.g. `every=100ms`
+    /// (after the write, fsync at most that interval later; faster, may lose the last interval
+    /// on a crash).
+    #[arg(long, env = "TOPICHUB_FSYNC", default_value = "always", value_parser = parse_fsync)]
+    pub fsync: Fsync,
 
     /// Interval of HTTP/2 and WebSocket keepalive pings to clients (detects dead peers).
     #[arg(long, env = "TOPICHUB_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -84,6 +116,12 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_KEEPALIVE_MIN_PING_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub keepalive_min_ping_interval: Duration,
 
+    /// How long a connection may have data pending while its peer accepts no bytes (a frozen
+    /// reader: socket open, nothing read) before it is closed; SSE, gRPC and gRPC-Web alike.
+    /// `0s` turns it off.
+    #[arg(long, env = "TOPICHUB_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
     /// Interval of SSE keep-alive comments (keeps proxies from closing idle streams).
     #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub sse_keepalive: Duration,
@@ -95,6 +133,12 @@ pub struct ServerConfig {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "TOPICHUB_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s): require every client to present a certificate signed by one of
+    /// them (mTLS, every door). The certificate's subject names the client in limits and logs;
+    /// with JWT keys configured too, a client needs both.
+    #[arg(long, env = "TOPICHUB_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
 
     /// Open connections at most; more are answered with 429 / RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOPICHUB_MAX_CONNECTIONS", default_value_t = 65_536)]
@@ -117,8 +161,9 @@ pub struct ServerConfig {
     )]
     pub max_topics_per_subscription: usize,
 
-    /// Messages per second one client may publish, 0 for no limit. A client is its token's
-    /// subject when authentication is on, else its IP address. Unary and HTTP publishes over the
+    /// Messages per second one client may publish, 0 for no limit. A client is its certificate's
+    /// subject with --tls-client-ca, else its token's subject when authentication is on, else its
+    /// IP address. Unary and HTTP publishes over the
     /// rate get 429 / RESOURCE_EXHAUSTED; PublishBatch streams are slowed down instead.
     #[arg(long, env = "TOPICHUB_PUBLISH_RATE", default_value_t = 0)]
     pub publish_rate: u32,
@@ -183,6 +228,15 @@ impl ServerConfig {
         }
     }
 
+    /// The TLS files, when TLS is configured.
+    pub fn tls(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
     /// The hub's part of the configuration.
     pub fn hub(&self) -> HubConfig {
         HubConfig {
@@ -192,8 +246,13 @@ impl ServerConfig {
             retain_age: self.retain_age,
             queue_size: self.queue_size,
             max_queue_size: self.max_queue_size,
+            queue_bytes: self.queue_bytes,
+            max_queue_bytes: self.max_queue_bytes,
             lag_policy: self.lag_policy,
             max_topics_per_subscription: self.max_topics_per_subscription,
+            max_retained_bytes: self
+                .max_retained_bytes
+                .unwrap_or_else(default_max_retained_bytes),
         }
     }
 
@@ -221,6 +280,18 @@ pub struct ClientArgs {
     /// JWT to send as `authorization: Bearer` (needed when the broker has authentication on).
     #[arg(long, env = "TOPICHUB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+/// `topichub repair`.
+#[derive(Debug, Clone, Args)]
+pub struct RepairArgs {
+    /// The data dir of a stopped broker.
+    #[arg(long, env = "TOPICHUB_DATA_DIR")]
+    pub data_dir: std::path::PathBuf,
+    /// If the log cannot be repaired, move its file aside so that the broker starts with an
+    /// empty history (a new epoch); the file is kept for inspection.
+    #[arg(long)]
+    pub discard: bool,
 }
 
 /// `topichub pub`.
@@ -254,6 +325,30 @@ pub struct SubArgs {
     /// Longest wait between reconnect attempts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub max_backoff: Duration,
+}
+
+fn parse_fsync(text: &str) -> Result<Fsync, String> {
+    text.parse()
+}
+
+/// A quarter of the memory this process may use: the machine's (`MemTotal` of /proc/meminfo),
+/// or the container's limit (cgroup v2 `memory.max`) when lower; 1 GiB when neither is known.
+fn default_max_retained_bytes() -> usize {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        });
+    let container = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok());
+    let total = match (machine, container) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    };
+    total.map_or(1024 * 1024 * 1024, |bytes| bytes / 4)
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {

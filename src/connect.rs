@@ -8,14 +8,15 @@
 //! subscribe checks are shared with gRPC's unary and server-streaming calls too.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::Error;
-use crate::hub::{self, Hub, LagPolicy, Start, SubscribeOptions, Subscription};
+use crate::hub::{self, Hub, LagPolicy, Publishing, Start, SubscribeOptions, Subscription};
 use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::metrics::{Door, Metrics};
 use crate::shutdown::StreamEnd;
@@ -27,28 +28,83 @@ use crate::wire::{self, v1};
 /// own queues, whose lag policy applies.
 pub const OUTBOX: usize = 64;
 
-/// What a session writes for its door: answers and events, or the error that ends the stream.
-pub type Outbox = mpsc::Sender<Result<v1::ConnectResponse, Error>>;
+/// Bytes of messages (payload + headers + topic) buffered per Connect stream, besides the count
+/// above: with 1 MiB payloads, 64 buffered events alone held 64 MiB per stream on top of its
+/// subscriptions' queues. A message larger than this waits for an empty outbox and goes alone.
+pub const OUTBOX_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a session writes for its door: an answer or event, or the error that ends the stream,
+/// with the share of the outbox's byte budget it holds. The door drops the share once it has
+/// handed the event to its transport.
+pub type Outgoing = (
+    Result<v1::ConnectResponse, Error>,
+    Option<OwnedSemaphorePermit>,
+);
+
+/// The sending side of a Connect stream, shared by its session and forwarding tasks; bounded in
+/// events ([`OUTBOX`]) and in message bytes ([`OUTBOX_BYTES`]).
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    budget: Arc<Semaphore>,
+}
+
+impl Outbox {
+    /// The outbox, and the receiver its door drains into the transport.
+    pub fn new() -> (Outbox, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        let budget = Arc::new(Semaphore::new(OUTBOX_BYTES));
+        (Outbox { tx, budget }, rx)
+    }
+
+    /// Sends an event that carries no message, or the error that ends the stream.
+    async fn send(&self, event: Result<v1::ConnectResponse, Error>) -> Result<(), Gone> {
+        self.tx.send((event, None)).await.map_err(|_| Gone)
+    }
+
+    /// Sends an event carrying a message of `bytes`, once the byte budget has room for it.
+    async fn send_message(&self, event: v1::ConnectResponse, bytes: usize) -> Result<(), Gone> {
+        let share = u32::try_from(bytes.min(OUTBOX_BYTES)).unwrap_or(u32::MAX);
+        // Events left in the channel when the client goes away are dropped with it, giving
+        // their shares back, so this wait ends then too.
+        let held = self.budget.clone().acquire_many_owned(share).await;
+        self.tx.send((Ok(event), held.ok())).await.map_err(|_| Gone)
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
 
 /// The client went away (its door's outbox is closed).
 #[derive(Debug)]
 pub struct Gone;
 
-/// Publishes a `PublishRequest` (shared by every publish of the `topichub.v1` doors).
-pub fn publish(
+/// Checks a `PublishRequest` and hands it to the hub (shared by every publish of the
+/// `topichub.v1` doors); the publish is done when the returned future resolves.
+pub fn start_publish(
     hub: &Hub,
     access: &Access,
     request: v1::PublishRequest,
-    door: Door,
-) -> Result<v1::Cursor, Error> {
+) -> Result<Publishing, Error> {
     hub.check_payload(request.payload.len())?;
     let topic = Topic::parse(&request.topic)?;
     access.check_publish(&topic)?;
-    let message = hub.publish(
+    Ok(hub.publish(
         topic,
         request.payload,
         request.headers.into_iter().collect(),
-    )?;
+    ))
+}
+
+/// Publishes a `PublishRequest` through `door` and waits until it is acknowledged.
+pub async fn publish(
+    hub: &Hub,
+    access: &Access,
+    door: Door,
+    request: v1::PublishRequest,
+) -> Result<v1::Cursor, Error> {
+    let message = start_publish(hub, access, request)?.await?;
     hub.metrics().published(door);
     Ok(wire::cursor(&message.cursor()))
 }
@@ -97,6 +153,8 @@ pub fn subscribe_options(
         patterns,
         start,
         queue_size: (request.queue_size > 0).then_some(request.queue_size as usize),
+        queue_bytes: (request.queue_bytes > 0)
+            .then(|| usize::try_from(request.queue_bytes).unwrap_or(usize::MAX)),
         lag_policy,
     })
 }
@@ -174,7 +232,7 @@ impl Session {
             subscription_id: String::new(),
             event: Some(request_error(error)),
         };
-        self.outbox.send(Ok(response)).await.map_err(|_| Gone)
+        self.outbox.send(Ok(response)).await
     }
 
     /// Handles one request.
@@ -189,10 +247,10 @@ impl Session {
         };
         let response = match request.request {
             Some(Req::Publish(publish_request)) => {
-                let published = self
-                    .limits
-                    .check_publish(&self.access, &self.connection)
-                    .and_then(|()| publish(&self.hub, &self.access, publish_request, self.door));
+                let published = match self.limits.check_publish(&self.access, &self.connection) {
+                    Ok(()) => publish(&self.hub, &self.access, self.door, publish_request).await,
+                    Err(error) => Err(error),
+                };
                 match published {
                     Ok(cursor) => reply(
                         String::new(),
@@ -212,7 +270,7 @@ impl Session {
                     Ok((slot, subscription)) => {
                         let id = subscription.id();
                         let first = reply(id.clone(), Event::Subscribed(subscribed(&subscription)));
-                        self.outbox.send(Ok(first)).await.map_err(|_| Gone)?;
+                        self.outbox.send(Ok(first)).await?;
                         let task = tokio::spawn(forward(
                             subscription,
                             id.clone(),
@@ -247,7 +305,7 @@ impl Session {
                 )),
             ),
         };
-        self.outbox.send(Ok(response)).await.map_err(|_| Gone)
+        self.outbox.send(Ok(response)).await
     }
 }
 
@@ -291,7 +349,14 @@ async fn forward(
             metrics.count_event(door, delivered);
         }
         let response = match next {
-            Some(Ok(hub::Event::Message(m))) => event(Event::Message(wire::SharedMessage(Some(m)))),
+            Some(Ok(hub::Event::Message(m))) => {
+                let bytes = m.queued_size();
+                let message = event(Event::Message(wire::SharedMessage::new(m)));
+                if outbox.send_message(message, bytes).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
             Some(Err(Error::ShuttingDown)) => {

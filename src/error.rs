@@ -21,7 +21,7 @@ pub enum Error {
     /// No subscription has this id.
     UnknownSubscription(String),
     /// The subscriber's queue overflowed under the `disconnect` policy.
-    SlowConsumer { queue_size: usize },
+    SlowConsumer(Behind),
     /// The server is shutting down.
     ShuttingDown,
     /// No valid token (missing, malformed, expired, wrong signature).
@@ -30,6 +30,17 @@ pub enum Error {
     PermissionDenied(String),
     /// A server limit was reached; the message names it and the option that sets it.
     LimitExceeded(String),
+    /// The log could not store a message (e.g. the disk is full); nothing was published.
+    Unavailable(String),
+}
+
+/// How far behind a slow subscriber fell: the bound of its queue that it overflowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behind {
+    /// Its queue held this many messages.
+    Messages(usize),
+    /// Its queued messages took this many bytes (payload, headers and topic).
+    Bytes(usize),
 }
 
 /// The gRPC status code name each error maps to; HTTP codes follow grpc-gateway's mapping.
@@ -66,11 +77,11 @@ impl Error {
             | Error::InvalidRequest(_)
             | Error::InvalidCursor { .. }
             | Error::CursorAhead { .. } => Kind::InvalidArgument,
-            Error::PayloadTooLarge { .. }
-            | Error::SlowConsumer { .. }
-            | Error::LimitExceeded(_) => Kind::ResourceExhausted,
+            Error::PayloadTooLarge { .. } | Error::SlowConsumer(_) | Error::LimitExceeded(_) => {
+                Kind::ResourceExhausted
+            }
             Error::UnknownSubscription(_) => Kind::NotFound,
-            Error::ShuttingDown => Kind::Unavailable,
+            Error::ShuttingDown | Error::Unavailable(_) => Kind::Unavailable,
             Error::Unauthenticated(_) => Kind::Unauthenticated,
             Error::PermissionDenied(_) => Kind::PermissionDenied,
         }
@@ -98,9 +109,13 @@ impl fmt::Display for Error {
                 "cursor {cursor} is ahead of this hub, whose newest message is seq {head}; use a cursor this hub issued"
             ),
             Error::UnknownSubscription(id) => write!(f, "no subscription with id {id:?}"),
-            Error::SlowConsumer { queue_size } => write!(
+            Error::SlowConsumer(Behind::Messages(queue_size)) => write!(
                 f,
                 "subscriber fell more than {queue_size} messages behind and its lag policy is `disconnect`; read faster, raise queue_size, or use the `catch-up` policy"
+            ),
+            Error::SlowConsumer(Behind::Bytes(queue_bytes)) => write!(
+                f,
+                "subscriber fell more than {queue_bytes} bytes behind and its lag policy is `disconnect`; read faster, raise queue_bytes, or use the `catch-up` policy"
             ),
             Error::ShuttingDown => {
                 f.write_str("topichub is shutting down; reconnect and resume from your last cursor")
@@ -108,6 +123,7 @@ impl fmt::Display for Error {
             Error::Unauthenticated(reason) => write!(f, "unauthenticated: {reason}"),
             Error::PermissionDenied(reason) => write!(f, "permission denied: {reason}"),
             Error::LimitExceeded(reason) => write!(f, "limit reached: {reason}"),
+            Error::Unavailable(reason) => write!(f, "unavailable: {reason}"),
         }
     }
 }

@@ -1,32 +1,48 @@
 //! The hub: topics, subscriptions, sequence numbers, retained history and the lag policy.
 //!
-//! Every transport calls into one [`Hub`]. All state sits behind one mutex so that assigning a
-//! `seq`, retaining the message and handing it to subscriber queues is one atomic step; that is
-//! what makes resume exact (a subscriber registers and snapshots history under the same lock, so
-//! each message is either replayed or delivered live, never both, never neither).
+//! Every transport calls into one [`Hub`]. All state sits behind one mutex so that retaining a
+//! message and handing it to subscriber queues is one atomic step; that is what makes resume
+//! exact (a subscriber registers and snapshots history under the same lock, so each message is
+//! either replayed or delivered live, never both, never neither).
+//!
+//! History lives in a log (see [`crate::log`]). Without a durable one, a publish assigns the seq
+//! and delivers in the same critical section. With one, the seq is assigned and the message
+//! handed to the log under the lock (so the log sees seq order), and the log calls back once the
+//! message is durable to retain and deliver it, again under the lock; `head` is the newest
+//! delivered seq, so nothing a subscriber sees can be lost by a crash.
 //!
 //! The lock is a `std::sync::Mutex`, not an async one: it is never held across an `.await`, and
 //! every critical section is short and non-blocking (`try_send` into bounded queues), so the
 //! publisher is never blocked by a slow subscriber.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use crate::cursor::Cursor;
-use crate::error::Error;
+use crate::error::{Behind, Error};
+use crate::log::memory::{Retention, TopicLog};
+use crate::log::{Log, Recovered};
+pub use crate::message::{Headers, Message};
 use crate::metrics::{Metrics, Snapshot};
-use crate::queue::{self, TrySendError};
+use crate::queue::{self, Bound, TrySendError, Weigh};
 use crate::topic::{Pattern, Topic};
-
-/// Message headers, e.g. `content-type`. Sorted, so every transport shows them in one order.
-pub type Headers = BTreeMap<String, String>;
 
 /// Most header bytes (keys + values) one message may carry.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Default byte budget of a subscriber's queue (`--queue-bytes`).
+pub const DEFAULT_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default of the largest byte budget a subscriber may ask for (`--max-queue-bytes`).
+pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Limits and defaults of a hub. Every field is a server option (see `config`).
 #[derive(Clone, Debug)]
@@ -43,10 +59,27 @@ pub struct HubConfig {
     pub queue_size: usize,
     /// Largest queue length a subscriber may ask for.
     pub max_queue_size: usize,
+    /// Default byte budget of a subscriber's queue (see [`Message::queued_size`]). A message that
+    /// would take a non-empty queue over it triggers the subscriber's lag policy.
+    pub queue_bytes: usize,
+    /// Largest byte budget a subscriber may ask for.
+    pub max_queue_bytes: usize,
     /// Default lag policy.
     pub lag_policy: LagPolicy,
     /// Topics and patterns one subscription may name.
     pub max_topics_per_subscription: usize,
+    /// Bytes retained across all topics; the oldest messages hub-wide are evicted first.
+    pub max_retained_bytes: usize,
+}
+
+impl HubConfig {
+    fn retention(&self) -> Retention {
+        Retention {
+            messages: self.retain_messages,
+            bytes: self.retain_bytes,
+            age: self.retain_age,
+        }
+    }
 }
 
 impl Default for HubConfig {
@@ -58,8 +91,11 @@ impl Default for HubConfig {
             retain_age: Duration::from_secs(3600),
             queue_size: 1024,
             max_queue_size: 65_536,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
             lag_policy: LagPolicy::CatchUp,
             max_topics_per_subscription: 100,
+            max_retained_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -73,53 +109,9 @@ pub enum LagPolicy {
     Disconnect,
 }
 
-/// An accepted message. Shared (`Arc`) between retention and every subscriber queue.
-#[derive(Debug)]
-pub struct Message {
-    /// Topic it was published to.
-    pub topic: Topic,
-    /// Body, exactly as published.
-    pub payload: Bytes,
-    /// Position in the hub's history.
-    pub seq: u64,
-    /// History id of the hub that accepted it.
-    pub epoch: Arc<str>,
-    /// When the hub accepted it.
-    pub published_at: SystemTime,
-    /// Publisher-supplied headers.
-    pub headers: Headers,
-    /// Each transport's encoding of this message, computed by the first subscriber that needs it
-    /// and shared by all others ("encode once per transport, not once per subscriber").
-    pub(crate) encoded: Encodings,
-}
-
-/// Lazily computed wire encodings of one message.
-#[derive(Debug, Default)]
-pub(crate) struct Encodings {
-    /// Protobuf encoding of `topichub.v1.Message`.
-    pub(crate) proto: OnceLock<Bytes>,
-    /// A complete SSE `message` event.
-    pub(crate) sse: OnceLock<Bytes>,
-}
-
-impl Message {
-    /// The cursor pointing at this message.
-    pub fn cursor(&self) -> Cursor {
-        Cursor {
-            epoch: self.epoch.to_string(),
-            seq: self.seq,
-        }
-    }
-
-    /// Bytes this message counts for against retention limits.
-    fn retained_size(&self) -> usize {
-        self.payload.len()
-            + self.topic.as_str().len()
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
+impl Weigh for Arc<Message> {
+    fn weight(&self) -> usize {
+        self.queued_size()
     }
 }
 
@@ -144,6 +136,8 @@ pub struct SubscribeOptions {
     pub start: Start,
     /// Queue length (`None` = server default; capped by the server maximum).
     pub queue_size: Option<usize>,
+    /// Queue byte budget (`None` = server default; capped by the server maximum).
+    pub queue_bytes: Option<usize>,
     /// Lag policy (`None` = server default).
     pub lag_policy: Option<LagPolicy>,
 }
@@ -236,13 +230,19 @@ struct Shared {
     epoch: Arc<str>,
     config: HubConfig,
     metrics: Metrics,
+    /// The durable log, if any; without one the topics' in-memory logs are the whole history.
+    log: Option<Box<dyn Log>>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    /// Seq of the newest message (0 = none yet).
+    /// Seq of the newest message retained and delivered (0 = none yet).
     head: u64,
+    /// Seq of the newest message accepted; above `head` while the durable log writes it.
+    assigned: u64,
+    /// Bytes retained across all topics (for `max_retained_bytes`).
+    retained_bytes: usize,
     topics: HashMap<Topic, TopicState>,
     subs: HashMap<u64, SubEntry>,
     /// Subscriptions with at least one wildcard pattern; new topics are matched against them.
@@ -255,11 +255,8 @@ struct State {
 
 #[derive(Default)]
 struct TopicState {
-    retained: VecDeque<Retained>,
-    retained_bytes: usize,
-    /// Highest seq evicted from this topic (0 = none).
-    evicted_through: u64,
-    last_seq: u64,
+    /// Retained history.
+    log: TopicLog,
     /// Live subscriptions matching this topic, each once.
     subscribers: Vec<u64>,
 }
@@ -274,6 +271,7 @@ struct SubEntry {
     /// First seq its queue could not take, while lagged.
     lagged_from: Option<u64>,
     queue_size: usize,
+    queue_bytes: usize,
     policy: LagPolicy,
     /// Topics whose subscriber lists hold this subscription.
     topics: Vec<Topic>,
@@ -305,18 +303,88 @@ enum Ended {
 }
 
 impl Hub {
-    /// A new, empty hub with a fresh epoch.
+    /// A new, empty hub with a fresh epoch, its history in memory.
     pub fn new(config: HubConfig) -> Hub {
         let epoch: String = std::iter::repeat_with(fastrand::alphanumeric)
             .take(12)
             .collect();
+        Hub::from_parts(config, Metrics::new(), Arc::from(epoch), None)
+    }
+
+    /// A hub on a durable `log`, starting from what it `recovered`; `metrics` are the ones the
+    /// log reports to.
+    pub fn with_log(
+        config: HubConfig,
+        metrics: Metrics,
+        log: Box<dyn Log>,
+        recovered: Recovered,
+    ) -> Hub {
+        let hub = Hub::from_parts(config, metrics, recovered.epoch, Some(log));
+        let shared = &hub.shared;
+        let log = shared.log.as_deref();
+        {
+            let mut state = hub.lock();
+            state.forgotten_through = recovered.forgotten_through;
+            for (topic, through) in recovered.watermarks {
+                state.topics.insert(
+                    topic,
+                    TopicState {
+                        log: TopicLog::with_watermark(through),
+                        subscribers: Vec::new(),
+                    },
+                );
+            }
+            for message in &recovered.messages {
+                state.deliver(message, &shared.config, log);
+            }
+            state.head = recovered.head;
+            state.assigned = recovered.head;
+        }
+        // The log calls back with each durable batch; a weak handle, so that the hub (which
+        // owns the log) can still be dropped.
+        let weak: Weak<Shared> = Arc::downgrade(&hub.shared);
+        hub.shared
+            .log
+            .as_ref()
+            .expect("set above")
+            .start(Box::new(move |batch| {
+                let Some(shared) = weak.upgrade() else { return };
+                let hub = Hub { shared };
+                let log = hub.shared.log.as_deref();
+                let mut state = hub.lock();
+                for message in batch {
+                    state.deliver(message, &hub.shared.config, log);
+                }
+            }));
+        hub
+    }
+
+    fn from_parts(
+        config: HubConfig,
+        metrics: Metrics,
+        epoch: Arc<str>,
+        log: Option<Box<dyn Log>>,
+    ) -> Hub {
         Hub {
             shared: Arc::new(Shared {
-                epoch: Arc::from(epoch),
+                epoch,
                 config,
-                metrics: Metrics::new(),
+                metrics,
+                log,
                 state: Mutex::new(State::default()),
             }),
+        }
+    }
+
+    /// Whether publishes wait for a durable log (so they cannot be answered synchronously).
+    pub fn is_durable(&self) -> bool {
+        self.shared.log.is_some()
+    }
+
+    /// Writes out everything accepted so far and stops the log; publishes after this fail.
+    pub async fn close(&self) {
+        if let Some(log) = &self.shared.log {
+            let _ = log.close().await;
         }
     }
 
@@ -343,18 +411,32 @@ impl Hub {
             head_seq: state.head,
             ..Default::default()
         };
+        let mut oldest = u64::MAX;
         for topic in state.topics.values() {
-            snapshot.retained_messages += topic.retained.len();
-            snapshot.retained_bytes += topic.retained_bytes;
+            snapshot.retained_messages += topic.log.len();
+            snapshot.retained_bytes += topic.log.bytes();
+            oldest = oldest.min(topic.log.oldest_seq().unwrap_or(u64::MAX));
         }
+        snapshot.oldest_retained_seq = if oldest == u64::MAX { 0 } else { oldest };
         for entry in state.subs.values() {
             if let Some(tx) = &entry.tx {
-                let depth = tx.len();
+                let (depth, bytes) = tx.depth();
                 snapshot.queued_messages += depth;
                 snapshot.max_queue_depth = snapshot.max_queue_depth.max(depth);
+                snapshot.queued_bytes += bytes;
+                snapshot.max_queue_bytes = snapshot.max_queue_bytes.max(bytes);
             }
         }
+        drop(state);
+        if let Some(log) = &self.shared.log {
+            snapshot.log_bytes_on_disk = log.stats().bytes_on_disk;
+        }
         snapshot
+    }
+
+    /// The durable log's state, if there is one.
+    pub fn log_stats(&self) -> Option<crate::log::LogStats> {
+        self.shared.log.as_ref().map(|log| log.stats())
     }
 
     /// Cursor of the newest message.
@@ -385,65 +467,39 @@ impl Hub {
     }
 
     /// Publishes a message: assigns its seq, retains it and queues it for every matching
-    /// subscriber. Never waits for subscribers.
-    pub fn publish(
-        &self,
-        topic: Topic,
-        payload: Bytes,
-        headers: Headers,
-    ) -> Result<Arc<Message>, Error> {
-        self.check_payload(payload.len())?;
-        check_headers(&headers)?;
-        let config = &self.shared.config;
+    /// subscriber. Never waits for subscribers; with a durable log, the returned future waits
+    /// for the log (and the message is delivered once it is durable).
+    pub fn publish(&self, topic: Topic, payload: Bytes, headers: Headers) -> Publishing {
+        if let Err(error) = self
+            .check_payload(payload.len())
+            .and_then(|()| check_headers(&headers))
+        {
+            return Publishing(Outcome::Done(Some(Err(error))));
+        }
+        let shared = &*self.shared;
         let published_at = SystemTime::now();
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        state.head += 1;
-        let message = Arc::new(Message {
-            topic: topic.clone(),
+        let mut state = self.lock();
+        state.assigned += 1;
+        let message = Arc::new(Message::new(
+            topic,
             payload,
-            seq: state.head,
-            epoch: self.shared.epoch.clone(),
+            state.assigned,
+            shared.epoch.clone(),
             published_at,
             headers,
-            encoded: Encodings::default(),
-        });
-
-        state.ensure_topic(&topic);
-        let topic_state = state.topics.get_mut(&topic).expect("ensured above");
-        topic_state.last_seq = message.seq;
-        topic_state.retain(message.clone(), config, published_at);
-
-        let mut overflowed = Vec::new();
-        for id in &topic_state.subscribers {
-            let entry = state.subs.get_mut(id).expect("topic subscribers are live");
-            let Some(tx) = &entry.tx else { continue };
-            match tx.try_send(message.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full) => match entry.policy {
-                    LagPolicy::CatchUp => {
-                        // Dropping the sender wakes the subscriber once it has drained its
-                        // queue; it then catches up from retention (see `Subscription::next`).
-                        entry.tx = None;
-                        entry.lagged_from = Some(message.seq);
-                        tracing::debug!(subscription = id, seq = message.seq, "subscriber lagged");
-                    }
-                    LagPolicy::Disconnect => overflowed.push(*id),
-                },
-                // The receiver is gone; its `Drop` is removing the subscription right now.
-                Err(TrySendError::Closed) => {}
+        ));
+        match &shared.log {
+            None => {
+                state.deliver(&message, &shared.config, None);
+                Publishing(Outcome::Done(Some(Ok(message))))
+            }
+            Some(log) => {
+                // Handed over under the lock, so the log receives messages in seq order.
+                let (ack, acked) = oneshot::channel();
+                log.append(message, ack);
+                Publishing(Outcome::Waiting(acked))
             }
         }
-        for id in overflowed {
-            let queue_size = state.subs[&id].queue_size;
-            tracing::info!(
-                subscription = id,
-                queue_size,
-                "slow subscriber disconnected"
-            );
-            state.remove_sub(id, Ended::Closed(Error::SlowConsumer { queue_size }));
-        }
-        Ok(message)
     }
 
     /// Opens a subscription. Replay (if any) and live delivery join without gap or duplicate.
@@ -462,16 +518,18 @@ impl Hub {
                 options.patterns.len()
             )));
         }
-        let queue_size = match options.queue_size {
-            None | Some(0) => config.queue_size,
-            Some(n) if n > config.max_queue_size => {
-                return Err(Error::InvalidRequest(format!(
-                    "queue_size {n} is over the server maximum of {}",
-                    config.max_queue_size
-                )));
-            }
-            Some(n) => n,
-        };
+        let queue_size = requested(
+            options.queue_size,
+            (config.queue_size, config.max_queue_size),
+            "queue_size",
+            "--max-queue-size",
+        )?;
+        let queue_bytes = requested(
+            options.queue_bytes,
+            (config.queue_bytes, config.max_queue_bytes),
+            "queue_bytes",
+            "--max-queue-bytes",
+        )?;
         let mut patterns = options.patterns;
         patterns.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         patterns.dedup();
@@ -521,7 +579,7 @@ impl Hub {
 
         let id = state.next_sub_id;
         state.next_sub_id += 1;
-        let (tx, rx) = queue::bounded(queue_size);
+        let (tx, rx) = queue::bounded(queue_size, queue_bytes);
         let ended = Arc::new(OnceLock::new());
         let secret = fastrand::u64(..);
         let wildcard = patterns.iter().any(|p| p.as_topic().is_none());
@@ -533,6 +591,7 @@ impl Hub {
                 tx: Some(tx),
                 lagged_from: None,
                 queue_size,
+                queue_bytes,
                 policy: options.lag_policy.unwrap_or(config.lag_policy),
                 topics: Vec::new(),
                 ended: ended.clone(),
@@ -600,10 +659,10 @@ impl Hub {
             .filter(|(name, _)| filter.is_none_or(|p| p.matches(name.as_str())))
             .map(|(name, t)| TopicInfo {
                 name: name.to_string(),
-                retained_messages: t.retained.len() as u64,
-                retained_bytes: t.retained_bytes as u64,
+                retained_messages: t.log.len() as u64,
+                retained_bytes: t.log.bytes() as u64,
                 subscribers: t.subscribers.len() as u64,
-                last_seq: t.last_seq,
+                last_seq: t.log.last_seq(),
             })
             .collect();
         drop(state);
@@ -660,20 +719,27 @@ impl Hub {
     /// Evicts messages older than the retention age and forgets topics with nothing left.
     /// Called periodically by the server.
     pub fn expire(&self) {
-        let config = &self.shared.config;
+        let retention = self.shared.config.retention();
+        let log = self.shared.log.as_deref();
         let now = SystemTime::now();
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut forgotten = state.forgotten_through;
-        state.topics.retain(|_, topic| {
-            topic.evict(config, now);
-            let keep = !topic.retained.is_empty() || !topic.subscribers.is_empty();
+        let mut freed = 0;
+        state.topics.retain(|name, topic| {
+            freed += topic.log.evict(&retention, now, &mut |seq| {
+                if let Some(log) = log {
+                    log.evict(name, seq);
+                }
+            });
+            let keep = !topic.log.is_empty() || !topic.subscribers.is_empty();
             if !keep {
-                forgotten = forgotten.max(topic.evicted_through);
+                forgotten = forgotten.max(topic.log.evicted_through());
             }
             keep
         });
         state.forgotten_through = forgotten;
+        state.retained_bytes -= freed;
     }
 
     /// Live subscriptions (all doors).
@@ -697,7 +763,7 @@ impl Hub {
         let state = &mut *guard;
         let entry = state.subs.get_mut(&id)?;
         let from_seq = entry.lagged_from.take()?;
-        let (tx, rx) = queue::bounded(entry.queue_size);
+        let (tx, rx) = queue::bounded(entry.queue_size, entry.queue_bytes);
         entry.tx = Some(tx);
         let patterns = entry.patterns.clone();
         pending.push_back(Event::Lag(Lag {
@@ -720,6 +786,90 @@ impl Hub {
 }
 
 impl State {
+    /// Retains `message` (the newest) in its topic, enforces the retention limits and queues it
+    /// for every matching subscriber. Messages come here in seq order: straight from `publish`
+    /// without a durable log, from the log's writer once durable with one.
+    fn deliver(&mut self, message: &Arc<Message>, config: &HubConfig, log: Option<&dyn Log>) {
+        self.head = message.seq;
+        let topic = &message.topic;
+        self.ensure_topic(topic);
+        let topic_state = self.topics.get_mut(topic).expect("ensured above");
+        let (added, freed) = topic_state.log.append(
+            message.clone(),
+            &config.retention(),
+            message.published_at,
+            &mut |seq| {
+                if let Some(log) = log {
+                    log.evict(topic, seq);
+                }
+            },
+        );
+        self.retained_bytes = self.retained_bytes + added - freed;
+
+        let mut overflowed = Vec::new();
+        for id in &topic_state.subscribers {
+            let entry = self.subs.get_mut(id).expect("topic subscribers are live");
+            let Some(tx) = &entry.tx else { continue };
+            match tx.try_send(message.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(bound)) => match entry.policy {
+                    LagPolicy::CatchUp => {
+                        // Dropping the sender wakes the subscriber once it has drained its
+                        // queue; it then catches up from retention (see `Subscription::next`).
+                        entry.tx = None;
+                        entry.lagged_from = Some(message.seq);
+                        tracing::debug!(
+                            subscription = id,
+                            seq = message.seq,
+                            ?bound,
+                            "subscriber lagged"
+                        );
+                    }
+                    LagPolicy::Disconnect => overflowed.push((*id, bound)),
+                },
+                // The receiver is gone; its `Drop` is removing the subscription right now.
+                Err(TrySendError::Closed) => {}
+            }
+        }
+        for (id, bound) in overflowed {
+            let entry = &self.subs[&id];
+            let behind = match bound {
+                Bound::Items => Behind::Messages(entry.queue_size),
+                Bound::Bytes => Behind::Bytes(entry.queue_bytes),
+            };
+            tracing::info!(subscription = id, ?behind, "slow subscriber disconnected");
+            self.remove_sub(id, Ended::Closed(Error::SlowConsumer(behind)));
+        }
+        if self.retained_bytes > config.max_retained_bytes {
+            self.evict_hub_wide(config.max_retained_bytes, log);
+        }
+    }
+
+    /// Evicts the oldest messages across all topics until the total is a sixteenth under `cap`,
+    /// so that the topics are scanned once per sixteenth of the cap published, not per message.
+    fn evict_hub_wide(&mut self, cap: usize, log: Option<&dyn Log>) {
+        let target = cap - cap / 16;
+        let mut oldest: BinaryHeap<Reverse<(u64, Topic)>> = self
+            .topics
+            .iter()
+            .filter_map(|(name, t)| t.log.oldest_seq().map(|seq| Reverse((seq, name.clone()))))
+            .collect();
+        while self.retained_bytes > target {
+            let Some(Reverse((_, name))) = oldest.pop() else {
+                break;
+            };
+            let topic = self.topics.get_mut(&name).expect("listed above");
+            self.retained_bytes -= topic.log.pop_oldest(&mut |seq| {
+                if let Some(log) = log {
+                    log.evict(&name, seq);
+                }
+            });
+            if let Some(seq) = topic.log.oldest_seq() {
+                oldest.push(Reverse((seq, name)));
+            }
+        }
+    }
+
     /// Creates `topic` if it is new, attaching every wildcard subscriber that matches it. Every
     /// topic is created here, so no creation path can miss a wildcard subscriber.
     fn ensure_topic(&mut self, topic: &Topic) {
@@ -763,8 +913,7 @@ impl State {
     fn replay(&self, patterns: &[Pattern], from: u64) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
         for (_, topic) in self.matching_topics(patterns) {
-            let start = topic.retained.partition_point(|r| r.seq <= from);
-            out.extend(topic.retained.range(start..).map(|r| r.message.clone()));
+            out.extend(topic.log.read_after(from).cloned());
         }
         out.sort_unstable_by_key(|m| m.seq);
         out
@@ -774,7 +923,7 @@ impl State {
     fn retention_gap(&self, patterns: &[Pattern], from: u64, epoch: &str) -> Option<Gap> {
         let evicted = self
             .matching_topics(patterns)
-            .map(|(_, t)| t.evicted_through)
+            .map(|(_, t)| t.log.evicted_through())
             .chain(std::iter::once(self.forgotten_through))
             .max()
             .unwrap_or(0);
@@ -814,8 +963,8 @@ impl State {
                 continue;
             };
             topic.subscribers.retain(|s| *s != id);
-            if topic.subscribers.is_empty() && topic.retained.is_empty() {
-                self.forgotten_through = self.forgotten_through.max(topic.evicted_through);
+            if topic.subscribers.is_empty() && topic.log.is_empty() {
+                self.forgotten_through = self.forgotten_through.max(topic.log.evicted_through());
                 self.topics.remove(name);
             }
         }
@@ -823,43 +972,40 @@ impl State {
     }
 }
 
-/// A retained message, with what eviction and replay look at kept beside it: by the time a
-/// message is evicted it is long out of the cache, and reading its fields there cost a miss or
-/// two on every publish.
-struct Retained {
-    seq: u64,
-    published_at: SystemTime,
-    size: usize,
-    message: Arc<Message>,
+/// A publish under way: resolves to the accepted message (its seq and time) or the error that
+/// refused it. Without a durable log it is ready at once, and [`Publishing::now`] answers
+/// without polling.
+#[must_use = "a publish is only acknowledged once this resolves"]
+pub struct Publishing(Outcome);
+
+enum Outcome {
+    Done(Option<Result<Arc<Message>, Error>>),
+    Waiting(oneshot::Receiver<Result<Arc<Message>, Error>>),
 }
 
-impl TopicState {
-    fn retain(&mut self, message: Arc<Message>, config: &HubConfig, now: SystemTime) {
-        let size = message.retained_size();
-        self.retained_bytes += size;
-        self.retained.push_back(Retained {
-            seq: message.seq,
-            published_at: message.published_at,
-            size,
-            message,
-        });
-        self.evict(config, now);
+impl Publishing {
+    /// The outcome if it is already known (always, without a durable log).
+    pub fn now(self) -> Option<Result<Arc<Message>, Error>> {
+        match self.0 {
+            Outcome::Done(done) => done,
+            Outcome::Waiting(_) => None,
+        }
     }
+}
 
-    fn evict(&mut self, config: &HubConfig, now: SystemTime) {
-        while let Some(oldest) = self.retained.front() {
-            let expired = now
-                .duration_since(oldest.published_at)
-                .is_ok_and(|age| age > config.retain_age);
-            if self.retained.len() <= config.retain_messages
-                && self.retained_bytes <= config.retain_bytes
-                && !expired
-            {
-                break;
-            }
-            let oldest = self.retained.pop_front().expect("front exists");
-            self.retained_bytes -= oldest.size;
-            self.evicted_through = oldest.seq;
+impl Future for Publishing {
+    type Output = Result<Arc<Message>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Outcome::Done(done) => Poll::Ready(done.take().expect("polled after completion")),
+            Outcome::Waiting(acked) => Pin::new(acked).poll(cx).map(|answer| {
+                answer.unwrap_or_else(|_| {
+                    Err(Error::Unavailable(
+                        "the log stopped before storing the message; it may not have been published".into(),
+                    ))
+                })
+            }),
         }
     }
 }
@@ -925,6 +1071,23 @@ impl Drop for Subscription {
     }
 }
 
+/// A subscriber's requested queue bound `name`: the server's default when not given (or 0),
+/// refused when over the server's maximum (set by `option`).
+fn requested(
+    value: Option<usize>,
+    (default, max): (usize, usize),
+    name: &str,
+    option: &str,
+) -> Result<usize, Error> {
+    match value {
+        None | Some(0) => Ok(default),
+        Some(n) if n > max => Err(Error::InvalidRequest(format!(
+            "{name} {n} is over the server maximum of {max} ({option})"
+        ))),
+        Some(n) => Ok(n),
+    }
+}
+
 /// `sub-EPOCH-N-SECRET` -> (N, SECRET).
 fn parse_subscription_id(id: &str, epoch: &str) -> Option<(u64, u64)> {
     let rest = id
@@ -964,6 +1127,8 @@ mod tests {
             Bytes::from(vec![0u8; size]),
             Headers::new(),
         )
+        .now()
+        .unwrap()
         .unwrap()
     }
 
@@ -1078,12 +1243,60 @@ mod tests {
     }
 
     #[test]
+    fn the_hub_wide_cap_evicts_the_oldest_messages_across_topics_first() {
+        // Each message counts 100 payload bytes + 1 topic byte.
+        let hub = hub(HubConfig {
+            max_retained_bytes: 16 * 101,
+            ..Default::default()
+        });
+        for seq in 1..=17 {
+            let topic = if seq % 2 == 1 { "a" } else { "b" };
+            publish(&hub, topic, 100);
+        }
+        let (a, b) = (stats(&hub, "a"), stats(&hub, "b"));
+        assert!(
+            a.retained_bytes + b.retained_bytes <= 16 * 101,
+            "bounded hub-wide"
+        );
+        assert_eq!(
+            hub.snapshot().oldest_retained_seq,
+            3,
+            "seqs 1 and 2 went first"
+        );
+        assert_eq!((a.retained_messages, b.retained_messages), (8, 7));
+        // A resume from before them is told exactly what is gone.
+        for (topic, evicted) in [("a", 1), ("b", 2)] {
+            let history = hub
+                .history(
+                    &Pattern::parse(topic).unwrap(),
+                    Some(&Cursor {
+                        epoch: hub.epoch().to_owned(),
+                        seq: 0,
+                    }),
+                    100,
+                )
+                .unwrap();
+            assert_eq!(
+                history.gap,
+                Some(Gap {
+                    from_seq: 1,
+                    to_seq: Some(evicted),
+                    reason: GapReason::Retention,
+                    epoch: hub.epoch().to_owned(),
+                })
+            );
+        }
+    }
+
+    #[test]
     fn headers_are_limited() {
         let hub = hub(HubConfig::default());
         let mut headers = Headers::new();
         headers.insert("big".into(), "x".repeat(MAX_HEADER_BYTES));
         let error = hub
             .publish(Topic::parse("h").unwrap(), Bytes::new(), headers)
+            .now()
+            .unwrap()
             .unwrap_err();
         assert!(error.to_string().contains("headers take"), "{error}");
     }

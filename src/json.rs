@@ -135,7 +135,7 @@ impl MessageJson {
 pub struct SubscribedJson {
     /// The subscription's id.
     pub subscription_id: String,
-    /// The hub's newest cursor when the stream started (also this event's id).
+    /// The hub's newest cursor when the stream started (this event's id for `from=latest`).
     pub head: String,
 }
 

@@ -8,27 +8,38 @@
 //! receiving (BDP estimation) are not punished. Pings are permitted without active streams (the
 //! seed's `PermitWithoutStream: true`).
 //!
+//! Acknowledgements the server never asked for (a PING or SETTINGS ACK with no PING or SETTINGS
+//! of the server's outstanding) cost the server work and h2 a log line each; more than
+//! [`MAX_UNSOLICITED_ACKS`] of them close the connection the same way
+//! (`GOAWAY(ENHANCE_YOUR_CALM, "unsolicited_acks")`).
+//!
 //! hyper answers pings itself and has no such policy, so [`PingPolicyStream`] wraps each accepted
 //! TCP stream and follows the HTTP/2 frame headers going both ways. Only the 9-byte frame
 //! headers are inspected; payloads are skipped by length. HTTP/1.1 connections (no HTTP/2
-//! preface) pass through untouched.
+//! preface) pass through untouched. The GOAWAY is written through the wrapped stream, so it is
+//! sent over TLS too.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 /// Strikes tolerated before the connection is closed (grpc-go's `maxPingStrikes`).
 pub const MAX_PING_STRIKES: u32 = 2;
+
+/// Unsolicited PING or SETTINGS acknowledgements tolerated before the connection is closed. A
+/// conforming client sends none.
+pub const MAX_UNSOLICITED_ACKS: u32 = 10;
 
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
 const TYPE_DATA: u8 = 0x0;
 const TYPE_HEADERS: u8 = 0x1;
+const TYPE_SETTINGS: u8 = 0x4;
 const TYPE_PING: u8 = 0x6;
+const TYPE_GOAWAY: u8 = 0x7;
 const FLAG_ACK: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
@@ -44,27 +55,24 @@ pub struct PingPolicyStream<IO> {
     strikes: u32,
     /// Highest stream id the client opened, for the GOAWAY.
     last_stream_id: u32,
+    /// PINGs and SETTINGS the server sent that the client has not acknowledged yet.
+    pings_unacked: u32,
+    settings_unacked: u32,
+    /// Acknowledgements of nothing the client sent.
+    unsolicited_acks: u32,
+    /// Set once the policy was broken: the GOAWAY still to write (and how much of it is
+    /// written), then every read and write fails.
+    closing: Option<Closing>,
 }
 
-/// Writes a frame to the peer right away, outside hyper's own writes.
-pub trait SendNow {
-    /// Best effort: the connection is closed right after.
-    fn send_now(&mut self, frame: &[u8]);
+/// A connection being closed for breaking the policy.
+struct Closing {
+    goaway: Vec<u8>,
+    written: usize,
+    reason: &'static str,
 }
 
-impl SendNow for TcpStream {
-    fn send_now(&mut self, frame: &[u8]) {
-        let _ = self.try_write(frame);
-    }
-}
-
-impl SendNow for tokio_rustls::server::TlsStream<TcpStream> {
-    /// Over TLS the frame would have to go through the session's encryption outside hyper's
-    /// writes; the connection is closed without it.
-    fn send_now(&mut self, _frame: &[u8]) {}
-}
-
-impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> PingPolicyStream<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> PingPolicyStream<IO> {
     /// Wraps `inner`; pings less than `min_interval` apart count as strikes.
     pub fn new(inner: IO, min_interval: Duration) -> PingPolicyStream<IO> {
         PingPolicyStream {
@@ -75,17 +83,28 @@ impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> PingPolicyStream<IO> {
             last_ping: None,
             strikes: 0,
             last_stream_id: 0,
+            pings_unacked: 0,
+            settings_unacked: 0,
+            unsolicited_acks: 0,
+            closing: None,
         }
     }
 
-    /// Records a frame the client sent; `Err` when its pings broke the policy.
-    fn on_client_frame(&mut self, header: FrameHeader) -> io::Result<()> {
+    /// Records a frame the client sent; the reason to close when it broke the policy.
+    fn on_client_frame(&mut self, header: FrameHeader) -> Option<&'static str> {
         if header.kind == TYPE_HEADERS {
             self.last_stream_id = self.last_stream_id.max(header.stream_id);
         }
-        if header.kind != TYPE_PING || header.flags & FLAG_ACK != 0 {
-            return Ok(());
+        let ack = header.flags & FLAG_ACK != 0;
+        match (header.kind, ack) {
+            (TYPE_PING, false) => self.on_client_ping(),
+            (TYPE_PING, true) => self.on_ack(|s| &mut s.pings_unacked),
+            (TYPE_SETTINGS, true) => self.on_ack(|s| &mut s.settings_unacked),
+            _ => None,
         }
+    }
+
+    fn on_client_ping(&mut self) -> Option<&'static str> {
         let now = Instant::now();
         if self
             .last_ping
@@ -99,31 +118,73 @@ impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> PingPolicyStream<IO> {
                 min_interval = ?self.min_interval,
                 "client pings too often; closing the connection (too_many_pings)"
             );
-            self.send_goaway();
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "too_many_pings",
-            ));
+            return Some("too_many_pings");
         }
-        Ok(())
+        None
     }
 
-    /// Writes `GOAWAY(ENHANCE_YOUR_CALM)` straight to the socket when the server is between
-    /// frames (so it cannot split one of hyper's); best effort, the connection closes either way.
-    fn send_goaway(&mut self) {
-        if !self.outbound.at_frame_boundary() {
-            return;
+    /// An acknowledgement: of one of the server's frames counted by `outstanding`, or of nothing.
+    fn on_ack(&mut self, outstanding: fn(&mut Self) -> &mut u32) -> Option<&'static str> {
+        let outstanding = outstanding(self);
+        if *outstanding > 0 {
+            *outstanding -= 1;
+            return None;
         }
-        let debug = b"too_many_pings";
-        let length = (8 + debug.len()) as u32;
-        let mut frame = Vec::with_capacity(FRAME_HEADER + length as usize);
-        frame.extend_from_slice(&length.to_be_bytes()[1..]);
-        frame.extend_from_slice(&[0x7, 0]);
-        frame.extend_from_slice(&0u32.to_be_bytes());
-        frame.extend_from_slice(&self.last_stream_id.to_be_bytes());
-        frame.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
-        frame.extend_from_slice(debug);
-        self.inner.send_now(&frame);
+        self.unsolicited_acks += 1;
+        if self.unsolicited_acks > MAX_UNSOLICITED_ACKS {
+            tracing::info!(
+                acks = self.unsolicited_acks,
+                "client acknowledges frames the server never sent; closing the connection"
+            );
+            return Some("unsolicited_acks");
+        }
+        None
+    }
+
+    /// Starts closing the connection for `reason`: `GOAWAY(ENHANCE_YOUR_CALM)` is written first
+    /// when the server is between frames (so it cannot split one of hyper's).
+    fn close(&mut self, reason: &'static str) {
+        let mut goaway = Vec::new();
+        if self.outbound.at_frame_boundary() {
+            let length = (8 + reason.len()) as u32;
+            goaway.extend_from_slice(&length.to_be_bytes()[1..]);
+            goaway.extend_from_slice(&[TYPE_GOAWAY, 0]);
+            goaway.extend_from_slice(&0u32.to_be_bytes());
+            goaway.extend_from_slice(&self.last_stream_id.to_be_bytes());
+            goaway.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+            goaway.extend_from_slice(reason.as_bytes());
+        }
+        self.closing = Some(Closing {
+            goaway,
+            written: 0,
+            reason,
+        });
+    }
+
+    /// Writes what is left of the GOAWAY and flushes it (through TLS, when the stream is TLS);
+    /// then the error that ends the connection. The GOAWAY is best effort: a write error ends
+    /// the connection just the same.
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let closing = self.closing.as_mut().expect("closing");
+        while closing.written < closing.goaway.len() {
+            match ready!(
+                Pin::new(&mut self.inner).poll_write(cx, &closing.goaway[closing.written..])
+            ) {
+                Ok(n) if n > 0 => closing.written += n,
+                _ => {
+                    closing.written = closing.goaway.len();
+                    break;
+                }
+            }
+        }
+        if !closing.goaway.is_empty() {
+            let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+            closing.goaway.clear();
+        }
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            closing.reason,
+        ))
     }
 }
 
@@ -134,6 +195,7 @@ impl<IO> PingPolicyStream<IO> {
             return;
         }
         let (mut left, mut forgiven) = (written, false);
+        let (mut pings, mut settings) = (0, 0);
         for buf in bufs {
             if left == 0 {
                 break;
@@ -141,9 +203,14 @@ impl<IO> PingPolicyStream<IO> {
             let n = left.min(buf.len());
             self.outbound.scan(&buf[..n], |h| {
                 forgiven |= h.kind == TYPE_DATA || h.kind == TYPE_HEADERS;
+                let asks = h.flags & FLAG_ACK == 0;
+                pings += u32::from(asks && h.kind == TYPE_PING);
+                settings += u32::from(asks && h.kind == TYPE_SETTINGS);
             });
             left -= n;
         }
+        self.pings_unacked = self.pings_unacked.saturating_add(pings);
+        self.settings_unacked = self.settings_unacked.saturating_add(settings);
         if forgiven {
             self.strikes = 0;
             self.last_ping = None;
@@ -151,34 +218,43 @@ impl<IO> PingPolicyStream<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> AsyncRead for PingPolicyStream<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for PingPolicyStream<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.closing.is_some() {
+            return this.poll_closing(cx).map(Err);
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
             let mut frames = Vec::new();
             this.inbound
                 .scan(&buf.filled()[before..], |h| frames.push(h));
-            for header in frames {
-                this.on_client_frame(header)?;
+            if let Some(reason) = frames.into_iter().find_map(|h| this.on_client_frame(h)) {
+                // What was read is dropped with the connection.
+                buf.set_filled(before);
+                this.close(reason);
+                return this.poll_closing(cx).map(Err);
             }
         }
         result
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> AsyncWrite for PingPolicyStream<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PingPolicyStream<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if this.closing.is_some() {
+            return this.poll_closing(cx).map(Err);
+        }
         let result = Pin::new(&mut this.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(written)) = result {
             this.wrote(&[io::IoSlice::new(data)], written);
@@ -194,6 +270,9 @@ impl<IO: AsyncRead + AsyncWrite + SendNow + Unpin> AsyncWrite for PingPolicyStre
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if this.closing.is_some() {
+            return this.poll_closing(cx).map(Err);
+        }
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(written)) = result {
             this.wrote(bufs, written);
@@ -280,6 +359,21 @@ impl FrameScanner {
             }
         }
     }
+}
+
+/// Scans `pieces`, in order, as what a client sends, for the fuzz target in `fuzz/`: the frame
+/// headers found (type, flags, stream id), whether the bytes were let through as not HTTP/2, and
+/// whether they end on a frame boundary.
+#[doc(hidden)]
+pub fn scan_client_bytes<'a>(
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<(u8, u8, u32)>, bool, bool) {
+    let mut scanner = FrameScanner::expecting_preface();
+    let mut frames = Vec::new();
+    for piece in pieces {
+        scanner.scan(piece, |h| frames.push((h.kind, h.flags, h.stream_id)));
+    }
+    (frames, scanner.passthrough, scanner.at_frame_boundary())
 }
 
 #[cfg(test)]

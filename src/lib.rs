@@ -8,6 +8,8 @@
 //!
 //! # Layout
 //! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
+//! - [`message`]: an accepted message, shared by the hub and the log.
+//! - [`log`]: the hub's history behind one interface: in memory, or on disk (`--data-dir`).
 //! - `queue`: the bounded queue from the hub to each subscription.
 //! - [`auth`]: JWT bearer tokens and the topic patterns they allow; the middleware of every door.
 //! - [`topic`]: topic names and wildcard patterns.
@@ -26,6 +28,8 @@
 //! - [`metrics`]: Prometheus counters, gauges and the latency histogram behind `/metrics`.
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
 //! - [`keepalive`]: refuses clients that send HTTP/2 pings too often (gRPC's enforcement policy).
+//! - [`write_timeout`]: closes connections whose peer stops reading while data is pending.
+//! - [`logging`]: the log filter's defaults; bearer tokens blanked from every line.
 //! - [`shutdown`]: the one shutdown signal (ctrl-c, SIGTERM).
 //! - [`config`]: command line and environment.
 //! - [`client`]: the `pub` and `sub` command-line clients.
@@ -43,6 +47,9 @@ pub mod hub;
 pub mod json;
 pub mod keepalive;
 pub mod limits;
+pub mod log;
+pub mod logging;
+pub mod message;
 pub mod metrics;
 pub mod proto;
 mod publish_conn;
@@ -54,7 +61,16 @@ pub mod tls;
 pub mod topic;
 pub mod web;
 pub mod wire;
+pub mod write_timeout;
 pub mod ws;
+
+/// The private request parsers, reachable from the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::keepalive::scan_client_bytes as scan_http2_client_bytes;
+    pub use crate::publish_conn::{PublishParts, parse_publish};
+    pub use crate::sse_conn::parse as parse_subscribe;
+}
 
 pub use config::ServerConfig;
 pub use hub::Hub;

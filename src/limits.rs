@@ -5,14 +5,14 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::auth::Access;
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionDoor, ConnectionGauge, Metrics};
 
 /// The server-wide limits (see the `--max-*` and `--publish-rate` options).
 #[derive(Clone, Debug)]
@@ -21,8 +21,8 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Live subscriptions one connection may hold (gRPC streams, Connect subscriptions).
     pub max_subscriptions_per_connection: usize,
-    /// Messages per second one client may publish (0: no limit). A client is its token's
-    /// subject when authentication is on, else its IP address.
+    /// Messages per second one client may publish (0: no limit). A client is its certificate's
+    /// subject with mTLS, else its token's subject when authentication is on, else its IP address.
     pub publish_rate: u32,
     /// Messages a client may publish in a burst above the rate.
     pub publish_burst: u32,
@@ -63,7 +63,10 @@ impl Limits {
     pub fn admit(&self, peer: SocketAddr) -> Result<Connection, Error> {
         let limit = self.inner.config.max_connections;
         let open = self.inner.connections.fetch_add(1, Ordering::AcqRel);
-        let counted = Arc::new(ConnectionCount(self.inner.connections.clone()));
+        let counted = Arc::new(ConnectionCount {
+            open: self.inner.connections.clone(),
+            door: OnceLock::new(),
+        });
         if open >= limit {
             self.inner.metrics.limit_hit("max-connections");
             return Err(Error::LimitExceeded(format!(
@@ -72,10 +75,11 @@ impl Limits {
         }
         Ok(Connection {
             peer,
+            certificate_subject: None,
             subscriptions: Arc::new(AtomicUsize::new(0)),
             max_subscriptions: self.inner.config.max_subscriptions_per_connection,
             metrics: self.inner.metrics.clone(),
-            _counted: counted,
+            counted,
         })
     }
 
@@ -130,20 +134,28 @@ impl Limits {
     }
 }
 
-/// The rate-limit identity of a client: its token's subject, else its IP address.
+/// The rate-limit identity of a client: its certificate's subject (mTLS), else its token's
+/// subject, else its IP address.
 fn client_key(access: &Access, connection: &Connection) -> String {
-    match access.subject() {
-        Some(subject) => format!("token subject {subject:?}"),
-        None => format!("client {}", connection.peer.ip()),
+    match (&connection.certificate_subject, access.subject()) {
+        (Some(subject), _) => format!("certificate subject {subject:?}"),
+        (None, Some(subject)) => format!("token subject {subject:?}"),
+        (None, None) => format!("client {}", connection.peer.ip()),
     }
 }
 
-/// Decrements the open-connection count when the connection's last handle is dropped.
-struct ConnectionCount(Arc<AtomicUsize>);
+/// Decrements the open-connection count (and its door's) when the connection's last handle is
+/// dropped.
+struct ConnectionCount {
+    open: Arc<AtomicUsize>,
+    /// The door of the connection's first request, counted in the metrics while it is open
+    /// (kept here rather than in an `Arc` of its own: one allocation per connection).
+    door: OnceLock<ConnectionGauge>,
+}
 
 impl Drop for ConnectionCount {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -152,13 +164,23 @@ impl Drop for ConnectionCount {
 pub struct Connection {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The subject of the client's certificate, over TLS with client certificates (mTLS).
+    pub certificate_subject: Option<Arc<str>>,
     subscriptions: Arc<AtomicUsize>,
     max_subscriptions: usize,
     metrics: Metrics,
-    _counted: Arc<ConnectionCount>,
+    counted: Arc<ConnectionCount>,
 }
 
 impl Connection {
+    /// Records the door of the connection's first request; later requests change nothing.
+    pub fn enter(&self, door: ConnectionDoor) {
+        let counted = &self.counted.door;
+        if counted.get().is_none() {
+            let _ = counted.set(self.metrics.connection(door));
+        }
+    }
+
     /// Reserves a subscription slot on this connection; freed when the slot is dropped.
     pub fn open_subscription(&self) -> Result<SubscriptionSlot, Error> {
         let held = self.subscriptions.fetch_add(1, Ordering::AcqRel);

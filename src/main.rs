@@ -2,7 +2,6 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
 
 use topichub::config::{Cli, Command};
 
@@ -41,12 +40,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    topichub::logging::init();
     match cli.command {
         Command::Serve(config) => {
             let listener = tokio::net::TcpListener::bind(config.listen)
@@ -57,6 +51,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Pub(args) => topichub::client::publish(args).await?,
         Command::Sub(args) => topichub::client::subscribe(args).await?,
+        Command::Repair(args) => {
+            let summary = topichub::log::disk::repair(&args.data_dir, args.discard)
+                .map_err(anyhow::Error::msg)?;
+            println!("{summary}");
+        }
         Command::Openapi => {
             println!("{}", topichub::http::openapi().to_pretty_json()?);
         }

@@ -18,14 +18,16 @@ use prometheus_client::registry::Registry;
 /// Which door a publish or delivery went through.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Door {
-    /// `topichub.v1` over gRPC or gRPC-Web (unary, batch and Connect).
+    /// `topichub.v1` over gRPC (unary, batch and Connect).
     Grpc = 0,
-    /// The seed's `proto.PubSubService`.
+    /// The seed's `proto.PubSubService` (gRPC or gRPC-Web).
     Seed = 1,
     /// HTTP/JSON publish and SSE subscribe.
     Http = 2,
+    /// `topichub.v1` over gRPC-Web (a browser, HTTP/1.1).
+    GrpcWeb = 3,
     /// The WebSocket door (`GET /ws`).
-    Ws = 3,
+    Ws = 4,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,7 +42,46 @@ impl From<Door> for DoorLabel {
                 Door::Grpc => "grpc",
                 Door::Seed => "seed",
                 Door::Http => "http",
+                Door::GrpcWeb => "grpc-web",
                 Door::Ws => "ws",
+            },
+        }
+    }
+}
+
+/// What a connection carries, told by its first request: the `door` label of
+/// `topichub_connections_by_door`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ConnectionDoor {
+    /// gRPC (HTTP/2; `topichub.v1`, the seed service, health, reflection).
+    Grpc = 0,
+    /// gRPC-Web (HTTP/1.1 or HTTP/2).
+    GrpcWeb = 1,
+    /// Every other HTTP request: publish, history, topics, docs, metrics, the web page.
+    Http = 2,
+    /// `GET /subscribe`: a Server-Sent Events stream.
+    Sse = 3,
+    /// `GET /ws`: a WebSocket.
+    Ws = 4,
+}
+
+impl ConnectionDoor {
+    const ALL: [ConnectionDoor; 5] = [
+        ConnectionDoor::Grpc,
+        ConnectionDoor::GrpcWeb,
+        ConnectionDoor::Http,
+        ConnectionDoor::Sse,
+        ConnectionDoor::Ws,
+    ];
+
+    fn label(self) -> DoorLabel {
+        DoorLabel {
+            door: match self {
+                ConnectionDoor::Grpc => "grpc",
+                ConnectionDoor::GrpcWeb => "grpc-web",
+                ConnectionDoor::Http => "http",
+                ConnectionDoor::Sse => "sse",
+                ConnectionDoor::Ws => "ws",
             },
         }
     }
@@ -65,13 +106,16 @@ struct DoorSeries {
     lag_events: Counter,
     gap_events: Counter,
     subscribers: Gauge,
+    write_timeouts: Counter,
 }
 
-const DOORS: [Door; 4] = [Door::Grpc, Door::Seed, Door::Http, Door::Ws];
+const DOORS: [Door; 5] = [Door::Grpc, Door::Seed, Door::Http, Door::GrpcWeb, Door::Ws];
 
 struct Inner {
     registry: Registry,
-    doors: [DoorSeries; 4],
+    doors: [DoorSeries; 5],
+    /// Open connections per [`ConnectionDoor`], in its order.
+    door_connections: [Gauge; 5],
     latency: Histogram,
     auth_failures: Counter,
     limit_hits: Family<LimitLabel, Counter>,
@@ -81,7 +125,12 @@ struct Inner {
     retained_bytes: Gauge,
     queued_messages: Gauge,
     max_queue_depth: Gauge,
+    queued_bytes: Gauge,
+    max_queue_bytes: Gauge,
     head_seq: Gauge,
+    oldest_retained_seq: Gauge,
+    log_bytes_on_disk: Gauge,
+    log_commit: Histogram,
 }
 
 impl Default for Metrics {
@@ -99,11 +148,14 @@ impl Metrics {
         let lag_events = Family::<DoorLabel, Counter>::default();
         let gap_events = Family::<DoorLabel, Counter>::default();
         let subscribers = Family::<DoorLabel, Gauge>::default();
+        let write_timeouts = Family::<DoorLabel, Counter>::default();
         // 50 us .. ~13 s
         let latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 19));
         let auth_failures = Counter::default();
         let limit_hits = Family::<LimitLabel, Counter>::default();
-        let gauges: [Gauge; 7] = Default::default();
+        // 50 us .. ~0.8 s
+        let log_commit = Histogram::new(exponential_buckets(0.000_05, 2.0, 15));
+        let gauges: [Gauge; 11] = Default::default();
         let [
             connections,
             topics,
@@ -111,7 +163,11 @@ impl Metrics {
             retained_bytes,
             queued_messages,
             max_queue_depth,
+            queued_bytes,
+            max_queue_bytes,
             head_seq,
+            oldest_retained_seq,
+            log_bytes_on_disk,
         ] = gauges;
         registry.register("publishes", "Messages accepted, by door", publishes.clone());
         registry.register(
@@ -135,6 +191,11 @@ impl Metrics {
             subscribers.clone(),
         );
         registry.register(
+            "write_timeouts",
+            "Connections closed because the peer accepted no bytes within --write-timeout while data was pending, by door (HTTP/2 connections count under grpc)",
+            write_timeouts.clone(),
+        );
+        registry.register(
             "publish_to_deliver_seconds",
             "Time from a message's acceptance to its hand-off to a subscriber's transport",
             latency.clone(),
@@ -154,6 +215,14 @@ impl Metrics {
             "Open client connections",
             connections.clone(),
         );
+        let connections_by_door = Family::<DoorLabel, Gauge>::default();
+        registry.register(
+            "connections_by_door",
+            "Open client connections, by the door of their first request (grpc, grpc-web, http, sse); a connection that has sent no request yet is only in topichub_connections",
+            connections_by_door.clone(),
+        );
+        let door_connections =
+            ConnectionDoor::ALL.map(|door| connections_by_door.get_or_create_owned(&door.label()));
         registry.register(
             "topics",
             "Topics with retained messages or live subscribers",
@@ -180,9 +249,34 @@ impl Metrics {
             max_queue_depth.clone(),
         );
         registry.register(
+            "queued_bytes",
+            "Bytes of messages waiting in subscriber queues (a message in several queues counts in each)",
+            queued_bytes.clone(),
+        );
+        registry.register(
+            "max_queue_bytes",
+            "Most bytes waiting in one subscriber queue",
+            max_queue_bytes.clone(),
+        );
+        registry.register(
             "head_seq",
             "Seq of the newest message (messages accepted this epoch)",
             head_seq.clone(),
+        );
+        registry.register(
+            "oldest_retained_seq",
+            "Seq of the oldest message held for replay (0 when none)",
+            oldest_retained_seq.clone(),
+        );
+        registry.register(
+            "log_bytes_on_disk",
+            "Bytes the log's files take on disk (0 without --data-dir)",
+            log_bytes_on_disk.clone(),
+        );
+        registry.register(
+            "log_fsync_seconds",
+            "Time to write and fsync one group commit of the disk log",
+            log_commit.clone(),
         );
         let doors = DOORS.map(|door| {
             let label = DoorLabel::from(door);
@@ -192,12 +286,14 @@ impl Metrics {
                 lag_events: lag_events.get_or_create_owned(&label),
                 gap_events: gap_events.get_or_create_owned(&label),
                 subscribers: subscribers.get_or_create_owned(&label),
+                write_timeouts: write_timeouts.get_or_create_owned(&label),
             }
         });
         Metrics {
             inner: Arc::new(Inner {
                 registry,
                 doors,
+                door_connections,
                 latency,
                 auth_failures,
                 limit_hits,
@@ -207,7 +303,12 @@ impl Metrics {
                 retained_bytes,
                 queued_messages,
                 max_queue_depth,
+                queued_bytes,
+                max_queue_bytes,
                 head_seq,
+                oldest_retained_seq,
+                log_bytes_on_disk,
+                log_commit,
             }),
         }
     }
@@ -248,11 +349,23 @@ impl Metrics {
         self.series(door).gap_events.inc();
     }
 
+    /// A connection of `door` was closed for accepting no bytes within the write timeout.
+    pub fn write_timed_out(&self, door: Door) {
+        self.series(door).write_timeouts.inc();
+    }
+
     /// Counts a live subscription of `door` until the returned guard is dropped.
     pub fn subscriber(&self, door: Door) -> SubscriberGauge {
         let gauge = self.series(door).subscribers.clone();
         gauge.inc();
         SubscriberGauge(gauge)
+    }
+
+    /// Counts an open connection of `door` until the returned guard is dropped.
+    pub fn connection(&self, door: ConnectionDoor) -> ConnectionGauge {
+        let gauge = self.inner.door_connections[door as usize].clone();
+        gauge.inc();
+        ConnectionGauge(gauge)
     }
 
     /// A request was refused for its token.
@@ -268,6 +381,13 @@ impl Metrics {
             .inc();
     }
 
+    /// The disk log made a commit that took `elapsed`; only fsynced ones are timed.
+    pub fn log_committed(&self, elapsed: std::time::Duration, synced: bool) {
+        if synced {
+            self.inner.log_commit.observe(elapsed.as_secs_f64());
+        }
+    }
+
     /// The exposition text, after updating the scrape-time gauges.
     pub fn render(&self, state: &Snapshot) -> String {
         let inner = &self.inner;
@@ -277,7 +397,13 @@ impl Metrics {
         inner.retained_bytes.set(state.retained_bytes as i64);
         inner.queued_messages.set(state.queued_messages as i64);
         inner.max_queue_depth.set(state.max_queue_depth as i64);
+        inner.queued_bytes.set(state.queued_bytes as i64);
+        inner.max_queue_bytes.set(state.max_queue_bytes as i64);
         inner.head_seq.set(state.head_seq as i64);
+        inner
+            .oldest_retained_seq
+            .set(state.oldest_retained_seq as i64);
+        inner.log_bytes_on_disk.set(state.log_bytes_on_disk as i64);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &inner.registry)
             .expect("writing to a String cannot fail");
@@ -300,8 +426,26 @@ pub struct Snapshot {
     pub queued_messages: usize,
     /// Longest subscriber queue.
     pub max_queue_depth: usize,
+    /// Bytes of the messages waiting in subscriber queues, summed over queues (a message in
+    /// several queues counts in each).
+    pub queued_bytes: usize,
+    /// Most bytes waiting in one subscriber queue.
+    pub max_queue_bytes: usize,
     /// Seq of the newest message.
     pub head_seq: u64,
+    /// Seq of the oldest retained message (0 when none).
+    pub oldest_retained_seq: u64,
+    /// Bytes the log's files take on disk (0 without a data dir).
+    pub log_bytes_on_disk: u64,
+}
+
+/// Decrements a door's connection gauge when the connection closes.
+pub struct ConnectionGauge(Gauge);
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Decrements a door's subscriber gauge when the subscription ends.

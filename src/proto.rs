@@ -6,7 +6,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/client/topichub.v1.rs"));
 }
 
-/// `proto`: the seed-compatible `PubSubService` (client and server).
+/// `proto`: the seed-compatible `PubSubService` (messages and client).
 pub mod seed {
     #![allow(missing_docs, clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/seed/proto.rs"));

@@ -220,6 +220,16 @@ fn offset_of(whole: &[u8], part: &[u8]) -> (usize, usize) {
     (start, start + part.len())
 }
 
+/// [`parse`] for the fuzz target in `fuzz/`: where the topic, the content type and the body of
+/// the request at the front of `bytes` are, if the lane takes it (the body ends the request).
+#[doc(hidden)]
+pub fn parse_publish(bytes: &[u8], max_payload: usize) -> Option<PublishParts> {
+    parse(bytes, max_payload).map(|r| (r.topic, r.content_type, r.body))
+}
+
+/// What [`parse_publish`] finds: topic, content type and body, as (start, end) in the bytes.
+pub type PublishParts = ((usize, usize), Option<(usize, usize)>, (usize, usize));
+
 impl Lane {
     /// Publishes `request`, found in `bytes`; `None` if the application must answer it instead
     /// (invalid topic, a limit).
@@ -246,7 +256,8 @@ impl Lane {
         // 4 KiB buffer alive.
         let (start, end) = request.body;
         let payload = Bytes::copy_from_slice(&bytes[start..end]);
-        let message = self.hub.publish(topic, payload, headers).ok()?;
+        // The lane is only on without a durable log, so the answer is known at once.
+        let message = self.hub.publish(topic, payload, headers).now()?.ok()?;
         self.hub.metrics().published(Door::Http);
         tracing::debug!(topic = %message.topic, seq = message.seq, "published over HTTP/1.1");
         Some(message)
@@ -459,7 +470,7 @@ mod tests {
         let hub = Hub::new(Default::default());
         let topic = Topic::parse("t").unwrap();
         let message = hub.publish(topic, Bytes::from_static(b"x"), Headers::new());
-        let message = message.unwrap();
+        let message = message.now().unwrap().unwrap();
         for closing in [false, true] {
             let mut out = Vec::new();
             Answers::default().write(&message, closing, &mut out);

@@ -26,24 +26,26 @@ use crate::auth::{self, Authenticator};
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::grpc::seed::SeedService;
+use crate::grpc::seed::server::pub_sub_service_server::PubSubServiceServer;
 use crate::grpc::wire::v1::pub_sub_server::PubSubServer;
 use crate::grpc::{self, PubSubService};
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
 use crate::limits::{Connection, Limits};
+use crate::metrics::{ConnectionDoor, Door};
 use crate::proto;
-use crate::proto::seed::pub_sub_service_server::PubSubServiceServer;
 use crate::publish_conn;
 use crate::sse_conn;
 use crate::tls;
+use crate::write_timeout::{WriteProgress, WriteTimeout};
 use crate::ws;
 
 /// How often aged messages are evicted and empty topics forgotten.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Serves the broker on `listener` until `shutdown` is cancelled, then drains: live streams end
-/// with a clean status (gRPC UNAVAILABLE, an SSE `error` event), connections get up to
+/// with a clean status (gRPC UNAVAILABLE, an SSE `end` event), connections get up to
 /// `config.shutdown_grace` to finish, and the function returns.
 pub async fn run(
     listener: TcpListener,
@@ -55,7 +57,7 @@ pub async fn run(
     if auth_enabled {
         tracing::info!("authentication on: pub/sub calls need a bearer token");
     }
-    let hub = Hub::new(config.hub());
+    let hub = open_hub(&config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PubSubServer<PubSubService>>().await;
     health
@@ -64,7 +66,7 @@ pub async fn run(
     let limits = Limits::new(config.limits(), hub.metrics().clone());
     let app = app(
         hub.clone(),
-        auth,
+        auth.clone(),
         limits.clone(),
         &config,
         shutdown.clone(),
@@ -77,10 +79,16 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(invalid_input)?),
-        _ => None,
+    let tls = match config.tls() {
+        Some(files) => Some(tls::Tls::load(files).map_err(invalid_input)?),
+        None => None,
     };
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(
+        auth.clone(),
+        tls.clone(),
+        shutdown.clone(),
+    ));
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .keep_alive_interval(config.keepalive_interval)
@@ -95,10 +103,16 @@ pub async fn run(
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(config.http_header_timeout);
-    let protocols = Arc::new(Protocols { h1, h2 });
+    let protocols = Arc::new(Protocols {
+        h1,
+        h2,
+        write_timeout: config.write_timeout,
+        metrics: hub.metrics().clone(),
+    });
     let header_timeout = config.http_header_timeout;
-    // Tokens are checked by the application's guard, so the lane is off with authentication.
-    let lane = (!auth_enabled).then(|| {
+    // Tokens are checked by the application's guard, so the lane is off with authentication;
+    // it answers synchronously, so it is off with a durable log too.
+    let lane = (!auth_enabled && !hub.is_durable()).then(|| {
         Arc::new(publish_conn::Lane {
             hub: hub.clone(),
             limits: limits.clone(),
@@ -110,6 +124,7 @@ pub async fn run(
         addr = %listener.local_addr()?,
         epoch = hub.epoch(),
         tls = tls.is_some(),
+        client_certificates = tls.as_ref().is_some_and(tls::Tls::requires_client_certificates),
         "topichub listening (gRPC, gRPC-Web, HTTP and SSE on one port)"
     );
     let graceful = GracefulShutdown::new();
@@ -127,9 +142,10 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (protocols, watcher, tls) = (protocols.clone(), graceful.watcher(), tls.clone());
+        let (protocols, watcher) = (protocols.clone(), graceful.watcher());
+        let tls = tls.as_ref().map(tls::Tls::acceptor);
         let shutdown = shutdown.clone();
-        let admitted = limits.admit(peer);
+        let mut admitted = limits.admit(peer);
         if let Err(refusal) = &admitted {
             tracing::warn!(%peer, %refusal, "connection refused");
         }
@@ -158,7 +174,9 @@ pub async fn run(
                         // Held until the stream ends: graceful shutdown waits for it.
                         let _watcher = watcher;
                         let app = service(admitted);
-                        if let Err(error) = sse_conn::serve(stream, taken, app, &shutdown).await {
+                        let write_timeout = protocols.write_timeout(Protocol::Http1);
+                        let serving = sse_conn::serve(stream, taken, app, &shutdown, write_timeout);
+                        if let Err(error) = serving.await {
                             tracing::debug!(%peer, %error, "SSE connection ended with an error");
                         }
                         return;
@@ -167,6 +185,7 @@ pub async fn run(
                         && let (Some(lane), Ok(connection)) = (lane, &admitted)
                         && publish_conn::takes(sniffed.first())
                     {
+                        connection.enter(ConnectionDoor::Http);
                         // The watcher is held meanwhile: graceful shutdown waits for the lane,
                         // which closes the connection between requests once shutdown begins.
                         let publishing = publish_conn::serve(stream, &lane, connection, &shutdown);
@@ -202,6 +221,13 @@ pub async fn run(
                                 return Ok(());
                             }
                         };
+                        // With mTLS the certificate, verified by the handshake, names the client.
+                        if let Ok(connection) = &mut admitted
+                            && let Some(subject) = tls::client_subject(stream.get_ref().1)
+                        {
+                            tracing::debug!(%peer, %subject, "client certificate accepted");
+                            connection.certificate_subject = Some(subject.into());
+                        }
                         // HTTP/2 over TLS is negotiated by ALPN (RFC 9113, section 3.2);
                         // without it the client speaks HTTP/1.1.
                         let protocol = match stream.get_ref().1.alpn_protocol() {
@@ -223,8 +249,16 @@ pub async fn run(
     }
 
     drop(listener);
+    // Every service, and the server as a whole (""), so that a load balancer watching any of
+    // them stops routing here before the drain.
     health
         .set_not_serving::<PubSubServer<PubSubService>>()
+        .await;
+    health
+        .set_not_serving::<PubSubServiceServer<SeedService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     tracing::info!(connections = graceful.count(), "draining connections");
     tokio::select! {
@@ -233,7 +267,33 @@ pub async fn run(
             tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the grace period; closing them");
         }
     }
+    hub.close().await;
     Ok(())
+}
+
+/// The hub, on a disk log when `--data-dir` is set.
+fn open_hub(config: &ServerConfig) -> std::io::Result<Hub> {
+    let Some(dir) = &config.data_dir else {
+        return Ok(Hub::new(config.hub()));
+    };
+    let metrics = crate::metrics::Metrics::new();
+    let started = std::time::Instant::now();
+    let (log, recovered) = crate::log::disk::DiskLog::open(dir, config.fsync, metrics.clone())
+        .map_err(invalid_input)?;
+    tracing::info!(
+        data_dir = %dir.display(),
+        epoch = %recovered.epoch,
+        head = recovered.head,
+        messages = recovered.messages.len(),
+        elapsed = ?started.elapsed(),
+        "history loaded from disk"
+    );
+    Ok(Hub::with_log(
+        config.hub(),
+        metrics,
+        Box::new(log),
+        recovered,
+    ))
 }
 
 /// A configuration error, as `run` reports it.
@@ -312,9 +372,22 @@ async fn sniff(
 struct Protocols {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// `--write-timeout`, applied to every connection.
+    write_timeout: Duration,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Protocols {
+    /// The write timeout of a connection speaking `protocol`. Which door an HTTP/2 connection
+    /// serves is not known per connection; nearly all are gRPC's, and count there.
+    fn write_timeout(&self, protocol: Protocol) -> WriteTimeout {
+        let door = match protocol {
+            Protocol::Http1 => Door::Http,
+            Protocol::Http2 => Door::Grpc,
+        };
+        WriteTimeout::new(self.write_timeout, door, self.metrics.clone())
+    }
+
     /// Serves one connection until it closes or the graceful shutdown completes. Each
     /// protocol's connection is boxed on its own, so that an HTTP/1.1 connection (most of the
     /// idle SSE subscribers) does not carry the size of an HTTP/2 one.
@@ -337,7 +410,7 @@ impl Protocols {
         S::Future: Send + 'static,
     {
         let service = TowerToHyperService::new(app);
-        let io = TokioIo::new(io);
+        let io = TokioIo::new(WriteProgress::new(io, self.write_timeout(protocol)));
         match protocol {
             Protocol::Http1 => {
                 // Upgrades hand the socket to `GET /ws`. hyper-util's watcher does not take an
@@ -432,6 +505,11 @@ pub fn app(
     let grpc = services
         .routes()
         .into_axum_router()
+        // Inside gRPC-Web's translation: the body is gRPC-framed by then, for both kinds.
+        .layer(axum::middleware::from_fn_with_state(
+            config.http_body_timeout,
+            grpc::deadline::guard,
+        ))
         // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
         .layer(axum::middleware::from_fn_with_state(
             (auth.clone(), hub.metrics().clone()),
@@ -465,8 +543,57 @@ pub fn app(
     grpc.merge(rest)
         // `Routes` brings a gRPC fallback; ours answers both kinds of client.
         .fallback(fallback)
+        // Inside CORS: a preflight is not a request of any door.
+        .layer(tower::util::MapRequestLayer::new(mark_door))
         .layer(cors())
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+}
+
+/// The span of a request, as tower-http's default one but with any `access_token` in the URI
+/// blanked: debug logs must not hand out tokens.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let connection = request.extensions().get::<Connection>();
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        uri = %crate::logging::uri(request.uri()),
+        version = ?request.version(),
+        peer = connection.map(|c| tracing::field::display(c.peer)),
+        client = connection
+            .and_then(|c| c.certificate_subject.as_deref())
+            .map(tracing::field::display),
+    )
+}
+
+/// On SIGHUP, reads the JWT key file and the TLS certificate, key and client CA again: keys
+/// rotate without a restart. A file that cannot be used keeps the old keys, and says why.
+#[cfg(unix)]
+async fn reload_on_hangup(auth: Authenticator, tls: Option<tls::Tls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; keys are not reloadable");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match auth.reload() {
+            Ok(true) => tracing::info!("SIGHUP: JWT keys reloaded"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "SIGHUP: keeping the old JWT keys"),
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(error) => tracing::warn!(%error, "SIGHUP: keeping the old TLS certificate"),
+            }
+        }
+    }
 }
 
 /// Unknown routes: UNIMPLEMENTED for gRPC and gRPC-Web clients, a JSON 404 for everyone else.
@@ -477,6 +604,39 @@ async fn fallback(request: Request) -> Response {
         ))
     } else {
         http::not_found().await.into_response()
+    }
+}
+
+/// Notes the door of every request: its connection is counted under the door of its first
+/// one, and gRPC handlers learn that a call is gRPC-Web, which tonic-web's translation hides
+/// from them. (A plain request map: nothing boxed per request.)
+fn mark_door(mut request: Request) -> Request {
+    let door = door_of(&request);
+    if let Some(connection) = request.extensions().get::<Connection>() {
+        connection.enter(door);
+    }
+    if door == ConnectionDoor::GrpcWeb {
+        request.extensions_mut().insert(Door::GrpcWeb);
+    }
+    request
+}
+
+fn door_of(request: &Request) -> ConnectionDoor {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("application/grpc-web") {
+        ConnectionDoor::GrpcWeb
+    } else if content_type.starts_with("application/grpc") {
+        ConnectionDoor::Grpc
+    } else if request.uri().path() == "/subscribe" {
+        ConnectionDoor::Sse
+    } else if request.uri().path() == "/ws" {
+        ConnectionDoor::Ws
+    } else {
+        ConnectionDoor::Http
     }
 }
 

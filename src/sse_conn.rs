@@ -30,6 +30,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+use crate::write_timeout::{Progress, WriteTimeout};
+
 /// The most of a request head looked at. Longer heads go to hyper.
 const MAX_HEAD: usize = 8 * 1024;
 /// The most headers a request may have to be taken here.
@@ -71,7 +73,7 @@ pub(crate) async fn take(stream: &TcpStream, first: &[u8]) -> Option<Box<Taken>>
 }
 
 /// Parses a complete `GET /subscribe` HTTP/1.1 head with no body; `None` for anything else.
-fn parse(bytes: &[u8]) -> Option<(usize, Request)> {
+pub fn parse(bytes: &[u8]) -> Option<(usize, Request)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(length) = parsed.parse(bytes).ok()? else {
@@ -106,13 +108,14 @@ pub(crate) async fn serve<S>(
     taken: Box<Taken>,
     mut app: S,
     shutdown: &CancellationToken,
+    write_timeout: WriteTimeout,
 ) -> io::Result<()>
 where
     S: tower::Service<Request, Response = Response, Error = Infallible>,
 {
     // `app` lives as long as the connection: it carries the connection's place in
     // --max-connections.
-    let mut writer = Box::pin(respond(&mut stream, taken, &mut app)).await?;
+    let mut writer = Box::pin(respond(&mut stream, taken, &mut app, write_timeout)).await?;
     poll_fn(|cx| writer.poll_run(&stream, cx)).await?;
     drop(writer);
     stream.shutdown().await?;
@@ -136,6 +139,7 @@ async fn respond<S>(
     stream: &mut TcpStream,
     taken: Box<Taken>,
     app: &mut S,
+    write_timeout: WriteTimeout,
 ) -> io::Result<BodyWriter>
 where
     S: tower::Service<Request, Response = Response, Error = Infallible>,
@@ -199,6 +203,7 @@ where
         written: 0,
         ended: bodiless,
         discarded: 0,
+        progress: Progress::new(write_timeout),
     })
 }
 
@@ -218,6 +223,8 @@ struct BodyWriter {
     ended: bool,
     /// Bytes the client sent after its request, read and dropped.
     discarded: usize,
+    /// A client that accepts no bytes for the write timeout is let go.
+    progress: Progress,
 }
 
 impl BodyWriter {
@@ -303,7 +310,8 @@ impl BodyWriter {
                 skip = 0;
                 used += 1;
             }
-            match ready!(poll_write_vectored(stream, cx, &slices[..used])) {
+            let written = poll_write_vectored(stream, cx, &slices[..used]);
+            match ready!(self.progress.follow(cx, written)) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.written += n,
                 Err(error) => return Poll::Ready(Err(error)),

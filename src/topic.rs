@@ -201,6 +201,11 @@ fn shorten(text: &str) -> String {
     format!("{}…", &text[..end])
 }
 
+/// The naive matcher `matches` is held to, shared with the integration tests and the fuzz target.
+#[cfg(test)]
+#[path = "../tests/support/reference.rs"]
+mod reference;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,17 +350,6 @@ mod tests {
         }
     }
 
-    /// A deliberately naive matcher: token lists compared recursively.
-    fn reference(pattern: &[&str], topic: &[&str]) -> bool {
-        match (pattern.first(), topic.first()) {
-            (Some(&">"), Some(_)) => true,
-            (Some(&"*"), Some(_)) => reference(&pattern[1..], &topic[1..]),
-            (Some(p), Some(t)) => p == t && reference(&pattern[1..], &topic[1..]),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-
     #[test]
     fn matcher_agrees_with_reference_on_random_inputs() {
         let mut rng = fastrand::Rng::with_seed(0x70b1c);
@@ -375,7 +369,7 @@ mod tests {
             let p = Pattern::parse(&pattern.join(".")).unwrap();
             assert_eq!(
                 p.matches(&topic.join(".")),
-                reference(&pattern, &topic),
+                super::reference::tokens_match(&pattern, &topic),
                 "{} ~ {}",
                 pattern.join("."),
                 topic.join(".")

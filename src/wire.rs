@@ -1,10 +1,12 @@
 //! Protobuf shapes for the server side of `topichub.v1`, and conversions from hub types.
 //!
-//! `topichub.v1.Message` is bound (in `build.rs`) to [`SharedMessage`]: it writes the message's
-//! encoding computed once and cached on the hub message, so a fan-out to N gRPC subscribers
-//! encodes once and copies N times.
+//! `topichub.v1.Message` is bound (in `build.rs`) to [`SharedMessage`], a [`Preencoded`]: it
+//! writes the message's encoding computed once and cached on the hub message, so a fan-out to N
+//! gRPC subscribers encodes once and copies N times. The seed service's response is another
+//! [`Preencoded`] (see `seed.rs`).
 
-use std::sync::Arc;
+use std::marker::PhantomData;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{DecodeContext, WireType};
@@ -18,11 +20,58 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/server/topichub.v1.rs"));
 }
 
-/// A hub message in its `topichub.v1.Message` encoding.
-#[derive(Clone, Debug, Default)]
-pub struct SharedMessage(pub Option<Arc<hub::Message>>);
+/// Which of a hub message's cached encodings a [`Preencoded`] writes.
+pub trait Encoding: 'static {
+    /// Where the encoding is cached on the message.
+    fn cache(message: &hub::Message) -> &OnceLock<Bytes>;
+    /// Encodes the message; called once per hub message.
+    fn encode(message: &hub::Message) -> Bytes;
+}
 
-impl PartialEq for SharedMessage {
+/// A hub message as a protobuf message whose bytes are encoded once per hub message, cached on
+/// it, and copied into each subscriber's stream: a fan-out to N subscribers encodes once.
+pub struct Preencoded<E>(Option<Arc<hub::Message>>, PhantomData<fn() -> E>);
+
+impl<E> Preencoded<E> {
+    /// The encoding of `message`.
+    pub fn new(message: Arc<hub::Message>) -> Self {
+        Preencoded(Some(message), PhantomData)
+    }
+
+    /// The hub message (none in a decoded default), for doors that write it in another form.
+    pub fn message(&self) -> Option<&hub::Message> {
+        self.0.as_deref()
+    }
+}
+
+impl<E: Encoding> Preencoded<E> {
+    pub(crate) fn encoded(&self) -> &[u8] {
+        match &self.0 {
+            Some(message) => E::cache(message).get_or_init(|| E::encode(message)),
+            None => &[],
+        }
+    }
+}
+
+impl<E> Clone for Preencoded<E> {
+    fn clone(&self) -> Self {
+        Preencoded(self.0.clone(), PhantomData)
+    }
+}
+
+impl<E> Default for Preencoded<E> {
+    fn default() -> Self {
+        Preencoded(None, PhantomData)
+    }
+}
+
+impl<E> std::fmt::Debug for Preencoded<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Preencoded").field(&self.0).finish()
+    }
+}
+
+impl<E> PartialEq for Preencoded<E> {
     fn eq(&self, other: &Self) -> bool {
         match (&self.0, &other.0) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -32,36 +81,7 @@ impl PartialEq for SharedMessage {
     }
 }
 
-impl SharedMessage {
-    fn encoded(&self) -> &[u8] {
-        match &self.0 {
-            Some(message) => message.encoded.proto.get_or_init(|| encode(message)),
-            None => &[],
-        }
-    }
-}
-
-fn encode(message: &hub::Message) -> Bytes {
-    use prost::Message as _;
-    proto::v1::Message {
-        topic: message.topic.to_string(),
-        payload: message.payload.clone(),
-        cursor: Some(proto::v1::Cursor {
-            epoch: message.epoch.to_string(),
-            seq: message.seq,
-        }),
-        published_at: Some(message.published_at.into()),
-        headers: message
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
-    .encode_to_vec()
-    .into()
-}
-
-impl prost::Message for SharedMessage {
+impl<E: Encoding> prost::Message for Preencoded<E> {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         buf.put_slice(self.encoded());
     }
@@ -73,7 +93,7 @@ impl prost::Message for SharedMessage {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), prost::DecodeError> {
-        // The server only sends messages; should one ever arrive, its fields are skipped.
+        // The server only sends these; should one ever arrive, its fields are skipped.
         prost::encoding::skip_field(wire_type, tag, buf, ctx)
     }
 
@@ -85,6 +105,38 @@ impl prost::Message for SharedMessage {
         self.0 = None;
     }
 }
+
+/// The `topichub.v1.Message` encoding.
+pub enum V1Message {}
+
+impl Encoding for V1Message {
+    fn cache(message: &hub::Message) -> &OnceLock<Bytes> {
+        &message.encoded.proto
+    }
+
+    fn encode(message: &hub::Message) -> Bytes {
+        use prost::Message as _;
+        proto::v1::Message {
+            topic: message.topic.to_string(),
+            payload: message.payload.clone(),
+            cursor: Some(proto::v1::Cursor {
+                epoch: message.epoch.to_string(),
+                seq: message.seq,
+            }),
+            published_at: Some(message.published_at.into()),
+            headers: message
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+        .encode_to_vec()
+        .into()
+    }
+}
+
+/// A hub message in its `topichub.v1.Message` encoding.
+pub type SharedMessage = Preencoded<V1Message>;
 
 /// A hub cursor in protobuf form.
 pub fn cursor(cursor: &crate::cursor::Cursor) -> v1::Cursor {
@@ -127,7 +179,7 @@ pub fn topic_info(topic: hub::TopicInfo) -> v1::TopicInfo {
 pub fn subscribe_event(event: hub::Event) -> v1::SubscribeResponse {
     use v1::subscribe_response::Event;
     let event = match event {
-        hub::Event::Message(m) => Event::Message(SharedMessage(Some(m))),
+        hub::Event::Message(m) => Event::Message(SharedMessage::new(m)),
         hub::Event::Gap(g) => Event::Gap(gap(g)),
         hub::Event::Lag(l) => Event::Lag(lag(l)),
     };

@@ -448,7 +448,7 @@ async fn a_stream_ends_when_its_token_expires() {
     .await;
     sse.expect("subscribed").await;
     assert_eq!(
-        sse.expect("error").await.json()["error"]["code"],
+        sse.expect("end").await.json()["error"]["code"],
         "UNAUTHENTICATED"
     );
     broker.stop().await;

@@ -1,45 +1,19 @@
 //! The `topichub pub` and `topichub sub` command-line clients, run as real processes against a
 //! real broker process.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use support::{free_port, start_broker_process};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_topichub");
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A free loopback port (bound, then released for the broker process to take).
-async fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// `topichub serve` as a child process; ready once `/healthz` answers.
-async fn start_broker(addr: SocketAddr) -> Child {
-    let child = Command::new(BIN)
-        .args(["serve", "--listen", &addr.to_string()])
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let url = format!("http://{addr}/healthz");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while reqwest::get(&url).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "broker did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child
-}
 
 async fn stop_broker(mut child: Child) {
     // SIGTERM, as an orchestrator would: the broker drains and exits by itself.
@@ -155,7 +129,7 @@ async fn start_proxy(addr: SocketAddr, upstream: SocketAddr) -> Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pub_and_sub_work_from_the_command_line() {
     let addr = free_port().await;
-    let broker = start_broker(addr).await;
+    let broker = start_broker_process(addr, &[]).await;
     let server = format!("http://{addr}");
     let mut sub = start_sub(&server, &["cli.*"]).await;
     sub.stderr_until("subscribed").await;
@@ -234,7 +208,7 @@ async fn pub_and_sub_work_from_the_command_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sub_resumes_after_a_dropped_connection_without_losing_anything() {
     let broker_addr = free_port().await;
-    let broker = start_broker(broker_addr).await;
+    let broker = start_broker_process(broker_addr, &[]).await;
     let proxy_addr = free_port().await;
     let proxy = start_proxy(proxy_addr, broker_addr).await;
     let mut sub = start_sub(&format!("http://{}", proxy.addr), &["drop.t"]).await;
@@ -266,7 +240,7 @@ async fn sub_resumes_after_a_dropped_connection_without_losing_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sub_reconnects_with_backoff_across_a_broker_restart_and_reports_the_gap() {
     let addr = free_port().await;
-    let broker = start_broker(addr).await;
+    let broker = start_broker_process(addr, &[]).await;
     let mut sub = start_sub(&format!("http://{addr}"), &["restart.t"]).await;
     sub.stderr_until("subscribed").await;
     publish(addr, "restart.t", "first life").await;
@@ -276,7 +250,7 @@ async fn sub_reconnects_with_backoff_across_a_broker_restart_and_reports_the_gap
     sub.stderr_until("reconnecting in").await;
     // Keeps retrying while the broker is away.
     sub.stderr_until("reconnecting in").await;
-    let broker = start_broker(addr).await;
+    let broker = start_broker_process(addr, &[]).await;
     let gap = sub.stderr_until("gap").await;
     // The gap follows `subscribed`, so the new subscription is live by now.
     assert!(

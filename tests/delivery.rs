@@ -1,16 +1,31 @@
-//! The delivery contract (DESIGN.md): order and no duplicates, exact resume across the replay ->
-//! live hand-over under concurrent publishing, explicit gaps, lag with catch-up, the disconnect
-//! policy, wildcards, Connect, PublishBatch, Unsubscribe, and a randomized interleaving checked
-//! against a model.
+//! The delivery contract (docs/design.md, "Delivery contract"): order and no duplicates, exact
+//! resume across the replay -> live hand-over under concurrent publishing, explicit gaps, lag
+//! with catch-up, the disconnect policy, wildcards, Connect, PublishBatch, Unsubscribe, and a
+//! randomized interleaving checked against a model.
+//!
+//! Which test proves which rule of the contract:
+//! 1. order, no duplicates: `per_topic_order_without_duplicates_under_concurrent_publishers`,
+//!    `randomized_interleaving_matches_the_model`;
+//! 2. nothing lost silently: `randomized_interleaving_matches_the_model`,
+//!    `a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up`;
+//! 3. exact resume: `grpc_resume_is_exact_across_the_handover_while_publishing_continues`,
+//!    `sse_reconnect_with_last_event_id_loses_and_repeats_nothing`,
+//!    `a_cursor_from_another_epoch_yields_a_gap_then_everything_retained`,
+//!    `a_cursor_older_than_retention_yields_a_gap_for_exactly_the_evicted_range`,
+//!    `history_pages_through_retention_with_next_cursors` (a cursor ahead of the hub:
+//!    `tests/bad_input.rs`);
+//! 4. positions never run ahead: `sse_reconnect_with_last_event_id_loses_and_repeats_nothing`
+//!    (resuming from each id it was given loses nothing);
+//! 5. publishers do not wait: `a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up`,
+//!    `the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status`;
+//! 6. bad input hurts only itself: `tests/bad_input.rs`, `tests/limits.rs`, `tests/differential.rs`.
 
 mod support;
 
 use std::collections::HashSet;
 
 use futures_util::StreamExt;
-use support::{Sse, publish_request, spawn_broker, spawn_broker_with, within};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use support::{Backend, Sse, publish_request, reference, spawn_broker_on, within};
 use tonic::Code;
 use tonic::transport::Channel;
 use topichub::proto::v1::{
@@ -76,9 +91,8 @@ fn seq(message: &v1::Message) -> u64 {
     message.cursor.as_ref().unwrap().seq
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_topic_order_without_duplicates_under_concurrent_publishers() {
-    let broker = spawn_broker().await;
+async fn per_topic_order_without_duplicates_under_concurrent_publishers(backend: Backend) {
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let (mut all, _) = subscribe(
         &mut client,
@@ -152,10 +166,9 @@ fn background_publisher(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_resume_is_exact_across_the_handover_while_publishing_continues() {
+async fn grpc_resume_is_exact_across_the_handover_while_publishing_continues(backend: Backend) {
     const COUNT: usize = 2_000;
-    let broker = spawn_broker().await;
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let first = publish(&mut client, "resume.g", "m-first").await;
     let publisher = background_publisher(broker.grpc().await, "resume.g", COUNT);
@@ -199,10 +212,9 @@ async fn grpc_resume_is_exact_across_the_handover_while_publishing_continues() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sse_reconnect_with_last_event_id_loses_and_repeats_nothing() {
+async fn sse_reconnect_with_last_event_id_loses_and_repeats_nothing(backend: Backend) {
     const COUNT: usize = 1_500;
-    let broker = spawn_broker().await;
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let url = broker.url();
     let mut sse = Sse::open(&url, "/subscribe?topic=resume.s", &[]).await;
     sse.expect("subscribed").await;
@@ -247,9 +259,8 @@ async fn sse_reconnect_with_last_event_id_loses_and_repeats_nothing() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cursor_from_another_epoch_yields_a_gap_then_everything_retained() {
-    let broker = spawn_broker().await;
+async fn a_cursor_from_another_epoch_yields_a_gap_then_everything_retained(backend: Backend) {
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     for i in 0..3 {
         publish(&mut client, "epoch.t", format!("{i}")).await;
@@ -297,9 +308,10 @@ async fn a_cursor_from_another_epoch_yields_a_gap_then_everything_retained() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cursor_older_than_retention_yields_a_gap_for_exactly_the_evicted_range() {
-    let broker = spawn_broker_with(|c| c.retain_messages = 5).await;
+async fn a_cursor_older_than_retention_yields_a_gap_for_exactly_the_evicted_range(
+    backend: Backend,
+) {
+    let broker = spawn_broker_on(backend, |c| c.retain_messages = 5).await;
     let mut client = broker.grpc().await;
     let mut cursors = Vec::new();
     for i in 0..20 {
@@ -353,9 +365,8 @@ async fn a_cursor_older_than_retention_yields_a_gap_for_exactly_the_evicted_rang
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_pages_through_retention_with_next_cursors() {
-    let broker = spawn_broker().await;
+async fn history_pages_through_retention_with_next_cursors(backend: Backend) {
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     for i in 0..25 {
         publish(
@@ -394,10 +405,9 @@ async fn history_pages_through_retention_with_next_cursors() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up() {
+async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up(backend: Backend) {
     const COUNT: usize = 600;
-    let broker = spawn_broker().await;
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let (mut slow, _) = subscribe(
         &mut client,
@@ -438,9 +448,8 @@ async fn a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status() {
-    let broker = spawn_broker().await;
+async fn the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status(backend: Backend) {
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let (mut slow, _) = subscribe(
         &mut client,
@@ -473,9 +482,8 @@ async fn the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wildcards_match_on_every_door_and_resume_with_them() {
-    let broker = spawn_broker().await;
+async fn wildcards_match_on_every_door_and_resume_with_them(backend: Backend) {
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let topics = [
         "orders.eu.created",
@@ -548,19 +556,13 @@ async fn wildcards_match_on_every_door_and_resume_with_them() {
             "orders.us.created"
         ]
     );
-    let http: serde_json::Value = reqwest::get(format!("{}/topics?pattern=logs.*", broker.url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let http = support::get_json(&format!("{}/topics?pattern=logs.*", broker.url())).await;
     assert_eq!(http["topics"].as_array().unwrap().len(), 1);
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsubscribe_ends_exactly_that_stream_on_any_door() {
-    let broker = spawn_broker().await;
+async fn unsubscribe_ends_exactly_that_stream_on_any_door(backend: Backend) {
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let (mut a, a_id) = subscribe(
         &mut client,
@@ -615,19 +617,11 @@ async fn unsubscribe_ends_exactly_that_stream_on_any_door() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream() {
+async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream(backend: Backend) {
     use connect_request::Request as Req;
     use connect_response::Event as Ev;
-    let broker = spawn_broker().await;
-    let (tx, rx) = mpsc::channel(16);
-    let mut events = broker
-        .grpc()
-        .await
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let broker = spawn_broker_on(backend, |_| {}).await;
+    let (tx, mut events) = broker.connect_stream(None).await;
     let send = |id: u64, request: Req| {
         let tx = tx.clone();
         async move {
@@ -733,10 +727,9 @@ async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream() {
     broker.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_batch_streams_many_messages_and_reports_counts() {
+async fn publish_batch_streams_many_messages_and_reports_counts(backend: Backend) {
     const COUNT: usize = 20_000;
-    let broker = spawn_broker().await;
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let (mut sub, _) = subscribe(
         &mut client,
@@ -770,15 +763,14 @@ async fn publish_batch_streams_many_messages_and_reports_counts() {
 
 /// Random publish / subscribe / unsubscribe / disconnect operations against the real server;
 /// each subscriber must see exactly the matching messages published while it was live.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn randomized_interleaving_matches_the_model() {
+async fn randomized_interleaving_matches_the_model(backend: Backend) {
     let seed = std::env::var("TOPICHUB_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
     println!("seed {seed} (rerun with TOPICHUB_TEST_SEED={seed})");
     let mut rng = fastrand::Rng::with_seed(seed);
-    let broker = spawn_broker().await;
+    let broker = spawn_broker_on(backend, |_| {}).await;
     let mut client = broker.grpc().await;
     let topics = ["r.a", "r.b", "r.a.x", "r.b.y", "q"];
     let patterns = ["r.a", "r.*", "r.>", "q", "r.*.x", ">", "r.b.y"];
@@ -790,19 +782,6 @@ async fn randomized_interleaving_matches_the_model() {
         expected: Vec<u64>,
         live: bool,
     }
-    let matches = |pattern: &str, topic: &str| -> bool {
-        let (p, t): (Vec<_>, Vec<_>) = (pattern.split('.').collect(), topic.split('.').collect());
-        fn go(p: &[&str], t: &[&str]) -> bool {
-            match (p.first(), t.first()) {
-                (Some(&">"), Some(_)) => true,
-                (Some(&"*"), Some(_)) => go(&p[1..], &t[1..]),
-                (Some(a), Some(b)) => a == b && go(&p[1..], &t[1..]),
-                (None, None) => true,
-                _ => false,
-            }
-        }
-        go(&p, &t)
-    };
     let mut subs: Vec<Model> = Vec::new();
     let mut dropped = 0;
     for _ in 0..400 {
@@ -811,7 +790,7 @@ async fn randomized_interleaving_matches_the_model() {
                 let topic = topics[rng.usize(..topics.len())];
                 let seq = publish(&mut client, topic, topic).await.seq;
                 for sub in subs.iter_mut().filter(|s| s.live) {
-                    if sub.patterns.iter().any(|p| matches(p, topic)) {
+                    if sub.patterns.iter().any(|p| reference::matches(p, topic)) {
                         sub.expected.push(seq);
                     }
                 }
@@ -891,3 +870,41 @@ async fn randomized_interleaving_matches_the_model() {
     );
     broker.stop().await;
 }
+
+/// Every test above, once per log backend: the delivery contract is proven for each.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Memory).await
+                }
+            )*
+        }
+        mod disk {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Disk).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    per_topic_order_without_duplicates_under_concurrent_publishers,
+    grpc_resume_is_exact_across_the_handover_while_publishing_continues,
+    sse_reconnect_with_last_event_id_loses_and_repeats_nothing,
+    a_cursor_from_another_epoch_yields_a_gap_then_everything_retained,
+    a_cursor_older_than_retention_yields_a_gap_for_exactly_the_evicted_range,
+    history_pages_through_retention_with_next_cursors,
+    a_subscriber_that_stops_reading_is_told_it_lagged_and_caught_up,
+    the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status,
+    wildcards_match_on_every_door_and_resume_with_them,
+    unsubscribe_ends_exactly_that_stream_on_any_door,
+    connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream,
+    publish_batch_streams_many_messages_and_reports_counts,
+    randomized_interleaving_matches_the_model,
+);

@@ -7,8 +7,6 @@ use std::collections::HashMap;
 
 use futures_util::StreamExt;
 use support::{Sse, metric, spawn_broker, within};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use topichub::proto::seed;
 use topichub::proto::v1::{
     self, ConnectRequest, PublishRequest, SubscribeRequest, connect_request, connect_response,
@@ -64,7 +62,7 @@ async fn every_door_publishes_to_every_door() {
         .await
         .unwrap()
         .into_inner();
-    let (connect_tx, connect_rx) = mpsc::channel(8);
+    let (connect_tx, mut connect) = broker.connect_stream(None).await;
     connect_tx
         .send(ConnectRequest {
             request_id: 1,
@@ -72,13 +70,6 @@ async fn every_door_publishes_to_every_door() {
         })
         .await
         .unwrap();
-    let mut connect = broker
-        .grpc()
-        .await
-        .connect(ReceiverStream::new(connect_rx))
-        .await
-        .unwrap()
-        .into_inner();
     broker.wait_for_subscribers(5).await;
 
     // Publishers: one message through each door.

@@ -20,7 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use support::{Sse, WAIT, spawn_broker_with, wait_for, within};
+use support::{
+    Sse, WAIT, free_port, proc_status_bytes, spawn_broker_with, start_broker_process, wait_for,
+    within,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -149,49 +152,6 @@ async fn killed_subscribers_are_freed_and_survivors_get_every_message_in_order()
 
 // ---------------------------------------------------------------------------------------------
 // b. Clients that never read.
-
-/// A free loopback port (bound, then released for the broker process to take).
-async fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// `topichub serve` as a child process with extra flags; ready once `/healthz` answers.
-async fn start_broker_process(addr: SocketAddr, flags: &[&str]) -> Child {
-    let child = Command::new(BIN)
-        .args(["serve", "--listen", &addr.to_string()])
-        .args(flags)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start topichub serve");
-    let url = format!("http://{addr}/healthz");
-    wait_for("the broker process to answer /healthz", || {
-        let url = url.clone();
-        async move { reqwest::get(&url).await.ok().map(|_| ()) }
-    })
-    .await;
-    child
-}
-
-/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
-fn proc_status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"));
-    let kib: u64 = line
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .expect("a number of kB");
-    kib * 1024
-}
 
 async fn healthz(addr: SocketAddr) -> serde_json::Value {
     reqwest::get(format!("http://{addr}/healthz"))

@@ -137,3 +137,60 @@ async fn metrics_stay_open_and_count_auth_failures() {
     assert_eq!(metric(&broker, "topichub_auth_failures_total").await, 2.0);
     broker.stop().await;
 }
+
+/// Connections are counted per door, by their first request; gRPC-Web is its own door, for
+/// connections and for publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_grpc_web_are_counted_per_door() {
+    let broker = spawn_broker_with(|_| {}).await;
+    let url = broker.url();
+    let door = |name: &str| format!(r#"topichub_connections_by_door{{door="{name}"}}"#);
+
+    // gRPC (HTTP/2), gRPC-Web (HTTP/1.1), an SSE stream and a kept-alive HTTP client.
+    let mut grpc = broker.grpc().await;
+    grpc.publish(publish_request("c.grpc", "one"))
+        .await
+        .unwrap();
+    let mut grpc_web = support::grpc_web(&broker);
+    grpc_web
+        .publish(publish_request("c.web", "two"))
+        .await
+        .unwrap();
+    let mut sse = Sse::open(&url, "/subscribe?topic=c.%3E", &[]).await;
+    sse.expect("subscribed").await;
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("{url}/publish"))
+        .json(&serde_json::json!({ "topic": "c.http", "payload": "three" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    assert_eq!(metric(&broker, &door("grpc")).await, 1.0);
+    assert_eq!(metric(&broker, &door("grpc-web")).await, 1.0);
+    assert_eq!(metric(&broker, &door("sse")).await, 1.0);
+    // The kept-alive client, and the scrape's own connection.
+    assert!(metric(&broker, &door("http")).await >= 1.0);
+    assert_eq!(
+        metric(&broker, r#"topichub_publishes_total{door="grpc-web"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&broker, r#"topichub_publishes_total{door="grpc"}"#).await,
+        1.0
+    );
+
+    // A closed connection leaves its door's count.
+    drop(grpc);
+    drop(grpc_web);
+    drop(sse);
+    for name in ["grpc", "grpc-web", "sse"] {
+        support::wait_for(&format!("{name} connection closed"), || async {
+            (metric(&broker, &door(name)).await == 0.0).then_some(())
+        })
+        .await;
+    }
+    drop(http);
+    broker.stop().await;
+}

@@ -39,12 +39,7 @@ async fn health_reports_serving_for_the_server_and_each_service() {
         })
         .await;
     assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
-    let http: serde_json::Value = reqwest::get(format!("{}/healthz", broker.url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let http = support::get_json(&format!("{}/healthz", broker.url())).await;
     assert_eq!(http["status"], "serving");
     broker.stop().await;
 }
@@ -225,14 +220,7 @@ async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
     .await
     .unwrap()
     .into_inner();
-    let (_requests, rx) = mpsc::channel(1);
-    let mut connect = broker
-        .grpc()
-        .await
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_requests, mut connect) = broker.connect_stream(None).await;
     let mut sse = Sse::open(&broker.url(), "/subscribe?topic=bye", &[]).await;
     sse.expect("subscribed").await;
     broker.wait_for_subscribers(3).await;
@@ -267,11 +255,11 @@ async fn graceful_shutdown_ends_live_streams_cleanly_and_promptly() {
             .code(),
         Code::Unavailable
     );
-    let error = sse.expect("error").await.json();
+    let error = sse.expect("end").await.json();
     assert_eq!(error["error"]["code"], "UNAVAILABLE");
     assert!(
         sse.next().await.is_none(),
-        "the SSE stream ends after its error event"
+        "the SSE stream ends after its end event"
     );
 }
 

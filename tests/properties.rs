@@ -3,22 +3,14 @@
 //! runs in well under a second in debug; the fuzz targets in `fuzz/` explore the same code with
 //! arbitrary bytes.
 
+mod support;
+
 use proptest::prelude::*;
 use proptest::sample::select;
 
+use support::reference;
 use topichub::cursor::Cursor;
 use topichub::topic::{MAX_TOPIC_LEN, Pattern, Topic};
-
-/// A deliberately naive matcher: token lists compared recursively.
-fn reference(pattern: &[&str], topic: &[&str]) -> bool {
-    match (pattern.first(), topic.first()) {
-        (Some(&">"), Some(_)) => true,
-        (Some(&"*"), Some(_)) => reference(&pattern[1..], &topic[1..]),
-        (Some(p), Some(t)) => p == t && reference(&pattern[1..], &topic[1..]),
-        (None, None) => true,
-        _ => false,
-    }
-}
 
 /// Topics of 1-5 tokens over a three-letter alphabet, so matches are frequent.
 fn small_topic() -> impl Strategy<Value = Vec<&'static str>> {
@@ -84,7 +76,7 @@ proptest! {
         let parsed = Pattern::parse(&text).expect("generated patterns are valid");
         prop_assert_eq!(
             parsed.matches(&topic.join(".")),
-            reference(&pattern, &topic),
+            reference::tokens_match(&pattern, &topic),
             "{} ~ {}", text, topic.join(".")
         );
     }

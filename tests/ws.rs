@@ -793,3 +793,92 @@ async fn the_socket_works_over_tls_on_the_same_port() {
     assert_eq!(message["message"]["payload"], "over wss");
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn a_socket_is_counted_under_the_ws_door() {
+    let broker = spawn_broker().await;
+    let mut ws = open(&broker, "").await;
+    subscribe(&mut ws, 1, &["door.t"], json!({})).await;
+    publish_and_receive(&mut ws, 2, json!({"topic": "door.t", "payload": "x"})).await;
+    let by_door = r#"topichub_connections_by_door{door="ws"}"#;
+    assert_eq!(support::metric(&broker, by_door).await, 1.0);
+    assert_eq!(
+        support::metric(&broker, r#"topichub_publishes_total{door="ws"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        support::metric(&broker, r#"topichub_deliveries_total{door="ws"}"#).await,
+        1.0
+    );
+    drop(ws);
+    wait_for("the socket's connection to be uncounted", || async {
+        (support::metric(&broker, by_door).await == 0.0).then_some(())
+    })
+    .await;
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscription_asks_for_its_queue_byte_budget() {
+    let broker = spawn_broker_with(|c| c.max_queue_bytes = 1024 * 1024).await;
+    let mut ws = open(&broker, "").await;
+    subscribe(&mut ws, 1, &["qb.t"], json!({"queue_bytes": 1024 * 1024})).await;
+    send(
+        &mut ws,
+        json!({"request_id": 2, "subscribe": {"topics": ["qb.t"], "queue_bytes": 1024 * 1024 + 1}}),
+    )
+    .await;
+    let refused = recv(&mut ws).await;
+    assert_eq!(refused["request_id"], 2);
+    assert_eq!(refused["error"]["code"], "INVALID_ARGUMENT", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue_bytes 1048577 is over the server maximum"),
+        "{refused}"
+    );
+    broker.stop().await;
+}
+
+/// A socket whose peer stops reading while 1 MiB messages flow is closed after the write
+/// timeout, like every connection; a reading subscriber gets every message meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_socket_is_disconnected_after_the_write_timeout() {
+    const MESSAGES: usize = 24;
+    let broker = spawn_broker_with(|c| {
+        c.write_timeout = Duration::from_millis(500);
+        // Its queue must not be what ends it.
+        c.lag_policy = topichub::hub::LagPolicy::CatchUp;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(8 * 1024).unwrap();
+    let stream = socket.connect(broker.addr).await.unwrap();
+    let (mut frozen, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws", broker.addr),
+        MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    subscribe(&mut frozen, 1, &["frozen.t"], json!({})).await;
+    let mut reader = open(&broker, "").await;
+    subscribe(&mut reader, 1, &["frozen.t"], json!({})).await;
+    let payload = "f".repeat(1024 * 1024);
+    let mut client = broker.grpc().await;
+    for _ in 0..MESSAGES {
+        client
+            .publish(support::publish_request("frozen.t", payload.clone()))
+            .await
+            .unwrap();
+        recv(&mut reader).await;
+    }
+    // Only the reading socket is left.
+    broker.wait_for_subscribers(1).await;
+    assert_eq!(
+        support::metric(&broker, r#"topichub_write_timeouts_total{door="http"}"#).await,
+        1.0
+    );
+    drop(frozen);
+    broker.stop().await;
+}

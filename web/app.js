@@ -156,15 +156,15 @@
       const l = parse(event) || {};
       addNotice('lag', `Fell behind at seq ${l.from_seq}; catching up to seq ${l.to_seq}`);
     }));
-    // Both the server's `error` event (with data, just before it closes the stream) and the
-    // browser's connection error (no data) arrive here.
-    es.addEventListener('error', mine((event) => {
-      if (event.data) {
-        const body = parse(event);
-        const error = (body && body.error) || {};
-        addNotice('error', `Server: ${error.message || event.data}`, error.code || '');
-        return;
-      }
+    // The server's last word before it closes the stream (shutdown, token expiry, slow
+    // consumer). EventSource reconnects by itself after a shutdown and resumes from the last id.
+    es.addEventListener('end', mine((event) => {
+      const body = parse(event);
+      const error = (body && body.error) || {};
+      addNotice('error', `Server: ${error.message || event.data}`, error.code || '');
+    }));
+    // The browser's own connection error.
+    es.addEventListener('error', mine(() => {
       if (es.readyState === EventSource.CLOSED) {
         setStatus('closed');
         explainClosed(url);

@@ -41,6 +41,13 @@ pub enum Target {
     Mqtt,
     /// The raw-loopback ceiling: a minimal program writing the SSE bytes to every socket.
     Raw,
+    /// topichub over gRPC with a durable log (`--data-dir`, `--fsync always`: group commit).
+    GrpcDisk,
+    /// topichub over gRPC with a durable log synced on an interval (`--fsync every=1s`).
+    GrpcDiskEvery,
+    /// nats-server with JetStream file storage: async-nats JetStream publish awaiting each
+    /// PubAck, an ordered push consumer per subscriber.
+    Jetstream,
 }
 
 impl Target {
@@ -49,6 +56,9 @@ impl Target {
             Target::Grpc | Target::Seed | Target::Sse | Target::SseH2 | Target::GrpcMux => {
                 Kind::Topichub
             }
+            Target::GrpcDisk => Kind::TopichubDisk,
+            Target::GrpcDiskEvery => Kind::TopichubDiskEvery,
+            Target::Jetstream => Kind::Jetstream,
             Target::Nats => Kind::Nats,
             Target::Nchan => Kind::Nchan,
             Target::Mqtt => Kind::Mosquitto,
@@ -67,11 +77,17 @@ impl Target {
             Target::Nchan => "nchan",
             Target::Mqtt => "mosquitto",
             Target::Raw => "raw-loopback",
+            Target::GrpcDisk => "topichub-grpc-disk",
+            Target::GrpcDiskEvery => "topichub-grpc-disk-every",
+            Target::Jetstream => "nats-jetstream",
         }
     }
 
     pub fn is_topichub(self) -> bool {
-        self.kind() == Kind::Topichub
+        matches!(
+            self.kind(),
+            Kind::Topichub | Kind::TopichubDisk | Kind::TopichubDiskEvery
+        )
     }
 }
 
@@ -79,7 +95,10 @@ impl Target {
 /// `sink.mark_ready()` once the server has it registered, and `sink.deliver` per message.
 pub async fn subscriber(target: Target, addr: SocketAddr, topic: String, sink: Arc<Sink>) {
     let result = match target {
-        Target::Grpc => grpc_subscriber(addr, &topic, &sink).await,
+        Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery => {
+            grpc_subscriber(addr, &topic, &sink).await
+        }
+        Target::Jetstream => jetstream_subscriber(addr, &topic, &sink).await,
         Target::Seed => seed_subscriber(addr, &topic, &sink).await,
         Target::Sse | Target::Nchan | Target::Raw => {
             let path = sse_path(target, &topic);
@@ -346,6 +365,44 @@ async fn nats_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::
     Ok(())
 }
 
+/// The JetStream stream every JetStream run publishes to (file storage, one replica).
+pub const JETSTREAM_STREAM: &str = "BENCH";
+
+async fn jetstream(addr: SocketAddr) -> anyhow::Result<async_nats::jetstream::Context> {
+    let client = async_nats::connect(addr.to_string()).await?;
+    let context = async_nats::jetstream::new(client);
+    context
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: JETSTREAM_STREAM.into(),
+            subjects: vec!["bench.>".into()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    Ok(context)
+}
+
+async fn jetstream_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+    let context = jetstream(addr).await?;
+    let stream = context.get_stream(JETSTREAM_STREAM).await?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            deliver_subject: context.client().new_inbox(),
+            filter_subject: topic.to_owned(),
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    // The consumer exists on the server once create_consumer has been answered.
+    sink.mark_ready();
+    while let Some(message) = messages.next().await {
+        sink.deliver(&message?.payload);
+    }
+    Ok(())
+}
+
 fn mqtt_options(addr: SocketAddr) -> rumqttc::MqttOptions {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -382,6 +439,7 @@ pub enum Publisher {
         target: Target,
     },
     Nats(async_nats::Client),
+    Jetstream(async_nats::jetstream::Context),
     Mqtt {
         client: rumqttc::AsyncClient,
         acks: tokio::sync::mpsc::Receiver<anyhow::Result<()>>,
@@ -391,7 +449,10 @@ pub enum Publisher {
 impl Publisher {
     pub async fn connect(target: Target, addr: SocketAddr) -> anyhow::Result<Publisher> {
         Ok(match target {
-            Target::Grpc => Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?)),
+            Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery => {
+                Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?))
+            }
+            Target::Jetstream => Publisher::Jetstream(jetstream(addr).await?),
             Target::Seed => {
                 Publisher::Seed(PubSubServiceClient::new(endpoint(addr)?.connect().await?))
             }
@@ -446,7 +507,7 @@ impl Publisher {
                     .publish(topichub::proto::v1::PublishRequest {
                         topic: topic.to_owned(),
                         payload,
-                        headers: Default::default(),
+                        ..Default::default()
                     })
                     .await?;
             }
@@ -488,6 +549,10 @@ impl Publisher {
                 if acked {
                     client.flush().await?;
                 }
+            }
+            Publisher::Jetstream(context) => {
+                // Always acknowledged: a JetStream publish is only meaningful with its PubAck.
+                context.publish(topic.to_owned(), payload).await?.await?;
             }
             Publisher::Mqtt { client, acks } => {
                 let qos = if acked {

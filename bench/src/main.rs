@@ -5,6 +5,7 @@
 //! for the scenarios and what each figure means.
 
 mod clients;
+mod durable;
 mod raw;
 mod report;
 mod scenarios;
@@ -127,10 +128,15 @@ pub enum SuiteScenario {
     Rate,
     Idle,
     MaxIdle,
+    /// Unary publish and publish -> deliver latency against durable logs: topichub with
+    /// `--data-dir` (both fsync policies) and in memory, and nats-server JetStream.
+    Durable,
+    /// A crashed `--data-dir` broker holding `--restart-messages`: time until it serves again.
+    Restart,
 }
 
 impl SuiteScenario {
-    const ALL: [SuiteScenario; 7] = [
+    const ALL: [SuiteScenario; 9] = [
         SuiteScenario::Publish,
         SuiteScenario::PublishTool,
         SuiteScenario::E2e,
@@ -138,6 +144,8 @@ impl SuiteScenario {
         SuiteScenario::Rate,
         SuiteScenario::Idle,
         SuiteScenario::MaxIdle,
+        SuiteScenario::Durable,
+        SuiteScenario::Restart,
     ];
 
     /// The targets this scenario is measured on.
@@ -150,12 +158,14 @@ impl SuiteScenario {
             SuiteScenario::Fanout => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
             SuiteScenario::Idle => &[Grpc, Sse, SseH2, GrpcMux, Nats, Nchan, Mqtt],
             SuiteScenario::MaxIdle => &[Sse, SseH2, GrpcMux],
+            SuiteScenario::Durable => &[Grpc, GrpcDisk, GrpcDiskEvery, Jetstream],
+            SuiteScenario::Restart => &[GrpcDisk],
         }
     }
 
     /// Runs of this scenario: max-idle is slow and its answer is a count, so it runs once.
     fn runs(self, runs: usize) -> usize {
-        if self == SuiteScenario::MaxIdle {
+        if matches!(self, SuiteScenario::MaxIdle | SuiteScenario::Restart) {
             1
         } else {
             runs
@@ -171,6 +181,8 @@ impl SuiteScenario {
             SuiteScenario::Rate => "rate",
             SuiteScenario::Idle => "idle",
             SuiteScenario::MaxIdle => "max-idle",
+            SuiteScenario::Durable => "durable",
+            SuiteScenario::Restart => "restart",
         }
     }
 }
@@ -184,6 +196,10 @@ fn run_once(
     launch: &Launch,
     params: &Params,
 ) -> anyhow::Result<Figures> {
+    if scenario == SuiteScenario::Restart {
+        // Starts, kills and restarts its own server.
+        return durable::restart(target, launch, params);
+    }
     let server = Server::start(target.kind(), launch)?;
     let runtime = client_runtime()?;
     let figures = runtime.block_on(measure(
@@ -218,6 +234,10 @@ async fn measure(
         SuiteScenario::PublishTool => {
             tools::publish_tool(target, addr, params, &launch.work_dir.join("tools"))
         }
+        SuiteScenario::Durable => durable::publish_and_deliver(target, addr, pid, params).await,
+        SuiteScenario::Restart => {
+            anyhow::bail!("the restart scenario starts its own servers (not with --attach)")
+        }
         other => {
             let scenario = match other {
                 SuiteScenario::Publish => Scenario::Publish,
@@ -226,7 +246,9 @@ async fn measure(
                 SuiteScenario::Rate => Scenario::Rate,
                 SuiteScenario::Idle => Scenario::Idle,
                 SuiteScenario::MaxIdle => Scenario::MaxIdle,
-                SuiteScenario::PublishTool => unreachable!(),
+                SuiteScenario::PublishTool | SuiteScenario::Durable | SuiteScenario::Restart => {
+                    unreachable!()
+                }
             };
             scenarios::run(scenario, target, addr, pid, params).await
         }

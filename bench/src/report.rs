@@ -105,6 +105,7 @@ impl Results {
             ("concurrency".into(), p.concurrency as f64),
             ("idle_subscribers".into(), p.idle_subscribers as f64),
             ("max_idle".into(), p.max_idle as f64),
+            ("restart_messages".into(), p.restart_messages as f64),
         ]);
         let mut out = Results {
             machine: machine(),
@@ -303,6 +304,62 @@ impl Results {
                 higher_is_better: true,
             });
         }
+        // The durable log against JetStream's file store and against the in-memory hub.
+        let pair = |what: &str,
+                    key: &str,
+                    door: &str,
+                    peer: &str,
+                    higher: bool,
+                    goal: f64,
+                    out: &mut Vec<Comparison>| {
+            if let (Some(value), Some(peer_value)) = (
+                self.figure("durable", door, key),
+                self.figure("durable", peer, key),
+            ) {
+                let ratio = value / peer_value;
+                out.push(Comparison {
+                    what: what.into(),
+                    topichub: door.into(),
+                    value,
+                    peer: peer.into(),
+                    peer_value,
+                    ratio,
+                    goal: format!("{} {goal}", if higher { ">=" } else { "<=" }),
+                    met: Some(if higher { ratio >= goal } else { ratio <= goal }),
+                    versus_peer: true,
+                    higher_is_better: higher,
+                });
+            }
+        };
+        for door in ["topichub-grpc-disk", "topichub-grpc-disk-every"] {
+            pair(
+                "durable unary publish/s (16 in flight)",
+                "publish_per_s",
+                door,
+                "nats-jetstream",
+                true,
+                1.0,
+                &mut out,
+            );
+            pair(
+                "durable unary publish/s, against in-memory topichub",
+                "publish_per_s",
+                door,
+                "topichub-grpc",
+                true,
+                0.5,
+                &mut out,
+            );
+        }
+        pair(
+            "durable publish -> deliver p99, against in-memory topichub",
+            "e2e_p99_ms",
+            "topichub-grpc-disk",
+            "topichub-grpc",
+            false,
+            2.0,
+            &mut out,
+        );
         let absolute = |what: &str,
                         scenario: &str,
                         door: &str,
@@ -329,6 +386,15 @@ impl Results {
                 });
             }
         };
+        absolute(
+            "restart with the retained messages, seconds until serving",
+            "restart",
+            "topichub-grpc-disk",
+            "restart_ready_s",
+            2.0,
+            false,
+            &mut out,
+        );
         absolute(
             "idle KiB per SSE subscriber, HTTP/1.1",
             "idle",
@@ -766,6 +832,11 @@ pub fn check(results: &Results) -> anyhow::Result<()> {
                 }
             }
             "idle" => positive("kib_per_subscriber")?,
+            "durable" => {
+                positive("publish_per_s")?;
+                positive("e2e_p50_ms")?;
+            }
+            "restart" => positive("restart_ready_s")?,
             "max-idle" => positive("held_live")?,
             _ => {}
         }

@@ -69,6 +69,9 @@ pub struct Params {
     /// Streams per HTTP/2 connection (topichub-sse-h2, topichub-grpc-mux).
     #[arg(long, default_value_t = 100)]
     pub streams_per_connection: usize,
+    /// Messages retained before the broker is killed (restart scenario).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub restart_messages: usize,
 }
 
 const TOPIC: &str = "bench.fanout";

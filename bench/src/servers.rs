@@ -12,7 +12,13 @@ use anyhow::{Context, bail};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Topichub,
+    /// topichub with `--data-dir` (default `--fsync always`).
+    TopichubDisk,
+    /// topichub with `--data-dir` and `--fsync every=1s`.
+    TopichubDiskEvery,
     Nats,
+    /// nats-server with JetStream on (file storage in the run's scratch directory).
+    Jetstream,
     Nchan,
     Mosquitto,
     Raw,
@@ -42,22 +48,56 @@ impl Server {
         self.child.id()
     }
 
+    /// Starts a server with empty storage (a durable kind's data from an earlier run is removed).
     pub fn start(kind: Kind, launch: &Launch) -> anyhow::Result<Server> {
+        let dir = Self::dir(kind, launch);
+        let _ = std::fs::remove_dir_all(dir.join("data"));
+        Self::start_with(kind, launch, &[])
+    }
+
+    /// The scratch directory of a kind; durable kinds keep their data in `data/` below it.
+    pub fn dir(kind: Kind, launch: &Launch) -> PathBuf {
+        launch.work_dir.join(format!("{kind:?}").to_lowercase())
+    }
+
+    /// Starts a server on the data its kind's directory holds, with `extra` arguments.
+    pub fn start_with(kind: Kind, launch: &Launch, extra: &[String]) -> anyhow::Result<Server> {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let dir = launch.work_dir.join(format!("{kind:?}").to_lowercase());
+        let dir = Self::dir(kind, launch);
         std::fs::create_dir_all(&dir)?;
-        let (program, args): (PathBuf, Vec<String>) = match kind {
-            Kind::Topichub => (
-                launch.topichub_bin.clone(),
-                vec![
+        let data = path(&dir.join("data"));
+        let (program, mut args): (PathBuf, Vec<String>) = match kind {
+            Kind::Topichub | Kind::TopichubDisk | Kind::TopichubDiskEvery => {
+                let mut args: Vec<String> = vec![
                     "serve".into(),
                     "--listen".into(),
                     addr.to_string(),
                     "--max-subscriptions-per-connection".into(),
                     "100000".into(),
-                ],
-            ),
+                ];
+                match kind {
+                    Kind::TopichubDisk => args.extend(["--data-dir".into(), data]),
+                    Kind::TopichubDiskEvery => args.extend([
+                        "--data-dir".into(),
+                        data,
+                        "--fsync".into(),
+                        "every=1s".into(),
+                    ]),
+                    _ => {}
+                }
+                (launch.topichub_bin.clone(), args)
+            }
+            Kind::Jetstream => {
+                let conf = dir.join("nats.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listen: {addr}\nmax_payload: 1MB\njetstream {{\n  store_dir: \"{data}\"\n}}\n"
+                    ),
+                )?;
+                ("nats-server".into(), vec!["-c".into(), path(&conf)])
+            }
             Kind::Nats => {
                 let conf = dir.join("nats.conf");
                 std::fs::write(
@@ -90,6 +130,7 @@ impl Server {
                 vec!["raw-server".into(), "--listen".into(), addr.to_string()],
             ),
         };
+        args.extend(extra.iter().cloned());
         let log = std::fs::File::create(dir.join("server.log"))?;
         let mut command = match &launch.server_cpus {
             Some(cpus) => {
@@ -136,6 +177,14 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl Server {
+    /// Ends the server with SIGKILL, as a crash would, and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -12,6 +12,9 @@
 //! - error messages stay bounded however long or strange the input ([`MAX_ERROR_LEN`]).
 #![no_main]
 
+#[path = "../../tests/support/reference.rs"]
+mod reference;
+
 use libfuzzer_sys::fuzz_target;
 use topichub::topic::{MAX_TOPIC_LEN, Pattern, Topic};
 
@@ -32,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
             let names: Vec<&str> = topic.split('.').collect();
             assert_eq!(
                 p.matches(topic),
-                reference(&tokens, &names),
+                reference::tokens_match(&tokens, &names),
                 "{pattern:?} ~ {topic:?}"
             );
         }
@@ -101,15 +104,4 @@ fn bounded(message: &str, input: &str) {
         message.len(),
         input.len()
     );
-}
-
-/// A deliberately naive matcher over token lists.
-fn reference(pattern: &[&str], topic: &[&str]) -> bool {
-    match (pattern.first(), topic.first()) {
-        (Some(&">"), Some(_)) => true,
-        (Some(&"*"), Some(_)) => reference(&pattern[1..], &topic[1..]),
-        (Some(p), Some(t)) => p == t && reference(&pattern[1..], &topic[1..]),
-        (None, None) => true,
-        _ => false,
-    }
 }

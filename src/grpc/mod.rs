@@ -3,22 +3,23 @@
 //! convert; the hub holds all state.
 
 pub mod codec;
+pub mod deadline;
 pub mod seed;
 pub use crate::wire;
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::Poll;
 
 use futures_util::{Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::Access;
-use crate::connect::{self, Session, publish, subscribe_options, subscribed};
+use crate::connect::{Outbox, Session, publish, start_publish, subscribe_options, subscribed};
 use crate::error::{Error, Kind};
-use crate::hub::{self, Hub, Subscription};
+use crate::hub::{self, Hub, Publishing, Subscription};
 use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::metrics::{Door, Metrics};
 use crate::shutdown::StreamEnd;
@@ -67,6 +68,8 @@ impl PubSubService {
 pub(crate) struct Caller {
     pub(crate) access: Access,
     pub(crate) connection: Connection,
+    /// `topichub.v1`'s door for this call: gRPC, or gRPC-Web when the listener marked it so.
+    pub(crate) door: Door,
 }
 
 /// The caller of `request`; fails closed when the middlewares did not run.
@@ -76,10 +79,38 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
         (Some(access), Some(connection)) => Ok(Caller {
             access: access.clone(),
             connection: connection.clone(),
+            door: extensions.get::<Door>().copied().unwrap_or(Door::Grpc),
         }),
         _ => Err(Status::unauthenticated(
             "no credentials were checked for this call",
         )),
+    }
+}
+
+/// Publishes of one `PublishBatch` handed to a durable log and not yet acknowledged: a batch
+/// keeps up to this many in flight, so that they share group commits instead of each waiting
+/// for its own fsync.
+const BATCH_IN_FLIGHT: usize = 1024;
+
+/// A batch's publishes in flight, settled in order.
+struct Pipeline {
+    hub: Hub,
+    door: Door,
+    in_flight: VecDeque<Publishing>,
+    accepted: u64,
+    last: Option<v1::Cursor>,
+}
+
+impl Pipeline {
+    /// Waits for publishes in flight until at most `keep` remain.
+    async fn settle(&mut self, keep: usize) -> Result<(), Error> {
+        while self.in_flight.len() > keep {
+            let message = self.in_flight.pop_front().expect("more than keep").await?;
+            self.hub.metrics().published(self.door);
+            self.accepted += 1;
+            self.last = Some(wire::cursor(&message.cursor()));
+        }
+        Ok(())
     }
 }
 
@@ -118,7 +149,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let caller = caller(&request)?;
         self.limits
             .check_publish(&caller.access, &caller.connection)?;
-        let cursor = publish(&self.hub, &caller.access, request.into_inner(), Door::Grpc)?;
+        let cursor = publish(&self.hub, &caller.access, caller.door, request.into_inner()).await?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
         }))
@@ -133,8 +164,18 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         // publish rate limit paces the stream the same way rather than failing it.
         let caller = caller(&request)?;
         let mut stream = request.into_inner();
-        let mut accepted = 0u64;
-        let mut last_cursor = None;
+        let window = if self.hub.is_durable() {
+            BATCH_IN_FLIGHT
+        } else {
+            0
+        };
+        let mut pipeline = Pipeline {
+            hub: self.hub.clone(),
+            door: caller.door,
+            in_flight: VecDeque::new(),
+            accepted: 0,
+            last: None,
+        };
         // Like every live stream, a batch ends when the server shuts down or its token expires;
         // the status says how much of it was published.
         let mut end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
@@ -156,30 +197,57 @@ impl v1::pub_sub_server::PubSub for PubSubService {
                 Poll::Pending => stream.poll_next_unpin(cx).map(Ok),
             });
             let item = match next.await {
-                Ok(Some(item)) => item?,
+                Ok(Some(item)) => Ok(item),
                 Ok(None) => break,
-                Err(error) => {
-                    let what = format!("the batch ended before message #{}", accepted + 1);
-                    return Err(failed(error, accepted, &what));
-                }
+                Err(error) => Err(error),
             };
-            self.limits
-                .pace_publish(&caller.access, &caller.connection)
-                .await;
-            match publish(&self.hub, &caller.access, item, Door::Grpc) {
-                Ok(cursor) => {
-                    accepted += 1;
-                    last_cursor = Some(cursor);
+            // Whatever ends the batch, the publishes in flight are settled first, so the
+            // answer counts exactly what was published.
+            let number = pipeline.accepted + pipeline.in_flight.len() as u64 + 1;
+            let stop = match item {
+                Ok(Ok(item)) => {
+                    self.limits
+                        .pace_publish(&caller.access, &caller.connection)
+                        .await;
+                    match start_publish(&self.hub, &caller.access, item) {
+                        Ok(publishing) => {
+                            pipeline.in_flight.push_back(publishing);
+                            None
+                        }
+                        Err(error) => Some((
+                            error,
+                            format!("message #{number} of the batch was rejected"),
+                        )),
+                    }
                 }
-                Err(error) => {
-                    let what = format!("message #{} of the batch was rejected", accepted + 1);
-                    return Err(failed(error, accepted, &what));
+                Ok(Err(status)) => {
+                    pipeline.settle(0).await.ok();
+                    return Err(status);
                 }
+                Err(error) => Some((error, format!("the batch ended before message #{number}"))),
+            };
+            let keep = if stop.is_some() { 0 } else { window };
+            if let Err(error) = pipeline.settle(keep).await {
+                let what = format!(
+                    "message #{} of the batch was rejected",
+                    pipeline.accepted + 1
+                );
+                return Err(failed(error, pipeline.accepted, &what));
+            }
+            if let Some((error, what)) = stop {
+                return Err(failed(error, pipeline.accepted, &what));
             }
         }
+        if let Err(error) = pipeline.settle(0).await {
+            let what = format!(
+                "message #{} of the batch was rejected",
+                pipeline.accepted + 1
+            );
+            return Err(failed(error, pipeline.accepted, &what));
+        }
         Ok(Response::new(v1::PublishBatchResponse {
-            accepted,
-            last_cursor,
+            accepted: pipeline.accepted,
+            last_cursor: pipeline.last,
         }))
     }
 
@@ -200,7 +268,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             ))),
         };
         let end = StreamEnd::new(self.shutdown.clone(), caller.access.expires_at());
-        let metrics = (self.hub.metrics().clone(), Door::Grpc);
+        let metrics = (self.hub.metrics().clone(), caller.door);
         let events = subscription_stream(subscription, end, slot, metrics, |event| {
             Some(wire::subscribe_event(event))
         });
@@ -215,17 +283,22 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         &self,
         request: Request<Streaming<v1::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let Caller { access, connection } = caller(&request)?;
-        let (outbox, events) = mpsc::channel(connect::OUTBOX);
+        let Caller {
+            access,
+            connection,
+            door,
+        } = caller(&request)?;
+        let (outbox, events) = Outbox::new();
         let session = Session::new(
             (access, connection),
             (self.hub.clone(), self.limits.clone(), self.shutdown.clone()),
-            Door::Grpc,
+            door,
             outbox,
         );
         tokio::spawn(run_connect(session, request.into_inner()));
+        // An event's share of the outbox's byte budget is given back as tonic takes it.
         Ok(Response::new(Box::pin(
-            ReceiverStream::new(events).map(|item| item.map_err(Status::from)),
+            ReceiverStream::new(events).map(|(event, _share)| event.map_err(Status::from)),
         )))
     }
 

@@ -3,18 +3,53 @@
 //! The seed API has no place for cursors or gap notices. Subscribers use the hub's default lag
 //! policy, so a slow seed subscriber is caught up from retention like any other; gap and lag
 //! notices, which it cannot receive, are logged.
+//!
+//! A message's `SubscribeResponse` is encoded once and shared by every seed subscriber
+//! ([`SharedPayload`]), as `topichub.v1` and SSE encodings are.
 
+use std::sync::OnceLock;
+
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
 use crate::grpc::BoxStream;
+use crate::grpc::wire::{Encoding, Preencoded};
 use crate::hub::{self, Hub, Start, SubscribeOptions};
 use crate::limits::Limits;
 use crate::metrics::Door;
 use crate::proto::seed;
 use crate::shutdown::StreamEnd;
 use crate::topic::{Pattern, Topic};
+
+/// The server side of `proto.PubSubService` (generated; `SubscribeResponse` is
+/// [`SharedPayload`]).
+pub mod server {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/seed_server/proto.rs"));
+}
+
+/// The seed's `SubscribeResponse { bytes payload = 1; }` encoding of a hub message.
+pub enum SeedResponse {}
+
+impl Encoding for SeedResponse {
+    fn cache(message: &hub::Message) -> &OnceLock<Bytes> {
+        &message.encoded.seed
+    }
+
+    fn encode(message: &hub::Message) -> Bytes {
+        use prost::Message as _;
+        seed::SubscribeResponse {
+            payload: message.payload.clone(),
+        }
+        .encode_to_vec()
+        .into()
+    }
+}
+
+/// A hub message as the seed's `SubscribeResponse`, encoded once for every seed subscriber.
+pub type SharedPayload = Preencoded<SeedResponse>;
 
 /// `proto.PubSubService`.
 #[derive(Clone)]
@@ -36,30 +71,35 @@ impl SeedService {
 }
 
 #[tonic::async_trait]
-impl seed::pub_sub_service_server::PubSubService for SeedService {
+impl server::pub_sub_service_server::PubSubService for SeedService {
     async fn publish(
         &self,
-        request: Request<seed::PublishRequest>,
+        request: Request<server::PublishRequest>,
     ) -> Result<Response<()>, Status> {
-        let super::Caller { access, connection } = super::caller(&request)?;
+        let super::Caller {
+            access, connection, ..
+        } = super::caller(&request)?;
         self.limits.check_publish(&access, &connection)?;
         let request = request.into_inner();
         self.hub.check_payload(request.payload.len())?;
         let topic = Topic::parse(&request.topic)?;
         access.check_publish(&topic)?;
         self.hub
-            .publish(topic, request.payload, Default::default())?;
+            .publish(topic, request.payload, Default::default())
+            .await?;
         self.hub.metrics().published(Door::Seed);
         Ok(Response::new(()))
     }
 
-    type SubscribeStream = BoxStream<seed::SubscribeResponse>;
+    type SubscribeStream = BoxStream<SharedPayload>;
 
     async fn subscribe(
         &self,
-        request: Request<seed::SubscribeRequest>,
+        request: Request<server::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let super::Caller { access, connection } = super::caller(&request)?;
+        let super::Caller {
+            access, connection, ..
+        } = super::caller(&request)?;
         let slot = connection.open_subscription()?;
         let patterns = vec![Pattern::parse(&request.into_inner().topic)?];
         access.check_subscribe(&patterns)?;
@@ -72,9 +112,7 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
         let metrics = (self.hub.metrics().clone(), Door::Seed);
         let stream =
             super::subscription_stream(subscription, end, slot, metrics, |event| match event {
-                hub::Event::Message(m) => Some(seed::SubscribeResponse {
-                    payload: m.payload.clone(),
-                }),
+                hub::Event::Message(m) => Some(SharedPayload::new(m)),
                 hub::Event::Gap(gap) => {
                     tracing::warn!(
                         ?gap,
@@ -96,5 +134,44 @@ impl seed::pub_sub_service_server::PubSubService for SeedService {
             })
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    /// Every seed subscriber of a message writes the same bytes, encoded once: a second
+    /// response for the message shares the first one's buffer instead of copying the payload.
+    #[test]
+    fn a_message_is_encoded_once_for_every_seed_subscriber() {
+        let hub = Hub::new(Default::default());
+        let payload = Bytes::from(vec![7u8; 4096]);
+        let message = hub
+            .publish(
+                Topic::parse("t").unwrap(),
+                payload.clone(),
+                Default::default(),
+            )
+            .now()
+            .expect("the in-memory hub publishes at once")
+            .unwrap();
+        let (a, b) = (
+            SharedPayload::new(message.clone()),
+            SharedPayload::new(message.clone()),
+        );
+        let (first, second) = (a.encode_to_vec(), b.encode_to_vec());
+        assert_eq!(first, second);
+        assert_eq!(
+            a.encoded().as_ptr(),
+            b.encoded().as_ptr(),
+            "one shared encoding"
+        );
+        assert_eq!(a.encoded_len(), first.len());
+        // What a seed client decodes: exactly the payload, as before.
+        let decoded = seed::SubscribeResponse::decode(&first[..]).unwrap();
+        assert_eq!(decoded.payload, payload);
+        assert_eq!(SharedPayload::default().encode_to_vec(), Vec::<u8>::new());
     }
 }

@@ -108,8 +108,96 @@ pub struct HistoryJson {
     /// Cursor to pass as `after` for the next page (absent when the page is empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
-    /// Whether more retained messages follow.
+    /// Whether more retained messages follow: the page stopped at `limit` messages or at 8 MiB
+    /// of message JSON; continue with `after` = `next`.
     pub more: bool,
+}
+
+/// A [`HistoryJson`] written piece by piece, for a streamed response body: the head (and gap),
+/// then one message at a time, then `next` and `more`. Only one message's JSON exists at a time,
+/// so a page over large messages costs one message of memory rather than the whole page (a page
+/// of 1000 1 MiB messages, built whole, took over 100 MB per request). Messages stop before the
+/// one that would take the page over `max_bytes`, keeping at least one.
+pub struct HistoryPage {
+    head: Option<Bytes>,
+    messages: std::vec::IntoIter<std::sync::Arc<Message>>,
+    max_bytes: usize,
+    /// Bytes of message JSON written so far.
+    written: usize,
+    /// Cursor of the last message written.
+    next: Option<String>,
+    more: bool,
+    /// The tail has been written.
+    done: bool,
+}
+
+impl HistoryPage {
+    /// The pieces of `page`, with its messages cut at `max_bytes` of JSON.
+    pub fn new(page: hub::History, max_bytes: usize) -> HistoryPage {
+        let mut head = String::from("{");
+        if let Some(gap) = page.gap {
+            head.push_str("\"gap\":");
+            head.push_str(
+                &serde_json::to_string(&GapJson::from(gap)).expect("JSON shapes serialize"),
+            );
+            head.push(',');
+        }
+        head.push_str("\"messages\":[");
+        HistoryPage {
+            head: Some(Bytes::from(head)),
+            messages: page.messages.into_iter(),
+            max_bytes,
+            written: 0,
+            next: None,
+            more: page.more,
+            done: false,
+        }
+    }
+
+    fn tail(&mut self) -> Bytes {
+        self.done = true;
+        let mut tail = String::from("]");
+        if let Some(next) = &self.next {
+            tail.push_str(",\"next\":");
+            tail.push_str(&serde_json::to_string(next).expect("a string serializes"));
+        }
+        tail.push_str(if self.more {
+            ",\"more\":true}"
+        } else {
+            ",\"more\":false}"
+        });
+        Bytes::from(tail)
+    }
+}
+
+impl Iterator for HistoryPage {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        if let Some(head) = self.head.take() {
+            return Some(head);
+        }
+        if self.done {
+            return None;
+        }
+        let Some(message) = self.messages.next() else {
+            return Some(self.tail());
+        };
+        let first = self.next.is_none();
+        let mut json = Vec::with_capacity(message.payload.len() + 256);
+        if !first {
+            json.push(b',');
+        }
+        serde_json::to_writer(&mut json, &MessageJson::of(&message))
+            .expect("JSON shapes serialize");
+        if !first && self.written + json.len() > self.max_bytes {
+            self.more = true;
+            return Some(self.tail());
+        }
+        self.written += json.len();
+        self.next = Some(message.cursor().to_string());
+        Some(Bytes::from(json))
+    }
 }
 
 /// `GET /healthz`.
@@ -123,6 +211,33 @@ pub struct Health {
     pub head: u64,
     /// Live subscriptions over all doors.
     pub subscribers: usize,
+    /// Seq of the oldest retained message (0 when none).
+    pub oldest_seq: u64,
+    /// The durable log (`--data-dir`); absent when history is in memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogHealth>,
+}
+
+/// The state of the durable log, in `GET /healthz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LogHealth {
+    /// Bytes its files take on disk.
+    pub bytes_on_disk: u64,
+    /// Why the last write failed (e.g. the disk is full); absent while writes succeed.
+    /// Publishes are refused with 503 meanwhile; subscribers keep receiving.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing: Option<String>,
+}
+
+/// What an event's `id` field holds, in [`SseEvent`]'s schema.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Id {
+    /// Always a cursor.
+    Cursor,
+    /// A cursor, or absent.
+    MaybeCursor,
+    /// No id of its own: a parser reports the last one seen.
+    Repeated,
 }
 
 /// One event of the `GET /subscribe` stream as an SSE client parses it (`event`, `id`, `retry`,
@@ -135,13 +250,13 @@ impl utoipa::PartialSchema for SseEvent {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
         use utoipa::openapi::{Ref, RefOr};
-        // `id` is the cursor on `subscribed` and `message`; a parser repeats the last id on the
-        // other events, so there it is any string.
-        let event = |name: &str, data: &str, with_cursor: bool, description: &str| {
-            let id: RefOr<_> = if with_cursor {
-                Ref::from_schema_name("Cursor").into()
-            } else {
-                ObjectBuilder::new().schema_type(Type::String).into()
+        // `id` is a cursor on `message` and (unless the stream starts at `from=earliest`) on
+        // `subscribed`; a parser repeats the last id on the other events, so there it is any
+        // string.
+        let event = |name: &str, data: &str, id: Id, description: &str| {
+            let id_schema: RefOr<_> = match id {
+                Id::Cursor | Id::MaybeCursor => Ref::from_schema_name("Cursor").into(),
+                Id::Repeated => ObjectBuilder::new().schema_type(Type::String).into(),
             };
             let mut event = ObjectBuilder::new()
                 .schema_type(Type::Object)
@@ -153,7 +268,7 @@ impl utoipa::PartialSchema for SseEvent {
                         .enum_values(Some([name])),
                 )
                 .required("event")
-                .property("id", id)
+                .property("id", id_schema)
                 .property(
                     "retry",
                     ObjectBuilder::new()
@@ -168,7 +283,7 @@ impl utoipa::PartialSchema for SseEvent {
                         .content_schema(Some(Ref::from_schema_name(data))),
                 )
                 .required("data");
-            if with_cursor {
+            if id == Id::Cursor {
                 event = event.required("id");
             }
             event
@@ -177,32 +292,32 @@ impl utoipa::PartialSchema for SseEvent {
             .item(event(
                 "subscribed",
                 "SubscribedJson",
-                true,
-                "First event of every stream; id: the hub's head cursor",
+                Id::MaybeCursor,
+                "First event of every stream; id: the position the stream starts after (the resume cursor, or the head for `from=latest`; none for `from=earliest`), so that a reconnect before the first message resumes there",
             ))
             .item(event(
                 "message",
                 "MessageJson",
-                true,
+                Id::Cursor,
                 "A message; id: its cursor",
             ))
             .item(event(
                 "gap",
                 "GapJson",
-                false,
+                Id::Repeated,
                 "Messages in a seq range will not be delivered",
             ))
             .item(event(
                 "lag",
                 "LagJson",
-                false,
+                Id::Repeated,
                 "The subscriber fell behind and is caught up from retention",
             ))
             .item(event(
-                "error",
+                "end",
                 "ErrorBody",
-                false,
-                "Why the server ends the stream (shutdown, slow consumer); the last event",
+                Id::Repeated,
+                "Why the server ends the stream: UNAVAILABLE (shutdown: reconnect and resume), UNAUTHENTICATED (the token expired), RESOURCE_EXHAUSTED (slow consumer under the `disconnect` policy); the last event. Named `end`, not `error`, which is EventSource's own event for a failed connection",
             ))
             .description(Some(
                 "One event of the stream as an SSE client parses it; `data` is JSON of the schema named for each event.",

@@ -25,10 +25,15 @@ use crate::limits::{Connection, Limits};
 use crate::metrics::{Door, Snapshot};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
-use json::{Health, HistoryJson, MessageJson, PublishBody, Published, TopicJson, TopicList};
+use json::{Health, HistoryJson, PublishBody, Published, TopicJson, TopicList};
 
 /// Most messages one history request returns.
 pub const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// Most bytes of message JSON one history page carries; a page is cut before the message that
+/// would take it over (`more: true`, and `next` continues from the last message sent). The first
+/// message is always sent, so a page over one large message is that message alone.
+pub const MAX_HISTORY_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// What HTTP handlers share: the hub, the authenticator and the server's shutdown signal.
 #[derive(Clone)]
@@ -41,7 +46,7 @@ pub struct AppState {
     pub limits: Limits,
     /// Time a client has to send a publish request's body.
     pub http_body_timeout: Duration,
-    /// Cancelled on shutdown; SSE streams end with an `error` event.
+    /// Cancelled on shutdown; SSE streams end with an `end` event.
     pub shutdown: CancellationToken,
     /// Interval of SSE keep-alive comments.
     pub sse_keepalive: Duration,
@@ -65,33 +70,55 @@ pub struct AppState {
 )]
 struct ApiDoc;
 
+/// Where a protected route takes its token from.
+enum Guard {
+    /// The `authorization` header only.
+    Header,
+    /// Also the `access_token` cookie or query parameter.
+    Browser,
+}
+
 /// The REST/SSE routes and their OpenAPI document.
 fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    // Everything but health needs a token when authentication is on.
-    let protected = OpenApiRouter::new()
-        .routes(routes!(publish))
-        .routes(routes!(publish_raw))
-        .routes(routes!(sse::subscribe))
-        .routes(routes!(list_topics))
-        .routes(routes!(history))
-        .routes(routes!(crate::ws::connect));
-    let protected_paths: Vec<String> = protected
-        .get_openapi()
-        .paths
-        .paths
-        .keys()
-        .cloned()
-        .collect();
-    let protected = protected.route_layer(axum::middleware::from_fn_with_state(
-        (state.auth.clone(), state.hub.metrics().clone()),
-        auth::http_guard,
-    ));
+    // Everything but health needs a token when authentication is on. Only the requests a
+    // browser's EventSource, WebSocket (neither can set headers) or a link makes may carry it as
+    // a cookie or query parameter.
+    let guard = |router: OpenApiRouter<AppState>, guard| {
+        let paths: Vec<String> = router.get_openapi().paths.paths.keys().cloned().collect();
+        let state = (state.auth.clone(), state.hub.metrics().clone());
+        let router = match guard {
+            Guard::Header => router.route_layer(axum::middleware::from_fn_with_state(
+                state,
+                auth::http_guard,
+            )),
+            Guard::Browser => router.route_layer(axum::middleware::from_fn_with_state(
+                state,
+                auth::http_browser_guard,
+            )),
+        };
+        (router, paths)
+    };
+    let (header_only, header_paths) = guard(
+        OpenApiRouter::new()
+            .routes(routes!(publish))
+            .routes(routes!(publish_raw))
+            .routes(routes!(list_topics)),
+        Guard::Header,
+    );
+    let (browser, browser_paths) = guard(
+        OpenApiRouter::new()
+            .routes(routes!(sse::subscribe))
+            .routes(routes!(history))
+            .routes(routes!(crate::ws::connect)),
+        Guard::Browser,
+    );
+    let protected = header_only.merge(browser);
     let (router, mut openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(protected)
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .split_for_parts();
-    document_auth(&mut openapi, &protected_paths);
+    document_auth(&mut openapi, &header_paths, &browser_paths);
     json::document_publish_rule(&mut openapi);
     crate::ws::document(&mut openapi);
     let router = router.with_state(state);
@@ -100,8 +127,13 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
 
 /// Adds the bearer-token security schemes, and to each protected operation its security
 /// requirements (a token, or none when the server runs without keys), its 401/403 answers, the
-/// 429 of the limits, and for publishes the 408 of a body that does not arrive in time.
-fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[String]) {
+/// 429 of the limits, and for publishes the 408 of a body that does not arrive in time. The
+/// `access_token` cookie or query parameter is documented only on `browser_paths`.
+fn document_auth(
+    openapi: &mut utoipa::openapi::OpenApi,
+    header_paths: &[String],
+    browser_paths: &[String],
+) {
     use utoipa::openapi::security::{
         ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
     };
@@ -123,7 +155,7 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
         "access_token",
         SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
             auth::TOKEN_PARAM,
-            "The same JWT as a query parameter (or cookie `access_token`), for browsers' EventSource, which cannot send headers.",
+            "The same JWT as a query parameter (or cookie `access_token`), for browsers' EventSource, which cannot send headers. Accepted only by GET /subscribe and GET /topics/{topic}/messages; elsewhere it is refused with 401.",
         ))),
     );
     let error = |description: &str| {
@@ -137,7 +169,8 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
             )
             .build()
     };
-    for path in protected_paths {
+    let paths = header_paths.iter().map(|p| (p, false));
+    for (path, browser) in paths.chain(browser_paths.iter().map(|p| (p, true))) {
         let Some(item) = openapi.paths.paths.get_mut(path) else {
             continue;
         };
@@ -148,15 +181,21 @@ fn document_auth(openapi: &mut utoipa::openapi::OpenApi, protected_paths: &[Stri
             );
         }
         for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
-            operation.security = Some(vec![
+            let mut security = vec![
                 SecurityRequirement::default(),
                 SecurityRequirement::new("bearer", Vec::<String>::new()),
-                SecurityRequirement::new("access_token", Vec::<String>::new()),
-            ]);
+            ];
+            if browser {
+                security.push(SecurityRequirement::new(
+                    "access_token",
+                    Vec::<String>::new(),
+                ));
+            }
+            operation.security = Some(security);
             let responses = &mut operation.responses.responses;
             responses.insert(
                 "401".into(),
-                error("Missing, malformed or expired token (only when authentication is on)")
+                error("Missing, malformed or expired token, or a token where this route does not take it (only when authentication is on)")
                     .into(),
             );
             responses.insert(
@@ -226,6 +265,7 @@ pub async fn method_not_allowed() -> ApiError {
         (status = 200, description = "Accepted", body = Published),
         (status = 400, description = "Malformed JSON, invalid topic, wildcard topic or bad base64", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
+        (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
 )]
 async fn publish(
@@ -238,7 +278,7 @@ async fn publish(
     let (topic, payload, headers) = PublishBody::parse(&body)?;
     access.check_publish(&topic)?;
     state.limits.check_publish(&access, &connection)?;
-    let message = state.hub.publish(topic, payload, headers)?;
+    let message = state.hub.publish(topic, payload, headers).await?;
     state.hub.metrics().published(Door::Http);
     Ok(Json(Published::of(&message)))
 }
@@ -257,6 +297,7 @@ async fn publish(
         (status = 200, description = "Accepted", body = Published),
         (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
+        (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
 )]
 async fn publish_raw(
@@ -278,7 +319,7 @@ async fn publish_raw(
             .map_err(|_| ApiError::bad_request("Content-Type must be ASCII"))?;
         headers.insert("content-type".into(), text.to_owned());
     }
-    let message = state.hub.publish(topic, body, headers)?;
+    let message = state.hub.publish(topic, body, headers).await?;
     state.hub.metrics().published(Door::Http);
     Ok(Json(Published::of(&message)))
 }
@@ -329,10 +370,10 @@ async fn list_topics(
     params(
         ("topic" = json::TopicPattern, Path, description = "Topic or pattern", example = "demo.greetings"),
         ("after" = Option<json::CursorText>, Query, description = "Only messages after this cursor (`EPOCH-SEQ`); default: from the oldest retained"),
-        ("limit" = Option<usize>, Query, description = "At most this many messages (default 100, at most 1000)", minimum = 1, maximum = 1000),
+        ("limit" = Option<usize>, Query, description = "At most this many messages (default 100, at most 1000). A page also stops before the message that would take its messages' JSON over 8 MiB (always holding at least one); `more` is then true and `next` continues after the last message returned.", minimum = 1, maximum = 1000),
     ),
     responses(
-        (status = 200, description = "A page of history", body = HistoryJson),
+        (status = 200, description = "A page of history: at most `limit` messages and 8 MiB of message JSON (at least one message). Pages over 64 KiB are streamed (chunked) as they are encoded.", body = HistoryJson),
         (status = 400, description = "Invalid topic, cursor or limit; or a cursor ahead of the hub", body = ErrorBody),
     )
 )]
@@ -341,7 +382,7 @@ async fn history(
     Extension(access): Extension<Access>,
     Path(topic): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<HistoryJson>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let pattern = Pattern::parse(&topic)?;
     access.check_subscribe(std::slice::from_ref(&pattern))?;
     let mut after = None;
@@ -369,13 +410,32 @@ async fn history(
         }
     }
     let page = state.hub.history(&pattern, after.as_ref(), limit)?;
-    Ok(Json(HistoryJson {
-        gap: page.gap.map(Into::into),
-        next: page.messages.last().map(|m| m.cursor().to_string()),
-        more: page.more,
-        messages: page.messages.iter().map(|m| MessageJson::of(m)).collect(),
-    }))
+    use axum::response::IntoResponse as _;
+    let mut pieces = json::HistoryPage::new(page, MAX_HISTORY_PAGE_BYTES);
+    // A small page goes out whole, with its length; a larger one is streamed as it is encoded.
+    let mut start = Vec::new();
+    let mut size = 0;
+    while size <= HISTORY_WHOLE_BYTES {
+        let Some(piece) = pieces.next() else {
+            let whole: Vec<u8> = start.concat();
+            return Ok(([(header::CONTENT_TYPE, "application/json")], whole).into_response());
+        };
+        size += piece.len();
+        start.push(piece);
+    }
+    let rest = start.into_iter().chain(pieces);
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(futures_util::stream::iter(
+            rest.map(Ok::<_, std::convert::Infallible>),
+        )),
+    )
+        .into_response())
 }
+
+/// History pages up to this size are sent whole (with a `content-length`); larger ones are
+/// streamed.
+const HISTORY_WHOLE_BYTES: usize = 64 * 1024;
 
 /// Liveness and a few facts about the hub.
 #[utoipa::path(
@@ -390,26 +450,42 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
         epoch: state.hub.epoch().to_owned(),
         head: state.hub.head().seq,
         subscribers: state.hub.subscriber_count(),
+        oldest_seq: state.hub.snapshot().oldest_retained_seq,
+        log: state.hub.log_stats().map(|stats| json::LogHealth {
+            bytes_on_disk: stats.bytes_on_disk,
+            failing: stats.failing,
+        }),
     })
 }
 
 /// Reads a publish request's body: at most what the largest payload needs, within
-/// `--http-body-timeout` (a client trickling its body cannot hold a connection forever).
+/// `--http-body-timeout` (a client trickling its body cannot hold a connection forever). A
+/// `content-length` over that is refused at once, before any of the body is waited for.
 async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    use http_body::Body as _;
     use http_body_util::BodyExt as _;
     let max_payload = state.hub.config().max_payload_bytes;
-    let read = http_body_util::Limited::new(body, body_limit(max_payload)).collect();
-    match tokio::time::timeout(state.http_body_timeout, read).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+    let limit = body_limit(max_payload);
+    let too_large = || {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RESOURCE_EXHAUSTED",
             format!(
                 "request body is too large: payloads are limited to {max_payload} bytes (server option --max-payload-bytes)"
             ),
         )
-        .closing_connection()),
-        Ok(Err(error)) => Err(ApiError::bad_request(format!("could not read the request body: {error}"))),
+        .closing_connection()
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let read = http_body_util::Limited::new(body, limit).collect();
+    match tokio::time::timeout(state.http_body_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(error)) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {error}"
+        ))),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "DEADLINE_EXCEEDED",

@@ -31,23 +31,29 @@ use crate::topic::Pattern;
 /// Reconnect delay suggested to browsers (`retry:` field), in milliseconds.
 const RETRY_MS: u64 = 1000;
 
+/// The name of the last event of a stream the server ends (see [`end_frame`]).
+const END_EVENT: &str = "end";
+
 /// Query parameters of `GET /subscribe`.
-pub(crate) const PARAMS: [&str; 6] = [
+pub(crate) const PARAMS: [&str; 7] = [
     "topic",
     "last_event_id",
     "from",
     "queue_size",
+    "queue_bytes",
     "lag_policy",
     crate::auth::TOKEN_PARAM,
 ];
 
 /// Subscribe over SSE.
 ///
-/// Streams `subscribed` (first; its id is the head cursor), then `message` events (id = the
-/// message cursor; data = the message as JSON), `gap` and `lag` notices, and an `error` event
-/// before the server closes the stream (shutdown, slow consumer). Keep-alive comments are sent
-/// while idle. A browser `EventSource` resumes by itself after a reconnect: it sends the last
-/// event id as `Last-Event-ID`, and replay continues exactly after it.
+/// Streams `subscribed` (first; its id, when it has one, is the position the stream starts
+/// after), then `message` events (id = the message cursor; data = the message as JSON), `gap`
+/// and `lag` notices (no id), and an `end` event before the server closes the stream (shutdown,
+/// token expiry, slow consumer; data says which). Keep-alive comments are sent while idle. A
+/// browser `EventSource` resumes by itself after a reconnect: it sends the last event id as
+/// `Last-Event-ID`, and replay continues exactly after it. No event carries an id ahead of a
+/// message not yet delivered on the stream, so a reconnect at any point loses nothing.
 #[utoipa::path(
     get,
     path = "/subscribe",
@@ -57,11 +63,12 @@ pub(crate) const PARAMS: [&str; 6] = [
         ("last_event_id" = Option<super::json::CursorText>, Query, description = "Resume after this cursor (`EPOCH-SEQ`); the `Last-Event-ID` header takes precedence"),
         ("from" = Option<String>, Query, description = "`latest` (default: only new messages) or `earliest` (everything retained first)", pattern = "^(latest|earliest)$"),
         ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default or 0: the server's --queue-size; at most the server's --max-queue-size, 65536 by default)", maximum = 65536),
+        ("queue_bytes" = Option<u64>, Query, description = "Byte budget of this subscriber's queue: payload + headers + topic of the messages waiting for it (default or 0: the server's --queue-bytes, 16 MiB by default; at most the server's --max-queue-bytes, 64 MiB by default). A message that would take a non-empty queue over it triggers the lag policy, as a full queue does.", maximum = 67108864),
         ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`", pattern = "^(catch-up|disconnect)$"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-[0-9]{1,19})?$"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-(0|[1-9][0-9]{0,19}))?$"),
     ),
     responses(
-        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `error` (data: ErrorBody, then the stream ends).", content_type = "text/event-stream", body = super::json::SseEvent),
+        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `end` (data: ErrorBody saying why the server ends the stream: UNAVAILABLE on shutdown, UNAUTHENTICATED when the token expires, RESOURCE_EXHAUSTED for a slow consumer; the last event). Only `subscribed` and `message` carry an id (a cursor), and never one ahead of a message not yet delivered: resuming from the last id seen loses nothing.", content_type = "text/event-stream", body = super::json::SseEvent),
         (status = 400, description = "Invalid topic, pattern, cursor or parameter; or a cursor ahead of the hub", body = super::error::ErrorBody),
     )
 )]
@@ -75,12 +82,14 @@ pub async fn subscribe(
     let slot = connection.open_subscription()?;
     let options = options(query.as_deref().unwrap_or(""), &headers)?;
     access.check_subscribe(&options.patterns)?;
+    let start = options.start.clone();
     let subscription = state.hub.subscribe(options)?;
     let subscribed = SubscribedJson {
         subscription_id: subscription.id(),
         head: subscription.head_at_start().to_string(),
     };
-    let first = frame("subscribed", Some(&subscribed.head), &subscribed, true);
+    let resume = resume_position(&start, &subscription);
+    let first = frame("subscribed", resume.as_deref(), &subscribed, true);
     let mut keepalive =
         tokio::time::interval_at(Instant::now() + state.sse_keepalive, state.sse_keepalive);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -107,9 +116,34 @@ pub async fn subscribe(
         .into_response())
 }
 
+/// The `id` of the `subscribed` event: the position this stream starts after, so that an
+/// `EventSource` that loses the connection before the first message resumes exactly where the
+/// stream began (delivery contract #4: no id ahead of an undelivered message).
+///
+/// - Resuming after a cursor: that cursor. Replayed messages (and any gap) follow, so the
+///   head would skip them; a cursor of another epoch is repeated as given, so a resume is told
+///   of the epoch gap again rather than never.
+/// - `latest`: the head. Nothing at or before it belongs to this stream, and a resume from it
+///   gets what was published while the client was away; without an id it would start at the
+///   new head and lose that.
+/// - `earliest`: no id. Reconnecting repeats `from=earliest` (everything retained), where a
+///   cursor before the first message would also report the range retention had already
+///   dropped before the stream began.
+///
+/// The other events carry no id, so the browser keeps the last one it saw: a `gap` range can
+/// end past messages still to be replayed (another topic of the same subscription keeps older
+/// ones), and a `lag` notice precedes the catch-up replay of everything it names.
+fn resume_position(start: &Start, subscription: &Subscription) -> Option<String> {
+    match start {
+        Start::After(cursor) => Some(cursor.to_string()),
+        Start::Latest => Some(subscription.head_at_start().to_string()),
+        Start::Earliest => None,
+    }
+}
+
 struct SseStream {
     subscription: Subscription,
-    /// Shutdown and token expiry end the stream with an `error` event.
+    /// Shutdown and token expiry end the stream with an `end` event.
     end: StreamEnd,
     keepalive: Interval,
     /// This stream's place in its connection's subscription count.
@@ -150,7 +184,7 @@ impl http_body::Body for SseBody {
             }
             Poll::Ready(Some(Err(error))) => {
                 this.stream = None;
-                error_frame(&error.into())
+                end_frame(&error.into())
             }
             Poll::Ready(None) => {
                 this.stream = None;
@@ -194,8 +228,10 @@ fn message_frame(message: &Message) -> Bytes {
         .clone()
 }
 
-fn error_frame(error: &ApiError) -> Bytes {
-    frame("error", None, &error.body(), false)
+/// The `end` event: why the server ends the stream. Not `error`, which is `EventSource`'s own
+/// event for a failed connection: a page listening for it would run its handler twice.
+fn end_frame(error: &ApiError) -> Bytes {
+    frame(END_EVENT, None, &error.body(), false)
 }
 
 /// One SSE event. JSON never contains raw newlines, so `data` is a single line.
@@ -217,6 +253,13 @@ fn frame(event: &str, id: Option<&str>, data: &impl Serialize, retry: bool) -> B
     Bytes::from(out)
 }
 
+/// The whole number `value` of query parameter `name`.
+fn whole_number(name: &str, value: &str) -> Result<usize, ApiError> {
+    value
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{name} must be a whole number, got {value:?}")))
+}
+
 /// Parses the query and `Last-Event-ID` into subscription options.
 fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiError> {
     let mut options = SubscribeOptions::default();
@@ -227,14 +270,8 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
             "topic" => options.patterns.push(Pattern::parse(&value)?),
             "last_event_id" => last_event_id = Some(value.into_owned()),
             "from" => from = Some(value.into_owned()),
-            "queue_size" => {
-                let size = value.parse::<usize>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "queue_size must be a whole number, got {value:?}"
-                    ))
-                })?;
-                options.queue_size = Some(size);
-            }
+            "queue_size" => options.queue_size = Some(whole_number("queue_size", &value)?),
+            "queue_bytes" => options.queue_bytes = Some(whole_number("queue_bytes", &value)?),
             crate::auth::TOKEN_PARAM => {}
             "lag_policy" => {
                 options.lag_policy = Some(match &*value {

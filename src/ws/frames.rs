@@ -42,8 +42,14 @@ pub struct WsSubscribe {
     /// Resume after this cursor (`EPOCH-SEQ`); takes precedence over `from`.
     #[schema(value_type = Option<CursorText>)]
     pub last_event_id: Option<String>,
-    /// Queue length for this subscription (default or 0: the server's --queue-size).
+    /// Queue length for this subscription (default or 0: the server's --queue-size; at most the
+    /// server's --max-queue-size).
     pub queue_size: Option<u32>,
+    /// Byte budget of this subscription's queue: payload + headers + topic of the messages
+    /// waiting for it (default or 0: the server's --queue-bytes; at most the server's
+    /// --max-queue-bytes). A message that would take a non-empty queue over it triggers the lag
+    /// policy, as a full queue does.
+    pub queue_bytes: Option<u64>,
     /// `catch-up` (default) or `disconnect`.
     #[schema(pattern = "^(catch-up|disconnect)$")]
     pub lag_policy: Option<String>,
@@ -199,6 +205,7 @@ impl WsSubscribe {
                 position: Some(position),
             }),
             queue_size: self.queue_size.unwrap_or(0),
+            queue_bytes: self.queue_bytes.unwrap_or(0),
             lag_policy: lag_policy as i32,
         })
     }
@@ -220,7 +227,7 @@ pub fn encode(response: v1::ConnectResponse) -> String {
                 head: cursor(s.head).unwrap_or_default(),
             })
         }
-        Some(Event::Message(m)) => frame.message = m.0.as_deref().map(MessageJson::of),
+        Some(Event::Message(m)) => frame.message = m.message().map(MessageJson::of),
         Some(Event::Gap(g)) => {
             frame.gap = Some(GapJson {
                 from_seq: g.from_seq,

@@ -31,7 +31,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Access;
-use crate::connect::{self, Session};
+use crate::connect::{Outbox, Outgoing, Session};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::json::{ErrorBody, ErrorDetail};
@@ -161,7 +161,7 @@ enum Format {
 /// session's answers and events, and the pings.
 async fn serve(socket: WebSocket, door: WsDoor, access: Access, connection: Connection) {
     let (sink, mut stream) = socket.split();
-    let (outbox, answers) = mpsc::channel(connect::OUTBOX);
+    let (outbox, answers) = Outbox::new();
     let format = Arc::new(OnceLock::new());
     let writer = tokio::spawn(write(
         sink,
@@ -311,24 +311,25 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
 /// `ping_every`; the error that ends the session becomes the close frame.
 async fn write(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut answers: mpsc::Receiver<Result<v1::ConnectResponse, Error>>,
+    mut answers: mpsc::Receiver<Outgoing>,
     format: Arc<OnceLock<Format>>,
     ping_every: Duration,
 ) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let message = tokio::select! {
+        // An event's share of the outbox's byte budget is held until the socket has taken it.
+        let (message, _share) = tokio::select! {
             answer = answers.recv() => match answer {
-                Some(Ok(response)) => encode(response, format.get().copied()),
-                Some(Err(error)) => {
+                Some((Ok(response), share)) => (encode(response, format.get().copied()), share),
+                Some((Err(error), _)) => {
                     let _ = sink.send(Message::Close(Some(closing(&error)))).await;
                     break;
                 }
                 // The client left, or the session ended without a reason.
                 None => break,
             },
-            _ = ping.tick() => Message::Ping(Default::default()),
+            _ = ping.tick() => (Message::Ping(Default::default()), None),
         };
         if sink.send(message).await.is_err() {
             break;

@@ -17,7 +17,9 @@
 //   b. the publish form of `/` publishes, and a gRPC (HTTP/2) subscriber in node receives it;
 //   c. `/grpc-web.html` publishes over gRPC-Web and its server-streaming subscribe receives it;
 //   d. Swagger UI loads the spec, "Try it out" on POST /publish succeeds, an SSE client gets it;
-//   e. the broker restarts on the same port: the pages reconnect by themselves and receive again.
+//   e. the broker restarts on the same port: the pages reconnect by themselves and receive again;
+//   f. with authentication on, both pages (`/` and `/grpc-web.html`) use the token typed into
+//      their field: refused without it, served with it.
 //   g. the WebSocket mode of `/` holds several subscriptions on one socket and publishes with acks.
 //
 // Every wait is bounded (WAIT_MS), and the whole run is bounded (TOTAL_MS). Exit status 0 = pass.
@@ -490,7 +492,7 @@ async function main() {
   } else {
     await step("e: pages reconnect after a broker restart on the same port", async () => {
       await broker.stop();
-      // Both pages notice the broken streams (the server's SSE `error` event / gRPC UNAVAILABLE).
+      // Both pages notice the broken streams (the server's SSE `end` event / gRPC UNAVAILABLE).
       await waitForText(live, "#status", "reconnecting|connecting|closed");
       await waitForText(gw, "#gw-status", "reconnecting|connecting|closed");
       await shot(live, "e-broker-down");
@@ -517,7 +519,7 @@ async function main() {
   if (!broker) {
     log("step f skipped: needs TOPICHUB_BIN to start a broker with authentication on");
   } else {
-    await step("f: with authentication on, the page uses the token typed into its field", async () => {
+    await step("f: with authentication on, the pages use the token typed into their field", async () => {
       const secret = `browser-test secret ${run} padded to thirty-two bytes`;
       authBroker = new Broker(broker.bin, await freePort(), join(ARTIFACTS, "broker-auth.log"), ["--jwt-secret", secret]);
       await authBroker.start();
@@ -549,6 +551,33 @@ async function main() {
       await page.click("#pub-button");
       await waitForText(page, "#pub-result", ".*may not publish.*");
       await shot(page, "f-with-token");
+      await page.close();
+
+      // The gRPC-Web page has the same field: refused without a token, served with one.
+      const gw = await newPage(context, consoleLog);
+      await gw.goto(`${authBroker.url}/grpc-web.html?topic=auth.gw`);
+      await gw.evaluate(() => localStorage.clear());
+      await gw.reload();
+      await waitForText(gw, "#gw-status", "closed");
+      await gw.locator("#gw-messages .notice.error", { hasText: "Unauthenticated" }).first().waitFor();
+      await gw.fill("#gw-pub-topic", "auth.gw");
+      await gw.click("#gw-pub-button");
+      await waitForText(gw, "#gw-pub-result", "Unauthenticated.*");
+      await shot(gw, "f-grpc-web-no-token");
+
+      await gw.fill("#token", hs256(secret, { sub: "browser", exp: Math.floor(Date.now() / 1000) + 600,
+        topichub: { publish: ["auth.>"], subscribe: ["auth.>"] } }));
+      await gw.dispatchEvent("#token", "change");
+      await waitForText(gw, "#gw-status", "live");
+      const gwPayload = `gRPC-Web with a token ${run}`;
+      await gw.fill("#gw-pub-payload", gwPayload);
+      await gw.click("#gw-pub-button");
+      await waitForText(gw, "#gw-pub-result", ".*seq \\d+.*");
+      await waitForRow(gw, "#gw-messages", "auth.gw", gwPayload);
+      // Saved for the next visit, like the main page's.
+      await gw.reload();
+      await waitForText(gw, "#gw-status", "live");
+      await shot(gw, "f-grpc-web-with-token");
       await authBroker.stop();
       authBroker = null;
     });

@@ -2,6 +2,8 @@
 //! for every door (gRPC, gRPC-Web over HTTP/1.1, HTTP/JSON, SSE).
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -76,8 +78,32 @@ impl Broker {
             .into_inner()
     }
 
-    /// A `Connect` stream, with `token` as its bearer token if given, that has subscribed to
-    /// `pattern` and received `subscribed`: the sender of its requests, and its events.
+    /// A `Connect` stream on its own connection, with `token` as its bearer token if given: the
+    /// sender of its requests, and its events.
+    pub async fn connect_stream(
+        &self,
+        token: Option<&str>,
+    ) -> (
+        tokio::sync::mpsc::Sender<v1::ConnectRequest>,
+        Streaming<v1::ConnectResponse>,
+    ) {
+        let (requests, rx) = tokio::sync::mpsc::channel(16);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        let events = self
+            .grpc()
+            .await
+            .connect(request)
+            .await
+            .expect("gRPC connect stream")
+            .into_inner();
+        (requests, events)
+    }
+
+    /// A [`Broker::connect_stream`] that has subscribed to `pattern` and received `subscribed`.
     pub async fn connect_subscribed(
         &self,
         pattern: &str,
@@ -86,19 +112,7 @@ impl Broker {
         tokio::sync::mpsc::Sender<v1::ConnectRequest>,
         Streaming<v1::ConnectResponse>,
     ) {
-        let (requests, rx) = tokio::sync::mpsc::channel(4);
-        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        if let Some(token) = token {
-            let value = format!("Bearer {token}").parse().unwrap();
-            request.metadata_mut().insert("authorization", value);
-        }
-        let mut events = self
-            .grpc()
-            .await
-            .connect(request)
-            .await
-            .expect("gRPC connect stream")
-            .into_inner();
+        let (requests, mut events) = self.connect_stream(token).await;
         requests
             .send(v1::ConnectRequest {
                 request_id: 1,
@@ -143,6 +157,12 @@ impl Broker {
         started.elapsed()
     }
 
+    /// The hub's epoch, as `/healthz` reports it.
+    pub async fn epoch(&self) -> String {
+        let health = get_json(&format!("{}/healthz", self.url())).await;
+        health["epoch"].as_str().expect("an epoch").to_owned()
+    }
+
     /// Waits until the hub reports `n` live subscribers (all doors), via `/healthz`.
     pub async fn wait_for_subscribers(&self, n: usize) {
         let http = reqwest::Client::new();
@@ -158,6 +178,12 @@ impl Broker {
         })
         .await;
     }
+}
+
+/// `GET url` as JSON; panics unless it answers with JSON.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let response = reqwest::get(url).await.expect("GET");
+    response.json().await.expect("a JSON answer")
 }
 
 /// Polls `check` (every 10 ms) until it yields `Some`, failing the test after [`WAIT`].
@@ -184,6 +210,34 @@ pub async fn within<T>(what: &str, future: impl std::future::Future<Output = T>)
     tokio::time::timeout(WAIT, future)
         .await
         .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A free loopback port (bound, then released for a broker process to take).
+pub async fn free_port() -> SocketAddr {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `topichub serve` on `addr` as a child process with extra `flags`, killed when dropped; ready
+/// once `/healthz` answers.
+pub async fn start_broker_process(addr: SocketAddr, flags: &[&str]) -> tokio::process::Child {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(flags)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start topichub serve");
+    let url = format!("http://{addr}/healthz");
+    wait_for("the broker process to answer /healthz", || {
+        let url = url.clone();
+        async move { reqwest::get(&url).await.ok().map(|_| ()) }
+    })
+    .await;
+    child
 }
 
 /// One parsed SSE event.
@@ -364,20 +418,163 @@ pub async fn metric(broker: &Broker, series: &str) -> f64 {
         .map_or(0.0, |value| value.parse().unwrap())
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, written to a fresh directory.
-pub fn certificate() -> (std::path::PathBuf, std::path::PathBuf, String) {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+/// Where a test broker keeps its history: the same tests run against each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// In memory (no `--data-dir`).
+    Memory,
+    /// On disk, in a fresh data dir.
+    Disk,
+}
+
+/// Starts a broker on `backend` after `configure` adjusts the defaults.
+pub async fn spawn_broker_on(
+    backend: Backend,
+    configure: impl FnOnce(&mut ServerConfig),
+) -> Broker {
+    spawn_broker_with(|config| {
+        if backend == Backend::Disk {
+            config.data_dir = Some(fresh_data_dir("broker"));
+        }
+        configure(config);
+    })
+    .await
+}
+
+/// A new, empty directory for a data dir, under cargo's scratch directory for integration tests.
+/// Directories left by test processes that have exited are removed on the way.
+pub fn fresh_data_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("data-dirs");
+    std::fs::create_dir_all(&root).unwrap();
+    for entry in std::fs::read_dir(&root).unwrap().flatten() {
+        let file_name = entry.file_name();
+        let pid = file_name.to_str().and_then(|n| n.split('-').next());
+        if pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = root.join(format!("{}-{n}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+impl Broker {
+    /// Whether `run` is still going (it returns once the drain has ended).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+/// `topichub serve` as a child process on a free loopback port, its log (stderr) written to a
+/// file the test can read. Killed when dropped.
+pub struct BrokerProcess {
+    pub addr: SocketAddr,
+    pub child: tokio::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl BrokerProcess {
+    /// Starts the broker with `args` after `serve --listen ADDR` and `RUST_LOG=rust_log`; ready
+    /// once it logs that it is listening.
+    pub async fn start(args: &[&str], rust_log: &str) -> BrokerProcess {
+        let addr = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
             .unwrap();
-    // Cargo's scratch directory for integration tests, inside target/: nothing is left in /tmp.
+        let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "broker-{}-{}.log",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+            .args(["serve", "--listen", &addr.to_string()])
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let broker = BrokerProcess { addr, child, log };
+        wait_for("the broker process to listen", || async {
+            broker.log().contains("topichub listening").then_some(())
+        })
+        .await;
+        broker
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`, ...) to the broker.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Stops the broker with SIGTERM and returns its whole log.
+    pub async fn stop(mut self) -> String {
+        self.signal("TERM");
+        let status = within("the broker process to exit", self.child.wait())
+            .await
+            .unwrap();
+        assert!(status.success(), "graceful exit: {status:?}");
+        self.log()
+    }
+}
+
+/// A fresh directory for one test's files, in Cargo's scratch space inside target/ (nothing is
+/// left in /tmp).
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "tls-{}-{}",
+        "{name}-{}-{}",
         std::process::id(),
         fastrand::u64(..)
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let pem = certified.cert.pem();
+    dir
+}
+
+/// A throwaway self-signed server certificate for `localhost` and 127.0.0.1:
+/// (certificate PEM, private key PEM).
+pub fn self_signed_certificate() -> (String, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    (certified.cert.pem(), certified.signing_key.serialize_pem())
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"));
+    let kib: u64 = line
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .expect("a number of kB");
+    kib * 1024
+}
+
+/// A throwaway server certificate (see [`self_signed_certificate`]) written to a fresh scratch
+/// directory: (certificate file, key file, certificate PEM).
+pub fn certificate() -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let (pem, key) = self_signed_certificate();
+    let dir = scratch_dir("tls");
     std::fs::write(dir.join("cert.pem"), &pem).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
     (dir.join("cert.pem"), dir.join("key.pem"), pem)
 }

@@ -3,6 +3,8 @@
 //
 //   - Publish: a unary call (`PubSub/Publish`); the answer's cursor seq is shown in #gw-pub-result.
 //   - Subscribe: a server-streaming call (`PubSub/Subscribe`); events are rendered in #gw-messages.
+//   - #token: a bearer token for brokers with authentication on, sent with every call; kept in
+//     localStorage (shared with the main page) and taken from `?access_token=` on the page URL.
 //     When the stream breaks (broker restart, network), it is reopened after the last cursor
 //     received, so nothing is missed or repeated while the hub keeps its history (a restarted
 //     hub answers with a `gap` notice instead).
@@ -10,7 +12,7 @@
 // Element ids are a contract with tests/browser/browser.test.mjs. Built into web/grpc-web.js by
 // scripts/build-web.sh (esbuild); the generated code under ./gen comes from `buf generate`.
 
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
@@ -36,7 +38,18 @@ const RETRYABLE = new Set([
   Code.Aborted,
 ]);
 
-const transport = createGrpcWebTransport({ baseUrl: location.origin });
+/** A bearer token, for brokers started with a JWT key; shared with the main page. */
+const TOKEN_KEY = "topichub.token";
+const token = (): string => $<HTMLInputElement>("token").value.trim();
+
+// Every call carries the token typed into #token (as `authorization: Bearer`), read per call so
+// that a new token applies to the next call without rebuilding the client.
+const withToken: Interceptor = (next) => (request) => {
+  const current = token();
+  if (current) request.header.set("authorization", "Bearer " + current);
+  return next(request);
+};
+const transport = createGrpcWebTransport({ baseUrl: location.origin, interceptors: [withToken] });
 const client = createClient(PubSub, transport);
 
 // ---------------------------------------------------------------------------------------------
@@ -247,6 +260,13 @@ async function publish(topic: string, payload: string): Promise<void> {
 // ---------------------------------------------------------------------------------------------
 
 function init(): void {
+  // ?access_token= on the page URL, else the token saved last time (by either page).
+  const params = new URLSearchParams(location.search);
+  $<HTMLInputElement>("token").value = params.get("access_token") || localStorage.getItem(TOKEN_KEY) || "";
+  $("token").addEventListener("change", () => {
+    localStorage.setItem(TOKEN_KEY, token());
+    void subscribe(parseTopics($<HTMLInputElement>("gw-topic").value));
+  });
   $("gw-sub-form").addEventListener("submit", (event) => {
     event.preventDefault();
     void subscribe(parseTopics($<HTMLInputElement>("gw-topic").value));

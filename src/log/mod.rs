@@ -1,0 +1,79 @@
+//! The hub's history: an ordered log of messages behind one small interface.
+//!
+//! The hub assigns seqs and does fan-out, subscriptions, lag and gaps; a log keeps what the hub
+//! accepted and says when it is safe to acknowledge. Two backends:
+//! - no [`Log`] at all (`memory`, the default): the hub's in-memory [`memory::TopicLog`]s are the
+//!   whole history, and a publish is acknowledged as soon as it is retained;
+//! - [`disk::DiskLog`] (`--data-dir`): every message is written to an embedded store before the
+//!   hub retains it, delivers it and acknowledges it; the in-memory logs stay in front as the
+//!   index and cache, so reads and resumes never wait for the disk.
+//!
+//! The interface is asynchronous on purpose: [`Log::append`] only hands a message over, and the
+//! log calls the hub back ([`Apply`]) with whole batches once they are durable, in seq order. A
+//! remote log (a JetStream stream whose PubAck arrives later) fits the same shape: publishing
+//! waits for the log, never for subscribers, and subscribers never see what the log may lose.
+
+pub mod disk;
+pub mod memory;
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::error::Error;
+use crate::message::Message;
+use crate::topic::Topic;
+
+/// Tells one publisher how its message ended: durable and delivered, or refused by the log.
+pub type Ack = oneshot::Sender<Result<Arc<Message>, Error>>;
+
+/// Called by the log with each batch once it is durable, in seq order, before the batch's
+/// publishers are acknowledged: the hub retains the messages and delivers them.
+pub type Apply = Box<dyn Fn(&[Arc<Message>]) + Send + Sync>;
+
+/// A durable history under the hub.
+pub trait Log: Send + Sync {
+    /// Starts the log's writer; `apply` receives every durable batch.
+    fn start(&self, apply: Apply);
+
+    /// Hands `message` to the log. Called under the hub's lock, so messages arrive in seq
+    /// order; must not block. `ack` is answered once the message is durable and applied, or
+    /// with the error that kept it from being stored.
+    ///
+    /// A log that numbers messages itself (a JetStream stream, shared by several hubs) treats
+    /// the hub's seq as a local order only: it applies and acknowledges the message re-stamped
+    /// with its own seq, and applies other nodes' messages through the same [`Apply`].
+    fn append(&self, message: Arc<Message>, ack: Ack);
+
+    /// Retention evicted `seq` of `topic`: the log may drop it. Also called under the hub's lock.
+    fn evict(&self, topic: &Topic, seq: u64);
+
+    /// Writes out everything handed over so far, durably, and stops the writer.
+    fn close(&self) -> oneshot::Receiver<()>;
+
+    /// The log's state, for `/healthz` and `/metrics`.
+    fn stats(&self) -> LogStats;
+}
+
+/// What a log reports about itself.
+#[derive(Clone, Debug, Default)]
+pub struct LogStats {
+    /// Bytes its files take on disk.
+    pub bytes_on_disk: u64,
+    /// The last write failed (e.g. the disk is full): publishes are refused until one succeeds.
+    pub failing: Option<String>,
+}
+
+/// What a log held when it was opened: the hub starts from here.
+pub struct Recovered {
+    /// The history id, kept across restarts.
+    pub epoch: Arc<str>,
+    /// Highest seq ever assigned (possibly above the newest message kept).
+    pub head: u64,
+    /// Seqs up to here may be missing from topics the log no longer knows.
+    pub forgotten_through: u64,
+    /// Per topic, the highest seq retention evicted.
+    pub watermarks: Vec<(Topic, u64)>,
+    /// Every retained message, in seq order.
+    pub messages: Vec<Arc<Message>>,
+}
