@@ -117,8 +117,10 @@ async fn subscriptions_per_connection_and_topics_per_subscription_are_bounded() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_over_their_rate_are_refused_or_paced() {
+    // One message a second: the allowance refills slowly enough that the steps below, run right
+    // after the burst is spent, still find it empty on a loaded machine.
     let broker = spawn_broker_with(|c| {
-        c.publish_rate = 20;
+        c.publish_rate = 1;
         c.publish_burst = 5;
     })
     .await;
@@ -133,7 +135,7 @@ async fn publishers_over_their_rate_are_refused_or_paced() {
     let refused = refused.expect("the sixth publish in a burst of 5 is refused");
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
-        refused.message().contains("faster than 20 messages/s"),
+        refused.message().contains("faster than 1 messages/s"),
         "{refused:?}"
     );
     assert!(refused.message().contains("--publish-rate"), "{refused:?}");
@@ -158,16 +160,16 @@ async fn publishers_over_their_rate_are_refused_or_paced() {
     assert!(response.text().await.unwrap().contains("--publish-rate"));
     assert_eq!(support::metric(&broker, RATE_HITS).await, hits + 1.0);
 
-    // A batch is paced, not failed: 15 messages at 20/s after an empty burst take >= 0.5 s.
+    // A batch is paced, not failed: 3 messages at 1/s after an empty burst take >= 1.5 s.
     let started = std::time::Instant::now();
-    let batch = futures_util::stream::iter((0..15).map(|_| publish_request("rate", "x")));
+    let batch = futures_util::stream::iter((0..3).map(|_| publish_request("rate", "x")));
     let reply = within("paced batch", client.publish_batch(batch))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(reply.accepted, 15);
+    assert_eq!(reply.accepted, 3);
     assert!(
-        started.elapsed() >= Duration::from_millis(500),
+        started.elapsed() >= Duration::from_millis(1500),
         "the limiter paced the batch"
     );
     broker.stop().await;
