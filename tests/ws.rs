@@ -752,41 +752,13 @@ async fn a_socket_closes_when_its_token_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_works_over_tls_on_the_same_port() {
-    use base64::Engine as _;
-    use tokio_rustls::rustls;
     let (cert, key, pem) = support::certificate();
     let broker = spawn_broker_with(|c| {
         c.tls_cert = Some(cert.clone());
         c.tls_key = Some(key.clone());
     })
     .await;
-    let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(der)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der.into()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    // Browsers open WebSockets over HTTP/1.1.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = TcpStream::connect(broker.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let url = format!("wss://localhost:{}/ws", broker.addr.port());
-    let (mut ws, _) = within(
-        "upgrade over TLS",
-        tokio_tungstenite::client_async(url, tls),
-    )
-    .await
-    .unwrap();
+    let mut ws = support::wss_connect(broker.addr, &pem, "/ws").await;
     subscribe(&mut ws, 1, &["tls.t"], json!({})).await;
     let (_, message) =
         publish_and_receive(&mut ws, 2, json!({"topic": "tls.t", "payload": "over wss"})).await;
