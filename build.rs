@@ -3,7 +3,7 @@
 //! Four passes share one descriptor set:
 //! - `client/`: plain types and clients for `topichub.v1` (used by the CLI, tests and library users);
 //! - `server/`: the same package for the server, where `topichub.v1.Message` is bound to
-//!   `crate::grpc::wire::SharedMessage`, which writes a message's protobuf encoding computed once
+//!   `crate::wire::SharedMessage`, which writes a message's protobuf encoding computed once
 //!   per message instead of once per subscriber;
 //! - `seed/`: the seed-compatible `proto.PubSubService`: types and client;
 //! - `seed_server/`: its server, where `proto.SubscribeResponse` is bound to
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pass("server")?
         .build_client(false)
         .codec_path("crate::grpc::codec::Codec")
-        .extern_path(".topichub.v1.Message", "crate::grpc::wire::SharedMessage")
+        .extern_path(".topichub.v1.Message", "crate::wire::SharedMessage")
         .compile_fds(only(&fds, "topichub/v1/topichub.proto"))?;
     pass("seed")?
         .build_server(false)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test: installs what the tests need (idempotent: Debian chromium, npm packages of
-# web/, a Python venv), then `cargo test`, which starts real brokers on 127.0.0.1:0 and drives
+# web/, a Python venv, Debian nginx), then `cargo test`, which starts real brokers on 127.0.0.1:0 and drives
 # them with gRPC, gRPC-Web, HTTP, SSE, the CLI, a headless browser, buf curl and Python clients.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/deps-node.sh
 scripts/deps-python.sh
+scripts/deps-nginx.sh
 cargo test --locked --workspace "$@"

@@ -103,7 +103,7 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_FSYNC", default_value = "always", value_parser = parse_fsync)]
     pub fsync: Fsync,
 
-    /// Interval of HTTP/2 keepalive pings to clients (detects dead peers).
+    /// Interval of HTTP/2 and WebSocket keepalive pings to clients (detects dead peers).
     #[arg(long, env = "TOPICHUB_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
 
@@ -144,7 +144,8 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_MAX_CONNECTIONS", default_value_t = 65_536)]
     pub max_connections: usize,
 
-    /// Live subscriptions one connection may hold (gRPC streams and Connect subscriptions).
+    /// Live subscriptions one connection may hold (gRPC streams, Connect and WebSocket
+    /// subscriptions).
     #[arg(
         long,
         env = "TOPICHUB_MAX_SUBSCRIPTIONS_PER_CONNECTION",

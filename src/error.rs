@@ -54,6 +54,20 @@ pub enum Kind {
     PermissionDenied,
 }
 
+impl Kind {
+    /// The canonical upper-case gRPC status code name, as every door names it on the wire.
+    pub fn code_name(self) -> &'static str {
+        match self {
+            Kind::InvalidArgument => "INVALID_ARGUMENT",
+            Kind::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Kind::NotFound => "NOT_FOUND",
+            Kind::Unavailable => "UNAVAILABLE",
+            Kind::Unauthenticated => "UNAUTHENTICATED",
+            Kind::PermissionDenied => "PERMISSION_DENIED",
+        }
+    }
+}
+
 impl Error {
     /// Which class of failure this is.
     pub fn kind(&self) -> Kind {

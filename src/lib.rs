@@ -15,8 +15,12 @@
 //! - [`topic`]: topic names and wildcard patterns.
 //! - [`cursor`]: `EPOCH-SEQ` positions for resume.
 //! - [`error`]: the hub's error type, mapped once per transport.
-//! - [`grpc`]: the gRPC services (`wire`: protobuf conversions, `seed`: the seed service).
-//! - [`http`]: REST and SSE routes, JSON shapes, the HTTP error type, the OpenAPI document.
+//! - [`wire`]: protobuf shapes of `topichub.v1` and conversions from hub types.
+//! - [`json`]: JSON shapes shared by the HTTP and WebSocket doors (messages, notices, errors).
+//! - [`connect`]: the `Connect` protocol (many subscriptions, acked publishes) below its doors.
+//! - [`grpc`]: the gRPC services (`seed`: the seed service).
+//! - [`http`]: REST and SSE routes, the HTTP error type, the OpenAPI document.
+//! - [`ws`]: `GET /ws`, the `Connect` protocol over WebSocket for browsers.
 //! - [`web`]: the embedded web page.
 //! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
 //! - `sse_conn`: HTTP/1.1 connections opened by `GET /subscribe`, written to without hyper.
@@ -34,11 +38,13 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod connect;
 pub mod cursor;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod json;
 pub mod keepalive;
 pub mod limits;
 pub mod log;
@@ -54,7 +60,9 @@ mod sse_conn;
 pub mod tls;
 pub mod topic;
 pub mod web;
+pub mod wire;
 pub mod write_timeout;
+pub mod ws;
 
 /// The private request parsers, reachable from the fuzz targets in `fuzz/`; not an API.
 #[doc(hidden)]

@@ -26,6 +26,8 @@ pub enum Door {
     Http = 2,
     /// `topichub.v1` over gRPC-Web (a browser, HTTP/1.1).
     GrpcWeb = 3,
+    /// The WebSocket door (`GET /ws`).
+    Ws = 4,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -41,6 +43,7 @@ impl From<Door> for DoorLabel {
                 Door::Seed => "seed",
                 Door::Http => "http",
                 Door::GrpcWeb => "grpc-web",
+                Door::Ws => "ws",
             },
         }
     }
@@ -58,14 +61,17 @@ pub enum ConnectionDoor {
     Http = 2,
     /// `GET /subscribe`: a Server-Sent Events stream.
     Sse = 3,
+    /// `GET /ws`: a WebSocket.
+    Ws = 4,
 }
 
 impl ConnectionDoor {
-    const ALL: [ConnectionDoor; 4] = [
+    const ALL: [ConnectionDoor; 5] = [
         ConnectionDoor::Grpc,
         ConnectionDoor::GrpcWeb,
         ConnectionDoor::Http,
         ConnectionDoor::Sse,
+        ConnectionDoor::Ws,
     ];
 
     fn label(self) -> DoorLabel {
@@ -75,6 +81,7 @@ impl ConnectionDoor {
                 ConnectionDoor::GrpcWeb => "grpc-web",
                 ConnectionDoor::Http => "http",
                 ConnectionDoor::Sse => "sse",
+                ConnectionDoor::Ws => "ws",
             },
         }
     }
@@ -102,13 +109,13 @@ struct DoorSeries {
     write_timeouts: Counter,
 }
 
-const DOORS: [Door; 4] = [Door::Grpc, Door::Seed, Door::Http, Door::GrpcWeb];
+const DOORS: [Door; 5] = [Door::Grpc, Door::Seed, Door::Http, Door::GrpcWeb, Door::Ws];
 
 struct Inner {
     registry: Registry,
-    doors: [DoorSeries; 4],
+    doors: [DoorSeries; 5],
     /// Open connections per [`ConnectionDoor`], in its order.
-    door_connections: [Gauge; 4],
+    door_connections: [Gauge; 5],
     latency: Histogram,
     auth_failures: Counter,
     limit_hits: Family<LimitLabel, Counter>,

@@ -39,6 +39,7 @@ use crate::publish_conn;
 use crate::sse_conn;
 use crate::tls;
 use crate::write_timeout::{WriteProgress, WriteTimeout};
+use crate::ws;
 
 /// How often aged messages are evicted and empty topics forgotten.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -192,14 +193,16 @@ pub async fn run(
                             Ok(publish_conn::Left::Closed) => Ok(()),
                             Ok(publish_conn::Left::Handover(io)) => {
                                 let app = service(admitted);
-                                protocols.serve(Protocol::Http1, watcher, io, app).await
+                                protocols
+                                    .serve(Protocol::Http1, (watcher, &shutdown), io, app)
+                                    .await
                             }
                             Err(error) => Err(error.into()),
                         }
                     } else {
                         let io = PingPolicyStream::new(stream, min_ping_interval);
                         protocols
-                            .serve(protocol, watcher, io, service(admitted))
+                            .serve(protocol, (watcher, &shutdown), io, service(admitted))
                             .await
                     }
                 }
@@ -233,7 +236,7 @@ pub async fn run(
                         };
                         let io = PingPolicyStream::new(stream, min_ping_interval);
                         protocols
-                            .serve(protocol, watcher, io, service(admitted))
+                            .serve(protocol, (watcher, &shutdown), io, service(admitted))
                             .await
                     };
                     Box::pin(tls_connection).await
@@ -391,7 +394,7 @@ impl Protocols {
     async fn serve<IO, S>(
         &self,
         protocol: Protocol,
-        watcher: Watcher,
+        (watcher, shutdown): (Watcher, &CancellationToken),
         io: IO,
         app: S,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -410,7 +413,19 @@ impl Protocols {
         let io = TokioIo::new(WriteProgress::new(io, self.write_timeout(protocol)));
         match protocol {
             Protocol::Http1 => {
-                Box::pin(watcher.watch(self.h1.serve_connection(io, service))).await?;
+                // Upgrades hand the socket to `GET /ws`. hyper-util's watcher does not take an
+                // upgradeable connection, so the graceful shutdown is driven here: the watcher
+                // is held until the connection ends, and the shutdown signal starts its drain.
+                let _watcher = watcher;
+                let connection = self.h1.serve_connection(io, service).with_upgrades();
+                let mut connection = Box::pin(connection);
+                tokio::select! {
+                    served = connection.as_mut() => served?,
+                    () = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await?;
+                    }
+                }
             }
             Protocol::Http2 => {
                 Box::pin(watcher.watch(self.h2.serve_connection(io, service))).await?;
@@ -511,7 +526,17 @@ pub fn app(
         shutdown,
         sse_keepalive: config.sse_keepalive,
     };
+    // The WebSocket door's route sits in the HTTP router (behind its guard); what it needs
+    // beyond the HTTP state travels in the request's extensions.
+    let ws_door = ws::WsDoor {
+        hub: state.hub.clone(),
+        limits: state.limits.clone(),
+        shutdown: state.shutdown.clone(),
+        keepalive_interval: config.keepalive_interval,
+        keepalive_timeout: config.keepalive_timeout,
+    };
     let rest = http::router(state)
+        .layer(axum::Extension(ws_door))
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(CatchPanicLayer::custom(http_panic));
 
@@ -608,6 +633,8 @@ fn door_of(request: &Request) -> ConnectionDoor {
         ConnectionDoor::Grpc
     } else if request.uri().path() == "/subscribe" {
         ConnectionDoor::Sse
+    } else if request.uri().path() == "/ws" {
+        ConnectionDoor::Ws
     } else {
         ConnectionDoor::Http
     }

@@ -6,29 +6,11 @@ mod support;
 use std::path::PathBuf;
 
 use futures_util::StreamExt;
-use support::{spawn_broker_with, within};
+use support::{certificate, spawn_broker_with, within};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use topichub::proto::v1::{
     PublishRequest, SubscribeRequest, pub_sub_client::PubSubClient, subscribe_response,
 };
-
-/// A self-signed certificate for `localhost` and 127.0.0.1, written to a fresh directory.
-fn certificate() -> (PathBuf, PathBuf, String) {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
-    // Cargo's scratch directory for integration tests, inside target/: nothing is left in /tmp.
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "tls-{}-{}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pem = certified.cert.pem();
-    std::fs::write(dir.join("cert.pem"), &pem).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
-    (dir.join("cert.pem"), dir.join("key.pem"), pem)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_door_works_over_tls_on_one_port() {

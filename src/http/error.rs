@@ -1,13 +1,12 @@
 //! The HTTP error type: every failure answers `{"error": {"code", "message"}}` with the status
 //! code grpc-gateway would use for the same gRPC code.
 
+use crate::error::{Error, Kind};
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
-
-use crate::error::{Error, Kind};
+// One error shape for every JSON door; it lives below them.
+pub use crate::json::{ErrorBody, ErrorDetail};
 
 /// An HTTP failure.
 #[derive(Debug)]
@@ -17,26 +16,6 @@ pub struct ApiError {
     message: String,
     /// Ask HTTP/1.1 clients not to reuse the connection (the request body was left unread).
     close_connection: bool,
-}
-
-/// The JSON body of every error response.
-#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: ErrorDetail,
-}
-
-/// Details of an error.
-#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    /// The gRPC status code name, e.g. `INVALID_ARGUMENT`.
-    #[schema(example = "INVALID_ARGUMENT")]
-    pub code: String,
-    /// What went wrong and how to fix it.
-    #[schema(
-        example = "invalid topic \"a..b\": empty token: tokens are separated by single dots, with none at either end"
-    )]
-    pub message: String,
 }
 
 impl ApiError {

@@ -1,9 +1,6 @@
 //! JSON shapes of the HTTP API (request bodies, responses, SSE event data), shared by handlers
 //! and the OpenAPI document.
 
-use std::collections::BTreeMap;
-
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -11,31 +8,13 @@ use bytes::Bytes;
 
 use super::error::{ApiError, ErrorBody};
 use crate::hub::{self, Headers, Message};
+use crate::json::rfc3339;
+// The shapes the WebSocket door shares live below both doors.
+pub use crate::json::{
+    CursorText, GapJson, HeaderName, LagJson, MessageJson, PublishBody, SubscribedJson, TopicName,
+    TopicPattern,
+};
 use crate::topic::Topic;
-
-/// A message to publish. Give the body as `payload` (a JSON string is published as its text; any
-/// other JSON value is published as JSON with `content-type: application/json`) or as
-/// `payload_base64` (raw bytes); neither publishes an empty body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PublishBody {
-    /// Concrete topic (no wildcards), e.g. `orders.eu.created`.
-    #[schema(value_type = TopicName)]
-    pub topic: String,
-    /// The body: a string, or any JSON value.
-    #[schema(example = json!("hello, topichub"))]
-    pub payload: Option<serde_json::Value>,
-    /// The body as base64 (standard alphabet, padded), for binary payloads.
-    // What the STANDARD engine decodes: canonical padding, and no stray bits in the last symbol.
-    #[schema(
-        pattern = r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$"
-    )]
-    pub payload_base64: Option<String>,
-    /// Headers delivered with the message, e.g. `content-type`.
-    #[serde(default)]
-    #[schema(value_type = BTreeMap<HeaderName, String>)]
-    pub headers: BTreeMap<String, String>,
-}
 
 impl PublishBody {
     /// Parses a `POST /publish` body into what the hub publishes.
@@ -52,28 +31,7 @@ impl PublishBody {
             ))
         })?;
         let topic = Topic::parse(&request.topic)?;
-        let mut headers = request.headers;
-        let payload = match (request.payload, request.payload_base64) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request(
-                    "give either payload or payload_base64, not both",
-                ));
-            }
-            (Some(serde_json::Value::String(text)), None) => Bytes::from(text),
-            (Some(value), None) => {
-                headers
-                    .entry("content-type".into())
-                    .or_insert_with(|| "application/json".into());
-                Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
-            }
-            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-                .decode(encoded.as_bytes())
-                .map_err(|e| {
-                    ApiError::bad_request(format!("payload_base64 is not valid base64: {e}"))
-                })?
-                .into(),
-            (None, None) => Bytes::new(),
-        };
+        let (payload, headers) = request.into_payload()?;
         Ok((topic, payload, headers))
     }
 }
@@ -100,114 +58,6 @@ impl Published {
             seq: message.seq,
             cursor: message.cursor().to_string(),
             published_at: rfc3339(message),
-        }
-    }
-}
-
-/// A delivered message: the `data` of an SSE `message` event, and an item of history.
-///
-/// The body appears as `payload` when it is JSON (content-type `application/json`: the JSON
-/// value) or UTF-8 text (a string), and as `payload_base64` otherwise.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct MessageJson {
-    /// Topic it was published to.
-    pub topic: String,
-    /// Its sequence number.
-    pub seq: u64,
-    /// Its cursor (`EPOCH-SEQ`), also the SSE event id.
-    pub cursor: String,
-    /// When the hub accepted it (RFC 3339).
-    pub published_at: String,
-    /// Headers given by the publisher.
-    pub headers: BTreeMap<String, String>,
-    /// The body as JSON or text (absent for binary bodies).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<serde_json::Value>,
-    /// The body as base64 (only for bodies that are not UTF-8).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload_base64: Option<String>,
-}
-
-impl MessageJson {
-    /// The JSON form of a hub message.
-    pub fn of(message: &Message) -> MessageJson {
-        let is_json = message
-            .headers
-            .get("content-type")
-            .is_some_and(|t| t.starts_with("application/json") || t.contains("+json"));
-        let (payload, payload_base64) = match std::str::from_utf8(&message.payload) {
-            Ok(text) => {
-                let value = is_json
-                    .then(|| serde_json::from_str(text).ok())
-                    .flatten()
-                    .unwrap_or_else(|| serde_json::Value::String(text.to_owned()));
-                (Some(value), None)
-            }
-            Err(_) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&message.payload)),
-            ),
-        };
-        MessageJson {
-            topic: message.topic.to_string(),
-            seq: message.seq,
-            cursor: message.cursor().to_string(),
-            published_at: rfc3339(message),
-            headers: message.headers.clone(),
-            payload,
-            payload_base64,
-        }
-    }
-}
-
-/// `data` of the SSE `subscribed` event (first event of every stream).
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct SubscribedJson {
-    /// The subscription's id.
-    pub subscription_id: String,
-    /// The hub's newest cursor when the stream started (this event's id for `from=latest`).
-    pub head: String,
-}
-
-/// `data` of the SSE `gap` event: messages in this seq range will not be delivered.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct GapJson {
-    /// First seq that may be missing.
-    pub from_seq: u64,
-    /// Last seq that may be missing; absent when the range runs to the end of an old epoch.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_seq: Option<u64>,
-    /// `epoch` (cursor from an earlier history) or `retention` (evicted before replay).
-    pub reason: String,
-    /// Epoch the range belongs to.
-    pub epoch: String,
-}
-
-impl From<hub::Gap> for GapJson {
-    fn from(gap: hub::Gap) -> GapJson {
-        GapJson {
-            from_seq: gap.from_seq,
-            to_seq: gap.to_seq,
-            reason: gap.reason.as_str().into(),
-            epoch: gap.epoch,
-        }
-    }
-}
-
-/// `data` of the SSE `lag` event: the subscriber fell behind and is caught up from retention.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct LagJson {
-    /// First seq its queue could not take.
-    pub from_seq: u64,
-    /// The hub's head when catch-up began.
-    pub to_seq: u64,
-}
-
-impl From<hub::Lag> for LagJson {
-    fn from(lag: hub::Lag) -> LagJson {
-        LagJson {
-            from_seq: lag.from_seq,
-            to_seq: lag.to_seq,
         }
     }
 }
@@ -496,42 +346,6 @@ impl ToSchema for SseEvent {
     }
 }
 
-/// A concrete topic (no wildcards): dot-separated tokens of letters, digits, `_`, `-` and `:`,
-/// at most 255 bytes. Only a schema: handlers validate with `Topic::parse`.
-#[derive(ToSchema)]
-#[schema(
-    pattern = r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$",
-    max_length = 255,
-    example = "demo.greetings"
-)]
-pub struct TopicName(pub String);
-
-/// A topic or a pattern: a topic whose tokens may also be `*` (exactly one token) or, as the last
-/// token, `>` (one or more tokens); at most 255 bytes. Only a schema: handlers validate with
-/// `Pattern::parse`.
-#[derive(ToSchema)]
-#[schema(
-    pattern = r"^(([A-Za-z0-9_:-]+|\*)\.)*([A-Za-z0-9_:-]+|\*|>)$",
-    max_length = 255,
-    example = "demo.>"
-)]
-pub struct TopicPattern(pub String);
-
-/// A message header's name: not empty. Only a schema.
-#[derive(ToSchema)]
-#[schema(min_length = 1)]
-pub struct HeaderName(pub String);
-
-/// A position in the hub's history, `EPOCH-SEQ`: a message's `cursor`, an SSE event's `id`.
-/// Only a schema: handlers parse it as a `Cursor`.
-#[derive(ToSchema)]
-#[schema(
-    as = Cursor,
-    pattern = r"^[A-Za-z0-9]{1,32}-(0|[1-9][0-9]{0,19})$",
-    example = "k3J9xQ2mPz0a-42"
-)]
-pub struct CursorText(pub String);
-
 /// Adds to the `PublishBody` schema the rule its derived schema cannot state: `payload` and
 /// `payload_base64` are not both given (`null` counts as not given). The component becomes
 /// `allOf: [the fields, anyOf: [payload_base64 absent or null, payload absent or null]]`.
@@ -554,8 +368,4 @@ pub(super) fn document_publish_rule(openapi: &mut utoipa::openapi::OpenApi) {
         .item(absent_or_null("payload"));
     let fields = schema.clone();
     *schema = AllOfBuilder::new().item(fields).item(one_payload).into();
-}
-
-fn rfc3339(message: &Message) -> String {
-    humantime::format_rfc3339_millis(message.published_at).to_string()
 }

@@ -80,8 +80,9 @@ enum Guard {
 
 /// The REST/SSE routes and their OpenAPI document.
 fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    // Everything but health needs a token when authentication is on. Only the reads a browser's
-    // EventSource (or a link) makes may carry it as a cookie or query parameter.
+    // Everything but health needs a token when authentication is on. Only the requests a
+    // browser's EventSource, WebSocket (neither can set headers) or a link makes may carry it as
+    // a cookie or query parameter.
     let guard = |router: OpenApiRouter<AppState>, guard| {
         let paths: Vec<String> = router.get_openapi().paths.paths.keys().cloned().collect();
         let state = (state.auth.clone(), state.hub.metrics().clone());
@@ -107,7 +108,8 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (browser, browser_paths) = guard(
         OpenApiRouter::new()
             .routes(routes!(sse::subscribe))
-            .routes(routes!(history)),
+            .routes(routes!(history))
+            .routes(routes!(crate::ws::connect)),
         Guard::Browser,
     );
     let protected = header_only.merge(browser);
@@ -118,6 +120,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .split_for_parts();
     document_auth(&mut openapi, &header_paths, &browser_paths);
     json::document_publish_rule(&mut openapi);
+    crate::ws::document(&mut openapi);
     let router = router.with_state(state);
     (router, openapi)
 }
@@ -519,8 +522,7 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
         .into_response()
 }
 
-/// Largest request body read for a publish: the payload as base64 at worst (4/3 larger) plus
-/// the JSON envelope. Bodies between the payload limit and this get the hub's precise 413.
+/// Largest request body read for a publish (the rule shared with the WebSocket door).
 fn body_limit(max_payload: usize) -> usize {
-    max_payload / 3 * 4 + 64 * 1024
+    crate::json::max_request_bytes(max_payload)
 }

@@ -20,6 +20,7 @@
 //   e. the broker restarts on the same port: the pages reconnect by themselves and receive again;
 //   f. with authentication on, both pages (`/` and `/grpc-web.html`) use the token typed into
 //      their field: refused without it, served with it.
+//   g. the WebSocket mode of `/` holds several subscriptions on one socket and publishes with acks.
 //
 // Every wait is bounded (WAIT_MS), and the whole run is bounded (TOTAL_MS). Exit status 0 = pass.
 
@@ -444,6 +445,46 @@ async function main() {
     } finally {
       sse.close();
     }
+  });
+
+  await step("g: WebSocket mode: several subscriptions, publishes with acks", async () => {
+    const page = await newPage(context, consoleLog);
+    await page.goto(`${baseUrl}/`);
+    await page.click("#ws-connect");
+    await waitForText(page, "#ws-status", "open");
+    for (const topics of ["ws.a", "ws.b.>"]) {
+      await page.fill("#ws-sub-topics", topics);
+      await page.click("#ws-sub-button");
+      await page.locator("#ws-subs li", { hasText: topics }).waitFor();
+    }
+    // Messages published elsewhere arrive on one socket, tagged with their subscription.
+    const a = `to ws.a ${run}`;
+    const b = `to ws.b.x ${run}`;
+    const publishedA = await httpPublish(baseUrl, "ws.a", a);
+    await httpPublish(baseUrl, "ws.b.x", b);
+    const rowA = await waitForRow(page, "#ws-messages", "ws.a", a);
+    const rowB = await waitForRow(page, "#ws-messages", "ws.b.x", b);
+    assert.equal(await rowA.getAttribute("data-seq"), String(publishedA.seq));
+    assert.notEqual(await rowA.getAttribute("data-subscription"), await rowB.getAttribute("data-subscription"));
+    // The page's publish is acknowledged with its seq, and delivered back to it.
+    const own = `from the page ${run}`;
+    await page.fill("#ws-pub-topic", "ws.b.y");
+    await page.fill("#ws-pub-payload", own);
+    await page.click("#ws-pub-button");
+    await waitForText(page, "#ws-pub-result", "ack seq \\d+ \\(ws\\.b\\.y\\)");
+    const ackSeq = (await page.textContent("#ws-pub-result")).match(/seq (\d+)/)[1];
+    const ownRow = await waitForRow(page, "#ws-messages", "ws.b.y", own);
+    assert.equal(await ownRow.getAttribute("data-seq"), ackSeq);
+    const history = await (await fetch(`${baseUrl}/topics/ws.b.y/messages`)).json();
+    assert.equal(String(history.messages.at(-1).seq), ackSeq);
+    assert.equal(history.messages.at(-1).payload, own);
+    await shot(page, "g-websocket");
+    // Unsubscribing one leaves the other.
+    await page.locator("#ws-subs li", { hasText: "ws.a" }).getByRole("button").click();
+    await page.locator("#ws-subs li", { hasText: "ws.a" }).waitFor({ state: "detached" });
+    assert.equal(await page.locator("#ws-subs li").count(), 1);
+    await page.close();
+    pages.delete(page);
   });
 
   if (!broker) {

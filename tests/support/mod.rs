@@ -264,18 +264,7 @@ pub struct Sse {
 impl Sse {
     /// Opens `GET {url}{path_and_query}` with optional extra headers; panics unless 200.
     pub async fn open(url: &str, path_and_query: &str, headers: &[(&str, &str)]) -> Sse {
-        let mut request = reqwest::Client::new().get(format!("{url}{path_and_query}"));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = request.send().await.expect("SSE request");
-        assert_eq!(response.status(), 200, "SSE status for {path_and_query}");
-        assert_eq!(response.headers()["content-type"], "text/event-stream");
-        Sse {
-            body: Box::pin(response.bytes_stream()),
-            buffer: String::new(),
-            comments: 0,
-        }
+        Sse::open_with(&reqwest::Client::new(), url, path_and_query, headers).await
     }
 
     /// The next event (skipping keep-alive comments), or `None` when the stream ends.
@@ -567,4 +556,76 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .parse()
         .expect("a number of kB");
     kib * 1024
+}
+
+/// A throwaway server certificate (see [`self_signed_certificate`]) written to a fresh scratch
+/// directory: (certificate file, key file, certificate PEM).
+pub fn certificate() -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let (pem, key) = self_signed_certificate();
+    let dir = scratch_dir("tls");
+    std::fs::write(dir.join("cert.pem"), &pem).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    (dir.join("cert.pem"), dir.join("key.pem"), pem)
+}
+
+/// A WebSocket over TLS (ALPN http/1.1, as browsers open them) to `path` at `addr`, trusting only
+/// the certificate `pem` for `localhost`.
+pub async fn wss_connect(
+    addr: SocketAddr,
+    pem: &str,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use base64::Engine as _;
+    use tokio_rustls::rustls;
+    let der: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(der)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.into()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    within(
+        "WebSocket upgrade over TLS",
+        tokio_tungstenite::client_async(url, tls),
+    )
+    .await
+    .expect("upgrade")
+    .0
+}
+
+impl Sse {
+    /// Opens `GET {url}{path_and_query}` as an SSE stream with `client` (e.g. one trusting a test
+    /// certificate).
+    pub async fn open_with(
+        client: &reqwest::Client,
+        url: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Sse {
+        let mut request = client.get(format!("{url}{path_and_query}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("SSE request");
+        assert_eq!(response.status(), 200, "SSE status for {path_and_query}");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        Sse {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+            comments: 0,
+        }
+    }
 }

@@ -37,6 +37,11 @@ impl<E> Preencoded<E> {
     pub fn new(message: Arc<hub::Message>) -> Self {
         Preencoded(Some(message), PhantomData)
     }
+
+    /// The hub message (none in a decoded default), for doors that write it in another form.
+    pub fn message(&self) -> Option<&hub::Message> {
+        self.0.as_deref()
+    }
 }
 
 impl<E: Encoding> Preencoded<E> {
