@@ -24,6 +24,8 @@
 //! - [`web`]: the embedded web page.
 //! - [`server`]: assembles every door on one listener; keepalive and graceful shutdown.
 //! - `sse_conn`: HTTP/1.1 connections opened by `GET /subscribe`, written to without hyper.
+//! - `publish_conn`: HTTP/1.1 keep-alive connections that only `POST /topics/{topic}`, answered
+//!   without hyper.
 //! - [`tls`]: TLS on the same port (rustls), HTTP/2 and HTTP/1.1 by ALPN.
 //! - [`metrics`]: Prometheus counters, gauges and the latency histogram behind `/metrics`.
 //! - [`limits`]: connections, subscriptions per connection, publish rate per client.
