@@ -19,10 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -450,81 +448,9 @@ fn token_of(
     }
 }
 
-/// HTTP middleware for protected routes that take the token from the `authorization` header
-/// only (publishes, listings): a cookie would let a cross-site form publish (CSRF), and a query
-/// string ends up in access logs. Authenticates and stores the [`Access`], or answers 401.
-pub async fn http_guard(
-    State((auth, metrics)): State<(Authenticator, Metrics)>,
-    request: Request,
-    next: Next,
-) -> Response {
-    guard_http(&auth, &metrics, request, next, TokenFrom::Header).await
-}
-
-/// HTTP middleware for the reads a browser's `EventSource` (or a plain link) makes, which cannot
-/// send headers: the `access_token` cookie or query parameter is accepted too.
-pub async fn http_browser_guard(
-    State((auth, metrics)): State<(Authenticator, Metrics)>,
-    request: Request,
-    next: Next,
-) -> Response {
-    guard_http(
-        &auth,
-        &metrics,
-        request,
-        next,
-        TokenFrom::HeaderCookieOrQuery,
-    )
-    .await
-}
-
-async fn guard_http(
-    auth: &Authenticator,
-    metrics: &Metrics,
-    mut request: Request,
-    next: Next,
-    from: TokenFrom,
-) -> Response {
-    match admit(auth, metrics, &mut request, from) {
-        Ok(()) => next.run(request).await,
-        Err(error) => {
-            let mut response = crate::http::error::ApiError::from(error).into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            response
-        }
-    }
-}
-
-/// gRPC services open to everyone: health checks and reflection.
-const OPEN_GRPC_SERVICES: [&str; 3] = [
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-];
-
-/// gRPC middleware: authenticates calls to the pub/sub services from the `authorization`
-/// metadata and stores the [`Access`], or answers UNAUTHENTICATED.
-pub async fn grpc_guard(
-    State((auth, metrics)): State<(Authenticator, Metrics)>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let path = request.uri().path();
-    if OPEN_GRPC_SERVICES.iter().any(|open| path.starts_with(open)) {
-        return next.run(request).await;
-    }
-    match admit(&auth, &metrics, &mut request, TokenFrom::Metadata) {
-        Ok(()) => next.run(request).await,
-        Err(error) => crate::grpc::status_response(tonic::Status::from(error)),
-    }
-}
-
 /// Where a transport's clients may put their token.
 #[derive(Clone, Copy)]
-enum TokenFrom {
+pub enum TokenFrom {
     /// gRPC metadata (`authorization`) only.
     Metadata,
     /// HTTP: the `authorization` header only.
@@ -534,7 +460,8 @@ enum TokenFrom {
 }
 
 /// Authenticates `request` and stores its [`Access`] in the extensions; a refusal is counted.
-fn admit(
+/// Each door's middleware calls this and answers a refusal in its own wire format.
+pub fn admit(
     auth: &Authenticator,
     metrics: &Metrics,
     request: &mut Request,

@@ -346,7 +346,7 @@ async fn forward(
             () = outbox.closed() => return,
         };
         if let Some(Ok(delivered)) = &next {
-            metrics.count_event(door, delivered);
+            delivered.count(&metrics, door);
         }
         let response = match next {
             Some(Ok(hub::Event::Message(m))) => {

@@ -31,7 +31,7 @@ use crate::error::{Behind, Error};
 use crate::log::memory::{Retention, TopicLog};
 use crate::log::{Log, Recovered};
 pub use crate::message::{Headers, Message};
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::{Door, Metrics, Snapshot};
 use crate::queue::{self, Bound, TrySendError, Weigh};
 use crate::topic::{Pattern, Topic};
 
@@ -192,6 +192,17 @@ pub enum Event {
     Gap(Gap),
     /// The subscriber fell behind; retained messages follow.
     Lag(Lag),
+}
+
+impl Event {
+    /// Counts this event as handed to a subscriber of `door`.
+    pub fn count(&self, metrics: &Metrics, door: Door) {
+        match self {
+            Event::Message(m) => metrics.delivered(door, m.published_at),
+            Event::Gap(_) => metrics.gapped(door),
+            Event::Lag(_) => metrics.lagged(door),
+        }
+    }
 }
 
 /// Counts and state of one topic, for listings.

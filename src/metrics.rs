@@ -330,15 +330,6 @@ impl Metrics {
         }
     }
 
-    /// Counts an event handed to a subscriber of `door`.
-    pub fn count_event(&self, door: Door, event: &crate::hub::Event) {
-        match event {
-            crate::hub::Event::Message(m) => self.delivered(door, m.published_at),
-            crate::hub::Event::Gap(_) => self.gapped(door),
-            crate::hub::Event::Lag(_) => self.lagged(door),
-        }
-    }
-
     /// A lag notice went to a subscriber of `door`.
     pub fn lagged(&self, door: Door) {
         self.series(door).lag_events.inc();

@@ -22,7 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any as AnyOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::{self, Authenticator};
+use crate::auth::Authenticator;
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::grpc::seed::SeedService;
@@ -513,7 +513,7 @@ pub fn app(
         // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
         .layer(axum::middleware::from_fn_with_state(
             (auth.clone(), hub.metrics().clone()),
-            auth::grpc_guard,
+            crate::grpc::guard::grpc_guard,
         ))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(CatchPanicLayer::custom(grpc_panic));

@@ -4,6 +4,7 @@
 
 pub mod codec;
 pub mod deadline;
+pub mod guard;
 pub mod seed;
 pub use crate::wire;
 
@@ -62,7 +63,7 @@ impl PubSubService {
     }
 }
 
-/// Who is calling: what the token allows (from `auth::grpc_guard`) and the connection (from the
+/// Who is calling: what the token allows (from `guard::grpc_guard`) and the connection (from the
 /// server's per-connection layer).
 #[derive(Clone)]
 pub(crate) struct Caller {
@@ -132,7 +133,7 @@ pub(crate) fn subscription_stream<T: Send + 'static>(
                 Ok(event) => event,
                 Err(error) => return Some((Err(error.into()), None)),
             };
-            held.2.count_event(door, &event);
+            event.count(&held.2, door);
             if let Some(item) = f(event) {
                 return Some((Ok(item), Some((subscription, end, held))));
             }

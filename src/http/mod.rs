@@ -2,6 +2,7 @@
 //! Swagger UI and the web page. Handlers validate, call the hub and convert.
 
 pub mod error;
+mod guard;
 pub mod json;
 pub mod sse;
 
@@ -89,11 +90,11 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         let router = match guard {
             Guard::Header => router.route_layer(axum::middleware::from_fn_with_state(
                 state,
-                auth::http_guard,
+                guard::http_guard,
             )),
             Guard::Browser => router.route_layer(axum::middleware::from_fn_with_state(
                 state,
-                auth::http_browser_guard,
+                guard::http_browser_guard,
             )),
         };
         (router, paths)

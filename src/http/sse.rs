@@ -179,7 +179,7 @@ impl http_body::Body for SseBody {
         };
         let frame = match s.end.poll_next(cx, &mut s.subscription) {
             Poll::Ready(Some(Ok(event))) => {
-                s.metrics.count_event(Door::Http, &event);
+                event.count(&s.metrics, Door::Http);
                 event_frame(event)
             }
             Poll::Ready(Some(Err(error))) => {
