@@ -27,6 +27,9 @@ pub struct Message {
     pub published_at: SystemTime,
     /// Publisher-supplied headers.
     pub headers: Headers,
+    /// The publisher's idempotency key, if it gave one: a retried publish with the same key is
+    /// answered with this message's cursor instead of being stored twice.
+    pub idempotency_key: Option<Arc<str>>,
     /// Each transport's encoding of this message, computed by the first subscriber that needs it
     /// and shared by all others ("encode once per transport, not once per subscriber").
     pub(crate) encoded: Encodings,
@@ -60,8 +63,15 @@ impl Message {
             epoch,
             published_at,
             headers,
+            idempotency_key: None,
             encoded: Encodings::default(),
         }
+    }
+
+    /// The same message, carrying the publisher's idempotency key.
+    pub(crate) fn with_idempotency_key(mut self, key: Option<Arc<str>>) -> Message {
+        self.idempotency_key = key;
+        self
     }
 
     /// The cursor pointing at this message.
