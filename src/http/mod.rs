@@ -4,7 +4,9 @@
 pub mod error;
 mod guard;
 pub mod json;
+pub(crate) mod publish_conn;
 pub mod sse;
+pub(crate) mod sse_conn;
 
 use std::time::Duration;
 
