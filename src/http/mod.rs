@@ -1,6 +1,7 @@
 //! HTTP/JSON doors (axum): publish, SSE subscribe, topics, history, health, the OpenAPI document,
 //! Swagger UI and the web page. Handlers validate, call the hub and convert.
 
+pub mod cors;
 pub mod error;
 mod guard;
 pub mod json;

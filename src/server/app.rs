@@ -3,15 +3,13 @@
 //! the layers every request passes: trace, CORS, the door count, panic guards.
 
 use std::any::Any;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
-use axum::http::{Method, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::cors::{Any as AnyOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
@@ -137,7 +135,7 @@ pub fn app(
         .fallback(fallback)
         // Inside CORS: a preflight is not a request of any door.
         .layer(tower::util::MapRequestLayer::new(mark_door))
-        .layer(cors())
+        .layer(http::cors::layer())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
 }
 
@@ -232,20 +230,6 @@ fn http_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
         "internal error; the server logged the details",
     )
     .into_response()
-}
-
-/// CORS for browsers on other origins: REST, SSE and gRPC-Web.
-fn cors() -> CorsLayer {
-    CorsLayer::new()
-        .allow_origin(AnyOrigin)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers(AnyOrigin)
-        .expose_headers([
-            header::HeaderName::from_static("grpc-status"),
-            header::HeaderName::from_static("grpc-message"),
-            header::HeaderName::from_static("grpc-status-details-bin"),
-        ])
-        .max_age(Duration::from_secs(24 * 3600))
 }
 
 #[cfg(test)]

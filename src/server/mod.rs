@@ -161,11 +161,11 @@ fn publish_lane(
     limits: &Limits,
 ) -> Option<Arc<publish_conn::Lane>> {
     (!auth.is_enabled() && !hub.is_durable()).then(|| {
-        Arc::new(publish_conn::Lane {
-            hub: hub.clone(),
-            limits: limits.clone(),
-            idle_timeout: config.http_header_timeout,
-        })
+        Arc::new(publish_conn::Lane::new(
+            hub.clone(),
+            limits.clone(),
+            config.http_header_timeout,
+        ))
     })
 }
 
