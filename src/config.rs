@@ -253,6 +253,7 @@ impl ServerConfig {
             max_retained_bytes: self
                 .max_retained_bytes
                 .unwrap_or_else(default_max_retained_bytes),
+            clock: crate::clock::Clock::System,
         }
     }
 

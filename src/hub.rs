@@ -21,11 +21,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::clock::Clock;
 use crate::cursor::Cursor;
 use crate::error::{Behind, Error};
 use crate::log::memory::{Retention, TopicLog};
@@ -70,6 +71,8 @@ pub struct HubConfig {
     pub max_topics_per_subscription: usize,
     /// Bytes retained across all topics; the oldest messages hub-wide are evicted first.
     pub max_retained_bytes: usize,
+    /// Where messages' times come from (publish time, age).
+    pub clock: Clock,
 }
 
 impl HubConfig {
@@ -96,6 +99,7 @@ impl Default for HubConfig {
             lag_policy: LagPolicy::CatchUp,
             max_topics_per_subscription: 100,
             max_retained_bytes: 1024 * 1024 * 1024,
+            clock: Clock::System,
         }
     }
 }
@@ -488,7 +492,7 @@ impl Hub {
             return Publishing(Outcome::Done(Some(Err(error))));
         }
         let shared = &*self.shared;
-        let published_at = SystemTime::now();
+        let published_at = shared.config.clock.now();
         let mut state = self.lock();
         state.assigned += 1;
         let message = Arc::new(Message::new(
@@ -732,7 +736,7 @@ impl Hub {
     pub fn expire(&self) {
         let retention = self.shared.config.retention();
         let log = self.shared.log.as_deref();
-        let now = SystemTime::now();
+        let now = self.shared.config.clock.now();
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut forgotten = state.forgotten_through;
@@ -1174,14 +1178,18 @@ mod tests {
         assert_eq!(t.retained_messages, 9, "9 x (1000 + 1) bytes fit in 10 000");
     }
 
-    #[test]
-    fn aged_messages_expire_and_empty_topics_are_forgotten() {
+    #[tokio::test(start_paused = true)]
+    async fn aged_messages_expire_and_empty_topics_are_forgotten() {
         let hub = hub(HubConfig {
-            retain_age: Duration::ZERO,
+            retain_age: Duration::from_secs(60),
+            clock: Clock::tokio(),
             ..Default::default()
         });
         publish(&hub, "old", 1);
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        hub.expire();
+        assert_eq!(hub.topics(None).len(), 1, "not aged yet");
+        tokio::time::advance(Duration::from_secs(2)).await;
         hub.expire();
         assert!(hub.topics(None).is_empty(), "expired and forgotten");
         // A resume from before the forgotten messages is told about the gap.

@@ -9,7 +9,7 @@
 //! # Layout
 //! Layers, each importing only those below it (see `docs/architecture.md`):
 //!
-//! 1. Core: [`topic`] names and wildcard patterns; [`cursor`] `EPOCH-SEQ` positions; [`message`]
+//! 1. Core: [`clock`] the hub's time (tokio's in tests); [`topic`] names and wildcard patterns; [`cursor`] `EPOCH-SEQ` positions; [`message`]
 //!    an accepted message; [`log`] the history behind one interface (memory, disk); `queue`, the
 //!    bounded queue to each subscription; [`hub`] topics, subscriptions, seqs, retention, lag, the
 //!    only shared state; [`error`] the hub's error type.
@@ -31,6 +31,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod connect;
 pub mod cursor;
