@@ -33,7 +33,7 @@ pub(super) fn refused(refusal: Error) -> Router {
         let message = message.clone();
         async move {
             if is_grpc(&request) {
-                grpc::status_response(tonic::Status::resource_exhausted(message))
+                tonic::Status::resource_exhausted(message).into_http()
             } else {
                 http::error::ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -158,9 +158,8 @@ fn request_span<B>(request: &Request<B>) -> tracing::Span {
 /// Unknown routes: UNIMPLEMENTED for gRPC and gRPC-Web clients, a JSON 404 for everyone else.
 async fn fallback(request: Request) -> Response {
     if is_grpc(&request) {
-        grpc::status_response(tonic::Status::unimplemented(
-            "unknown service or method; list them with server reflection",
-        ))
+        tonic::Status::unimplemented("unknown service or method; list them with server reflection")
+            .into_http()
     } else {
         http::not_found().await.into_response()
     }
@@ -217,9 +216,7 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 
 fn grpc_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
     tracing::error!(panic = panic_message(&*panic), "gRPC handler panicked");
-    grpc::status_response(tonic::Status::internal(
-        "internal error; the server logged the details",
-    ))
+    tonic::Status::internal("internal error; the server logged the details").into_http()
 }
 
 fn http_panic(panic: Box<dyn Any + Send + 'static>) -> Response {
