@@ -80,8 +80,8 @@ pub struct ServerConfig {
     #[arg(
         long,
         env = "TOPICHUB_LAG_POLICY",
-        value_enum,
-        default_value = "catch-up"
+        default_value = "catch-up",
+        value_parser = |text: &str| text.parse::<LagPolicy>().map_err(|e| e.to_string()),
     )]
     pub lag_policy: LagPolicy,
 

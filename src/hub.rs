@@ -105,12 +105,27 @@ impl Default for HubConfig {
 }
 
 /// What happens to a subscriber whose queue overflows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LagPolicy {
     /// Send a `lag` notice and replay what is still retained, then continue live.
     CatchUp,
     /// End the subscription with a slow-consumer error.
     Disconnect,
+}
+
+impl std::str::FromStr for LagPolicy {
+    type Err = Error;
+
+    /// The names every text door and the command line use: `catch-up`, `disconnect`.
+    fn from_str(text: &str) -> Result<LagPolicy, Error> {
+        match text {
+            "catch-up" => Ok(LagPolicy::CatchUp),
+            "disconnect" => Ok(LagPolicy::Disconnect),
+            other => Err(Error::InvalidRequest(format!(
+                "lag_policy must be `catch-up` or `disconnect`, got {other:?}"
+            ))),
+        }
+    }
 }
 
 impl Weigh for Arc<Message> {

@@ -274,15 +274,7 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
             "queue_bytes" => options.queue_bytes = Some(whole_number("queue_bytes", &value)?),
             crate::auth::TOKEN_PARAM => {}
             "lag_policy" => {
-                options.lag_policy = Some(match &*value {
-                    "catch-up" => LagPolicy::CatchUp,
-                    "disconnect" => LagPolicy::Disconnect,
-                    other => {
-                        return Err(ApiError::bad_request(format!(
-                            "lag_policy must be `catch-up` or `disconnect`, got {other:?}"
-                        )));
-                    }
-                });
+                options.lag_policy = Some(value.parse::<LagPolicy>()?);
             }
             other => {
                 return Err(ApiError::bad_request(format!(

@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
+use crate::hub::LagPolicy;
 use crate::json::{
     CursorText, ErrorDetail, GapJson, LagJson, MessageJson, PublishBody, SubscribedJson,
     TopicPattern,
@@ -189,15 +190,10 @@ impl WsSubscribe {
             }
             None => from,
         };
-        let lag_policy = match self.lag_policy.as_deref() {
+        let lag_policy = match self.lag_policy.as_deref().map(str::parse).transpose()? {
             None => v1::LagPolicy::Unspecified,
-            Some("catch-up") => v1::LagPolicy::CatchUp,
-            Some("disconnect") => v1::LagPolicy::Disconnect,
-            Some(other) => {
-                return Err(Error::InvalidRequest(format!(
-                    "lag_policy must be `catch-up` or `disconnect`, got {other:?}"
-                )));
-            }
+            Some(LagPolicy::CatchUp) => v1::LagPolicy::CatchUp,
+            Some(LagPolicy::Disconnect) => v1::LagPolicy::Disconnect,
         };
         Ok(v1::SubscribeRequest {
             topics: self.topics,
