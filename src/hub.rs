@@ -21,7 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use indexmap::IndexSet;
@@ -282,16 +282,54 @@ struct State {
     /// Highest seq evicted from a topic that has since been forgotten entirely; a resume from
     /// before it may have missed messages there, so it is reported as a gap.
     forgotten_through: u64,
+    /// Which topics may have aged messages, soonest first.
+    expiry: ExpiryIndex,
+}
+
+/// When each topic's oldest message was published (or earlier: entries are not moved when other
+/// limits evict), soonest first, so that the expiry pass visits only topics that may have aged
+/// messages, not every topic. One live entry per topic, told by its generation; entries of
+/// forgotten topics are dropped when they come up.
+#[derive(Default)]
+struct ExpiryIndex {
+    heap: BinaryHeap<Reverse<(SystemTime, u64, Topic)>>,
+    /// The generation of the newest entry.
+    generation: u64,
+}
+
+impl ExpiryIndex {
+    /// Gives `topic` (named `name`) its entry at its oldest message's time, if it has messages.
+    fn schedule(&mut self, name: &Topic, topic: &mut TopicState) {
+        if let Some(published_at) = topic.log.oldest_published_at() {
+            self.generation += 1;
+            topic.expiry_entry = Some(self.generation);
+            self.heap
+                .push(Reverse((published_at, self.generation, name.clone())));
+        }
+    }
+
+    /// Takes the soonest entry if `due` says its time has come.
+    fn pop_due(&mut self, due: impl Fn(SystemTime) -> bool) -> Option<(u64, Topic)> {
+        let Reverse((published_at, _, _)) = self.heap.peek()?;
+        if !due(*published_at) {
+            return None;
+        }
+        let Reverse((_, generation, name)) = self.heap.pop().expect("peeked");
+        Some((generation, name))
+    }
 }
 
 #[derive(Default)]
 struct TopicState {
     /// Retained history.
     log: TopicLog,
-    /// Live subscriptions matching this topic, each once.
-    /// Subscriptions attached to this topic: O(1) to add, find and remove (a storm of 100,000
-    /// subscribes or disconnects on one topic must not be quadratic), iterated like a `Vec`.
+    /// Live subscriptions matching this topic, each once: O(1) to add, find and remove (a
+    /// storm of 100,000 subscribes or disconnects on one topic must not be quadratic), iterated
+    /// like a `Vec`.
     subscribers: IndexSet<u64>,
+    /// The generation of this topic's one live entry in [`State::expiry`], if it has one (every
+    /// topic with retained messages has).
+    expiry_entry: Option<u64>,
 }
 
 struct SubEntry {
@@ -358,17 +396,24 @@ impl Hub {
         {
             let mut state = hub.lock();
             state.forgotten_through = recovered.forgotten_through;
+            let mut watermarked = Vec::with_capacity(recovered.watermarks.len());
             for (topic, through) in recovered.watermarks {
+                let log = TopicLog::with_watermark(through);
                 state.topics.insert(
-                    topic,
+                    topic.clone(),
                     TopicState {
-                        log: TopicLog::with_watermark(through),
-                        subscribers: IndexSet::new(),
+                        log,
+                        ..TopicState::default()
                     },
                 );
+                watermarked.push(topic);
             }
             for message in &recovered.messages {
                 state.deliver(message, &shared.config, log);
+            }
+            // Topics whose every message was evicted are remembered only as the gap they leave.
+            for topic in &watermarked {
+                state.forget_if_unused(topic);
             }
             state.head = recovered.head;
             state.assigned = recovered.head;
@@ -750,29 +795,41 @@ impl Hub {
     }
 
     /// Evicts messages older than the retention age and forgets topics with nothing left.
-    /// Called periodically by the server.
+    /// Called periodically by the server. Visits only the topics whose oldest message may have
+    /// aged, a bounded number per hold of the hub's lock, so that publishers wait for at most
+    /// one batch however many topics there are.
     pub fn expire(&self) {
+        const TOPICS_PER_LOCK: usize = 1024;
         let retention = self.shared.config.retention();
         let log = self.shared.log.as_deref();
         let now = self.shared.config.clock.now();
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let mut forgotten = state.forgotten_through;
-        let mut freed = 0;
-        state.topics.retain(|name, topic| {
-            freed += topic.log.evict(&retention, now, &mut |seq| {
-                if let Some(log) = log {
-                    log.evict(name, seq);
+        let due = |published_at: SystemTime| {
+            now.duration_since(published_at)
+                .is_ok_and(|age| age > retention.age)
+        };
+        loop {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            for _ in 0..TOPICS_PER_LOCK {
+                let Some((generation, name)) = state.expiry.pop_due(due) else {
+                    return;
+                };
+                let Some(topic) = state.topics.get_mut(&name) else {
+                    continue;
+                };
+                if topic.expiry_entry != Some(generation) {
+                    continue;
                 }
-            });
-            let keep = !topic.log.is_empty() || !topic.subscribers.is_empty();
-            if !keep {
-                forgotten = forgotten.max(topic.log.evicted_through());
+                topic.expiry_entry = None;
+                state.retained_bytes -= topic.log.evict(&retention, now, &mut |seq| {
+                    if let Some(log) = log {
+                        log.evict(&name, seq);
+                    }
+                });
+                state.expiry.schedule(&name, topic);
+                state.forget_if_unused(&name);
             }
-            keep
-        });
-        state.forgotten_through = forgotten;
-        state.retained_bytes -= freed;
+        }
     }
 
     /// Live subscriptions (all doors).
@@ -838,6 +895,9 @@ impl State {
             },
         );
         self.retained_bytes = self.retained_bytes + added - freed;
+        if topic_state.expiry_entry.is_none() {
+            self.expiry.schedule(topic, topic_state);
+        }
 
         let mut overflowed = Vec::new();
         for id in &topic_state.subscribers {
@@ -899,7 +959,21 @@ impl State {
             });
             if let Some(seq) = topic.log.oldest_seq() {
                 oldest.push(Reverse((seq, name)));
+            } else {
+                self.forget_if_unused(&name);
             }
+        }
+    }
+
+    /// Forgets `name` if nothing is retained there and nobody subscribes to it; a resume from
+    /// before what it evicted is still told of the gap (`forgotten_through`).
+    fn forget_if_unused(&mut self, name: &Topic) {
+        if let Some(topic) = self.topics.get(name)
+            && topic.log.is_empty()
+            && topic.subscribers.is_empty()
+        {
+            self.forgotten_through = self.forgotten_through.max(topic.log.evicted_through());
+            self.topics.remove(name);
         }
     }
 
@@ -995,10 +1069,7 @@ impl State {
                 continue;
             };
             topic.subscribers.swap_remove(&id);
-            if topic.subscribers.is_empty() && topic.log.is_empty() {
-                self.forgotten_through = self.forgotten_through.max(topic.log.evicted_through());
-                self.topics.remove(name);
-            }
+            self.forget_if_unused(name);
         }
         // Dropping `entry.tx` here wakes the subscriber, which then finds `ended` set.
     }
@@ -1335,6 +1406,45 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(error.to_string().contains("headers take"), "{error}");
+    }
+
+    /// The expiry pass evicts by age in time order, topic by topic, and a topic forgotten and
+    /// published to again keeps one entry in the expiry index, not one per life.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_follows_each_topics_oldest_message() {
+        let hub = hub(HubConfig {
+            retain_age: Duration::from_secs(60),
+            clock: Clock::tokio(),
+            ..Default::default()
+        });
+        publish(&hub, "a", 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        publish(&hub, "b", 1);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        hub.expire();
+        let names =
+            |hub: &Hub| -> Vec<String> { hub.topics(None).into_iter().map(|t| t.name).collect() };
+        assert_eq!(names(&hub), ["b"], "a aged, b not yet");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        hub.expire();
+        assert!(names(&hub).is_empty(), "b aged too");
+
+        for _ in 0..100 {
+            publish(&hub, "again", 1);
+            tokio::time::advance(Duration::from_secs(61)).await;
+            hub.expire();
+        }
+        assert!(names(&hub).is_empty());
+        assert!(hub.lock().expiry.heap.is_empty(), "no entries left behind");
+
+        // A later message keeps its topic after the first one ages out.
+        publish(&hub, "c", 1);
+        tokio::time::advance(Duration::from_secs(40)).await;
+        publish(&hub, "c", 1);
+        tokio::time::advance(Duration::from_secs(21)).await;
+        hub.expire();
+        assert_eq!(stats(&hub, "c").retained_messages, 1);
+        assert_eq!(hub.lock().expiry.heap.len(), 1);
     }
 
     /// Subscribe and unsubscribe storms on one topic grow linearly: run with
