@@ -9,8 +9,9 @@
 //! # Layout
 //! Layers, each importing only those below it (see `docs/architecture.md`):
 //!
-//! 1. Core: [`clock`] the hub's time (tokio's in tests); [`topic`] names and wildcard patterns; [`cursor`] `EPOCH-SEQ` positions; [`message`]
-//!    an accepted message; [`log`] the history behind one interface (memory, disk); `queue`, the
+//! 1. Core: [`clock`] the hub's time (tokio's in tests); [`topic`] names and wildcard patterns;
+//!    `pattern_index` wildcard subscriptions by pattern (a subject trie); [`cursor`] `EPOCH-SEQ`
+//!    positions; [`message`] an accepted message; [`log`] the history behind one interface (memory, disk); `queue`, the
 //!    bounded queue to each subscription; [`hub`] topics, subscriptions, seqs, retention, lag, the
 //!    only shared state; [`error`] the hub's error type.
 //! 2. Policy: [`auth`] turns a credential into an `Access` (knows no transport); [`limits`]
@@ -46,6 +47,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod net;
+mod pattern_index;
 pub mod proto;
 mod queue;
 pub mod server;
