@@ -1495,4 +1495,29 @@ mod tests {
             );
         }
     }
+
+    /// Memory per topic holding one 64-byte message: run with
+    /// `cargo test --release --lib memory_per_topic -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run it on purpose"]
+    fn memory_per_topic() {
+        fn rss() -> usize {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+                * 1024
+        }
+        let hub = hub(HubConfig::default());
+        let before = rss();
+        let n = 300_000;
+        for i in 0..n {
+            publish(&hub, &format!("many.topic{i}"), 64);
+        }
+        let per_topic = (rss() - before) / n;
+        println!("{per_topic} bytes of RSS per topic holding one 64-byte message");
+    }
 }
