@@ -94,6 +94,7 @@ pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
         topic: topic.clone(),
         payload: payload.into(),
         headers: headers.clone(),
+        idempotency_key: String::new(),
     };
     match args.message {
         Some(message) => {

@@ -91,6 +91,17 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_MAX_RETAINED_BYTES")]
     pub max_retained_bytes: Option<usize>,
 
+    /// How long an idempotency key is remembered after its publish, e.g. `2m`: a retry under it
+    /// within this window is answered with the original's cursor (`duplicate: true`) instead
+    /// of publishing again.
+    #[arg(long, env = "TOPICHUB_IDEMPOTENCY_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
+
+    /// Most idempotency keys remembered at once (each costs about its length plus 100 bytes);
+    /// beyond it the oldest is forgotten first, shortening the window under heavy keyed traffic.
+    #[arg(long, env = "TOPICHUB_IDEMPOTENCY_KEYS", default_value_t = crate::idempotency::DEFAULT_KEYS)]
+    pub idempotency_keys: usize,
+
     /// Keep history in this directory: the epoch, the seq counter and retained messages survive
     /// restarts and crashes. Without it, history is in memory only and a restart starts afresh.
     #[arg(long, env = "TOPICHUB_DATA_DIR")]
@@ -253,6 +264,10 @@ impl ServerConfig {
             max_retained_bytes: self
                 .max_retained_bytes
                 .unwrap_or_else(default_max_retained_bytes),
+            idempotency: crate::idempotency::Limits {
+                age: self.idempotency_window,
+                keys: self.idempotency_keys,
+            },
         }
     }
 

@@ -9,6 +9,8 @@
 //! # Layout
 //! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
 //! - [`message`]: an accepted message, shared by the hub and the log.
+//! - [`idempotency`]: the window of recent idempotency keys that makes a retried publish
+//!   answer with the original instead of storing a copy.
 //! - [`log`]: the hub's history behind one interface: in memory, or on disk (`--data-dir`).
 //! - `queue`: the bounded queue from the hub to each subscription.
 //! - [`auth`]: JWT bearer tokens and the topic patterns they allow; the middleware of every door.
@@ -46,6 +48,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod json;
 pub mod keepalive;
 pub mod limits;

@@ -323,7 +323,7 @@ pub fn publish_request(topic: &str, payload: impl Into<Vec<u8>>) -> v1::PublishR
     v1::PublishRequest {
         topic: topic.into(),
         payload: payload.into().into(),
-        headers: Default::default(),
+        ..Default::default()
     }
 }
 
