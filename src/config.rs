@@ -285,9 +285,17 @@ impl ServerConfig {
 /// Where the CLI clients connect.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Broker URL (gRPC).
-    #[arg(long, env = "TOPICHUB_SERVER", default_value = "http://127.0.0.1:8080")]
-    pub server: String,
+    /// Broker URL (gRPC). Give several (repeat the flag, or separate them with commas) to fail
+    /// over: `pub` and `sub` move on to the next when one does not answer. They should be nodes
+    /// of one hub (a cluster, or one data dir): a cursor or idempotency key from one node then
+    /// means the same on the others.
+    #[arg(
+        long = "server",
+        env = "TOPICHUB_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        value_delimiter = ','
+    )]
+    pub servers: Vec<String>,
     /// PEM CA certificate to trust for an `https://` server, in addition to the system roots
     /// (e.g. a self-signed broker certificate).
     #[arg(long, env = "TOPICHUB_CA_CERT")]
@@ -321,6 +329,15 @@ pub struct PubArgs {
     /// A header `NAME=VALUE` to send with every message (repeatable).
     #[arg(long = "header", short = 'H', value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
+    /// How long to keep retrying a publish that got no answer, trying each `--server` in turn
+    /// with back-off; every message carries an idempotency key, so a retry of one that was
+    /// stored after all is answered as a duplicate, not published twice.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_for: Duration,
+    /// How long one attempt (one message, or one batch of stdin lines) may take before the next
+    /// server is tried.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `topichub sub`.
