@@ -367,6 +367,111 @@ mod tests {
         ));
     }
 
+    /// Messages handed to a [`HeldLog`], with their publishers' acks.
+    type Held = Vec<(Arc<Message>, crate::log::Ack)>;
+
+    /// A log that holds every message until the test stores or fails what it holds.
+    #[derive(Clone, Default)]
+    struct HeldLog {
+        held: Arc<std::sync::Mutex<Held>>,
+        apply: Arc<std::sync::OnceLock<crate::log::Apply>>,
+    }
+
+    impl HeldLog {
+        fn store(&self) {
+            let held = std::mem::take(&mut *self.held.lock().unwrap());
+            let batch: Vec<_> = held.iter().map(|(m, _)| m.clone()).collect();
+            (self.apply.get().unwrap())(&batch);
+            for (message, ack) in held {
+                let _ = ack.send(Ok(message));
+            }
+        }
+
+        fn fail(&self) {
+            for (_, ack) in std::mem::take(&mut *self.held.lock().unwrap()) {
+                let _ = ack.send(Err(Error::Unavailable("the disk is full".into())));
+            }
+        }
+    }
+
+    impl crate::log::Log for HeldLog {
+        fn start(&self, apply: crate::log::Apply) {
+            let _ = self.apply.set(apply);
+        }
+        fn append(&self, message: Arc<Message>, ack: crate::log::Ack) {
+            self.held.lock().unwrap().push((message, ack));
+        }
+        fn evict(&self, _: &Topic, _: u64) {}
+        fn close(&self) -> tokio::sync::oneshot::Receiver<()> {
+            tokio::sync::oneshot::channel().1
+        }
+        fn stats(&self) -> crate::log::LogStats {
+            Default::default()
+        }
+    }
+
+    fn held_hub() -> (crate::hub::Hub, HeldLog) {
+        let log = HeldLog::default();
+        let recovered = crate::log::Recovered {
+            epoch: Arc::from("e"),
+            head: 0,
+            forgotten_through: 0,
+            watermarks: Vec::new(),
+            messages: Vec::new(),
+        };
+        let hub = crate::hub::Hub::with_log(
+            Default::default(),
+            crate::metrics::Metrics::new(),
+            Box::new(log.clone()),
+            recovered,
+        );
+        (hub, log)
+    }
+
+    fn publish(hub: &crate::hub::Hub, payload: &str) -> crate::hub::Publishing {
+        hub.publish_once(
+            Topic::parse("t").unwrap(),
+            Bytes::from(payload.to_owned()),
+            Default::default(),
+            Some(Arc::from("k")),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_retry_while_the_original_waits_for_the_log_shares_its_outcome() {
+        let (hub, log) = held_hub();
+        let original = publish(&hub, "p");
+        let retry = publish(&hub, "p");
+        assert!(!original.is_duplicate());
+        assert!(retry.is_duplicate(), "joined the publish in flight");
+        assert!(
+            matches!(publish(&hub, "q").now(), Some(Err(Error::KeyReused { .. }))),
+            "another payload under the key is refused at once"
+        );
+        log.store();
+        let (original, retry) = (original.await.unwrap(), retry.await.unwrap());
+        assert!(Arc::ptr_eq(&original, &retry), "the same message");
+        assert_eq!(hub.head().seq, 1, "stored once");
+        let later = publish(&hub, "p");
+        assert!(later.is_duplicate());
+        assert_eq!(later.await.unwrap().seq, 1);
+    }
+
+    #[tokio::test]
+    async fn after_the_original_failed_a_retry_publishes_afresh() {
+        let (hub, log) = held_hub();
+        let original = publish(&hub, "p");
+        let retry = publish(&hub, "p");
+        log.fail();
+        assert!(original.await.is_err());
+        assert!(retry.await.is_err(), "the same outcome");
+        let again = publish(&hub, "p");
+        assert!(!again.is_duplicate(), "nothing was stored: publish again");
+        log.store();
+        assert_eq!(again.await.unwrap().seq, 2, "seq 1 was never stored");
+        assert_eq!(hub.head().seq, 2);
+    }
+
     #[test]
     fn keys_are_bounded_visible_ascii() {
         assert!(parse_key("3f2a-uuid_like:1").is_ok());
