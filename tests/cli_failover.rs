@@ -11,10 +11,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use support::{BrokerProcess, free_port, fresh_data_dir, wait_for, within};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use support::{BrokerProcess, CliSub, free_port, fresh_data_dir, wait_for, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_topichub");
@@ -43,63 +43,13 @@ async fn retained(addr: SocketAddr, topic: &str, payload: &str) -> Vec<String> {
         .collect()
 }
 
-struct Sub {
-    /// Killed when the test drops it.
-    _child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Lines<BufReader<ChildStderr>>,
-}
-
-async fn start_sub(servers: &str, args: &[&str]) -> Sub {
-    let mut child = Command::new(BIN)
-        .args(["sub", "--server", servers, "--max-backoff", "200ms"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    Sub {
-        stdout: BufReader::new(child.stdout.take().unwrap()).lines(),
-        stderr: BufReader::new(child.stderr.take().unwrap()).lines(),
-        _child: child,
-    }
-}
-
-impl Sub {
-    async fn line(&mut self) -> String {
-        within("sub to print a line", self.stdout.next_line())
-            .await
-            .unwrap()
-            .expect("sub is running")
-    }
-
-    /// Reads stderr until a line containing `needle`; the lines read.
-    async fn stderr_until(&mut self, needle: &str) -> Vec<String> {
-        within(&format!("sub to log {needle:?}"), async {
-            let mut seen = Vec::new();
-            loop {
-                let line = self.stderr.next_line().await.unwrap().expect("running");
-                let found = line.contains(needle);
-                seen.push(line);
-                if found {
-                    return seen;
-                }
-            }
-        })
-        .await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sub_skips_a_dead_server_and_takes_the_next() {
     let dead = free_port().await;
     let live = BrokerProcess::start(&[], "info").await;
     let servers = format!("http://{dead},http://{}", live.addr);
-    let mut sub = start_sub(&servers, &["fo.skip", "--from", "earliest"]).await;
-    let log = sub.stderr_until("subscribed").await;
+    let mut sub = CliSub::start(&servers, &["fo.skip", "--from", "earliest"]).await;
+    let log = sub.stderr_through("subscribed").await;
     assert!(
         log.iter().any(|l| l.contains(&dead.to_string())),
         "says which server failed: {log:?}"
@@ -120,7 +70,7 @@ async fn sub_fails_over_to_the_next_server_and_resumes_from_its_cursor() {
     let mut first = BrokerProcess::start(&args, "info").await;
     let second_addr = free_port().await;
     let servers = format!("http://{},http://{second_addr}", first.addr);
-    let mut sub = start_sub(&servers, &["fo.resume"]).await;
+    let mut sub = CliSub::start(&servers, &["fo.resume"]).await;
     sub.stderr_until("subscribed").await;
     for i in 1..=3 {
         publish(first.addr, "fo.resume", &format!("m{i}")).await;
@@ -134,7 +84,7 @@ async fn sub_fails_over_to_the_next_server_and_resumes_from_its_cursor() {
     sub.stderr_until(&format!("trying http://{second_addr}"))
         .await;
     let second = support::start_broker_process(second_addr, &args).await;
-    let log = sub.stderr_until("subscribed").await;
+    let log = sub.stderr_through("subscribed").await;
     assert!(!log.iter().any(|l| l.contains("gap")), "{log:?}");
     for i in 4..=6 {
         publish(second_addr, "fo.resume", &format!("m{i}")).await;
