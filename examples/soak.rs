@@ -653,7 +653,7 @@ async fn main() -> anyhow::Result<()> {
                 .publish(PublishRequest {
                     topic: topic_name(topic),
                     payload: format!("{:0width$}", now_us(), width = STAMP + 1).into(),
-                    headers: Default::default(),
+                    ..Default::default()
                 })
                 .await?;
         }
@@ -718,7 +718,7 @@ async fn main() -> anyhow::Result<()> {
             .publish(PublishRequest {
                 topic: topic_name(topic),
                 payload: payload.into(),
-                headers: Default::default(),
+                ..Default::default()
             })
             .await
         {

@@ -17,6 +17,7 @@ use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::hub::{self, Hub, LagPolicy, Publishing, Start, SubscribeOptions, Subscription};
+use crate::idempotency;
 use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::metrics::{Door, Metrics};
 use crate::shutdown::StreamEnd;
@@ -90,23 +91,34 @@ pub fn start_publish(
     hub.check_payload(request.payload.len())?;
     let topic = Topic::parse(&request.topic)?;
     access.check_publish(&topic)?;
-    Ok(hub.publish(
+    let key = match request.idempotency_key.as_str() {
+        "" => None,
+        key => Some(idempotency::parse_key(key)?),
+    };
+    Ok(hub.publish_once(
         topic,
         request.payload,
         request.headers.into_iter().collect(),
+        key,
     ))
 }
 
-/// Publishes a `PublishRequest` through `door` and waits until it is acknowledged.
+/// Publishes a `PublishRequest` through `door` and waits until it is acknowledged: its cursor,
+/// and whether it was a retry of a message already published (see [`Publishing::is_duplicate`]).
 pub async fn publish(
     hub: &Hub,
     access: &Access,
     door: Door,
     request: v1::PublishRequest,
-) -> Result<v1::Cursor, Error> {
-    let message = start_publish(hub, access, request)?.await?;
-    hub.metrics().published(door);
-    Ok(wire::cursor(&message.cursor()))
+) -> Result<(v1::Cursor, bool), Error> {
+    let publishing = start_publish(hub, access, request)?;
+    let duplicate = publishing.is_duplicate();
+    let message = publishing.await?;
+    // A retry is answered, not published again.
+    if !duplicate {
+        hub.metrics().published(door);
+    }
+    Ok((wire::cursor(&message.cursor()), duplicate))
 }
 
 /// Validates a `SubscribeRequest` into hub options the token allows.
@@ -252,10 +264,11 @@ impl Session {
                     Err(error) => Err(error),
                 };
                 match published {
-                    Ok(cursor) => reply(
+                    Ok((cursor, duplicate)) => reply(
                         String::new(),
                         Event::Ack(v1::PublishAck {
                             cursor: Some(cursor),
+                            duplicate,
                         }),
                     ),
                     Err(error) => reply(String::new(), request_error(&error)),

@@ -32,6 +32,13 @@ pub enum Error {
     LimitExceeded(String),
     /// The log could not store a message (e.g. the disk is full); nothing was published.
     Unavailable(String),
+    /// A publish reused an idempotency key that names another message (`what`: its topic, or
+    /// another payload on it; `original`: its seq, or that it is still being published).
+    KeyReused {
+        key: String,
+        what: String,
+        original: String,
+    },
 }
 
 /// How far behind a slow subscriber fell: the bound of its queue that it overflowed.
@@ -52,6 +59,7 @@ pub enum Kind {
     Unavailable,
     Unauthenticated,
     PermissionDenied,
+    AlreadyExists,
 }
 
 impl Kind {
@@ -64,6 +72,7 @@ impl Kind {
             Kind::Unavailable => "UNAVAILABLE",
             Kind::Unauthenticated => "UNAUTHENTICATED",
             Kind::PermissionDenied => "PERMISSION_DENIED",
+            Kind::AlreadyExists => "ALREADY_EXISTS",
         }
     }
 }
@@ -84,6 +93,7 @@ impl Error {
             Error::ShuttingDown | Error::Unavailable(_) => Kind::Unavailable,
             Error::Unauthenticated(_) => Kind::Unauthenticated,
             Error::PermissionDenied(_) => Kind::PermissionDenied,
+            Error::KeyReused { .. } => Kind::AlreadyExists,
         }
     }
 }
@@ -124,6 +134,14 @@ impl fmt::Display for Error {
             Error::PermissionDenied(reason) => write!(f, "permission denied: {reason}"),
             Error::LimitExceeded(reason) => write!(f, "limit reached: {reason}"),
             Error::Unavailable(reason) => write!(f, "unavailable: {reason}"),
+            Error::KeyReused {
+                key,
+                what,
+                original,
+            } => write!(
+                f,
+                "idempotency key {key:?} was already used for {what} ({original}); a retry must repeat the same topic and payload, a new message needs a new key"
+            ),
         }
     }
 }

@@ -24,12 +24,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future::Shared as SharedFuture;
 use indexmap::IndexSet;
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::cursor::Cursor;
 use crate::error::{Behind, Error};
+use crate::idempotency::{self, Earlier, Fingerprint};
 use crate::log::memory::{Retention, TopicLog};
 use crate::log::{Log, Recovered};
 pub use crate::message::{Headers, Message};
@@ -75,6 +78,8 @@ pub struct HubConfig {
     pub max_retained_bytes: usize,
     /// Where messages' times come from (publish time, age).
     pub clock: Clock,
+    /// How long and how many idempotency keys are remembered (see [`crate::idempotency`]).
+    pub idempotency: idempotency::Limits,
 }
 
 impl HubConfig {
@@ -102,6 +107,10 @@ impl Default for HubConfig {
             max_topics_per_subscription: 100,
             max_retained_bytes: 1024 * 1024 * 1024,
             clock: Clock::System,
+            idempotency: idempotency::Limits {
+                age: idempotency::DEFAULT_WINDOW,
+                keys: idempotency::DEFAULT_KEYS,
+            },
         }
     }
 }
@@ -285,6 +294,8 @@ struct State {
     forgotten_through: u64,
     /// Which topics may have aged messages, soonest first.
     expiry: ExpiryIndex,
+    /// Recent idempotency keys, and keyed publishes waiting for the durable log.
+    idempotency: idempotency::Window<InFlight>,
 }
 
 /// When each topic's oldest message was published (or earlier: entries are not moved when other
@@ -319,6 +330,9 @@ impl ExpiryIndex {
         Some((generation, name))
     }
 }
+
+/// A publish waiting for the durable log, shared by its publisher and any retry under its key.
+type InFlight = SharedFuture<oneshot::Receiver<Result<Arc<Message>, Error>>>;
 
 #[derive(Default)]
 struct TopicState {
@@ -444,13 +458,17 @@ impl Hub {
         epoch: Arc<str>,
         log: Option<Box<dyn Log>>,
     ) -> Hub {
+        let state = State {
+            idempotency: idempotency::Window::new(config.idempotency),
+            ..State::default()
+        };
         Hub {
             shared: Arc::new(Shared {
                 epoch,
                 config,
                 metrics,
                 log,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
             }),
         }
     }
@@ -549,34 +567,105 @@ impl Hub {
     /// subscriber. Never waits for subscribers; with a durable log, the returned future waits
     /// for the log (and the message is delivered once it is durable).
     pub fn publish(&self, topic: Topic, payload: Bytes, headers: Headers) -> Publishing {
+        self.publish_once(topic, payload, headers, None)
+    }
+
+    /// [`Hub::publish`] under an idempotency key (checked with [`idempotency::parse_key`]): while
+    /// the key is in the window, a retry of the same message is answered with the original's
+    /// outcome and [`Publishing::is_duplicate`] says so; a publish of another message under it
+    /// is refused.
+    pub fn publish_once(
+        &self,
+        topic: Topic,
+        payload: Bytes,
+        headers: Headers,
+        key: Option<Arc<str>>,
+    ) -> Publishing {
         if let Err(error) = self
             .check_payload(payload.len())
             .and_then(|()| check_headers(&headers))
         {
-            return Publishing(Outcome::Done(Some(Err(error))));
+            return Publishing::done(Err(error));
         }
         let shared = &*self.shared;
+        // Hashed before the lock is taken: payloads may be large.
+        let fingerprint = key.as_ref().map(|_| Fingerprint::of(&topic, &payload));
         let published_at = shared.config.clock.now();
         let mut state = self.lock();
+        if let (Some(key), Some(fingerprint)) = (&key, &fingerprint) {
+            match state.idempotency.lookup(key, fingerprint, published_at) {
+                Err(error) => return Publishing::done(Err(error)),
+                Ok(Earlier::New) => {}
+                Ok(Earlier::Delivered(seen)) => {
+                    // The window keeps no payloads: the answer carries what a publisher is
+                    // told (topic, cursor, time), not the body.
+                    let original = Message::new(
+                        topic,
+                        Bytes::new(),
+                        seen.seq,
+                        shared.epoch.clone(),
+                        seen.published_at,
+                        Headers::new(),
+                    )
+                    .with_idempotency_key(Some(key.clone()));
+                    return Publishing {
+                        outcome: Outcome::Done(Some(Ok(Arc::new(original)))),
+                        duplicate: true,
+                    };
+                }
+                Ok(Earlier::InFlight(original)) => match original.clone().now_or_never() {
+                    // It failed: nothing was published, so this retry publishes afresh.
+                    Some(Err(_) | Ok(Err(_))) => state.idempotency.abandon(key),
+                    // Not stored yet (or just now): the retry gets the original's outcome.
+                    _ => {
+                        return Publishing {
+                            outcome: Outcome::Shared(original),
+                            duplicate: true,
+                        };
+                    }
+                },
+            }
+        }
         state.assigned += 1;
-        let message = Arc::new(Message::new(
-            topic,
-            payload,
-            state.assigned,
-            shared.epoch.clone(),
-            published_at,
-            headers,
-        ));
+        let message = Arc::new(
+            Message::new(
+                topic,
+                payload,
+                state.assigned,
+                shared.epoch.clone(),
+                published_at,
+                headers,
+            )
+            .with_idempotency_key(key.clone()),
+        );
         match &shared.log {
             None => {
                 state.deliver(&message, &shared.config, None);
-                Publishing(Outcome::Done(Some(Ok(message))))
+                Publishing::done(Ok(message))
             }
             Some(log) => {
                 // Handed over under the lock, so the log receives messages in seq order.
                 let (ack, acked) = oneshot::channel();
                 log.append(message, ack);
-                Publishing(Outcome::Waiting(acked))
+                let (Some(key), Some(fingerprint)) = (key, fingerprint) else {
+                    return Publishing {
+                        outcome: Outcome::Waiting(acked),
+                        duplicate: false,
+                    };
+                };
+                // Failed publishes leave their entry until retried; sweep them once they are
+                // as many as the window holds, so their count stays bounded.
+                if state.idempotency.in_flight() >= shared.config.idempotency.keys.max(1024) {
+                    state.idempotency.abandon_failed(|publish| {
+                        matches!(publish.clone().now_or_never(), Some(Err(_) | Ok(Err(_))))
+                    });
+                }
+                let acked = acked.shared();
+                state.idempotency.start(key, fingerprint, acked.clone());
+                Publishing {
+                    outcome: Outcome::Shared(acked),
+                    duplicate: false,
+                }
             }
         }
     }
@@ -881,6 +970,9 @@ impl State {
     /// without a durable log, from the log's writer once durable with one.
     fn deliver(&mut self, message: &Arc<Message>, config: &HubConfig, log: Option<&dyn Log>) {
         self.head = message.seq;
+        // Every delivered message, whatever brought it (a publish here, recovery, another
+        // node), fills the idempotency window.
+        self.idempotency.record(message);
         let topic = &message.topic;
         self.ensure_topic(topic);
         let topic_state = self.topics.get_mut(topic).expect("ensured above");
@@ -1073,36 +1165,61 @@ impl State {
 /// refused it. Without a durable log it is ready at once, and [`Publishing::now`] answers
 /// without polling.
 #[must_use = "a publish is only acknowledged once this resolves"]
-pub struct Publishing(Outcome);
+pub struct Publishing {
+    outcome: Outcome,
+    duplicate: bool,
+}
 
 enum Outcome {
     Done(Option<Result<Arc<Message>, Error>>),
     Waiting(oneshot::Receiver<Result<Arc<Message>, Error>>),
+    /// A keyed publish waiting for the log, which a retry may be waiting on too.
+    Shared(InFlight),
 }
 
 impl Publishing {
-    /// The outcome if it is already known (always, without a durable log).
-    pub fn now(self) -> Option<Result<Arc<Message>, Error>> {
-        match self.0 {
-            Outcome::Done(done) => done,
-            Outcome::Waiting(_) => None,
+    fn done(outcome: Result<Arc<Message>, Error>) -> Publishing {
+        Publishing {
+            outcome: Outcome::Done(Some(outcome)),
+            duplicate: false,
         }
     }
+
+    /// The outcome if it is already known (always, without a durable log).
+    pub fn now(self) -> Option<Result<Arc<Message>, Error>> {
+        match self.outcome {
+            Outcome::Done(done) => done,
+            Outcome::Waiting(_) | Outcome::Shared(_) => None,
+        }
+    }
+
+    /// Whether this is a retry under an idempotency key whose message was already published (or
+    /// is being published): the outcome is the original's, and nothing new is stored. A
+    /// delivered original's answer carries its topic, cursor and time but not its payload.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+}
+
+/// The answer of a log that went away without answering.
+fn log_stopped() -> Error {
+    Error::Unavailable(
+        "the log stopped before storing the message; it may not have been published".into(),
+    )
 }
 
 impl Future for Publishing {
     type Output = Result<Arc<Message>, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
+        match &mut self.outcome {
             Outcome::Done(done) => Poll::Ready(done.take().expect("polled after completion")),
-            Outcome::Waiting(acked) => Pin::new(acked).poll(cx).map(|answer| {
-                answer.unwrap_or_else(|_| {
-                    Err(Error::Unavailable(
-                        "the log stopped before storing the message; it may not have been published".into(),
-                    ))
-                })
-            }),
+            Outcome::Waiting(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
+            Outcome::Shared(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
         }
     }
 }

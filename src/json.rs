@@ -223,6 +223,17 @@ pub struct TopicName(pub String);
 )]
 pub struct TopicPattern(pub String);
 
+/// An idempotency key: 1-128 visible ASCII characters (e.g. a UUID). Only a schema: handlers
+/// validate with `idempotency::parse_key`.
+#[derive(ToSchema)]
+#[schema(
+    pattern = r"^[!-~]{1,128}$",
+    min_length = 1,
+    max_length = 128,
+    example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47"
+)]
+pub struct IdempotencyKey(pub String);
+
 /// A message header's name: not empty. Only a schema.
 #[derive(ToSchema)]
 #[schema(min_length = 1)]

@@ -11,7 +11,8 @@
 //!
 //! 1. Core: [`clock`] the hub's time (tokio's in tests); [`topic`] names and wildcard patterns;
 //!    `pattern_index` wildcard subscriptions by pattern (a subject trie); [`cursor`] `EPOCH-SEQ`
-//!    positions; [`message`] an accepted message; [`log`] the history behind one interface (memory, disk); `queue`, the
+//!    positions; [`message`] an accepted message; [`idempotency`] the window of recent
+//!    idempotency keys (a retried publish answers with the original); [`log`] the history behind one interface (memory, disk); `queue`, the
 //!    bounded queue to each subscription; [`hub`] topics, subscriptions, seqs, retention, lag, the
 //!    only shared state; [`error`] the hub's error type.
 //! 2. Policy: [`auth`] turns a credential into an `Access` (knows no transport); [`limits`]
@@ -40,6 +41,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod json;
 pub mod limits;
 pub mod log;

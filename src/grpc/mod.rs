@@ -36,6 +36,7 @@ impl From<Error> for Status {
             Kind::Unavailable => Code::Unavailable,
             Kind::Unauthenticated => Code::Unauthenticated,
             Kind::PermissionDenied => Code::PermissionDenied,
+            Kind::AlreadyExists => Code::AlreadyExists,
         };
         Status::new(code, error.to_string())
     }
@@ -106,8 +107,13 @@ impl Pipeline {
     /// Waits for publishes in flight until at most `keep` remain.
     async fn settle(&mut self, keep: usize) -> Result<(), Error> {
         while self.in_flight.len() > keep {
-            let message = self.in_flight.pop_front().expect("more than keep").await?;
-            self.hub.metrics().published(self.door);
+            let publishing = self.in_flight.pop_front().expect("more than keep");
+            let duplicate = publishing.is_duplicate();
+            let message = publishing.await?;
+            // A retry is answered, not published again.
+            if !duplicate {
+                self.hub.metrics().published(self.door);
+            }
             self.accepted += 1;
             self.last = Some(wire::cursor(&message.cursor()));
         }
@@ -150,9 +156,11 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let caller = caller(&request)?;
         self.limits
             .check_publish(&caller.access, &caller.connection)?;
-        let cursor = publish(&self.hub, &caller.access, caller.door, request.into_inner()).await?;
+        let (cursor, duplicate) =
+            publish(&self.hub, &caller.access, caller.door, request.into_inner()).await?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
+            duplicate,
         }))
     }
 

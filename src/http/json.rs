@@ -48,16 +48,21 @@ pub struct Published {
     pub cursor: String,
     /// When the hub accepted it (RFC 3339).
     pub published_at: String,
+    /// Present and true when the request was a retry under an idempotency key whose message
+    /// was already published: the answer is the original's, and nothing new was stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 impl Published {
-    /// The answer for an accepted message.
-    pub fn of(message: &Message) -> Published {
+    /// The answer for an accepted message; `duplicate` when it answers a retry.
+    pub fn of(message: &Message, duplicate: bool) -> Published {
         Published {
             topic: message.topic.to_string(),
             seq: message.seq,
             cursor: message.cursor().to_string(),
             published_at: rfc3339(message),
+            duplicate,
         }
     }
 }

@@ -9,6 +9,7 @@ pub(crate) mod publish_conn;
 pub mod sse;
 pub(crate) mod sse_conn;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -25,11 +26,15 @@ use utoipa_axum::routes;
 use crate::auth::{self, Access, Authenticator};
 use crate::cursor::Cursor;
 use crate::hub::{Headers, Hub};
+use crate::idempotency;
 use crate::limits::{Connection, Limits};
 use crate::metrics::{Door, Snapshot};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
 use json::{Health, HistoryJson, PublishBody, Published, TopicJson, TopicList};
+
+/// The request header naming a publish for de-duplication (draft-ietf-httpapi-idempotency-key).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Most messages one history request returns.
 pub const MAX_HISTORY_LIMIT: usize = 1000;
@@ -264,10 +269,12 @@ pub async fn method_not_allowed() -> ApiError {
     post,
     path = "/publish",
     tag = "publish",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Names this message so that a retry is not published twice: a retry with the same key, topic and payload within the server's window (--idempotency-window, 2 minutes by default) is answered with the original's cursor and `duplicate: true`; the same key for another topic or payload is refused (409)", nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$", example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47")),
     request_body(content = PublishBody, content_type = "application/json"),
     responses(
-        (status = 200, description = "Accepted", body = Published),
-        (status = 400, description = "Malformed JSON, invalid topic, wildcard topic or bad base64", body = ErrorBody),
+        (status = 200, description = "Accepted; `duplicate: true` when it answers a retry under an idempotency key", body = Published),
+        (status = 400, description = "Malformed JSON, invalid topic, wildcard topic, bad base64, or an invalid idempotency key", body = ErrorBody),
+        (status = 409, description = "The idempotency key was already used for another message (another topic or payload) within the window", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
         (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
@@ -276,15 +283,49 @@ async fn publish(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     Extension(connection): Extension<Connection>,
+    request_headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Published>, ApiError> {
     let body = read_body(&state, body).await?;
     let (topic, payload, headers) = PublishBody::parse(&body)?;
+    let key = idempotency_key(&request_headers)?;
     access.check_publish(&topic)?;
     state.limits.check_publish(&access, &connection)?;
-    let message = state.hub.publish(topic, payload, headers).await?;
-    state.hub.metrics().published(Door::Http);
-    Ok(Json(Published::of(&message)))
+    publish_once(&state, topic, payload, headers, key).await
+}
+
+/// Publishes through the HTTP door and answers with the message's (or, for a retry, the
+/// original's) place in history.
+async fn publish_once(
+    state: &AppState,
+    topic: Topic,
+    payload: Bytes,
+    headers: Headers,
+    key: Option<Arc<str>>,
+) -> Result<Json<Published>, ApiError> {
+    let publishing = state.hub.publish_once(topic, payload, headers, key);
+    let duplicate = publishing.is_duplicate();
+    let message = publishing.await?;
+    // A retry is answered, not published again.
+    if !duplicate {
+        state.hub.metrics().published(Door::Http);
+    }
+    Ok(Json(Published::of(&message, duplicate)))
+}
+
+/// The request's idempotency key: its `Idempotency-Key` header.
+fn idempotency_key(request_headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiError> {
+    let mut values = request_headers.get_all(IDEMPOTENCY_KEY).iter();
+    // Not `to_str`: a value that is not ASCII gets the key rules' own message.
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(value), None) => Ok(Some(idempotency::parse_key(&String::from_utf8_lossy(
+            value.as_bytes(),
+        ))?)),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give one Idempotency-Key header, not several",
+        )),
+    }
 }
 
 /// Publish the request body as is.
@@ -295,11 +336,15 @@ async fn publish(
     post,
     path = "/topics/{topic}",
     tag = "publish",
-    params(("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)")),
+    params(
+        ("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Names this message so that a retry is not published twice: a retry with the same key, topic and payload within the server's window (--idempotency-window, 2 minutes by default) is answered with the original's cursor and `duplicate: true`; the same key for another topic or payload is refused (409)", nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$", example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47"),
+    ),
     request_body(content = Option<String>, description = "The payload (may be empty)", content_type = "application/octet-stream"),
     responses(
-        (status = 200, description = "Accepted", body = Published),
-        (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
+        (status = 200, description = "Accepted; `duplicate: true` when it answers a retry under an idempotency key", body = Published),
+        (status = 400, description = "Invalid topic, wildcard topic, or an invalid idempotency key", body = ErrorBody),
+        (status = 409, description = "The idempotency key was already used for another message (another topic or payload) within the window", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
         (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
@@ -313,6 +358,7 @@ async fn publish_raw(
     body: Body,
 ) -> Result<Json<Published>, ApiError> {
     let topic = Topic::parse(&topic)?;
+    let key = idempotency_key(&request_headers)?;
     access.check_publish(&topic)?;
     state.limits.check_publish(&access, &connection)?;
     let body = read_body(&state, body).await?;
@@ -323,9 +369,7 @@ async fn publish_raw(
             .map_err(|_| ApiError::bad_request("Content-Type must be ASCII"))?;
         headers.insert("content-type".into(), text.to_owned());
     }
-    let message = state.hub.publish(topic, body, headers).await?;
-    state.hub.metrics().published(Door::Http);
-    Ok(Json(Published::of(&message)))
+    publish_once(&state, topic, body, headers, key).await
 }
 
 /// List topics that have retained messages or live subscribers.

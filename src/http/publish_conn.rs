@@ -12,7 +12,8 @@
 //! Anything else hands the connection to hyper, together with the bytes already read, and the
 //! application answers it as always: another route or method, a query string, a body that did
 //! not arrive in the same read, a header this lane does not read (`expect`, `transfer-encoding`,
-//! `connection` other than keep-alive, `upgrade`), an invalid topic, a payload over the limit,
+//! `connection` other than keep-alive, `upgrade`, `idempotency-key`: a keyed publish is rare
+//! and its retries need the application's answers), an invalid topic, a payload over the limit,
 //! a refusal of the publish-rate limit. Errors are therefore always the application's. The lane
 //! is off when authentication is on: tokens are checked by the application's guard.
 //!
@@ -215,6 +216,7 @@ fn parse(bytes: &[u8], max_payload: usize) -> Option<Request> {
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case(crate::http::IDEMPOTENCY_KEY)
         {
             return None;
         }
@@ -303,7 +305,8 @@ impl Answers {
     /// client to close when the server is `closing`.
     fn write(&mut self, head: &[u8], message: &Message, closing: bool, out: &mut Vec<u8>) {
         self.body.clear();
-        serde_json::to_writer(&mut self.body, &Published::of(message)).expect("serializable");
+        serde_json::to_writer(&mut self.body, &Published::of(message, false))
+            .expect("serializable");
         out.extend_from_slice(head);
         let _ = write!(out, "{}\r\ndate: ", self.body.len());
         // The hub stamped the message just now: its time is the answer's date.
@@ -534,6 +537,7 @@ mod tests {
             b"POST /topics/t HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
             b"POST /topics/t HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
             b"POST /topics/t HTTP/1.1\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx",
+            b"POST /topics/t HTTP/1.1\r\nIdempotency-Key: k1\r\ncontent-length: 1\r\n\r\nx",
             b"POST /topics/t HTTP/1.1\r\ncontent-type: caf\xc3\xa9\r\ncontent-length: 1\r\n\r\nx",
             b"POST /topics/t HTTP/1.1\r\ncontent-length: 5\r\n\r\nonly",
             b"POST /topics/t HTTP/1.1\r\ncontent-len",

@@ -323,7 +323,7 @@ pub fn publish_request(topic: &str, payload: impl Into<Vec<u8>>) -> v1::PublishR
     v1::PublishRequest {
         topic: topic.into(),
         payload: payload.into().into(),
-        headers: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -627,5 +627,64 @@ impl Sse {
             buffer: String::new(),
             comments: 0,
         }
+    }
+}
+
+/// `topichub sub` as a child process (killed when dropped), its stdout and stderr read line by
+/// line.
+pub struct CliSub {
+    _child: tokio::process::Child,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+}
+
+impl CliSub {
+    /// Starts `topichub sub --server SERVERS --max-backoff 200ms ARGS...` (info logs).
+    pub async fn start(servers: &str, args: &[&str]) -> CliSub {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+            .args(["sub", "--server", servers, "--max-backoff", "200ms"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        CliSub {
+            stdout: tokio::io::BufReader::new(child.stdout.take().unwrap()).lines(),
+            stderr: tokio::io::BufReader::new(child.stderr.take().unwrap()).lines(),
+            _child: child,
+        }
+    }
+
+    /// The next line it printed on stdout.
+    pub async fn line(&mut self) -> String {
+        within("sub to print a line", self.stdout.next_line())
+            .await
+            .unwrap()
+            .expect("sub is running")
+    }
+
+    /// Reads stderr until a line containing `needle`; that line.
+    pub async fn stderr_until(&mut self, needle: &str) -> String {
+        self.stderr_through(needle).await.pop().expect("a line")
+    }
+
+    /// Reads stderr until a line containing `needle`; every line read, that one last.
+    pub async fn stderr_through(&mut self, needle: &str) -> Vec<String> {
+        within(&format!("sub to log {needle:?}"), async {
+            let mut seen = Vec::new();
+            loop {
+                let line = self.stderr.next_line().await.unwrap().expect("running");
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+        })
+        .await
     }
 }
