@@ -16,9 +16,10 @@
 //! publisher is never blocked by a slow subscriber.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -43,6 +44,10 @@ pub const DEFAULT_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Default of the largest byte budget a subscriber may ask for (`--max-queue-bytes`).
 pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Default of the shortest time between two presence events of one subscription
+/// (`--presence-interval`).
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Limits and defaults of a hub. Every field is a server option (see `config`).
 #[derive(Clone, Debug)]
@@ -70,6 +75,9 @@ pub struct HubConfig {
     pub max_topics_per_subscription: usize,
     /// Bytes retained across all topics; the oldest messages hub-wide are evicted first.
     pub max_retained_bytes: usize,
+    /// Shortest time between two presence events of one subscription: joins and leaves within
+    /// it are coalesced into one event.
+    pub presence_interval: Duration,
 }
 
 impl HubConfig {
@@ -96,6 +104,7 @@ impl Default for HubConfig {
             lag_policy: LagPolicy::CatchUp,
             max_topics_per_subscription: 100,
             max_retained_bytes: 1024 * 1024 * 1024,
+            presence_interval: DEFAULT_PRESENCE_INTERVAL,
         }
     }
 }
@@ -140,6 +149,19 @@ pub struct SubscribeOptions {
     pub queue_bytes: Option<usize>,
     /// Lag policy (`None` = server default).
     pub lag_policy: Option<LagPolicy>,
+    /// Who opens it, as presence lists show it (`None`: not shown by name).
+    pub holder: Option<Holder>,
+    /// Whether it receives [`Event::Presence`] when subscriptions join or leave its topics.
+    pub presence: bool,
+}
+
+/// Who holds a subscription, as presence lists show it.
+#[derive(Clone, Debug)]
+pub struct Holder {
+    /// The token's subject, or the client's address when authentication is off.
+    pub client: Arc<str>,
+    /// The door it came through.
+    pub door: Door,
 }
 
 /// Messages in a seq range that a subscriber will not get.
@@ -192,8 +214,51 @@ pub enum Event {
     Gap(Gap),
     /// The subscriber fell behind; retained messages follow.
     Lag(Lag),
+    /// Subscriptions joined or left topics this one follows (only when asked for).
+    Presence(Vec<PresenceChange>),
 }
 
+/// How the live subscriptions of one topic or pattern changed since the previous presence event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The topic or pattern, as the subscription named it.
+    pub topic: String,
+    /// Live subscriptions now.
+    pub subscribers: u64,
+    /// Subscriptions that joined since the previous event.
+    pub joined: u64,
+    /// Subscriptions that left since the previous event.
+    pub left: u64,
+}
+
+/// One live subscription in a presence list.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Who holds it (`None`: opened without a holder).
+    pub holder: Option<Holder>,
+    /// When it started.
+    pub since: SystemTime,
+}
+
+/// A page of a topic's or pattern's presence.
+#[derive(Clone, Debug)]
+pub struct PresencePage {
+    /// Live subscriptions in all (not only this page).
+    pub subscribers: u64,
+    /// Up to the page's limit of them, oldest first.
+    pub members: Vec<Member>,
+    /// Where the next page starts, when there is one.
+    pub next: Option<u64>,
+}
+
+/// What deleting a topic did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deleted {
+    /// Retained messages purged.
+    pub purged_messages: u64,
+    /// Subscriptions ended because they named the topic exactly.
+    pub ended_subscriptions: u64,
+}
 impl Event {
     /// Counts this event as handed to a subscriber of `door`.
     pub fn count(&self, metrics: &Metrics, door: Door) {
@@ -201,6 +266,7 @@ impl Event {
             Event::Message(m) => metrics.delivered(door, m.published_at),
             Event::Gap(_) => metrics.gapped(door),
             Event::Lag(_) => metrics.lagged(door),
+            Event::Presence(_) => {}
         }
     }
 }
@@ -259,6 +325,9 @@ struct State {
     /// Subscriptions with at least one wildcard pattern; new topics are matched against them.
     wildcard_subs: HashSet<u64>,
     next_sub_id: u64,
+    /// Subscriptions naming each wildcard pattern, for presence of a pattern (a topic's
+    /// presence is its subscriber list).
+    patterns: HashMap<Pattern, PatternMembers>,
     /// Highest seq evicted from a topic that has since been forgotten entirely; a resume from
     /// before it may have missed messages there, so it is reported as a gap.
     forgotten_through: u64,
@@ -270,6 +339,40 @@ struct TopicState {
     log: TopicLog,
     /// Live subscriptions matching this topic, each once.
     subscribers: Vec<u64>,
+    /// Joins and leaves of `subscribers`, read by presence watchers without the lock.
+    presence: Arc<PresenceCounter>,
+}
+
+/// The subscriptions that named one wildcard pattern.
+#[derive(Default)]
+struct PatternMembers {
+    members: BTreeSet<u64>,
+    presence: Arc<PresenceCounter>,
+}
+
+/// Joins and leaves of one topic's or pattern's subscriptions, ever. Written under the hub's
+/// lock, one increment per join or leave; read without it by the subscriptions that watch
+/// presence, so that churn costs O(1) per join whatever the number of watchers.
+#[derive(Default)]
+struct PresenceCounter {
+    joined: AtomicU64,
+    left: AtomicU64,
+}
+
+impl PresenceCounter {
+    fn join(&self) {
+        self.joined.fetch_add(1, Ordering::Release);
+    }
+
+    fn leave(&self) {
+        self.left.fetch_add(1, Ordering::Release);
+    }
+
+    /// (joined, left); `left` is read first, so it never exceeds `joined`.
+    fn read(&self) -> (u64, u64) {
+        let left = self.left.load(Ordering::Acquire);
+        (self.joined.load(Ordering::Acquire), left)
+    }
 }
 
 struct SubEntry {
@@ -287,6 +390,8 @@ struct SubEntry {
     /// Topics whose subscriber lists hold this subscription.
     topics: Vec<Topic>,
     ended: Arc<OnceLock<Ended>>,
+    holder: Option<Holder>,
+    since: SystemTime,
 }
 
 /// A live subscription. Dropping it unsubscribes.
@@ -302,6 +407,35 @@ pub struct Subscription {
     /// Seq of the last message handed out, or the start position.
     last_seq: u64,
     head_at_start: u64,
+    /// Presence events, when asked for.
+    presence: Option<Box<PresenceWatch>>,
+}
+
+/// What a subscription watching presence has reported so far, per topic or pattern it named.
+struct PresenceWatch {
+    keys: Vec<(Pattern, Arc<PresenceCounter>, (u64, u64))>,
+    /// At most one presence event per tick.
+    tick: tokio::time::Interval,
+}
+
+impl PresenceWatch {
+    /// What changed since the last call, if anything.
+    fn changes(&mut self) -> Vec<PresenceChange> {
+        let mut changes = Vec::new();
+        for (key, counter, seen) in &mut self.keys {
+            let now = counter.read();
+            if now != *seen {
+                changes.push(PresenceChange {
+                    topic: key.as_str().to_owned(),
+                    subscribers: now.0 - now.1,
+                    joined: now.0 - seen.0,
+                    left: now.1 - seen.1,
+                });
+                *seen = now;
+            }
+        }
+        changes
+    }
 }
 
 /// Why the hub ended a subscription.
@@ -341,7 +475,7 @@ impl Hub {
                     topic,
                     TopicState {
                         log: TopicLog::with_watermark(through),
-                        subscribers: Vec::new(),
+                        ..TopicState::default()
                     },
                 );
             }
@@ -606,10 +740,17 @@ impl Hub {
                 policy: options.lag_policy.unwrap_or(config.lag_policy),
                 topics: Vec::new(),
                 ended: ended.clone(),
+                holder: options.holder,
+                since: SystemTime::now(),
             },
         );
         if wildcard {
             state.wildcard_subs.insert(id);
+        }
+        for pattern in patterns.iter().filter(|p| p.as_topic().is_none()) {
+            let members = state.patterns.entry(pattern.clone()).or_default();
+            members.members.insert(id);
+            members.presence.join();
         }
         for pattern in &patterns {
             match pattern.as_topic() {
@@ -632,6 +773,9 @@ impl Hub {
             }
         }
         let head_at_start = state.head;
+        let presence = options
+            .presence
+            .then(|| state.presence_watch(&patterns, config.presence_interval));
         drop(guard);
         Ok(Subscription {
             hub: self.clone(),
@@ -642,6 +786,7 @@ impl Hub {
             pending,
             last_seq: from,
             head_at_start,
+            presence,
         })
     }
 
@@ -751,6 +896,114 @@ impl Hub {
         });
         state.forgotten_through = forgotten;
         state.retained_bytes -= freed;
+    }
+
+    /// The live subscriptions of `key`, at most `limit` after position `after` (0: from the
+    /// first), in the order they started.
+    ///
+    /// For a topic: every subscription a message published to it would reach (those naming it,
+    /// and those whose patterns match it). For a pattern: the subscriptions that named that
+    /// pattern. The count is O(1) under the lock; a page of a topic scans its subscriber list
+    /// once (keeping only `limit` ids), a page of a pattern reads its ordered member set.
+    pub fn presence(&self, key: &Pattern, after: u64, limit: usize) -> PresencePage {
+        let state = self.lock();
+        let (subscribers, ids, more) = match key.as_topic() {
+            None => match state.patterns.get(key) {
+                Some(members) => {
+                    let mut rest = members.members.range(after.saturating_add(1)..).copied();
+                    let ids: Vec<u64> = rest.by_ref().take(limit).collect();
+                    (members.members.len() as u64, ids, rest.next().is_some())
+                }
+                None => (0, Vec::new(), false),
+            },
+            Some(_) => match state.topics.get(key.as_str()) {
+                Some(topic) => {
+                    let (ids, more) = first_after(topic.subscribers.iter().copied(), after, limit);
+                    (topic.subscribers.len() as u64, ids, more)
+                }
+                // A topic not created yet: only wildcard subscriptions would receive it.
+                None => {
+                    let matching: Vec<u64> = state
+                        .wildcard_subs
+                        .iter()
+                        .copied()
+                        .filter(|id| {
+                            state.subs[id]
+                                .patterns
+                                .iter()
+                                .any(|p| p.matches(key.as_str()))
+                        })
+                        .collect();
+                    let (ids, more) = first_after(matching.iter().copied(), after, limit);
+                    (matching.len() as u64, ids, more)
+                }
+            },
+        };
+        let members = ids
+            .iter()
+            .map(|id| {
+                let entry = &state.subs[id];
+                Member {
+                    holder: entry.holder.clone(),
+                    since: entry.since,
+                }
+            })
+            .collect();
+        drop(state);
+        PresencePage {
+            subscribers,
+            members,
+            next: ids.last().copied().filter(|_| more),
+        }
+    }
+
+    /// Deletes `topic`: purges its retained history (through the durable log too, so that a
+    /// restart does not bring it back) and ends the subscriptions that name it exactly with
+    /// [`Error::TopicDeleted`]. Subscriptions that follow it through a pattern continue; one
+    /// that resumes over the purged range is told of it by a `gap`.
+    pub fn delete_topic(&self, topic: &Topic) -> Result<Deleted, Error> {
+        let log = self.shared.log.as_deref();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(topic_state) = state.topics.get_mut(topic.as_str()) else {
+            return Err(Error::UnknownTopic(topic.to_string()));
+        };
+        let mut purged_messages = 0;
+        while !topic_state.log.is_empty() {
+            state.retained_bytes -= topic_state.log.pop_oldest(&mut |seq| {
+                if let Some(log) = log {
+                    log.evict(topic, seq);
+                }
+            });
+            purged_messages += 1;
+        }
+        let exact: Vec<u64> = topic_state
+            .subscribers
+            .iter()
+            .copied()
+            .filter(|id| {
+                state.subs[id]
+                    .patterns
+                    .iter()
+                    .any(|p| p.as_str() == topic.as_str())
+            })
+            .collect();
+        for id in &exact {
+            state.remove_sub(*id, Ended::Closed(Error::TopicDeleted(topic.to_string())));
+        }
+        // With pattern subscribers left the topic stays (empty, its watermark reporting the
+        // purged range); otherwise it is forgotten like an expired one.
+        if let Some(left) = state.topics.get(topic.as_str())
+            && left.subscribers.is_empty()
+        {
+            state.forgotten_through = state.forgotten_through.max(left.log.evicted_through());
+            state.topics.remove(topic.as_str());
+        }
+        tracing::info!(%topic, purged_messages, ended_subscriptions = exact.len(), "topic deleted");
+        Ok(Deleted {
+            purged_messages,
+            ended_subscriptions: exact.len() as u64,
+        })
     }
 
     /// Live subscriptions (all doors).
@@ -912,6 +1165,7 @@ impl State {
             .expect("attach to an existing topic");
         if !topic_state.subscribers.contains(&id) {
             topic_state.subscribers.push(id);
+            topic_state.presence.join();
             self.subs
                 .get_mut(&id)
                 .expect("attach a live subscription")
@@ -963,17 +1217,46 @@ impl State {
         exact.chain(scanned)
     }
 
+    /// What a new subscription naming `patterns` watches for presence events.
+    fn presence_watch(&self, patterns: &[Pattern], interval: Duration) -> Box<PresenceWatch> {
+        let keys = patterns
+            .iter()
+            .filter_map(|p| {
+                let counter = match p.as_topic() {
+                    Some(_) => self.topics.get(p.as_str())?.presence.clone(),
+                    None => self.patterns.get(p)?.presence.clone(),
+                };
+                let seen = counter.read();
+                Some((p.clone(), counter, seen))
+            })
+            .collect();
+        let period = interval.max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Box::new(PresenceWatch { keys, tick })
+    }
+
     fn remove_sub(&mut self, id: u64, why: Ended) {
         let Some(entry) = self.subs.remove(&id) else {
             return;
         };
         let _ = entry.ended.set(why);
         self.wildcard_subs.remove(&id);
+        for pattern in entry.patterns.iter().filter(|p| p.as_topic().is_none()) {
+            if let Some(members) = self.patterns.get_mut(pattern) {
+                members.members.remove(&id);
+                members.presence.leave();
+                if members.members.is_empty() {
+                    self.patterns.remove(pattern);
+                }
+            }
+        }
         for name in &entry.topics {
             let Some(topic) = self.topics.get_mut(name) else {
                 continue;
             };
             topic.subscribers.retain(|s| *s != id);
+            topic.presence.leave();
             if topic.subscribers.is_empty() && topic.log.is_empty() {
                 self.forgotten_through = self.forgotten_through.max(topic.log.evicted_through());
                 self.topics.remove(name);
@@ -1043,6 +1326,14 @@ impl Subscription {
 
     /// [`Subscription::next`] for hand-written futures and bodies: no future is built per event.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, Error>>> {
+        if let Some(watch) = &mut self.presence {
+            while watch.tick.poll_tick(cx).is_ready() {
+                let changes = watch.changes();
+                if !changes.is_empty() {
+                    return Poll::Ready(Some(Ok(Event::Presence(changes))));
+                }
+            }
+        }
         loop {
             if let Some(event) = self.pending.pop_front() {
                 if let Event::Message(m) = &event {
@@ -1097,6 +1388,20 @@ fn requested(
         ))),
         Some(n) => Ok(n),
     }
+}
+
+/// The `limit` smallest of `ids` above `after`, ascending, and whether more are above it.
+fn first_after(ids: impl Iterator<Item = u64>, after: u64, limit: usize) -> (Vec<u64>, bool) {
+    let mut kept = BinaryHeap::with_capacity(limit + 1);
+    let mut above = 0;
+    for id in ids.filter(|id| *id > after) {
+        above += 1;
+        kept.push(id);
+        if kept.len() > limit {
+            kept.pop();
+        }
+    }
+    (kept.into_sorted_vec(), above > limit)
 }
 
 /// `sub-EPOCH-N-SECRET` -> (N, SECRET).

@@ -182,6 +182,62 @@ impl From<hub::Lag> for LagJson {
     }
 }
 
+/// `data` of the SSE `presence` event (and the WebSocket `presence` field): subscriptions joined
+/// or left topics or patterns the subscription follows since its previous presence event. At
+/// most one per `--presence-interval` (1 s by default): churn is coalesced into counts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresenceJson {
+    /// Each topic or pattern of the subscription whose subscriptions changed.
+    pub topics: Vec<PresenceChangeJson>,
+}
+
+/// How the live subscriptions of one topic or pattern changed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresenceChangeJson {
+    /// The topic or pattern, as the subscription named it.
+    pub topic: String,
+    /// Live subscriptions now.
+    pub subscribers: u64,
+    /// Subscriptions that joined since the previous presence event.
+    pub joined: u64,
+    /// Subscriptions that left since the previous presence event.
+    pub left: u64,
+}
+
+impl From<Vec<hub::PresenceChange>> for PresenceJson {
+    fn from(changes: Vec<hub::PresenceChange>) -> PresenceJson {
+        PresenceJson {
+            topics: changes
+                .into_iter()
+                .map(|c| PresenceChangeJson {
+                    topic: c.topic,
+                    subscribers: c.subscribers,
+                    joined: c.joined,
+                    left: c.left,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `data` of the SSE `deleted` event (and the WebSocket `deleted` field): a topic the
+/// subscription named was deleted, and the subscription has ended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TopicDeletedJson {
+    /// The deleted topic.
+    pub topic: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl TopicDeletedJson {
+    /// The event of a subscription whose `topic` was deleted.
+    pub fn of(topic: String) -> TopicDeletedJson {
+        let message = Error::TopicDeleted(topic.clone()).to_string();
+        TopicDeletedJson { topic, message }
+    }
+}
+
 /// The JSON body of every error response.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {

@@ -70,6 +70,7 @@ impl From<Error> for ApiError {
             (_, Kind::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             (_, Kind::Unauthenticated) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
             (_, Kind::PermissionDenied) => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+            (_, Kind::Aborted) => (StatusCode::CONFLICT, "ABORTED"),
         };
         ApiError::new(status, code, error.to_string())
     }

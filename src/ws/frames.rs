@@ -8,8 +8,8 @@ use utoipa::ToSchema;
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::json::{
-    CursorText, ErrorDetail, GapJson, LagJson, MessageJson, PublishBody, SubscribedJson,
-    TopicPattern,
+    CursorText, ErrorDetail, GapJson, LagJson, MessageJson, PresenceChangeJson, PresenceJson,
+    PublishBody, SubscribedJson, TopicDeletedJson, TopicPattern,
 };
 use crate::wire::v1;
 
@@ -53,6 +53,9 @@ pub struct WsSubscribe {
     /// `catch-up` (default) or `disconnect`.
     #[schema(pattern = "^(catch-up|disconnect)$")]
     pub lag_policy: Option<String>,
+    /// `true`: also receive `presence` events when subscriptions join or leave the topics and
+    /// patterns of this subscription, at most one per --presence-interval, with counts.
+    pub presence: Option<bool>,
 }
 
 /// End a subscription.
@@ -90,6 +93,12 @@ pub struct WsResponse {
     /// A subscription ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsubscribed: Option<WsUnsubscribed>,
+    /// Subscriptions joined or left the topics of a subscription (only with `presence`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceJson>,
+    /// A topic the subscription named was deleted; `unsubscribed` (reason `deleted`) follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<TopicDeletedJson>,
     /// A request failed; the socket stays open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
@@ -108,7 +117,8 @@ pub struct WsAck {
 /// Why a subscription ended.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WsUnsubscribed {
-    /// `unsubscribed` (asked for) or `lagged` (its lag policy is `disconnect`).
+    /// `unsubscribed` (asked for), `lagged` (its lag policy is `disconnect`) or `deleted` (its
+    /// topic was deleted).
     pub reason: String,
 }
 
@@ -207,6 +217,7 @@ impl WsSubscribe {
             queue_size: self.queue_size.unwrap_or(0),
             queue_bytes: self.queue_bytes.unwrap_or(0),
             lag_policy: lag_policy as i32,
+            presence: self.presence.unwrap_or(false),
         })
     }
 }
@@ -257,6 +268,26 @@ pub fn encode(response: v1::ConnectResponse) -> String {
         }
         Some(Event::Unsubscribed(u)) => {
             frame.unsubscribed = Some(WsUnsubscribed { reason: u.reason })
+        }
+        Some(Event::Presence(p)) => {
+            frame.presence = Some(PresenceJson {
+                topics: p
+                    .topics
+                    .into_iter()
+                    .map(|c| PresenceChangeJson {
+                        topic: c.topic,
+                        subscribers: c.subscribers,
+                        joined: c.joined,
+                        left: c.left,
+                    })
+                    .collect(),
+            })
+        }
+        Some(Event::Deleted(d)) => {
+            frame.deleted = Some(TopicDeletedJson {
+                topic: d.topic,
+                message: d.message,
+            })
         }
         None => {}
     }
