@@ -247,7 +247,7 @@ pub struct PresencePage {
     pub subscribers: u64,
     /// Up to the page's limit of them, oldest first.
     pub members: Vec<Member>,
-    /// Where the next page starts, when there is one.
+    /// Where the next page starts (pass it as `from`), when there is one.
     pub next: Option<u64>,
 }
 
@@ -898,19 +898,19 @@ impl Hub {
         state.retained_bytes -= freed;
     }
 
-    /// The live subscriptions of `key`, at most `limit` after position `after` (0: from the
-    /// first), in the order they started.
+    /// The live subscriptions of `key`, at most `limit` from position `from` (0: the first; a
+    /// page's `next` continues after it), in the order they started.
     ///
     /// For a topic: every subscription a message published to it would reach (those naming it,
     /// and those whose patterns match it). For a pattern: the subscriptions that named that
     /// pattern. The count is O(1) under the lock; a page of a topic scans its subscriber list
     /// once (keeping only `limit` ids), a page of a pattern reads its ordered member set.
-    pub fn presence(&self, key: &Pattern, after: u64, limit: usize) -> PresencePage {
+    pub fn presence(&self, key: &Pattern, from: u64, limit: usize) -> PresencePage {
         let state = self.lock();
         let (subscribers, ids, more) = match key.as_topic() {
             None => match state.patterns.get(key) {
                 Some(members) => {
-                    let mut rest = members.members.range(after.saturating_add(1)..).copied();
+                    let mut rest = members.members.range(from..).copied();
                     let ids: Vec<u64> = rest.by_ref().take(limit).collect();
                     (members.members.len() as u64, ids, rest.next().is_some())
                 }
@@ -918,7 +918,7 @@ impl Hub {
             },
             Some(_) => match state.topics.get(key.as_str()) {
                 Some(topic) => {
-                    let (ids, more) = first_after(topic.subscribers.iter().copied(), after, limit);
+                    let (ids, more) = first_from(topic.subscribers.iter().copied(), from, limit);
                     (topic.subscribers.len() as u64, ids, more)
                 }
                 // A topic not created yet: only wildcard subscriptions would receive it.
@@ -934,7 +934,7 @@ impl Hub {
                                 .any(|p| p.matches(key.as_str()))
                         })
                         .collect();
-                    let (ids, more) = first_after(matching.iter().copied(), after, limit);
+                    let (ids, more) = first_from(matching.iter().copied(), from, limit);
                     (matching.len() as u64, ids, more)
                 }
             },
@@ -953,7 +953,7 @@ impl Hub {
         PresencePage {
             subscribers,
             members,
-            next: ids.last().copied().filter(|_| more),
+            next: ids.last().map(|id| id + 1).filter(|_| more),
         }
     }
 
@@ -1390,11 +1390,11 @@ fn requested(
     }
 }
 
-/// The `limit` smallest of `ids` above `after`, ascending, and whether more are above it.
-fn first_after(ids: impl Iterator<Item = u64>, after: u64, limit: usize) -> (Vec<u64>, bool) {
+/// The `limit` smallest of `ids` from `from` on, ascending, and whether there are more.
+fn first_from(ids: impl Iterator<Item = u64>, from: u64, limit: usize) -> (Vec<u64>, bool) {
     let mut kept = BinaryHeap::with_capacity(limit + 1);
     let mut above = 0;
-    for id in ids.filter(|id| *id > after) {
+    for id in ids.filter(|id| *id >= from) {
         above += 1;
         kept.push(id);
         if kept.len() > limit {

@@ -452,7 +452,7 @@ async fn history(
     tag = "topics",
     params(
         ("topic" = json::TopicPattern, Path, description = "Topic or pattern", example = "demo.greetings"),
-        ("after" = Option<u64>, Query, description = "Continue after this position: the `next` of the previous page"),
+        ("after" = Option<u64>, Query, description = "Where the page starts: the `next` of the previous page (absent or 0: the first page)"),
         ("limit" = Option<usize>, Query, description = "At most this many subscriptions (default 100, at most 1000)", minimum = 1, maximum = 1000),
     ),
     responses(
