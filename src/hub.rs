@@ -339,6 +339,9 @@ struct TopicState {
     log: TopicLog,
     /// Live subscriptions matching this topic, each once.
     subscribers: Vec<u64>,
+    /// The same subscriptions, ordered: presence pages read a range of it, and attaching checks
+    /// membership here rather than scanning `subscribers` (which stays a `Vec` for fan-out).
+    members: BTreeSet<u64>,
     /// Joins and leaves of `subscribers`, read by presence watchers without the lock.
     presence: Arc<PresenceCounter>,
 }
@@ -903,24 +906,23 @@ impl Hub {
     ///
     /// For a topic: every subscription a message published to it would reach (those naming it,
     /// and those whose patterns match it). For a pattern: the subscriptions that named that
-    /// pattern. The count is O(1) under the lock; a page of a topic scans its subscriber list
-    /// once (keeping only `limit` ids), a page of a pattern reads its ordered member set.
+    /// pattern. Under the lock, the count is O(1) and a page O(log n + limit): both read an
+    /// ordered member set. Only a topic that does not exist yet scans the wildcard
+    /// subscriptions.
     pub fn presence(&self, key: &Pattern, from: u64, limit: usize) -> PresencePage {
         let state = self.lock();
+        let page = |members: &BTreeSet<u64>| {
+            let mut rest = members.range(from..).copied();
+            let ids: Vec<u64> = rest.by_ref().take(limit).collect();
+            (members.len() as u64, ids, rest.next().is_some())
+        };
         let (subscribers, ids, more) = match key.as_topic() {
             None => match state.patterns.get(key) {
-                Some(members) => {
-                    let mut rest = members.members.range(from..).copied();
-                    let ids: Vec<u64> = rest.by_ref().take(limit).collect();
-                    (members.members.len() as u64, ids, rest.next().is_some())
-                }
+                Some(members) => page(&members.members),
                 None => (0, Vec::new(), false),
             },
             Some(_) => match state.topics.get(key.as_str()) {
-                Some(topic) => {
-                    let (ids, more) = first_from(topic.subscribers.iter().copied(), from, limit);
-                    (topic.subscribers.len() as u64, ids, more)
-                }
+                Some(topic) => page(&topic.members),
                 // A topic not created yet: only wildcard subscriptions would receive it.
                 None => {
                     let matching: Vec<u64> = state
@@ -1163,7 +1165,7 @@ impl State {
             .topics
             .get_mut(topic)
             .expect("attach to an existing topic");
-        if !topic_state.subscribers.contains(&id) {
+        if topic_state.members.insert(id) {
             topic_state.subscribers.push(id);
             topic_state.presence.join();
             self.subs
@@ -1256,6 +1258,7 @@ impl State {
                 continue;
             };
             topic.subscribers.retain(|s| *s != id);
+            topic.members.remove(&id);
             topic.presence.leave();
             if topic.subscribers.is_empty() && topic.log.is_empty() {
                 self.forgotten_through = self.forgotten_through.max(topic.log.evicted_through());
