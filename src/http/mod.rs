@@ -452,7 +452,7 @@ async fn history(
     tag = "topics",
     params(
         ("topic" = json::TopicPattern, Path, description = "Topic or pattern", example = "demo.greetings"),
-        ("after" = Option<u64>, Query, description = "Where the page starts: the `next` of the previous page (absent or 0: the first page)"),
+        ("after" = Option<i64>, Query, minimum = 0, description = "Where the page starts: the `next` of the previous page (absent or 0: the first page)"),
         ("limit" = Option<usize>, Query, description = "At most this many subscriptions (default 100, at most 1000)", minimum = 1, maximum = 1000),
     ),
     responses(
@@ -471,11 +471,16 @@ async fn presence(
     for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match &*key {
             "after" => {
-                after = value.parse().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "after must be the `next` of a previous page (a whole number), got {value:?}"
-                    ))
-                })?;
+                // Positions fit an int64, as the document says; anything else is not one.
+                after = value
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "after must be the `next` of a previous page (a whole number), got {value:?}"
+                        ))
+                    })?;
             }
             "limit" => {
                 limit = value
