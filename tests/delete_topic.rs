@@ -35,9 +35,8 @@ async fn history(broker: &Broker, topic: &str, query: &str) -> Value {
     get_json(&format!("{}/topics/{topic}/messages{query}", broker.url())).await
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws_recv(ws: &mut Ws) -> Value {
     within("a WebSocket frame", async {
@@ -139,7 +138,10 @@ async fn deleting_a_topic_purges_it_and_ends_exact_subscribers_on_every_door() {
         resumed.expect("subscribed").await;
         let gap = resumed.expect("gap").await.json();
         assert_eq!(gap["from_seq"], 1, "{gap}");
-        assert!(gap["to_seq"].as_u64().unwrap() >= 3, "covers seqs 1-3: {gap}");
+        assert!(
+            gap["to_seq"].as_u64().unwrap() >= 3,
+            "covers seqs 1-3: {gap}"
+        );
         broker.stop().await;
     }
 }
@@ -229,12 +231,19 @@ async fn delete_topic_rpc_and_unknown_topics() {
         .unwrap_err();
     assert_eq!(wildcard.code(), Code::InvalidArgument, "{wildcard:?}");
     let (status, body) = delete(&broker, "never.seen", None).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("NOT_FOUND")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("NOT_FOUND"))
+    );
     broker.stop().await;
 }
 
 fn token(admin: bool) -> String {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
     let claims = json!({
         "sub": if admin { "operator" } else { "worker" },
         "exp": exp,
@@ -272,10 +281,9 @@ async fn deleting_takes_the_admin_claim_when_authentication_is_on() {
     let mut request = tonic::Request::new(v1::DeleteTopicRequest {
         topic: "guarded".into(),
     });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {worker}").parse().unwrap(),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {worker}").parse().unwrap());
     let refused = client.delete_topic(request).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 

@@ -15,9 +15,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 use topichub::proto::v1;
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws_open(broker: &Broker) -> Ws {
     let url = format!("ws://{}/ws", broker.addr);
@@ -50,12 +49,19 @@ async fn ws_send(ws: &mut Ws, frame: Value) {
 
 /// Subscribes on `ws` with the subscribe request's fields `subscribe`.
 async fn ws_subscribe(ws: &mut Ws, request_id: u64, subscribe: Value) {
-    ws_send(ws, json!({"request_id": request_id, "subscribe": subscribe})).await;
+    ws_send(
+        ws,
+        json!({"request_id": request_id, "subscribe": subscribe}),
+    )
+    .await;
     let answer = ws_recv(ws).await;
     assert!(answer.get("subscribed").is_some(), "{answer}");
 }
 
-async fn grpc_subscribe(broker: &Broker, request: v1::SubscribeRequest) -> tonic::Streaming<v1::SubscribeResponse> {
+async fn grpc_subscribe(
+    broker: &Broker,
+    request: v1::SubscribeRequest,
+) -> tonic::Streaming<v1::SubscribeResponse> {
     let mut stream = broker
         .grpc()
         .await
@@ -63,7 +69,10 @@ async fn grpc_subscribe(broker: &Broker, request: v1::SubscribeRequest) -> tonic
         .await
         .expect("gRPC subscribe")
         .into_inner();
-    let first = within("subscribed", stream.message()).await.unwrap().unwrap();
+    let first = within("subscribed", stream.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(matches!(
         first.event,
         Some(v1::subscribe_response::Event::Subscribed(_))
@@ -196,7 +205,11 @@ async fn presence_lists_who_follows_a_topic_or_pattern_on_every_door_in_pages() 
 const SECRET: &str = "presence-test-secret";
 
 fn token(subject: &str, subscribe: &[&str]) -> String {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
     let claims = json!({"sub": subject, "exp": exp, "topichub": {"subscribe": subscribe}});
     encode(
         &Header::default(),
@@ -285,7 +298,12 @@ async fn presence_events_coalesce_churn_on_sse_grpc_and_websocket() {
     )
     .await;
     let mut watcher = ws_open(&broker).await;
-    ws_subscribe(&mut watcher, 1, json!({"topics": ["churn"], "presence": true})).await;
+    ws_subscribe(
+        &mut watcher,
+        1,
+        json!({"topics": ["churn"], "presence": true}),
+    )
+    .await;
     let watchers = 3;
 
     // CHURN subscriptions join, as fast as one socket can open them.
@@ -296,7 +314,10 @@ async fn presence_events_coalesce_churn_on_sse_grpc_and_websocket() {
     }
     let joined = sse_presence_until(&mut sse, watchers + CHURN).await;
     let elapsed = started.elapsed();
-    println!("{CHURN} joins in {elapsed:?}: {} presence events", joined.len());
+    println!(
+        "{CHURN} joins in {elapsed:?}: {} presence events",
+        joined.len()
+    );
     assert_eq!(
         sum(&joined, "joined"),
         watchers - 1 + CHURN,
@@ -308,7 +329,11 @@ async fn presence_events_coalesce_churn_on_sse_grpc_and_websocket() {
         "{} presence events in {elapsed:?}: at most one per {INTERVAL:?}",
         joined.len()
     );
-    assert!(joined.len() < CHURN as usize / 10, "coalesced: {}", joined.len());
+    assert!(
+        joined.len() < CHURN as usize / 10,
+        "coalesced: {}",
+        joined.len()
+    );
 
     // The other doors see the same count.
     within("the gRPC watcher to see everyone", async {
@@ -339,7 +364,11 @@ async fn presence_events_coalesce_churn_on_sse_grpc_and_websocket() {
     drop(crowd);
     let left = sse_presence_until(&mut sse, watchers).await;
     assert_eq!(sum(&left, "left"), CHURN, "{left:?}");
-    assert!(left.len() < CHURN as usize / 10, "coalesced: {}", left.len());
+    assert!(
+        left.len() < CHURN as usize / 10,
+        "coalesced: {}",
+        left.len()
+    );
     broker.stop().await;
 }
 
@@ -353,7 +382,10 @@ async fn presence_events_are_only_sent_when_asked_for() {
     other.expect("subscribed").await;
     let _third = Sse::open(&url, "/subscribe?topic=q", &[]).await;
     let seen = other.expect("presence").await.json();
-    assert_eq!(seen["topics"][0], json!({"topic": "q", "subscribers": 3, "joined": 1, "left": 0}));
+    assert_eq!(
+        seen["topics"][0],
+        json!({"topic": "q", "subscribers": 3, "joined": 1, "left": 0})
+    );
     // The stream without presence gets the next message first, nothing before it.
     let sent = support::http_publish(&url, "q", "hello").await;
     let message = quiet.next().await.unwrap();
@@ -396,16 +428,25 @@ async fn presence_at_100k_subscribers() {
         for _ in 0..runs {
             count = f();
         }
-        println!("{what}: {:?} per call (count {count})", started.elapsed() / runs);
+        println!(
+            "{what}: {:?} per call (count {count})",
+            started.elapsed() / runs
+        );
     };
     let big = Pattern::parse("big").unwrap();
     let wide = Pattern::parse("wide.*").unwrap();
-    time("count of a topic (page of 1)", &|| hub.presence(&big, 0, 1).subscribers);
-    time("first page of 100 of a topic", &|| hub.presence(&big, 0, 100).subscribers);
+    time("count of a topic (page of 1)", &|| {
+        hub.presence(&big, 0, 1).subscribers
+    });
+    time("first page of 100 of a topic", &|| {
+        hub.presence(&big, 0, 100).subscribers
+    });
     time("page of 100 in the middle of a topic", &|| {
         hub.presence(&big, N as u64 / 2, 100).subscribers
     });
-    time("first page of 100 of a pattern", &|| hub.presence(&wide, 0, 100).subscribers);
+    time("first page of 100 of a pattern", &|| {
+        hub.presence(&wide, 0, 100).subscribers
+    });
     time("page of 100 in the middle of a pattern", &|| {
         hub.presence(&wide, N as u64 * 3 / 2, 100).subscribers
     });
@@ -427,7 +468,10 @@ async fn presence_at_100k_subscribers() {
         sse_keepalive: Duration::from_secs(15),
     };
     let router = topichub::http::router(state);
-    for path in ["/topics/big/presence?limit=1000", "/topics/wide.*/presence?limit=1000"] {
+    for path in [
+        "/topics/big/presence?limit=1000",
+        "/topics/wide.*/presence?limit=1000",
+    ] {
         let started = Instant::now();
         let response = router
             .clone()
@@ -438,7 +482,9 @@ async fn presence_at_100k_subscribers() {
             )
             .await
             .unwrap();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
         let page: Value = serde_json::from_slice(&body).unwrap();
         println!(
             "GET {path}: {:?} ({} bytes, {} subscribers)",
