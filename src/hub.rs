@@ -925,17 +925,9 @@ impl Hub {
                 Some(topic) => page(&topic.members),
                 // A topic not created yet: only wildcard subscriptions would receive it.
                 None => {
-                    let matching: Vec<u64> = state
-                        .wildcard_subs
-                        .iter()
-                        .copied()
-                        .filter(|id| {
-                            state.subs[id]
-                                .patterns
-                                .iter()
-                                .any(|p| p.matches(key.as_str()))
-                        })
-                        .collect();
+                    let matching = state.naming(state.wildcard_subs.iter().copied(), |p| {
+                        p.matches(key.as_str())
+                    });
                     let (ids, more) = first_from(matching.iter().copied(), from, limit);
                     (matching.len() as u64, ids, more)
                 }
@@ -979,17 +971,10 @@ impl Hub {
             });
             purged_messages += 1;
         }
-        let exact: Vec<u64> = topic_state
-            .subscribers
-            .iter()
-            .copied()
-            .filter(|id| {
-                state.subs[id]
-                    .patterns
-                    .iter()
-                    .any(|p| p.as_str() == topic.as_str())
-            })
-            .collect();
+        let exact = state.naming(
+            state.topics[topic.as_str()].subscribers.iter().copied(),
+            |p| p.as_str() == topic.as_str(),
+        );
         for id in &exact {
             state.remove_sub(*id, Ended::Closed(Error::TopicDeleted(topic.to_string())));
         }
@@ -1217,6 +1202,12 @@ impl State {
             .filter(move |_| !exact_only)
             .filter(|(name, _)| patterns.iter().any(|p| p.matches(name.as_str())));
         exact.chain(scanned)
+    }
+
+    /// Those of subscriptions `ids` that named a pattern for which `named` holds.
+    fn naming(&self, ids: impl Iterator<Item = u64>, named: impl Fn(&Pattern) -> bool) -> Vec<u64> {
+        ids.filter(|id| self.subs[id].patterns.iter().any(&named))
+            .collect()
     }
 
     /// What a new subscription naming `patterns` watches for presence events.

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 
 use crate::error::Error;
 use crate::hub::{self, Headers, Message};
+use crate::wire::v1;
 
 /// A message to publish. Give the body as `payload` (a JSON string is published as its text; any
 /// other JSON value is published as JSON with `content-type: application/json`) or as
@@ -204,10 +205,11 @@ pub struct PresenceChangeJson {
     pub left: u64,
 }
 
-impl From<Vec<hub::PresenceChange>> for PresenceJson {
-    fn from(changes: Vec<hub::PresenceChange>) -> PresenceJson {
+impl From<v1::PresenceEvent> for PresenceJson {
+    fn from(event: v1::PresenceEvent) -> PresenceJson {
         PresenceJson {
-            topics: changes
+            topics: event
+                .topics
                 .into_iter()
                 .map(|c| PresenceChangeJson {
                     topic: c.topic,
@@ -230,11 +232,12 @@ pub struct TopicDeletedJson {
     pub message: String,
 }
 
-impl TopicDeletedJson {
-    /// The event of a subscription whose `topic` was deleted.
-    pub fn of(topic: String) -> TopicDeletedJson {
-        let message = Error::TopicDeleted(topic.clone()).to_string();
-        TopicDeletedJson { topic, message }
+impl From<v1::TopicDeleted> for TopicDeletedJson {
+    fn from(deleted: v1::TopicDeleted) -> TopicDeletedJson {
+        TopicDeletedJson {
+            topic: deleted.topic,
+            message: deleted.message,
+        }
     }
 }
 

@@ -8,14 +8,12 @@ mod support;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::{
-    Backend, Broker, BrokerProcess, Sse, fresh_data_dir, get_json, http_publish, spawn_broker,
-    spawn_broker_on, spawn_broker_with, within,
+    Backend, Broker, BrokerProcess, Sse, Ws, fresh_data_dir, get_json, http_publish, spawn_broker,
+    spawn_broker_on, spawn_broker_with, within, ws_open, ws_recv, ws_subscribe,
 };
-use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
 use topichub::proto::v1;
 
@@ -35,35 +33,9 @@ async fn history(broker: &Broker, topic: &str, query: &str) -> Value {
     get_json(&format!("{}/topics/{topic}/messages{query}", broker.url())).await
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn ws_recv(ws: &mut Ws) -> Value {
-    within("a WebSocket frame", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(text.as_str()).expect("JSON frame");
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("socket ended: {other:?}"),
-            }
-        }
-    })
-    .await
-}
-
-async fn ws_subscribe(broker: &Broker, topics: &[&str]) -> Ws {
-    let url = format!("ws://{}/ws", broker.addr);
-    let (mut ws, _) = within("WebSocket handshake", tokio_tungstenite::connect_async(url))
-        .await
-        .expect("upgrade");
-    let frame = json!({"request_id": 1, "subscribe": {"topics": topics}});
-    ws.send(Message::Text(frame.to_string().into()))
-        .await
-        .unwrap();
-    let answer = ws_recv(&mut ws).await;
-    assert!(answer.get("subscribed").is_some(), "{answer}");
+async fn ws_subscribed(broker: &Broker, topics: &[&str]) -> Ws {
+    let mut ws = ws_open(broker).await;
+    ws_subscribe(&mut ws, 1, json!({"topics": topics})).await;
     ws
 }
 
@@ -86,7 +58,7 @@ async fn deleting_a_topic_purges_it_and_ends_exact_subscribers_on_every_door() {
             first.event,
             Some(v1::subscribe_response::Event::Subscribed(_))
         ));
-        let mut ws = ws_subscribe(&broker, &["orders.doomed"]).await;
+        let mut ws = ws_subscribed(&broker, &["orders.doomed"]).await;
         broker.wait_for_subscribers(4).await;
 
         let (status, body) = delete(&broker, "orders.doomed", None).await;

@@ -7,56 +7,14 @@ mod support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
-use support::{Broker, Sse, get_json, spawn_broker, spawn_broker_with, wait_for, within};
-use tokio_tungstenite::tungstenite::Message;
+use support::{
+    Broker, Sse, get_json, spawn_broker, spawn_broker_with, wait_for, within, ws_open, ws_recv,
+    ws_subscribe,
+};
 use tonic::Code;
 use topichub::proto::v1;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn ws_open(broker: &Broker) -> Ws {
-    let url = format!("ws://{}/ws", broker.addr);
-    within("WebSocket handshake", tokio_tungstenite::connect_async(url))
-        .await
-        .expect("upgrade")
-        .0
-}
-
-async fn ws_recv(ws: &mut Ws) -> Value {
-    within("a WebSocket frame", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(text.as_str()).expect("JSON frame");
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("socket ended: {other:?}"),
-            }
-        }
-    })
-    .await
-}
-
-async fn ws_send(ws: &mut Ws, frame: Value) {
-    ws.send(Message::Text(frame.to_string().into()))
-        .await
-        .unwrap();
-}
-
-/// Subscribes on `ws` with the subscribe request's fields `subscribe`.
-async fn ws_subscribe(ws: &mut Ws, request_id: u64, subscribe: Value) {
-    ws_send(
-        ws,
-        json!({"request_id": request_id, "subscribe": subscribe}),
-    )
-    .await;
-    let answer = ws_recv(ws).await;
-    assert!(answer.get("subscribed").is_some(), "{answer}");
-}
 
 async fn grpc_subscribe(
     broker: &Broker,

@@ -399,17 +399,7 @@ async fn history(
         match &*key {
             "after" => after = Some(value.parse::<Cursor>()?),
             auth::TOKEN_PARAM => {}
-            "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_HISTORY_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "limit must be a whole number from 1 to {MAX_HISTORY_LIMIT}, got {value:?}"
-                        ))
-                    })?;
-            }
+            "limit" => limit = page_limit(&value, MAX_HISTORY_LIMIT)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {other:?}; this route takes after, limit"
@@ -482,18 +472,7 @@ async fn presence(
                         ))
                     })?;
             }
-            "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=crate::connect::MAX_PRESENCE_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "limit must be a whole number from 1 to {}, got {value:?}",
-                            crate::connect::MAX_PRESENCE_LIMIT
-                        ))
-                    })?;
-            }
+            "limit" => limit = page_limit(&value, crate::connect::MAX_PRESENCE_LIMIT)?,
             auth::TOKEN_PARAM => {}
             other => {
                 return Err(ApiError::bad_request(format!(
@@ -535,6 +514,19 @@ async fn delete_topic(
         purged_messages: deleted.purged_messages,
         ended_subscriptions: deleted.ended_subscriptions,
     }))
+}
+
+/// A page's `limit` query parameter: 1 to `max`.
+fn page_limit(value: &str, max: usize) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "limit must be a whole number from 1 to {max}, got {value:?}"
+            ))
+        })
 }
 
 /// History pages up to this size are sent whole (with a `content-length`); larger ones are

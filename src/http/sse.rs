@@ -188,7 +188,8 @@ impl http_body::Body for SseBody {
             }
             Poll::Ready(Some(Err(Error::TopicDeleted(topic)))) => {
                 this.stream = None;
-                frame("deleted", None, &TopicDeletedJson::of(topic), false)
+                let data = TopicDeletedJson::from(crate::wire::topic_deleted(topic));
+                frame("deleted", None, &data, false)
             }
             Poll::Ready(Some(Err(error))) => {
                 this.stream = None;
@@ -217,7 +218,10 @@ fn event_frame(event: Event) -> Bytes {
         Event::Message(m) => message_frame(&m),
         Event::Gap(gap) => frame("gap", None, &GapJson::from(gap), false),
         Event::Lag(lag) => frame("lag", None, &LagJson::from(lag), false),
-        Event::Presence(changes) => frame("presence", None, &PresenceJson::from(changes), false),
+        Event::Presence(changes) => {
+            let data = PresenceJson::from(crate::wire::presence_event(changes));
+            frame("presence", None, &data, false)
+        }
     }
 }
 

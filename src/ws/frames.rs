@@ -8,8 +8,8 @@ use utoipa::ToSchema;
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::json::{
-    CursorText, ErrorDetail, GapJson, LagJson, MessageJson, PresenceChangeJson, PresenceJson,
-    PublishBody, SubscribedJson, TopicDeletedJson, TopicPattern,
+    CursorText, ErrorDetail, GapJson, LagJson, MessageJson, PresenceJson, PublishBody,
+    SubscribedJson, TopicDeletedJson, TopicPattern,
 };
 use crate::wire::v1;
 
@@ -269,26 +269,8 @@ pub fn encode(response: v1::ConnectResponse) -> String {
         Some(Event::Unsubscribed(u)) => {
             frame.unsubscribed = Some(WsUnsubscribed { reason: u.reason })
         }
-        Some(Event::Presence(p)) => {
-            frame.presence = Some(PresenceJson {
-                topics: p
-                    .topics
-                    .into_iter()
-                    .map(|c| PresenceChangeJson {
-                        topic: c.topic,
-                        subscribers: c.subscribers,
-                        joined: c.joined,
-                        left: c.left,
-                    })
-                    .collect(),
-            })
-        }
-        Some(Event::Deleted(d)) => {
-            frame.deleted = Some(TopicDeletedJson {
-                topic: d.topic,
-                message: d.message,
-            })
-        }
+        Some(Event::Presence(p)) => frame.presence = Some(PresenceJson::from(p)),
+        Some(Event::Deleted(d)) => frame.deleted = Some(TopicDeletedJson::from(d)),
         None => {}
     }
     serde_json::to_string(&frame).expect("JSON shapes serialize")
