@@ -6,9 +6,6 @@
 
 mod support;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::{
     Backend, Broker, BrokerProcess, Sse, Ws, fresh_data_dir, get_json, http_publish, spawn_broker,
@@ -211,22 +208,11 @@ async fn delete_topic_rpc_and_unknown_topics() {
 }
 
 fn token(admin: bool) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
     let claims = json!({
         "sub": if admin { "operator" } else { "worker" },
-        "exp": exp,
         "topichub": {"publish": [">"], "subscribe": [">"], "admin": admin},
     });
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::hs256_token(SECRET, claims)
 }
 
 #[tokio::test]

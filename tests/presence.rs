@@ -5,9 +5,8 @@
 
 mod support;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::{
     Broker, Sse, get_json, spawn_broker, spawn_broker_with, wait_for, within, ws_open, ws_recv,
@@ -163,18 +162,8 @@ async fn presence_lists_who_follows_a_topic_or_pattern_on_every_door_in_pages() 
 const SECRET: &str = "presence-test-secret";
 
 fn token(subject: &str, subscribe: &[&str]) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let claims = json!({"sub": subject, "exp": exp, "topichub": {"subscribe": subscribe}});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    let claims = json!({"sub": subject, "topichub": {"subscribe": subscribe}});
+    support::hs256_token(SECRET, claims)
 }
 
 #[tokio::test]

@@ -680,3 +680,19 @@ pub async fn ws_subscribe(ws: &mut Ws, request_id: u64, subscribe: serde_json::V
     let answer = ws_recv(ws).await;
     assert!(answer.get("subscribed").is_some(), "{answer}");
 }
+
+/// An HS256 token signed with `secret` whose claims are `claims` plus `exp` an hour from now.
+pub fn hs256_token(secret: &str, mut claims: serde_json::Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    claims["exp"] = exp.into();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
