@@ -14,6 +14,12 @@
 //! The lock is a `std::sync::Mutex`, not an async one: it is never held across an `.await`, and
 //! every critical section is short and non-blocking (`try_send` into bounded queues), so the
 //! publisher is never blocked by a slow subscriber.
+//!
+//! Presence is kept in the same registry: each topic and each wildcard pattern has an ordered
+//! set of its subscriptions (a count is O(1), a page a range) and counters of joins and leaves
+//! that subscriptions watching presence read without the lock, once per `presence_interval`.
+//! Deleting a topic purges its history through the log's eviction and ends the subscriptions
+//! that named it exactly.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -259,6 +265,7 @@ pub struct Deleted {
     /// Subscriptions ended because they named the topic exactly.
     pub ended_subscriptions: u64,
 }
+
 impl Event {
     /// Counts this event as handed to a subscriber of `door`.
     pub fn count(&self, metrics: &Metrics, door: Door) {

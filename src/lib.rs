@@ -7,7 +7,8 @@
 //! same sequence number.
 //!
 //! # Layout
-//! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
+//! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy, presence, topic
+//!   deletion. The only shared state.
 //! - [`message`]: an accepted message, shared by the hub and the log.
 //! - [`log`]: the hub's history behind one interface: in memory, or on disk (`--data-dir`).
 //! - `queue`: the bounded queue from the hub to each subscription.
