@@ -414,7 +414,8 @@ async fn grpc_subscriber(
             Some(Event::Gap(_)) => {
                 ctx.subs[i].gaps.fetch_add(1, Relaxed);
             }
-            None => {}
+            // Not asked for.
+            Some(Event::Presence(_)) | None => {}
         }
     }
     Err("gRPC stream ended".into())

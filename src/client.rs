@@ -425,7 +425,8 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
                             lag.from_seq, lag.to_seq
                         );
                     }
-                    None => {}
+                    // Not asked for.
+                    Some(Event::Presence(_)) | None => {}
                 }
             }
             Ok::<(), tonic::Status>(())

@@ -133,6 +133,11 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
 
+    /// Shortest time between two presence events of one subscription (`presence=true`): joins
+    /// and leaves within it are coalesced into one event with counts.
+    #[arg(long, env = "TOPICHUB_PRESENCE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub presence_interval: Duration,
+
     /// Interval of SSE keep-alive comments (keeps proxies from closing idle streams).
     #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub sse_keepalive: Duration,
@@ -269,6 +274,7 @@ impl ServerConfig {
                 age: self.idempotency_window,
                 keys: self.idempotency_keys,
             },
+            presence_interval: self.presence_interval,
         }
     }
 

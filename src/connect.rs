@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::Error;
-use crate::hub::{self, Hub, LagPolicy, Publishing, Start, SubscribeOptions, Subscription};
+use crate::hub::{
+    self, Deleted, Holder, Hub, LagPolicy, PresencePage, Publishing, Start, SubscribeOptions,
+    Subscription,
+};
 use crate::idempotency;
 use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::metrics::{Door, Metrics};
@@ -121,9 +124,56 @@ pub async fn publish(
     Ok((wire::cursor(&message.cursor()), duplicate))
 }
 
-/// Validates a `SubscribeRequest` into hub options the token allows.
+/// Most subscriptions one presence page lists.
+pub const MAX_PRESENCE_LIMIT: usize = 1000;
+
+/// Subscriptions a presence page lists when the request does not say.
+pub const DEFAULT_PRESENCE_LIMIT: usize = 100;
+
+/// Who a client's subscriptions belong to, as presence lists show them: its token's subject, or
+/// its address when authentication is off (or the token names no subject).
+pub fn holder(access: &Access, connection: &Connection, door: Door) -> Holder {
+    let client = match access.subject() {
+        Some(subject) => subject.into(),
+        None => connection.peer.to_string().into(),
+    };
+    Holder { client, door }
+}
+
+/// A page of the presence of `topic` (a topic or pattern) the token may see; `limit` 0 is the
+/// default, over [`MAX_PRESENCE_LIMIT`] refused.
+pub fn presence(
+    hub: &Hub,
+    access: &Access,
+    topic: &str,
+    after: u64,
+    limit: usize,
+) -> Result<PresencePage, Error> {
+    let pattern = Pattern::parse(topic)?;
+    access.check_subscribe(std::slice::from_ref(&pattern))?;
+    let limit = match limit {
+        0 => DEFAULT_PRESENCE_LIMIT,
+        n if n > MAX_PRESENCE_LIMIT => {
+            return Err(Error::InvalidRequest(format!(
+                "limit must be at most {MAX_PRESENCE_LIMIT}, got {n}; page with `after`"
+            )));
+        }
+        n => n,
+    };
+    Ok(hub.presence(&pattern, after, limit))
+}
+
+/// Deletes `topic` if the token is an admin's.
+pub fn delete_topic(hub: &Hub, access: &Access, topic: &str) -> Result<Deleted, Error> {
+    let topic = Topic::parse(topic)?;
+    access.check_admin(&topic)?;
+    hub.delete_topic(&topic)
+}
+
+/// Validates a `SubscribeRequest` of `holder` into hub options the token allows.
 pub fn subscribe_options(
     access: &Access,
+    holder: Holder,
     request: v1::SubscribeRequest,
 ) -> Result<SubscribeOptions, Error> {
     let patterns = request
@@ -168,6 +218,8 @@ pub fn subscribe_options(
         queue_bytes: (request.queue_bytes > 0)
             .then(|| usize::try_from(request.queue_bytes).unwrap_or(usize::MAX)),
         lag_policy,
+        holder: Some(holder),
+        presence: request.presence,
     })
 }
 
@@ -276,7 +328,8 @@ impl Session {
             }
             Some(Req::Subscribe(subscribe)) => {
                 let opened = self.connection.open_subscription().and_then(|slot| {
-                    let options = subscribe_options(&self.access, subscribe)?;
+                    let holder = holder(&self.access, &self.connection, self.door);
+                    let options = subscribe_options(&self.access, holder, subscribe)?;
                     Ok((slot, self.hub.subscribe(options)?))
                 });
                 match opened {
@@ -372,8 +425,15 @@ async fn forward(
             }
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
+            Some(Ok(hub::Event::Presence(p))) => event(Event::Presence(wire::presence_event(p))),
             Some(Err(Error::ShuttingDown)) => {
                 // The door reports it once for the whole stream.
+                return;
+            }
+            Some(Err(Error::TopicDeleted(topic))) => {
+                let deleted = Event::Deleted(wire::topic_deleted(topic));
+                let _ = outbox.send(Ok(event(deleted))).await;
+                let _ = outbox.send(Ok(unsubscribed("deleted"))).await;
                 return;
             }
             Some(Err(error)) => {

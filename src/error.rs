@@ -20,6 +20,10 @@ pub enum Error {
     CursorAhead { cursor: String, head: u64 },
     /// No subscription has this id.
     UnknownSubscription(String),
+    /// No topic of this name has retained messages or live subscribers.
+    UnknownTopic(String),
+    /// The topic the subscription named was deleted (`DELETE /topics/{topic}`, `DeleteTopic`).
+    TopicDeleted(String),
     /// The subscriber's queue overflowed under the `disconnect` policy.
     SlowConsumer(Behind),
     /// The server is shutting down.
@@ -60,6 +64,7 @@ pub enum Kind {
     Unauthenticated,
     PermissionDenied,
     AlreadyExists,
+    Aborted,
 }
 
 impl Kind {
@@ -73,6 +78,7 @@ impl Kind {
             Kind::Unauthenticated => "UNAUTHENTICATED",
             Kind::PermissionDenied => "PERMISSION_DENIED",
             Kind::AlreadyExists => "ALREADY_EXISTS",
+            Kind::Aborted => "ABORTED",
         }
     }
 }
@@ -89,7 +95,8 @@ impl Error {
             Error::PayloadTooLarge { .. } | Error::SlowConsumer(_) | Error::LimitExceeded(_) => {
                 Kind::ResourceExhausted
             }
-            Error::UnknownSubscription(_) => Kind::NotFound,
+            Error::UnknownSubscription(_) | Error::UnknownTopic(_) => Kind::NotFound,
+            Error::TopicDeleted(_) => Kind::Aborted,
             Error::ShuttingDown | Error::Unavailable(_) => Kind::Unavailable,
             Error::Unauthenticated(_) => Kind::Unauthenticated,
             Error::PermissionDenied(_) => Kind::PermissionDenied,
@@ -119,6 +126,14 @@ impl fmt::Display for Error {
                 "cursor {cursor} is ahead of this hub, whose newest message is seq {head}; use a cursor this hub issued"
             ),
             Error::UnknownSubscription(id) => write!(f, "no subscription with id {id:?}"),
+            Error::UnknownTopic(topic) => write!(
+                f,
+                "no topic {topic:?}: it has no retained messages and no live subscribers"
+            ),
+            Error::TopicDeleted(topic) => write!(
+                f,
+                "topic {topic:?} was deleted: its history is gone and this subscription has ended; subscribe again to follow new messages"
+            ),
             Error::SlowConsumer(Behind::Messages(queue_size)) => write!(
                 f,
                 "subscriber fell more than {queue_size} messages behind and its lag policy is `disconnect`; read faster, raise queue_size, or use the `catch-up` policy"

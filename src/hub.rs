@@ -14,11 +14,18 @@
 //! The lock is a `std::sync::Mutex`, not an async one: it is never held across an `.await`, and
 //! every critical section is short and non-blocking (`try_send` into bounded queues), so the
 //! publisher is never blocked by a slow subscriber.
+//!
+//! Presence is kept in the same registry: each topic and each wildcard pattern has an ordered
+//! set of its subscriptions (a count is O(1), a page a range) and counters of joins and leaves
+//! that subscriptions watching presence read without the lock, once per `presence_interval`.
+//! Deleting a topic purges its history through the log's eviction and ends the subscriptions
+//! that named it exactly.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -50,6 +57,10 @@ pub const DEFAULT_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// Default of the largest byte budget a subscriber may ask for (`--max-queue-bytes`).
 pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Default of the shortest time between two presence events of one subscription
+/// (`--presence-interval`).
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Limits and defaults of a hub. Every field is a server option (see `config`).
 #[derive(Clone, Debug)]
 pub struct HubConfig {
@@ -80,6 +91,9 @@ pub struct HubConfig {
     pub clock: Clock,
     /// How long and how many idempotency keys are remembered (see [`crate::idempotency`]).
     pub idempotency: idempotency::Limits,
+    /// Shortest time between two presence events of one subscription: joins and leaves within
+    /// it are coalesced into one event.
+    pub presence_interval: Duration,
 }
 
 impl HubConfig {
@@ -111,6 +125,7 @@ impl Default for HubConfig {
                 age: idempotency::DEFAULT_WINDOW,
                 keys: idempotency::DEFAULT_KEYS,
             },
+            presence_interval: DEFAULT_PRESENCE_INTERVAL,
         }
     }
 }
@@ -170,6 +185,19 @@ pub struct SubscribeOptions {
     pub queue_bytes: Option<usize>,
     /// Lag policy (`None` = server default).
     pub lag_policy: Option<LagPolicy>,
+    /// Who opens it, as presence lists show it (`None`: not shown by name).
+    pub holder: Option<Holder>,
+    /// Whether it receives [`Event::Presence`] when subscriptions join or leave its topics.
+    pub presence: bool,
+}
+
+/// Who holds a subscription, as presence lists show it.
+#[derive(Clone, Debug)]
+pub struct Holder {
+    /// The token's subject, or the client's address when authentication is off.
+    pub client: Arc<str>,
+    /// The door it came through.
+    pub door: Door,
 }
 
 /// Messages in a seq range that a subscriber will not get.
@@ -222,6 +250,50 @@ pub enum Event {
     Gap(Gap),
     /// The subscriber fell behind; retained messages follow.
     Lag(Lag),
+    /// Subscriptions joined or left topics this one follows (only when asked for).
+    Presence(Vec<PresenceChange>),
+}
+
+/// How the live subscriptions of one topic or pattern changed since the previous presence event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The topic or pattern, as the subscription named it.
+    pub topic: String,
+    /// Live subscriptions now.
+    pub subscribers: u64,
+    /// Subscriptions that joined since the previous event.
+    pub joined: u64,
+    /// Subscriptions that left since the previous event.
+    pub left: u64,
+}
+
+/// One live subscription in a presence list.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Who holds it (`None`: opened without a holder).
+    pub holder: Option<Holder>,
+    /// When it started.
+    pub since: SystemTime,
+}
+
+/// A page of a topic's or pattern's presence.
+#[derive(Clone, Debug)]
+pub struct PresencePage {
+    /// Live subscriptions in all (not only this page).
+    pub subscribers: u64,
+    /// Up to the page's limit of them, oldest first.
+    pub members: Vec<Member>,
+    /// Where the next page starts (pass it as `from`), when there is one.
+    pub next: Option<u64>,
+}
+
+/// What deleting a topic did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deleted {
+    /// Retained messages purged.
+    pub purged_messages: u64,
+    /// Subscriptions ended because they named the topic exactly.
+    pub ended_subscriptions: u64,
 }
 
 impl Event {
@@ -231,6 +303,7 @@ impl Event {
             Event::Message(m) => metrics.delivered(door, m.published_at),
             Event::Gap(_) => metrics.gapped(door),
             Event::Lag(_) => metrics.lagged(door),
+            Event::Presence(_) => {}
         }
     }
 }
@@ -289,6 +362,9 @@ struct State {
     /// The wildcard patterns of live subscriptions; new topics are matched against them.
     wildcard_subs: PatternIndex,
     next_sub_id: u64,
+    /// Subscriptions naming each wildcard pattern, for presence of a pattern (a topic's
+    /// presence is its subscriber list).
+    patterns: HashMap<Pattern, PatternMembers>,
     /// Highest seq evicted from a topic that has since been forgotten entirely; a resume from
     /// before it may have missed messages there, so it is reported as a gap.
     forgotten_through: u64,
@@ -345,6 +421,43 @@ struct TopicState {
     /// The generation of this topic's one live entry in [`State::expiry`], if it has one (every
     /// topic with retained messages has).
     expiry_entry: Option<u64>,
+    /// The same subscriptions, ordered: presence pages read a range of it, and attaching checks
+    /// membership here.
+    members: BTreeSet<u64>,
+    /// Joins and leaves of `subscribers`, read by presence watchers without the lock.
+    presence: Arc<PresenceCounter>,
+}
+
+/// The subscriptions that named one wildcard pattern.
+#[derive(Default)]
+struct PatternMembers {
+    members: BTreeSet<u64>,
+    presence: Arc<PresenceCounter>,
+}
+
+/// Joins and leaves of one topic's or pattern's subscriptions, ever. Written under the hub's
+/// lock, one increment per join or leave; read without it by the subscriptions that watch
+/// presence, so that churn costs O(1) per join whatever the number of watchers.
+#[derive(Default)]
+struct PresenceCounter {
+    joined: AtomicU64,
+    left: AtomicU64,
+}
+
+impl PresenceCounter {
+    fn join(&self) {
+        self.joined.fetch_add(1, Ordering::Release);
+    }
+
+    fn leave(&self) {
+        self.left.fetch_add(1, Ordering::Release);
+    }
+
+    /// (joined, left); `left` is read first, so it never exceeds `joined`.
+    fn read(&self) -> (u64, u64) {
+        let left = self.left.load(Ordering::Acquire);
+        (self.joined.load(Ordering::Acquire), left)
+    }
 }
 
 struct SubEntry {
@@ -362,6 +475,8 @@ struct SubEntry {
     /// Topics whose subscriber lists hold this subscription.
     topics: Vec<Topic>,
     ended: Arc<OnceLock<Ended>>,
+    holder: Option<Holder>,
+    since: SystemTime,
 }
 
 /// A live subscription. Dropping it unsubscribes.
@@ -377,6 +492,35 @@ pub struct Subscription {
     /// Seq of the last message handed out, or the start position.
     last_seq: u64,
     head_at_start: u64,
+    /// Presence events, when asked for.
+    presence: Option<Box<PresenceWatch>>,
+}
+
+/// What a subscription watching presence has reported so far, per topic or pattern it named.
+struct PresenceWatch {
+    keys: Vec<(Pattern, Arc<PresenceCounter>, (u64, u64))>,
+    /// At most one presence event per tick.
+    tick: tokio::time::Interval,
+}
+
+impl PresenceWatch {
+    /// What changed since the last call, if anything.
+    fn changes(&mut self) -> Vec<PresenceChange> {
+        let mut changes = Vec::new();
+        for (key, counter, seen) in &mut self.keys {
+            let now = counter.read();
+            if now != *seen {
+                changes.push(PresenceChange {
+                    topic: key.as_str().to_owned(),
+                    subscribers: now.0 - now.1,
+                    joined: now.0 - seen.0,
+                    left: now.1 - seen.1,
+                });
+                *seen = now;
+            }
+        }
+        changes
+    }
 }
 
 /// Why the hub ended a subscription.
@@ -762,10 +906,15 @@ impl Hub {
                 policy: options.lag_policy.unwrap_or(config.lag_policy),
                 topics: Vec::new(),
                 ended: ended.clone(),
+                holder: options.holder,
+                since: config.clock.now(),
             },
         );
         for pattern in patterns.iter().filter(|p| p.as_topic().is_none()) {
             state.wildcard_subs.insert(pattern, id);
+            let members = state.patterns.entry(pattern.clone()).or_default();
+            members.members.insert(id);
+            members.presence.join();
         }
         for pattern in &patterns {
             match pattern.as_topic() {
@@ -788,6 +937,9 @@ impl Hub {
             }
         }
         let head_at_start = state.head;
+        let presence = options
+            .presence
+            .then(|| state.presence_watch(&patterns, config.presence_interval));
         drop(guard);
         Ok(Subscription {
             hub: self.clone(),
@@ -798,6 +950,7 @@ impl Hub {
             pending,
             last_seq: from,
             head_at_start,
+            presence,
         })
     }
 
@@ -919,6 +1072,101 @@ impl Hub {
                 state.forget_if_unused(&name);
             }
         }
+    }
+
+    /// The live subscriptions of `key`, at most `limit` from position `from` (0: the first; a
+    /// page's `next` continues after it), in the order they started.
+    ///
+    /// For a topic: every subscription a message published to it would reach (those naming it,
+    /// and those whose patterns match it). For a pattern: the subscriptions that named that
+    /// pattern. Under the lock, the count is O(1) and a page O(log n + limit): both read an
+    /// ordered member set. Only a topic that does not exist yet scans the wildcard
+    /// subscriptions.
+    pub fn presence(&self, key: &Pattern, from: u64, limit: usize) -> PresencePage {
+        let state = self.lock();
+        let page = |members: &BTreeSet<u64>| {
+            let mut rest = members.range(from..).copied();
+            let ids: Vec<u64> = rest.by_ref().take(limit).collect();
+            (members.len() as u64, ids, rest.next().is_some())
+        };
+        let (subscribers, ids, more) = match key.as_topic() {
+            None => match state.patterns.get(key) {
+                Some(members) => page(&members.members),
+                None => (0, Vec::new(), false),
+            },
+            Some(_) => match state.topics.get(key.as_str()) {
+                Some(topic) => page(&topic.members),
+                // A topic not created yet: only wildcard subscriptions would receive it.
+                None => {
+                    let mut matching = Vec::new();
+                    state
+                        .wildcard_subs
+                        .matches(key.as_str(), &mut |id| matching.push(id));
+                    matching.sort_unstable();
+                    matching.dedup();
+                    let (ids, more) = first_from(matching.iter().copied(), from, limit);
+                    (matching.len() as u64, ids, more)
+                }
+            },
+        };
+        let members = ids
+            .iter()
+            .map(|id| {
+                let entry = &state.subs[id];
+                Member {
+                    holder: entry.holder.clone(),
+                    since: entry.since,
+                }
+            })
+            .collect();
+        drop(state);
+        PresencePage {
+            subscribers,
+            members,
+            next: ids.last().map(|id| id + 1).filter(|_| more),
+        }
+    }
+
+    /// Deletes `topic`: purges its retained history (through the durable log too, so that a
+    /// restart does not bring it back) and ends the subscriptions that name it exactly with
+    /// [`Error::TopicDeleted`]. Subscriptions that follow it through a pattern continue; one
+    /// that resumes over the purged range is told of it by a `gap`.
+    pub fn delete_topic(&self, topic: &Topic) -> Result<Deleted, Error> {
+        let log = self.shared.log.as_deref();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(topic_state) = state.topics.get_mut(topic.as_str()) else {
+            return Err(Error::UnknownTopic(topic.to_string()));
+        };
+        let mut purged_messages = 0;
+        while !topic_state.log.is_empty() {
+            state.retained_bytes -= topic_state.log.pop_oldest(&mut |seq| {
+                if let Some(log) = log {
+                    log.evict(topic, seq);
+                }
+            });
+            purged_messages += 1;
+        }
+        let exact = state.naming(
+            state.topics[topic.as_str()].subscribers.iter().copied(),
+            |p| p.as_str() == topic.as_str(),
+        );
+        for id in &exact {
+            state.remove_sub(*id, Ended::Closed(Error::TopicDeleted(topic.to_string())));
+        }
+        // With pattern subscribers left the topic stays (empty, its watermark reporting the
+        // purged range); otherwise it is forgotten like an expired one.
+        if let Some(left) = state.topics.get(topic.as_str())
+            && left.subscribers.is_empty()
+        {
+            state.forgotten_through = state.forgotten_through.max(left.log.evicted_through());
+            state.topics.remove(topic.as_str());
+        }
+        tracing::info!(%topic, purged_messages, ended_subscriptions = exact.len(), "topic deleted");
+        Ok(Deleted {
+            purged_messages,
+            ended_subscriptions: exact.len() as u64,
+        })
     }
 
     /// Live subscriptions (all doors).
@@ -1090,7 +1338,9 @@ impl State {
             .topics
             .get_mut(topic)
             .expect("attach to an existing topic");
-        if topic_state.subscribers.insert(id) {
+        if topic_state.members.insert(id) {
+            topic_state.subscribers.insert(id);
+            topic_state.presence.join();
             self.subs
                 .get_mut(&id)
                 .expect("attach a live subscription")
@@ -1142,6 +1392,31 @@ impl State {
         exact.chain(scanned)
     }
 
+    /// Those of subscriptions `ids` that named a pattern for which `named` holds.
+    fn naming(&self, ids: impl Iterator<Item = u64>, named: impl Fn(&Pattern) -> bool) -> Vec<u64> {
+        ids.filter(|id| self.subs[id].patterns.iter().any(&named))
+            .collect()
+    }
+
+    /// What a new subscription naming `patterns` watches for presence events.
+    fn presence_watch(&self, patterns: &[Pattern], interval: Duration) -> Box<PresenceWatch> {
+        let keys = patterns
+            .iter()
+            .filter_map(|p| {
+                let counter = match p.as_topic() {
+                    Some(_) => self.topics.get(p.as_str())?.presence.clone(),
+                    None => self.patterns.get(p)?.presence.clone(),
+                };
+                let seen = counter.read();
+                Some((p.clone(), counter, seen))
+            })
+            .collect();
+        let period = interval.max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Box::new(PresenceWatch { keys, tick })
+    }
+
     fn remove_sub(&mut self, id: u64, why: Ended) {
         let Some(entry) = self.subs.remove(&id) else {
             return;
@@ -1149,12 +1424,21 @@ impl State {
         let _ = entry.ended.set(why);
         for pattern in entry.patterns.iter().filter(|p| p.as_topic().is_none()) {
             self.wildcard_subs.remove(pattern, id);
+            if let Some(members) = self.patterns.get_mut(pattern) {
+                members.members.remove(&id);
+                members.presence.leave();
+                if members.members.is_empty() {
+                    self.patterns.remove(pattern);
+                }
+            }
         }
         for name in &entry.topics {
             let Some(topic) = self.topics.get_mut(name) else {
                 continue;
             };
             topic.subscribers.swap_remove(&id);
+            topic.members.remove(&id);
+            topic.presence.leave();
             self.forget_if_unused(name);
         }
         // Dropping `entry.tx` here wakes the subscriber, which then finds `ended` set.
@@ -1246,6 +1530,14 @@ impl Subscription {
 
     /// [`Subscription::next`] for hand-written futures and bodies: no future is built per event.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, Error>>> {
+        if let Some(watch) = &mut self.presence {
+            while watch.tick.poll_tick(cx).is_ready() {
+                let changes = watch.changes();
+                if !changes.is_empty() {
+                    return Poll::Ready(Some(Ok(Event::Presence(changes))));
+                }
+            }
+        }
         loop {
             if let Some(event) = self.pending.pop_front() {
                 if let Event::Message(m) = &event {
@@ -1300,6 +1592,20 @@ fn requested(
         ))),
         Some(n) => Ok(n),
     }
+}
+
+/// The `limit` smallest of `ids` from `from` on, ascending, and whether there are more.
+fn first_from(ids: impl Iterator<Item = u64>, from: u64, limit: usize) -> (Vec<u64>, bool) {
+    let mut kept = BinaryHeap::with_capacity(limit + 1);
+    let mut above = 0;
+    for id in ids.filter(|id| *id >= from) {
+        above += 1;
+        kept.push(id);
+        if kept.len() > limit {
+            kept.pop();
+        }
+    }
+    (kept.into_sorted_vec(), above > limit)
 }
 
 /// `sub-EPOCH-N-SECRET` -> (N, SECRET).

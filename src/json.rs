@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 
 use crate::error::Error;
 use crate::hub::{self, Headers, Message};
+use crate::wire::v1;
 
 /// A message to publish. Give the body as `payload` (a JSON string is published as its text; any
 /// other JSON value is published as JSON with `content-type: application/json`) or as
@@ -178,6 +179,64 @@ impl From<hub::Lag> for LagJson {
         LagJson {
             from_seq: lag.from_seq,
             to_seq: lag.to_seq,
+        }
+    }
+}
+
+/// `data` of the SSE `presence` event (and the WebSocket `presence` field): subscriptions joined
+/// or left topics or patterns the subscription follows since its previous presence event. At
+/// most one per `--presence-interval` (1 s by default): churn is coalesced into counts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresenceJson {
+    /// Each topic or pattern of the subscription whose subscriptions changed.
+    pub topics: Vec<PresenceChangeJson>,
+}
+
+/// How the live subscriptions of one topic or pattern changed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresenceChangeJson {
+    /// The topic or pattern, as the subscription named it.
+    pub topic: String,
+    /// Live subscriptions now.
+    pub subscribers: u64,
+    /// Subscriptions that joined since the previous presence event.
+    pub joined: u64,
+    /// Subscriptions that left since the previous presence event.
+    pub left: u64,
+}
+
+impl From<v1::PresenceEvent> for PresenceJson {
+    fn from(event: v1::PresenceEvent) -> PresenceJson {
+        PresenceJson {
+            topics: event
+                .topics
+                .into_iter()
+                .map(|c| PresenceChangeJson {
+                    topic: c.topic,
+                    subscribers: c.subscribers,
+                    joined: c.joined,
+                    left: c.left,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `data` of the SSE `deleted` event (and the WebSocket `deleted` field): a topic the
+/// subscription named was deleted, and the subscription has ended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TopicDeletedJson {
+    /// The deleted topic.
+    pub topic: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl From<v1::TopicDeleted> for TopicDeletedJson {
+    fn from(deleted: v1::TopicDeleted) -> TopicDeletedJson {
+        TopicDeletedJson {
+            topic: deleted.topic,
+            message: deleted.message,
         }
     }
 }

@@ -13,8 +13,8 @@
 //!    `pattern_index` wildcard subscriptions by pattern (a subject trie); [`cursor`] `EPOCH-SEQ`
 //!    positions; [`message`] an accepted message; [`idempotency`] the window of recent
 //!    idempotency keys (a retried publish answers with the original); [`log`] the history behind one interface (memory, disk); `queue`, the
-//!    bounded queue to each subscription; [`hub`] topics, subscriptions, seqs, retention, lag, the
-//!    only shared state; [`error`] the hub's error type.
+//!    bounded queue to each subscription; [`hub`] topics, subscriptions, seqs, retention, lag,
+//!    presence, topic deletion, the only shared state; [`error`] the hub's error type.
 //! 2. Policy: [`auth`] turns a credential into an `Access` (knows no transport); [`limits`]
 //!    connections, subscriptions, publish rates; [`metrics`] Prometheus, a leaf everyone reports
 //!    to; [`logging`] the log filter, tokens blanked; [`tls`] certificates, reloadable;

@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::Access;
-use crate::connect::{Outbox, Session, publish, start_publish, subscribe_options, subscribed};
+use crate::connect::{
+    Outbox, Session, delete_topic, holder, presence, publish, start_publish, subscribe_options,
+    subscribed,
+};
 use crate::error::{Error, Kind};
 use crate::hub::{self, Hub, Publishing, Subscription};
 use crate::limits::{Connection, Limits, SubscriptionSlot};
@@ -37,6 +40,7 @@ impl From<Error> for Status {
             Kind::Unauthenticated => Code::Unauthenticated,
             Kind::PermissionDenied => Code::PermissionDenied,
             Kind::AlreadyExists => Code::AlreadyExists,
+            Kind::Aborted => Code::Aborted,
         };
         Status::new(code, error.to_string())
     }
@@ -268,9 +272,12 @@ impl v1::pub_sub_server::PubSub for PubSubService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = caller(&request)?;
         let slot = caller.connection.open_subscription()?;
-        let subscription = self
-            .hub
-            .subscribe(subscribe_options(&caller.access, request.into_inner())?)?;
+        let holder = holder(&caller.access, &caller.connection, caller.door);
+        let subscription = self.hub.subscribe(subscribe_options(
+            &caller.access,
+            holder,
+            request.into_inner(),
+        )?)?;
         let subscribed = v1::SubscribeResponse {
             event: Some(v1::subscribe_response::Event::Subscribed(subscribed(
                 &subscription,
@@ -339,6 +346,34 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             .map(wire::topic_info)
             .collect();
         Ok(Response::new(v1::ListTopicsResponse { topics }))
+    }
+
+    async fn presence(
+        &self,
+        request: Request<v1::PresenceRequest>,
+    ) -> Result<Response<v1::PresenceResponse>, Status> {
+        let access = caller(&request)?.access;
+        let request = request.into_inner();
+        let page = presence(
+            &self.hub,
+            &access,
+            &request.topic,
+            request.after,
+            request.limit as usize,
+        )?;
+        Ok(Response::new(wire::presence_page(page)))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        let access = caller(&request)?.access;
+        let deleted = delete_topic(&self.hub, &access, &request.into_inner().topic)?;
+        Ok(Response::new(v1::DeleteTopicResponse {
+            purged_messages: deleted.purged_messages,
+            ended_subscriptions: deleted.ended_subscriptions,
+        }))
     }
 }
 

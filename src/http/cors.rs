@@ -17,7 +17,7 @@ const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 pub fn layer() -> CorsLayer {
     CorsLayer::new()
         .allow_origin(Any)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
         .allow_headers(Any)
         .expose_headers([
             header::HeaderName::from_static("grpc-status"),

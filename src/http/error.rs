@@ -69,7 +69,7 @@ impl From<Error> for ApiError {
             (_, Kind::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
             (_, Kind::Unauthenticated) => StatusCode::UNAUTHORIZED,
             (_, Kind::PermissionDenied) => StatusCode::FORBIDDEN,
-            (_, Kind::AlreadyExists) => StatusCode::CONFLICT,
+            (_, Kind::AlreadyExists | Kind::Aborted) => StatusCode::CONFLICT,
         };
         ApiError::new(status, kind.code_name(), error.to_string())
     }

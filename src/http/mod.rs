@@ -31,7 +31,10 @@ use crate::limits::{Connection, Limits};
 use crate::metrics::{Door, Snapshot};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
-use json::{Health, HistoryJson, PublishBody, Published, TopicJson, TopicList};
+use json::{
+    DeletedJson, Health, HistoryJson, PresencePageJson, PublishBody, Published, TopicJson,
+    TopicList,
+};
 
 /// The request header naming a publish for de-duplication (draft-ietf-httpapi-idempotency-key).
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -110,7 +113,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (header_only, header_paths) = guard(
         OpenApiRouter::new()
             .routes(routes!(publish))
-            .routes(routes!(publish_raw))
+            .routes(routes!(publish_raw, delete_topic))
             .routes(routes!(list_topics)),
         Guard::Header,
     );
@@ -118,6 +121,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         OpenApiRouter::new()
             .routes(routes!(sse::subscribe))
             .routes(routes!(history))
+            .routes(routes!(presence))
             .routes(routes!(crate::ws::connect)),
         Guard::Browser,
     );
@@ -189,7 +193,10 @@ fn document_auth(
                 error("The request body did not arrive within --http-body-timeout").into(),
             );
         }
-        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+        for operation in [&mut item.get, &mut item.post, &mut item.delete]
+            .into_iter()
+            .flatten()
+        {
             let mut security = vec![
                 SecurityRequirement::default(),
                 SecurityRequirement::new("bearer", Vec::<String>::new()),
@@ -209,7 +216,7 @@ fn document_auth(
             );
             responses.insert(
                 "403".into(),
-                error("The token does not allow this topic or pattern").into(),
+                error("The token does not allow this topic or pattern (deleting a topic: the token has no admin claim)").into(),
             );
             responses.insert(
                 "429".into(),
@@ -439,17 +446,7 @@ async fn history(
         match &*key {
             "after" => after = Some(value.parse::<Cursor>()?),
             auth::TOKEN_PARAM => {}
-            "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_HISTORY_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "limit must be a whole number from 1 to {MAX_HISTORY_LIMIT}, got {value:?}"
-                        ))
-                    })?;
-            }
+            "limit" => limit = page_limit(&value, MAX_HISTORY_LIMIT)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {other:?}; this route takes after, limit"
@@ -479,6 +476,104 @@ async fn history(
         )),
     )
         .into_response())
+}
+
+/// List the live subscriptions of a topic or pattern.
+///
+/// For a topic: every subscription a message published to it would reach (those naming it and
+/// those whose patterns match it). For a pattern: the subscriptions that named that pattern.
+/// `subscribers` counts them all; `members` is one page, oldest first.
+#[utoipa::path(
+    get,
+    path = "/topics/{topic}/presence",
+    tag = "topics",
+    params(
+        ("topic" = json::TopicPattern, Path, description = "Topic or pattern", example = "demo.greetings"),
+        ("after" = Option<i64>, Query, minimum = 0, description = "Where the page starts: the `next` of the previous page (absent or 0: the first page)"),
+        ("limit" = Option<usize>, Query, description = "At most this many subscriptions (default 100, at most 1000)", minimum = 1, maximum = 1000),
+    ),
+    responses(
+        (status = 200, description = "A page of the live subscriptions", body = PresencePageJson),
+        (status = 400, description = "Invalid topic, pattern, position or limit", body = ErrorBody),
+    )
+)]
+async fn presence(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path(topic): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<PresencePageJson>, ApiError> {
+    let mut after = 0;
+    let mut limit = crate::connect::DEFAULT_PRESENCE_LIMIT;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "after" => {
+                // Positions fit an int64, as the document says; anything else is not one.
+                after = value
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "after must be the `next` of a previous page (a whole number), got {value:?}"
+                        ))
+                    })?;
+            }
+            "limit" => limit = page_limit(&value, crate::connect::MAX_PRESENCE_LIMIT)?,
+            auth::TOKEN_PARAM => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}; this route takes after, limit"
+                )));
+            }
+        }
+    }
+    let page = crate::connect::presence(&state.hub, &access, &topic, after, limit)?;
+    Ok(Json(PresencePageJson::of(topic, page)))
+}
+
+/// Delete a topic.
+///
+/// Purges its retained history (durably, with a data dir: a restart does not bring it back) and
+/// ends the subscriptions that name it exactly: SSE streams with a `deleted` event, WebSocket
+/// subscriptions with `deleted` then `unsubscribed`, gRPC streams with ABORTED. Subscriptions
+/// that follow it through a pattern continue; a resume over the purged range gets a `gap`. With
+/// authentication on, needs a token whose `topichub` claim has `"admin": true`.
+#[utoipa::path(
+    delete,
+    path = "/topics/{topic}",
+    tag = "topics",
+    params(("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)")),
+    responses(
+        (status = 200, description = "Deleted", body = DeletedJson),
+        (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
+        (status = 404, description = "No such topic: it has no retained messages and no live subscribers", body = ErrorBody),
+    )
+)]
+async fn delete_topic(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path(topic): Path<String>,
+) -> Result<Json<DeletedJson>, ApiError> {
+    let deleted = crate::connect::delete_topic(&state.hub, &access, &topic)?;
+    Ok(Json(DeletedJson {
+        topic,
+        purged_messages: deleted.purged_messages,
+        ended_subscriptions: deleted.ended_subscriptions,
+    }))
+}
+
+/// A page's `limit` query parameter: 1 to `max`.
+fn page_limit(value: &str, max: usize) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "limit must be a whole number from 1 to {max}, got {value:?}"
+            ))
+        })
 }
 
 /// History pages up to this size are sent whole (with a `content-length`); larger ones are

@@ -9,8 +9,8 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::hub::LagPolicy;
 use crate::json::{
-    CursorText, ErrorDetail, GapJson, IdempotencyKey, LagJson, MessageJson, PublishBody,
-    SubscribedJson, TopicPattern,
+    CursorText, ErrorDetail, GapJson, IdempotencyKey, LagJson, MessageJson, PresenceJson,
+    PublishBody, SubscribedJson, TopicDeletedJson, TopicPattern,
 };
 use crate::wire::v1;
 
@@ -55,6 +55,9 @@ pub struct WsSubscribe {
     /// `catch-up` (default) or `disconnect`.
     #[schema(pattern = "^(catch-up|disconnect)$")]
     pub lag_policy: Option<String>,
+    /// `true`: also receive `presence` events when subscriptions join or leave the topics and
+    /// patterns of this subscription, at most one per --presence-interval, with counts.
+    pub presence: Option<bool>,
 }
 
 /// Publish a message: the fields of `POST /publish`, and an optional idempotency key. Only a
@@ -108,6 +111,12 @@ pub struct WsResponse {
     /// A subscription ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsubscribed: Option<WsUnsubscribed>,
+    /// Subscriptions joined or left the topics of a subscription (only with `presence`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceJson>,
+    /// A topic the subscription named was deleted; `unsubscribed` (reason `deleted`) follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<TopicDeletedJson>,
     /// A request failed; the socket stays open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
@@ -130,7 +139,8 @@ pub struct WsAck {
 /// Why a subscription ended.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WsUnsubscribed {
-    /// `unsubscribed` (asked for) or `lagged` (its lag policy is `disconnect`).
+    /// `unsubscribed` (asked for), `lagged` (its lag policy is `disconnect`) or `deleted` (its
+    /// topic was deleted).
     pub reason: String,
 }
 
@@ -246,6 +256,7 @@ impl WsSubscribe {
             queue_size: self.queue_size.unwrap_or(0),
             queue_bytes: self.queue_bytes.unwrap_or(0),
             lag_policy: lag_policy as i32,
+            presence: self.presence.unwrap_or(false),
         })
     }
 }
@@ -298,6 +309,8 @@ pub fn encode(response: v1::ConnectResponse) -> String {
         Some(Event::Unsubscribed(u)) => {
             frame.unsubscribed = Some(WsUnsubscribed { reason: u.reason })
         }
+        Some(Event::Presence(p)) => frame.presence = Some(PresenceJson::from(p)),
+        Some(Event::Deleted(d)) => frame.deleted = Some(TopicDeletedJson::from(d)),
         None => {}
     }
     serde_json::to_string(&frame).expect("JSON shapes serialize")

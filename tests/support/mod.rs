@@ -688,3 +688,70 @@ impl CliSub {
         .await
     }
 }
+
+/// A WebSocket to a broker's `GET /ws`, over plain TCP.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `ws://ADDR/ws`.
+pub async fn ws_open(broker: &Broker) -> Ws {
+    let url = format!("ws://{}/ws", broker.addr);
+    within("WebSocket handshake", tokio_tungstenite::connect_async(url))
+        .await
+        .expect("upgrade")
+        .0
+}
+
+/// Sends `frame` as a JSON text frame.
+pub async fn ws_send(ws: &mut Ws, frame: serde_json::Value) {
+    use futures_util::SinkExt as _;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        frame.to_string().into(),
+    ))
+    .await
+    .expect("send");
+}
+
+/// The next JSON text frame (pings and pongs skipped); panics if the socket ends.
+pub async fn ws_recv(ws: &mut Ws) -> serde_json::Value {
+    use tokio_tungstenite::tungstenite::Message;
+    within("a WebSocket frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(text.as_str()).expect("JSON frame");
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Sends a `subscribe` request with the fields `subscribe` and waits for its `subscribed` answer.
+pub async fn ws_subscribe(ws: &mut Ws, request_id: u64, subscribe: serde_json::Value) {
+    ws_send(
+        ws,
+        serde_json::json!({"request_id": request_id, "subscribe": subscribe}),
+    )
+    .await;
+    let answer = ws_recv(ws).await;
+    assert!(answer.get("subscribed").is_some(), "{answer}");
+}
+
+/// An HS256 token signed with `secret` whose claims are `claims` plus `exp` an hour from now.
+pub fn hs256_token(secret: &str, mut claims: serde_json::Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    claims["exp"] = exp.into();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
