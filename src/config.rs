@@ -97,7 +97,7 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_IDEMPOTENCY_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
     pub idempotency_window: Duration,
 
-    /// Most idempotency keys remembered at once (each costs about its length plus 100 bytes);
+    /// Most idempotency keys remembered at once (each costs about its length plus 170 bytes);
     /// beyond it the oldest is forgotten first, shortening the window under heavy keyed traffic.
     #[arg(long, env = "TOPICHUB_IDEMPOTENCY_KEYS", default_value_t = crate::idempotency::DEFAULT_KEYS)]
     pub idempotency_keys: usize,
