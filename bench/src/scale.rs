@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -29,7 +29,7 @@ use crate::clients::{Publisher, Target};
 use crate::scenarios::{Figures, Params};
 use crate::servers::{Launch, Server};
 use crate::stats::{
-    CpuSeconds, Histogram, Sink, client_cpu_seconds, cpu_seconds, rss_kib, stamped_payload,
+    CpuSeconds, Histogram, Sink, client_cpu_seconds, cpu_seconds, now_us, rss_kib, stamped_payload,
 };
 
 const STORM_TOPIC: &str = "bench.storm";
@@ -119,13 +119,31 @@ impl CpuWindow {
 }
 
 /// Publishes to one topic at a fixed rate from a thread of its own, recording each publish's
-/// latency (from its scheduled time to its acknowledgement) into the histogram of the current
-/// phase, or nowhere between phases.
+/// latency (from its scheduled time to its acknowledgement) into the histogram of the phase
+/// its scheduled time falls in, or nowhere between phases.
 struct Probe {
-    phase: Arc<AtomicUsize>,
-    histograms: Arc<Vec<Histogram>>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<ProbeShared>,
+    rate: f64,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+struct ProbeShared {
+    /// Per phase: when it began and ended (`now_us`; `u64::MAX` for not yet).
+    phases: Vec<(AtomicU64, AtomicU64)>,
+    histograms: Vec<Histogram>,
+    /// The phase under way, if any.
+    current: AtomicUsize,
+    /// The scheduled time of the newest publish acknowledged.
+    done_until: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl ProbeShared {
+    fn phase_of(&self, scheduled_us: u64) -> Option<usize> {
+        self.phases.iter().position(|(start, end)| {
+            (start.load(Relaxed)..end.load(Relaxed)).contains(&scheduled_us)
+        })
+    }
 }
 
 const NO_PHASE: usize = usize::MAX;
@@ -139,15 +157,29 @@ impl Probe {
         phases: usize,
     ) -> anyhow::Result<Probe> {
         ensure!(rate > 0.0, "--probe-rate must be positive");
-        let phase = Arc::new(AtomicUsize::new(NO_PHASE));
-        let histograms = Arc::new((0..phases).map(|_| Histogram::new()).collect::<Vec<_>>());
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(ProbeShared {
+            phases: (0..phases)
+                .map(|_| (AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)))
+                .collect(),
+            histograms: (0..phases).map(|_| Histogram::new()).collect(),
+            current: AtomicUsize::new(NO_PHASE),
+            done_until: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn({
-            let (phase, histograms, stop) = (phase.clone(), histograms.clone(), stop.clone());
+            let shared = shared.clone();
             move || {
                 crate::client_runtime()?.block_on(async move {
-                    let mut publisher = match Publisher::connect(target, addr).await {
+                    let connected = async {
+                        let mut publisher = Publisher::connect(target, addr).await?;
+                        // The first publish on a connection is slower; not a figure.
+                        publisher
+                            .publish(PROBE_TOPIC, stamped_payload(payload), true)
+                            .await?;
+                        anyhow::Ok(publisher)
+                    };
+                    let mut publisher = match connected.await {
                         Ok(publisher) => {
                             let _ = ready_tx.send(Ok(()));
                             publisher
@@ -157,17 +189,21 @@ impl Probe {
                             return Ok(());
                         }
                     };
+                    // Burst: publishes a stall held back go out at once afterwards, each
+                    // counting its lateness from its own scheduled time.
                     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
                     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-                    while !stop.load(Relaxed) {
+                    while !shared.stop.load(Relaxed) {
                         let scheduled = tick.tick().await;
-                        let recording = phase.load(Relaxed);
+                        let scheduled_us =
+                            now_us().saturating_sub(scheduled.elapsed().as_micros() as u64);
                         publisher
                             .publish(PROBE_TOPIC, stamped_payload(payload), true)
                             .await?;
-                        if let Some(h) = histograms.get(recording) {
-                            h.record(scheduled.elapsed().as_micros() as u64);
+                        if let Some(phase) = shared.phase_of(scheduled_us) {
+                            shared.histograms[phase].record(scheduled.elapsed().as_micros() as u64);
                         }
+                        shared.done_until.store(scheduled_us, Relaxed);
                     }
                     anyhow::Ok(())
                 })
@@ -177,24 +213,46 @@ impl Probe {
             .recv()
             .context("the probe publisher's thread ended")??;
         Ok(Probe {
-            phase,
-            histograms,
-            stop,
+            shared,
+            rate,
             thread: Some(thread),
         })
     }
 
     fn record(&self, phase: usize) {
-        self.phase.store(phase, Relaxed);
+        let (start, end) = &self.shared.phases[phase];
+        end.store(u64::MAX, Relaxed);
+        start.store(now_us(), Relaxed);
+        self.shared.current.store(phase, Relaxed);
     }
 
     fn pause(&self) {
-        self.phase.store(NO_PHASE, Relaxed);
+        let phase = self.shared.current.swap(NO_PHASE, Relaxed);
+        if let Some((_, end)) = self.shared.phases.get(phase) {
+            end.store(now_us(), Relaxed);
+        }
     }
 
-    /// p99 and max (ms) and the publishes recorded in `phase`.
-    fn figures(&self, phase: usize) -> (f64, f64, f64) {
-        let h = &self.histograms[phase];
+    /// Waits until the probe is on time again (its newest publish scheduled at most two
+    /// intervals ago) after a stall held it back, so that its lateness does not spill into the
+    /// next phase; at most 10 s (a probe slower than its rate is never on time).
+    async fn catch_up(&self) {
+        let slack = (2.0 * 1e6 / self.rate) as u64;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.shared.done_until.load(Relaxed) + slack < now_us() && Instant::now() < deadline {
+            sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// p99 and max (ms) and the publishes recorded in `phase`, once every publish scheduled
+    /// in it is done.
+    async fn figures(&self, phase: usize) -> (f64, f64, f64) {
+        let end = self.shared.phases[phase].1.load(Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.shared.done_until.load(Relaxed) < end && Instant::now() < deadline {
+            sleep(Duration::from_millis(5)).await;
+        }
+        let h = &self.shared.histograms[phase];
         (
             h.quantile_ms(0.99).unwrap_or(0.0),
             h.quantile_ms(1.0).unwrap_or(0.0),
@@ -204,7 +262,7 @@ impl Probe {
 
     /// Stops the probe; fails if one of its publishes failed.
     fn finish(mut self) -> anyhow::Result<()> {
-        self.stop.store(true, Relaxed);
+        self.shared.stop.store(true, Relaxed);
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(result)) => result.context("probe publisher"),
             Some(Err(_)) => bail!("the probe publisher panicked"),
@@ -215,7 +273,7 @@ impl Probe {
 
 impl Drop for Probe {
     fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
+        self.shared.stop.store(true, Relaxed);
     }
 }
 
@@ -415,7 +473,8 @@ async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow
         "the broker reports {held} subscribers of {n}"
     );
 
-    // The disconnect storm: every connection closes at once.
+    // The disconnect storm: every connection closes at once, once the probe has caught up.
+    probe.catch_up().await;
     let window = CpuWindow::start(pid);
     probe.record(1);
     for c in &opened {
@@ -440,8 +499,8 @@ async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow
     }
     let unsubscribe = window.finish();
     probe.pause();
-    let (sub_p99, sub_max, _) = probe.figures(0);
-    let (unsub_p99, unsub_max, unsub_count) = probe.figures(1);
+    let (sub_p99, sub_max, sub_count) = probe.figures(0).await;
+    let (unsub_p99, unsub_max, unsub_count) = probe.figures(1).await;
     probe.finish()?;
     Ok(Figures::from([
         (at("subscribe_s", n), subscribe.seconds),
@@ -449,6 +508,7 @@ async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow
         (at("subscribe_server_cpu_share", n), subscribe.server_share),
         (at("subscribe_publish_p99_ms", n), sub_p99),
         (at("subscribe_publish_max_ms", n), sub_max),
+        (at("subscribe_publishes", n), sub_count),
         (at("unsubscribe_s", n), unsubscribe.seconds),
         (
             at("unsubscribe_client_cpu_share", n),
@@ -649,13 +709,16 @@ async fn topics_run(
                 );
             }
         }
+        probe.catch_up().await;
         probe.record(i);
         sleep(Duration::from_secs_f64(p.seconds)).await;
         probe.pause();
-        let (p99, max, _) = probe.figures(i);
+        let (p99, max, _) = probe.figures(i).await;
         figures.insert(at("probe_p99_ms", n), p99);
         figures.insert(at("probe_max_ms", n), max);
     }
+    growth(&mut figures, "probe_p99_ms", counts);
+    growth(&mut figures, "probe_max_ms", counts);
     if fill_seconds > 0.0 {
         figures.insert("fill_per_s".into(), filled as f64 / fill_seconds);
         figures.insert("fill_client_cpu_share".into(), fill_client / fill_seconds);
@@ -690,10 +753,15 @@ async fn topics_run(
         let expiry_s = window.finish().seconds;
         sleep(Duration::from_secs(1)).await;
         probe.pause();
-        let (p99, max, _) = probe.figures(expiring);
+        let (p99, max, _) = probe.figures(expiring).await;
         figures.insert("expiry_s".into(), expiry_s);
         figures.insert("expiry_probe_p99_ms".into(), p99);
         figures.insert("expiry_probe_max_ms".into(), max);
+        if let Some(calm) = figures.get(&at("probe_p99_ms", counts[0])).copied()
+            && calm > 0.0
+        {
+            figures.insert("expiry_probe_p99_growth".into(), p99 / calm);
+        }
         figures.insert(
             "rss_mib_after_expiry".into(),
             rss_kib(pid).unwrap_or(0.0) / 1024.0,
