@@ -307,15 +307,35 @@ impl Http {
         Ok(body)
     }
 
-    /// Live subscriptions, from `/healthz`.
-    async fn subscribers(&mut self) -> anyhow::Result<u64> {
-        let health: serde_json::Value = serde_json::from_slice(&self.get("/healthz").await?)?;
-        health["subscribers"]
+    /// Live subscriptions of one topic, from its presence page: O(log n) at the broker, where
+    /// `/healthz` and `/metrics` walk every subscription and topic under the hub's lock, which
+    /// would stall the very publishes the probe measures.
+    async fn subscribers(&mut self, topic: &str) -> anyhow::Result<u64> {
+        let page: serde_json::Value = serde_json::from_slice(
+            &self
+                .get(&format!("/topics/{topic}/presence?limit=1"))
+                .await?,
+        )?;
+        page["subscribers"]
             .as_u64()
-            .context("no `subscribers` in /healthz")
+            .context("no `subscribers` in the presence page")
     }
 
-    /// One unlabelled gauge or counter from `/metrics`, e.g. `topichub_topics`.
+    /// Whether `topic` still retains a message (one topic's history: no walk of the others).
+    async fn retains(&mut self, topic: &str) -> anyhow::Result<bool> {
+        let page: serde_json::Value = serde_json::from_slice(
+            &self
+                .get(&format!("/topics/{topic}/messages?limit=1"))
+                .await?,
+        )?;
+        let messages = page["messages"]
+            .as_array()
+            .context("no `messages` in the history page")?;
+        Ok(!messages.is_empty())
+    }
+
+    /// One unlabelled gauge or counter from `/metrics`, e.g. `topichub_topics`. The broker
+    /// walks every topic for it: not while the probe records.
     async fn metric(&mut self, name: &str) -> anyhow::Result<f64> {
         let text = self.get("/metrics").await?;
         let text = std::str::from_utf8(&text)?;
@@ -467,7 +487,7 @@ async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow
     sink.wait_ready(n, limit).await?;
     let subscribe = window.finish();
     probe.pause();
-    let held = http.subscribers().await?;
+    let held = http.subscribers(STORM_TOPIC).await?;
     ensure!(
         held >= n as u64,
         "the broker reports {held} subscribers of {n}"
@@ -486,7 +506,7 @@ async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow
     drop(opened);
     let deadline = Instant::now() + limit;
     loop {
-        let left = http.subscribers().await?;
+        let left = http.subscribers(STORM_TOPIC).await?;
         if left == 0 {
             break;
         }
@@ -724,13 +744,13 @@ async fn topics_run(
         figures.insert("fill_client_cpu_share".into(), fill_client / fill_seconds);
         figures.insert("fill_server_cpu_share".into(), fill_server / fill_seconds);
     }
-    // The expiry: from the first topic gone until only the probe's own is left, and one more
-    // pass.
+    // The expiry: topics age in the order they were filled, so from the first topic's message
+    // gone until the last one's, and one more pass.
     if filled > 0 {
         let expiring = counts.len();
+        let (first, last) = (topic_name(0), topic_name(filled - 1));
         let deadline = Instant::now() + Duration::from_secs_f64(p.topics_retain_age + 60.0);
-        let held = |n: f64| n >= filled as f64;
-        while held(http.metric("topichub_topics").await?) {
+        while http.retains(&first).await? {
             ensure!(
                 Instant::now() < deadline,
                 "no topic expired within --topics-retain-age + 60 s"
@@ -739,14 +759,10 @@ async fn topics_run(
         }
         let window = CpuWindow::start(pid);
         probe.record(expiring);
-        loop {
-            let left = http.metric("topichub_topics").await?;
-            if left <= 1.0 {
-                break;
-            }
+        while http.retains(&last).await? {
             ensure!(
                 Instant::now() < deadline,
-                "{left} topics left after --topics-retain-age + 60 s"
+                "{last} still retained after --topics-retain-age + 60 s"
             );
             sleep(Duration::from_millis(10)).await;
         }
@@ -762,6 +778,10 @@ async fn topics_run(
         {
             figures.insert("expiry_probe_p99_growth".into(), p99 / calm);
         }
+        figures.insert(
+            "topics_after_expiry".into(),
+            http.metric("topichub_topics").await?,
+        );
         figures.insert(
             "rss_mib_after_expiry".into(),
             rss_kib(pid).unwrap_or(0.0) / 1024.0,
@@ -788,11 +808,7 @@ async fn fill(
                     return anyhow::Ok(publisher);
                 }
                 publisher
-                    .publish(
-                        &format!("bench.topic.{k}"),
-                        stamped_payload(TOPIC_PAYLOAD),
-                        true,
-                    )
+                    .publish(&topic_name(k), stamped_payload(TOPIC_PAYLOAD), true)
                     .await?;
             }
         });
@@ -802,6 +818,10 @@ async fn fill(
         back.push(result??);
     }
     Ok(back)
+}
+
+fn topic_name(k: usize) -> String {
+    format!("bench.topic.{k}")
 }
 
 /// Lets the server finish what it is doing before memory is read.
