@@ -482,6 +482,7 @@ impl Results {
         );
         // The scale scenarios: how a cost grew from the smallest point to the largest.
         let grew = |what: &str,
+                    unit: &str,
                     scenario: &str,
                     door: &str,
                     base: &str,
@@ -494,7 +495,7 @@ impl Results {
             };
             if let Some(value) = self.figure(scenario, door, &format!("{base}_growth")) {
                 out.push(Comparison {
-                    what: format!("{what}, at {last} over at {first}"),
+                    what: format!("{what}, {last} / {first} {unit}"),
                     topichub: door.into(),
                     value,
                     peer: format!("at {first}"),
@@ -513,7 +514,8 @@ impl Results {
         };
         let storm = "topichub-grpc-mux";
         grew(
-            "subscribe storm, seconds",
+            "subscribe storm time",
+            "streams",
             "storm",
             storm,
             "subscribe_s",
@@ -522,7 +524,8 @@ impl Results {
             &mut out,
         );
         grew(
-            "disconnect storm, seconds",
+            "disconnect storm time",
+            "streams",
             "storm",
             storm,
             "unsubscribe_s",
@@ -554,7 +557,8 @@ impl Results {
         }
         // Noise between runs on this machine is about 15 %: "does not grow" within that.
         grew(
-            "server CPU per publish to a new topic, wildcard subscriptions",
+            "server CPU per publish to a new topic",
+            "wildcards",
             "wildcards",
             "topichub-grpc",
             "server_cpu_us_per_publish",
@@ -563,7 +567,8 @@ impl Results {
             &mut out,
         );
         grew(
-            "publishes/s to new topics, wildcard subscriptions",
+            "publishes/s to new topics",
+            "wildcards",
             "wildcards",
             "topichub-grpc",
             "publish_per_s",
@@ -587,7 +592,8 @@ impl Results {
         }
         // Latency tails are noisier than rates: independent within half again.
         grew(
-            "publish p99 to an unrelated topic, topics held",
+            "publish p99, unrelated topic",
+            "topics",
             "topics",
             "topichub-sse",
             "probe_p99_ms",
@@ -596,7 +602,8 @@ impl Results {
             &mut out,
         );
         grew(
-            "slowest publish to an unrelated topic, topics held",
+            "slowest publish, unrelated topic",
+            "topics",
             "topics",
             "topichub-sse",
             "probe_max_ms",
@@ -1190,14 +1197,8 @@ mod tests {
         assert_eq!(
             met,
             [
-                (
-                    "subscribe storm, seconds, at 200000 over at 100000",
-                    Some(false)
-                ),
-                (
-                    "disconnect storm, seconds, at 200000 over at 100000",
-                    Some(true)
-                ),
+                ("subscribe storm time, 200000 / 100000 streams", Some(false)),
+                ("disconnect storm time, 200000 / 100000 streams", Some(true)),
                 ("disconnect storm of 200000 streams, seconds", Some(true)),
                 (
                     "publish p99 during the disconnect storm of 100000 streams, ms",
