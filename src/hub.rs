@@ -362,8 +362,12 @@ impl Hub {
                 let Some(shared) = weak.upgrade() else { return };
                 let hub = Hub { shared };
                 let log = hub.shared.log.as_deref();
+                let numbered = log.is_some_and(|log| log.numbers_messages());
                 let mut state = hub.lock();
                 for message in batch {
+                    if numbered && message.seq > state.head + 1 {
+                        state.forgotten_through = state.forgotten_through.max(message.seq - 1);
+                    }
                     state.deliver(message, &hub.shared.config, log);
                 }
             }));

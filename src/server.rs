@@ -3,7 +3,7 @@
 //! HTTP/1.1, HTTP/2 (h2c) and keepalive pings work on the same port.
 
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -33,6 +33,7 @@ use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::keepalive::PingPolicyStream;
 use crate::limits::{Connection, Limits};
+use crate::log::jetstream::{JetStreamLog, NatsConfig};
 use crate::metrics::{ConnectionDoor, Door};
 use crate::proto;
 use crate::publish_conn;
@@ -57,27 +58,71 @@ pub async fn run(
     if auth_enabled {
         tracing::info!("authentication on: pub/sub calls need a bearer token");
     }
-    let hub = open_hub(&config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<PubSubServer<PubSubService>>().await;
-    health
-        .set_serving::<PubSubServiceServer<SeedService>>()
-        .await;
-    let limits = Limits::new(config.limits(), hub.metrics().clone());
-    let app = app(
-        hub.clone(),
-        auth.clone(),
-        limits.clone(),
-        &config,
-        shutdown.clone(),
-        health_service,
-    );
-
-    tokio::spawn(expire_periodically(
-        hub.clone(),
-        limits.clone(),
-        shutdown.clone(),
-    ));
+    // In cluster mode the hub exists once NATS answers; until then every door is served by a
+    // stand-in that says so (`/healthz` 503, gRPC health NOT_SERVING).
+    let opening = match config.nats() {
+        None => Opening::Open(open_hub(&config)?),
+        Some(nats) => open_cluster_hub(&config, &nats).await?,
+    };
+    let metrics = match &opening {
+        Opening::Open(hub) => hub.metrics().clone(),
+        Opening::Pending(..) => crate::metrics::Metrics::new(),
+    };
+    let limits = Limits::new(config.limits(), metrics.clone());
+    let ready: Arc<OnceLock<Hub>> = Arc::new(OnceLock::new());
+    let serve_hub = {
+        let (health, health_service) = (health.clone(), health_service.clone());
+        let (auth, limits, config, shutdown) = (
+            auth.clone(),
+            limits.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        let ready = ready.clone();
+        move |hub: Hub| async move {
+            let _ = ready.set(hub.clone());
+            tokio::spawn(expire_periodically(
+                hub.clone(),
+                limits.clone(),
+                shutdown.clone(),
+            ));
+            let app = app(hub, auth, limits, &config, shutdown, health_service);
+            health.set_serving::<PubSubServer<PubSubService>>().await;
+            health
+                .set_serving::<PubSubServiceServer<SeedService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+            app
+        }
+    };
+    let (app, lane_hub) = match opening {
+        Opening::Open(hub) => (serve_hub(hub.clone()).await, Some(hub)),
+        Opening::Pending(nats, why) => {
+            health
+                .set_not_serving::<PubSubServer<PubSubService>>()
+                .await;
+            health
+                .set_not_serving::<PubSubServiceServer<SeedService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            let app: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
+            let (hub_config, opened, shutdown) = (config.hub(), app.clone(), shutdown.clone());
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let Some((log, recovered)) = retry_open(&nats, why, &shutdown).await else {
+                    return;
+                };
+                let hub = Hub::with_log(hub_config, metrics, Box::new(log), recovered);
+                let _ = opened.set(serve_hub(hub).await);
+            });
+            (starting(app, health_service), None)
+        }
+    };
 
     let tls = match config.tls() {
         Some(files) => Some(tls::Tls::load(files).map_err(invalid_input)?),
@@ -107,22 +152,24 @@ pub async fn run(
         h1,
         h2,
         write_timeout: config.write_timeout,
-        metrics: hub.metrics().clone(),
+        metrics,
     });
     let header_timeout = config.http_header_timeout;
     // Tokens are checked by the application's guard, so the lane is off with authentication;
     // it answers synchronously, so it is off with a durable log too.
-    let lane = (!auth_enabled && !hub.is_durable()).then(|| {
-        Arc::new(publish_conn::Lane {
-            hub: hub.clone(),
-            limits: limits.clone(),
-            idle_timeout: header_timeout,
-        })
-    });
+    let lane = lane_hub
+        .filter(|hub| !auth_enabled && !hub.is_durable())
+        .map(|hub| {
+            Arc::new(publish_conn::Lane {
+                hub,
+                limits: limits.clone(),
+                idle_timeout: header_timeout,
+            })
+        });
 
     tracing::info!(
         addr = %listener.local_addr()?,
-        epoch = hub.epoch(),
+        epoch = ready.get().map_or("(waiting for NATS)", |hub| hub.epoch()),
         tls = tls.is_some(),
         client_certificates = tls.as_ref().is_some_and(tls::Tls::requires_client_certificates),
         "topichub listening (gRPC, gRPC-Web, HTTP and SSE on one port)"
@@ -267,8 +314,113 @@ pub async fn run(
             tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the grace period; closing them");
         }
     }
-    hub.close().await;
+    if let Some(hub) = ready.get() {
+        hub.close().await;
+    }
     Ok(())
+}
+
+/// The hub, or in cluster mode possibly not yet: NATS did not answer the first attempt.
+enum Opening {
+    Open(Hub),
+    Pending(NatsConfig, String),
+}
+
+/// Cluster mode: the hub on the JetStream log if NATS answers now; a configuration NATS refuses
+/// (credentials, a stream with other subjects) is an error at once.
+async fn open_cluster_hub(config: &ServerConfig, nats: &NatsConfig) -> std::io::Result<Opening> {
+    let metrics = crate::metrics::Metrics::new();
+    match JetStreamLog::open(nats).await {
+        Ok((log, recovered)) => {
+            log_opened(nats, &recovered);
+            Ok(Opening::Open(Hub::with_log(
+                config.hub(),
+                metrics,
+                Box::new(log),
+                recovered,
+            )))
+        }
+        Err(error) if error.retry => Ok(Opening::Pending(nats.clone(), error.message)),
+        Err(error) => Err(invalid_input(error.message)),
+    }
+}
+
+/// Retries opening the JetStream log with back-off until it opens, NATS refuses the
+/// configuration, or shutdown.
+async fn retry_open(
+    nats: &NatsConfig,
+    mut why: String,
+    shutdown: &CancellationToken,
+) -> Option<(JetStreamLog, crate::log::Recovered)> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        tracing::warn!(error = %why, retry_in = ?backoff, "NATS not ready; not serving until it is (/healthz 503, gRPC health NOT_SERVING)");
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        match JetStreamLog::open(nats).await {
+            Ok((log, recovered)) => {
+                log_opened(nats, &recovered);
+                return Some((log, recovered));
+            }
+            Err(error) if error.retry => why = error.message,
+            Err(error) => {
+                tracing::error!(error = %error.message, "NATS refused the configuration; fix it and restart");
+                return None;
+            }
+        }
+    }
+}
+
+fn log_opened(nats: &NatsConfig, recovered: &crate::log::Recovered) {
+    tracing::info!(
+        stream = %nats.stream,
+        epoch = %recovered.epoch,
+        head = recovered.head,
+        messages = recovered.messages.len(),
+        "history loaded from JetStream"
+    );
+}
+
+/// The application while the hub is not open yet: `/healthz` answers 503 and gRPC health
+/// NOT_SERVING, every other request UNAVAILABLE; once `app` is set, everything goes there,
+/// also on connections opened before.
+fn starting(
+    app: Arc<OnceLock<Router>>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Router {
+    let not_ready = "not serving yet: waiting for NATS JetStream (see the server log)";
+    let stand_in = tonic::service::Routes::new(health_service)
+        .into_axum_router()
+        .route(
+            "/healthz",
+            axum::routing::get(move || async move {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({ "status": "not_serving", "reason": not_ready })),
+                )
+            }),
+        )
+        .fallback(move |request: Request| async move {
+            if is_grpc(&request) {
+                grpc::status_response(tonic::Status::unavailable(not_ready))
+            } else {
+                http::error::ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    not_ready.to_owned(),
+                )
+                .into_response()
+            }
+        });
+    Router::new().fallback_service(tower::service_fn(move |request: Request| {
+        let router = app.get().cloned().unwrap_or_else(|| stand_in.clone());
+        tower::ServiceExt::oneshot(router, request)
+    }))
 }
 
 /// The hub, on a disk log when `--data-dir` is set.

@@ -14,6 +14,7 @@
 //! waits for the log, never for subscribers, and subscribers never see what the log may lose.
 
 pub mod disk;
+pub mod jetstream;
 pub mod memory;
 
 use std::sync::Arc;
@@ -53,6 +54,13 @@ pub trait Log: Send + Sync {
 
     /// The log's state, for `/healthz` and `/metrics`.
     fn stats(&self) -> LogStats;
+
+    /// Whether the log numbers messages itself (a shared stream): then a seq it skips is a
+    /// message this hub never saw (evicted before it was read), which resumes must be told of.
+    /// Otherwise a skipped seq is a publish the log refused, which never existed.
+    fn numbers_messages(&self) -> bool {
+        false
+    }
 }
 
 /// What a log reports about itself.
