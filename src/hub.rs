@@ -396,6 +396,17 @@ impl Hub {
         self.shared.log.is_some()
     }
 
+    /// Waits (bounded) until this hub has applied `cursor`'s message, when it comes from another
+    /// hub on the same shared log that is ahead of this one; then a resume or read from it
+    /// proceeds as if it had been issued here. At once for any other cursor.
+    pub async fn wait_applied(&self, cursor: &Cursor) {
+        let Some(log) = &self.shared.log else { return };
+        if cursor.epoch != *self.shared.epoch || cursor.seq <= self.lock().head {
+            return;
+        }
+        log.until_applied(cursor.seq).await;
+    }
+
     /// Writes out everything accepted so far and stops the log; publishes after this fail.
     pub async fn close(&self) {
         if let Some(log) = &self.shared.log {

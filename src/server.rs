@@ -100,7 +100,7 @@ pub async fn run(
     };
     let (app, lane_hub) = match opening {
         Opening::Open(hub) => (serve_hub(hub.clone()).await, Some(hub)),
-        Opening::Pending(nats, why) => {
+        Opening::Pending(nats, attempt, why) => {
             health
                 .set_not_serving::<PubSubServer<PubSubService>>()
                 .await;
@@ -114,7 +114,8 @@ pub async fn run(
             let (hub_config, opened, shutdown) = (config.hub(), app.clone(), shutdown.clone());
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let Some((log, recovered)) = retry_open(&nats, why, &shutdown).await else {
+                let Some((log, recovered)) = retry_open(&nats, attempt, why, &shutdown).await
+                else {
                     return;
                 };
                 let hub = Hub::with_log(hub_config, metrics, Box::new(log), recovered);
@@ -320,38 +321,78 @@ pub async fn run(
     Ok(())
 }
 
-/// The hub, or in cluster mode possibly not yet: NATS did not answer the first attempt.
+/// How long start-up waits for NATS before listening anyway (not serving until it answers).
+const NATS_FIRST_WAIT: Duration = Duration::from_secs(3);
+
+/// An attempt to open the JetStream log, under way.
+type OpenAttempt = tokio::task::JoinHandle<
+    Result<(JetStreamLog, crate::log::Recovered), crate::log::jetstream::OpenError>,
+>;
+
+/// The hub, or in cluster mode possibly not yet: NATS did not answer the first attempt (still
+/// under way, or failed with the reason given).
 enum Opening {
     Open(Hub),
-    Pending(NatsConfig, String),
+    Pending(NatsConfig, Option<OpenAttempt>, String),
 }
 
-/// Cluster mode: the hub on the JetStream log if NATS answers now; a configuration NATS refuses
+/// Cluster mode: the hub on the JetStream log if NATS answers soon; a configuration NATS refuses
 /// (credentials, a stream with other subjects) is an error at once.
 async fn open_cluster_hub(config: &ServerConfig, nats: &NatsConfig) -> std::io::Result<Opening> {
-    let metrics = crate::metrics::Metrics::new();
-    match JetStreamLog::open(nats).await {
-        Ok((log, recovered)) => {
+    let mut attempt: OpenAttempt = tokio::spawn({
+        let nats = nats.clone();
+        async move { JetStreamLog::open(&nats).await }
+    });
+    match tokio::time::timeout(NATS_FIRST_WAIT, &mut attempt).await {
+        Ok(Ok(Ok((log, recovered)))) => {
             log_opened(nats, &recovered);
             Ok(Opening::Open(Hub::with_log(
                 config.hub(),
-                metrics,
+                crate::metrics::Metrics::new(),
                 Box::new(log),
                 recovered,
             )))
         }
-        Err(error) if error.retry => Ok(Opening::Pending(nats.clone(), error.message)),
-        Err(error) => Err(invalid_input(error.message)),
+        Ok(Ok(Err(error))) if error.retry => {
+            Ok(Opening::Pending(nats.clone(), None, error.message))
+        }
+        Ok(Ok(Err(error))) => Err(invalid_input(error.message)),
+        Ok(Err(panicked)) => Err(std::io::Error::other(panicked)),
+        Err(_) => Ok(Opening::Pending(
+            nats.clone(),
+            Some(attempt),
+            format!("NATS did not answer within {NATS_FIRST_WAIT:?}"),
+        )),
     }
 }
 
 /// Retries opening the JetStream log with back-off until it opens, NATS refuses the
-/// configuration, or shutdown.
+/// configuration, or shutdown; `attempt` is one still under way.
 async fn retry_open(
     nats: &NatsConfig,
+    attempt: Option<OpenAttempt>,
     mut why: String,
     shutdown: &CancellationToken,
 ) -> Option<(JetStreamLog, crate::log::Recovered)> {
+    if let Some(attempt) = attempt {
+        tracing::warn!(error = %why, "NATS not ready yet; not serving until it is (/healthz 503, gRPC health NOT_SERVING)");
+        let finished = tokio::select! {
+            finished = attempt => finished,
+            () = shutdown.cancelled() => return None,
+        };
+        match finished {
+            Ok(Ok((log, recovered))) => {
+                log_opened(nats, &recovered);
+                return Some((log, recovered));
+            }
+            Ok(Err(error)) if !error.retry => {
+                tracing::error!(error = %error.message, "NATS refused the configuration; fix it and restart");
+                return None;
+            }
+            Ok(Err(error)) => why = error.message,
+            Err(panicked) => why = panicked.to_string(),
+        }
+    }
     let mut backoff = Duration::from_millis(250);
     loop {
         tracing::warn!(error = %why, retry_in = ?backoff, "NATS not ready; not serving until it is (/healthz 503, gRPC health NOT_SERVING)");

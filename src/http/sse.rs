@@ -83,6 +83,9 @@ pub async fn subscribe(
     let options = options(query.as_deref().unwrap_or(""), &headers)?;
     access.check_subscribe(&options.patterns)?;
     let start = options.start.clone();
+    if let Start::After(cursor) = &start {
+        state.hub.wait_applied(cursor).await;
+    }
     let subscription = state.hub.subscribe(options)?;
     let subscribed = SubscribedJson {
         subscription_id: subscription.id(),

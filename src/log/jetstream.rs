@@ -24,7 +24,9 @@
 //! NATS's own. Headers travel as one JSON header, so any header name topichub accepts survives.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -55,6 +57,9 @@ const PUBACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a stored message may take to come back through this node's consumer before the
 /// publisher is answered from the PubAck alone.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a resume from a cursor this node has not applied yet (issued by a node ahead of
+/// it) waits for this node to catch up.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 /// Messages handed to the hub in one batch at most.
 const MAX_BATCH: usize = 1024;
 /// Silence while reading the stream at start after which the read is retried.
@@ -221,7 +226,14 @@ impl JetStreamLog {
             .messages()
             .await
             .map_err(|e| OpenError::retry(format!("cannot read the stream: {e}")))?;
-        let recovered = load(&mut messages, &epoch, &config.subject_prefix, first, last).await?;
+        let per_subject = u64::try_from(info.config.max_messages_per_subject).ok();
+        let recovered = load(
+            &mut messages,
+            (&epoch, &config.subject_prefix),
+            (first, last),
+            per_subject.filter(|n| *n > 0),
+        )
+        .await?;
 
         let (publishes_tx, publishes_rx) = mpsc::unbounded_channel();
         let node: String = std::iter::repeat_with(fastrand::alphanumeric)
@@ -314,6 +326,24 @@ impl Log for JetStreamLog {
 
     fn numbers_messages(&self) -> bool {
         true
+    }
+
+    fn until_applied(&self, seq: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            if *shared.applied.borrow() >= seq {
+                return;
+            }
+            // Beyond the stream's end it never comes: the hub refuses the cursor at once.
+            let info = tokio::time::timeout(CATCH_UP_WAIT, shared.stream.get_info()).await;
+            if let Ok(Ok(info)) = info
+                && info.state.last_sequence < seq
+            {
+                return;
+            }
+            let mut applied = shared.applied.subscribe();
+            let _ = tokio::time::timeout(CATCH_UP_WAIT, applied.wait_for(|a| *a >= seq)).await;
+        })
     }
 }
 
@@ -659,8 +689,16 @@ async fn connect(
             .add_client_certificate(cert.clone(), key.clone())
             .require_tls(true);
     }
+    let mut servers = Vec::new();
+    for url in &config.urls {
+        servers.push(url.parse::<async_nats::ServerAddr>().map_err(|e| {
+            OpenError::fatal(format!(
+                "--nats: {url:?} is not a NATS server URL ({e}); expected e.g. nats://127.0.0.1:4222"
+            ))
+        })?);
+    }
     let urls = config.urls.join(",");
-    options.connect(urls.as_str()).await.map_err(|e| {
+    options.connect(servers).await.map_err(|e| {
         use async_nats::ConnectErrorKind as Kind;
         let message = format!("cannot connect to NATS at {urls}: {e}");
         match e.kind() {
@@ -683,17 +721,17 @@ fn epoch_of(nanos: i128) -> Arc<str> {
 /// documentation).
 async fn load(
     messages: &mut consumer::pull::Ordered,
-    epoch: &Arc<str>,
-    prefix: &str,
-    first: u64,
-    last: u64,
+    (epoch, prefix): (&Arc<str>, &str),
+    (first, last): (u64, u64),
+    per_subject: Option<u64>,
 ) -> Result<Recovered, OpenError> {
     let mut loaded = Vec::new();
     // Ends of the runs of sequences the stream no longer holds, ascending.
     let mut holes: Vec<u64> = Vec::new();
     let mut previous = first.saturating_sub(1).min(last);
     let forgotten_through = previous;
-    let mut first_of: HashMap<Topic, u64> = HashMap::new();
+    // Per topic: its oldest message's seq and how many it has.
+    let mut first_of: HashMap<Topic, (u64, u64)> = HashMap::new();
     while previous < last {
         let next = tokio::time::timeout(LOAD_STALL, messages.next())
             .await
@@ -717,7 +755,7 @@ async fn load(
         previous = seq;
         let published = info.published.unix_timestamp_nanos();
         if let Some((decoded, _)) = decode(prefix, epoch, seq, published, &message) {
-            first_of.entry(decoded.topic.clone()).or_insert(seq);
+            first_of.entry(decoded.topic.clone()).or_insert((seq, 0)).1 += 1;
             loaded.push(Arc::new(decoded));
         }
         if info.pending == 0 {
@@ -728,21 +766,28 @@ async fn load(
         // The newest sequences were deleted.
         holes.push(last);
     }
-    // A hole below a topic's oldest message may have been that topic's; a hole above every
-    // topic's oldest message belonged to a topic that is gone entirely.
-    let first_of_max = first_of.values().copied().max().unwrap_or(0);
+    // Below the first sequence, anything may have been anyone's (age and byte limits evict
+    // stream-wide): forgotten. Above it, holes are left by the per-subject limit, so they belong
+    // to a topic that is at that limit and whose oldest message is above the hole; a hole no such
+    // topic explains (a deleted message) is forgotten too.
+    let full = |count: u64| per_subject.is_some_and(|limit| count >= limit);
     let mut watermarks = Vec::new();
-    for (topic, first) in first_of {
-        let below = holes.partition_point(|&end| end < first);
-        if below > 0 {
-            watermarks.push((topic, holes[below - 1]));
+    for (topic, &(oldest, count)) in &first_of {
+        let below = holes.partition_point(|&end| end < oldest);
+        if below > 0 && full(count) {
+            watermarks.push((topic.clone(), holes[below - 1]));
         }
     }
-    let newest_first = first_of_max;
+    let explained = first_of
+        .values()
+        .filter(|(_, count)| full(*count))
+        .map(|(oldest, _)| *oldest)
+        .max()
+        .unwrap_or(0);
     let forgotten_through = holes
         .iter()
         .copied()
-        .filter(|&end| end > newest_first)
+        .filter(|&end| end > explained)
         .max()
         .unwrap_or(0)
         .max(forgotten_through);

@@ -17,6 +17,8 @@ pub mod disk;
 pub mod jetstream;
 pub mod memory;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -60,6 +62,14 @@ pub trait Log: Send + Sync {
     /// Otherwise a skipped seq is a publish the log refused, which never existed.
     fn numbers_messages(&self) -> bool {
         false
+    }
+
+    /// Resolves once the log has applied `seq`, or as soon as it is clear it will not (the
+    /// shared log ends before it), within a bound of the log's choosing. A log shared by several
+    /// hubs needs it: a cursor may come from a hub that is ahead of this one. Otherwise at once.
+    fn until_applied(&self, seq: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let _ = seq;
+        Box::pin(std::future::ready(()))
     }
 }
 
