@@ -18,7 +18,7 @@ const START: Duration = Duration::from_secs(30);
 async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
     let mut args = vec!["--nats", urls];
     args.extend_from_slice(extra);
-    let node = BrokerProcess::start(&args, "info").await;
+    let node = BrokerProcess::start(&args, "info,topichub::log::jetstream=debug").await;
     wait_serving(node.addr, START).await;
     node
 }

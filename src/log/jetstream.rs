@@ -174,12 +174,10 @@ impl JetStreamLog {
         let failing = Arc::new(Mutex::new(None::<String>));
         let reconnected = Arc::new(tokio::sync::Notify::new());
         let client = connect(config, failing.clone(), reconnected.clone()).await?;
-        // The first connection is no reconnection.
-        let _ = futures_util::FutureExt::now_or_never(reconnected.notified());
         let mut context = jetstream::new(client.clone());
         context.set_timeout(PUBACK_TIMEOUT);
         let subjects = format!("{}.>", config.subject_prefix);
-        let mut stream = context
+        context
             .get_or_create_stream(stream::Config {
                 name: config.stream.clone(),
                 subjects: vec![subjects.clone()],
@@ -200,11 +198,17 @@ impl JetStreamLog {
                     config.stream, config.replicas
                 ))
             })?;
-        let info = stream
-            .info()
+        // Asked again, not taken from the creation's answer: when several nodes create the stream
+        // at once, each answer carries its own request's time, while the stream (as its leader
+        // reports it) has one.
+        let read = |e: &dyn std::fmt::Display| {
+            OpenError::retry(format!("cannot read the stream's state: {e}"))
+        };
+        let stream = context
+            .get_stream(&config.stream)
             .await
-            .map_err(|e| OpenError::retry(format!("cannot read the stream's state: {e}")))?
-            .clone();
+            .map_err(|e| read(&e))?;
+        let info = stream.get_info().await.map_err(|e| read(&e))?;
         if !info.config.subjects.contains(&subjects) {
             return Err(OpenError::fatal(format!(
                 "the stream {:?} exists but does not hold the subjects {subjects:?} (it holds {:?}); choose another --nats-stream or --nats-subject-prefix",
@@ -368,7 +372,8 @@ impl Shared {
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut chunks = (&mut messages).ready_chunks(MAX_BATCH);
-            let mut idle = tokio::time::interval(IDLE_CHECK);
+            let mut idle =
+                tokio::time::interval_at(tokio::time::Instant::now() + IDLE_CHECK, IDLE_CHECK);
             let mut progressed = false;
             loop {
                 let chunk = tokio::select! {
@@ -643,12 +648,15 @@ async fn connect(
     failing: Arc<Mutex<Option<String>>>,
     reconnected: Arc<tokio::sync::Notify>,
 ) -> Result<async_nats::Client, OpenError> {
+    // The first connection is no reconnection.
+    let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut options = async_nats::ConnectOptions::new()
         .name("topichub")
         .connection_timeout(Duration::from_secs(2))
         .event_callback(move |event| {
             let failing = failing.clone();
             let reconnected = reconnected.clone();
+            let connected_before = connected_before.clone();
             async move {
                 let mut failing = failing.lock().unwrap_or_else(|p| p.into_inner());
                 match event {
@@ -660,7 +668,9 @@ async fn connect(
                     }
                     async_nats::Event::Connected => {
                         tracing::info!("connected to NATS");
-                        reconnected.notify_one();
+                        if connected_before.swap(true, Ordering::Relaxed) {
+                            reconnected.notify_one();
+                        }
                         *failing = None
                     }
                     other => tracing::debug!(event = %other, "NATS connection event"),
