@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`hub`]: topics, subscriptions, sequence numbers, retention, lag policy. The only shared state.
 //! - [`message`]: an accepted message, shared by the hub and the log.
-//! - [`log`]: the hub's history behind one interface: in memory, or on disk (`--data-dir`).
+//! - [`log`]: the hub's history behind one interface: in memory, on disk (`--data-dir`), or in a
+//!   NATS JetStream stream shared by several nodes (`--nats`, cluster mode).
 //! - `queue`: the bounded queue from the hub to each subscription.
 //! - [`auth`]: JWT bearer tokens and the topic patterns they allow; the middleware of every door.
 //! - [`topic`]: topic names and wildcard patterns.

@@ -333,7 +333,7 @@ type OpenAttempt = tokio::task::JoinHandle<
 /// under way, or failed with the reason given).
 enum Opening {
     Open(Hub),
-    Pending(NatsConfig, Option<OpenAttempt>, String),
+    Pending(Box<NatsConfig>, Option<OpenAttempt>, String),
 }
 
 /// Cluster mode: the hub on the JetStream log if NATS answers soon; a configuration NATS refuses
@@ -353,13 +353,15 @@ async fn open_cluster_hub(config: &ServerConfig, nats: &NatsConfig) -> std::io::
                 recovered,
             )))
         }
-        Ok(Ok(Err(error))) if error.retry => {
-            Ok(Opening::Pending(nats.clone(), None, error.message))
-        }
+        Ok(Ok(Err(error))) if error.retry => Ok(Opening::Pending(
+            Box::new(nats.clone()),
+            None,
+            error.message,
+        )),
         Ok(Ok(Err(error))) => Err(invalid_input(error.message)),
         Ok(Err(panicked)) => Err(std::io::Error::other(panicked)),
         Err(_) => Ok(Opening::Pending(
-            nats.clone(),
+            Box::new(nats.clone()),
             Some(attempt),
             format!("NATS did not answer within {NATS_FIRST_WAIT:?}"),
         )),

@@ -14,11 +14,12 @@
 //!   a deleted and recreated stream is a new history.
 //! - **Gaps.** The hub mirrors JetStream's per-subject eviction with its own retention while it
 //!   runs (same limits). At start, what the stream no longer holds is derived from its state:
-//!   everything below its first sequence is forgotten, and each interior hole (left by
-//!   per-subject eviction) is charged to every topic whose oldest message is above it, since the
-//!   stream does not say which subject the hole belonged to. That is conservative: a resume may be
-//!   told of a gap that held nothing of its topics, never the reverse. A hole met while running
-//!   (a message evicted before this node read it) is charged the same way by the hub.
+//!   everything below its first sequence is forgotten (age and size limits evict stream-wide),
+//!   and each interior hole (left by the per-subject limit) is charged to every topic at that
+//!   limit whose oldest message is above it, since the stream does not say which subject the
+//!   hole belonged to. That is conservative: a resume may be told of a gap that held nothing of
+//!   its topics, never the reverse. A hole met while running (a message evicted before this node
+//!   read it) is forgotten by the hub (see [`Log::numbers_messages`]).
 //!
 //! Topics map to subjects under a prefix (`topichub.orders.eu`); topichub's `*` and `>` are
 //! NATS's own. Headers travel as one JSON header, so any header name topichub accepts survives.

@@ -1,12 +1,14 @@
 //! The hub's history: an ordered log of messages behind one small interface.
 //!
 //! The hub assigns seqs and does fan-out, subscriptions, lag and gaps; a log keeps what the hub
-//! accepted and says when it is safe to acknowledge. Two backends:
+//! accepted and says when it is safe to acknowledge. Three backends:
 //! - no [`Log`] at all (`memory`, the default): the hub's in-memory [`memory::TopicLog`]s are the
 //!   whole history, and a publish is acknowledged as soon as it is retained;
 //! - [`disk::DiskLog`] (`--data-dir`): every message is written to an embedded store before the
 //!   hub retains it, delivers it and acknowledges it; the in-memory logs stay in front as the
-//!   index and cache, so reads and resumes never wait for the disk.
+//!   index and cache, so reads and resumes never wait for the disk;
+//! - [`jetstream::JetStreamLog`] (`--nats`): a JetStream stream shared by several hubs, which
+//!   numbers the messages itself; every hub applies the whole stream.
 //!
 //! The interface is asynchronous on purpose: [`Log::append`] only hands a message over, and the
 //! log calls the hub back ([`Apply`]) with whole batches once they are durable, in seq order. A
