@@ -8,6 +8,10 @@ mod support;
 
 use std::time::Duration;
 
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
 use support::{BrokerProcess, NatsCluster, Sse, SseEvent, http_publish, wait_serving, within};
 
 /// Bound for a topichub node to serve after start: a cold NATS cluster elects its JetStream
@@ -21,6 +25,23 @@ async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
     let node = BrokerProcess::start(&args, "info,topichub::log::jetstream=debug").await;
     wait_serving(node.addr, START).await;
     node
+}
+
+/// The gRPC health status of the server as a whole.
+async fn grpc_health(node: &BrokerProcess) -> ServingStatus {
+    let channel = tonic::transport::Channel::from_shared(url(node))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
 }
 
 fn url(node: &BrokerProcess) -> String {
@@ -206,9 +227,11 @@ async fn a_node_started_before_nats_says_not_serving_then_serves() {
         .unwrap();
     assert_eq!(refused.status(), 503);
     assert!(a.log().contains("NATS not ready"), "{}", a.log());
+    assert_eq!(grpc_health(&a).await, ServingStatus::NotServing);
 
     nats.restart(0).await;
     wait_serving(a.addr, START).await;
+    assert_eq!(grpc_health(&a).await, ServingStatus::Serving);
     let answer = http_publish(&url(&a), "t", "x").await;
     assert_eq!(answer["seq"], 1);
 }

@@ -804,7 +804,7 @@ async fn load(
         .max(forgotten_through);
     Ok(Recovered {
         epoch: epoch.clone(),
-        head: last,
+        head: last.max(previous),
         forgotten_through,
         watermarks,
         messages: loaded,
@@ -883,4 +883,140 @@ fn build(
     let message = Message::new(topic, payload, seq, epoch.clone(), published_at, headers)
         .with_idempotency_key(key);
     (message, id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    /// A single `nats-server -js` on a free port, with its store in a scratch directory;
+    /// killed when dropped.
+    struct Server {
+        child: std::process::Child,
+        dir: PathBuf,
+        url: String,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn nats_server() -> Server {
+        const NATS_SERVER: &str = "/usr/sbin/nats-server";
+        assert!(
+            std::path::Path::new(NATS_SERVER).exists(),
+            "{NATS_SERVER} not found: run scripts/deps-nats.sh (installs Debian's nats-server)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("topichub-nats-{}-{port}", std::process::id()));
+        let child = std::process::Command::new(NATS_SERVER)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Server {
+            child,
+            dir,
+            url: format!("nats://127.0.0.1:{port}"),
+        }
+    }
+
+    fn config(url: &str) -> NatsConfig {
+        NatsConfig {
+            urls: vec![url.to_owned()],
+            stream: DEFAULT_STREAM.into(),
+            subject_prefix: DEFAULT_SUBJECT_PREFIX.into(),
+            replicas: 1,
+            creds: None,
+            user: None,
+            token: None,
+            tls_ca: None,
+            tls_client: None,
+            limits: StreamLimits {
+                messages_per_subject: 100,
+                age: Duration::from_secs(3600),
+                bytes: 1 << 20,
+            },
+        }
+    }
+
+    fn message(key: Option<&str>) -> Arc<Message> {
+        let mut headers = Headers::new();
+        headers.insert("a header".into(), "any: value\r\n".into());
+        Arc::new(
+            Message::new(
+                Topic::parse("t").unwrap(),
+                Bytes::from_static(b"payload"),
+                0,
+                Arc::from("local"),
+                SystemTime::now(),
+                headers,
+            )
+            .with_idempotency_key(key.map(Arc::from)),
+        )
+    }
+
+    async fn append(log: &JetStreamLog, message: Arc<Message>) -> Arc<Message> {
+        let (ack, acked) = oneshot::channel();
+        log.append(message, ack);
+        tokio::time::timeout(Duration::from_secs(10), acked)
+            .await
+            .expect("answered in time")
+            .expect("answered")
+            .expect("stored")
+    }
+
+    #[tokio::test]
+    async fn a_retried_key_is_stored_once_and_answered_with_the_original() {
+        let server = nats_server().await;
+        let (log, recovered) = JetStreamLog::open(&config(&server.url)).await.unwrap();
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let sink = applied.clone();
+        log.start(Box::new(move |batch| {
+            sink.lock().unwrap().extend(batch.iter().map(|m| m.seq));
+        }));
+
+        let first = append(&log, message(Some("order-7"))).await;
+        let again = append(&log, message(Some("order-7"))).await;
+        let other = append(&log, message(None)).await;
+        let another = append(&log, message(None)).await;
+        assert_eq!((first.seq, again.seq), (1, 1), "the retry is the original");
+        assert_eq!(again.idempotency_key.as_deref(), Some("order-7"));
+        assert_eq!(
+            (other.seq, another.seq),
+            (2, 3),
+            "no key: each publish is stored"
+        );
+        assert_eq!(other.idempotency_key, None);
+        assert_eq!(
+            first.headers,
+            message(None).headers,
+            "headers survive as they were"
+        );
+        assert_eq!(&*first.epoch, &*recovered.epoch);
+        assert_eq!(*applied.lock().unwrap(), vec![1, 2, 3], "applied once each");
+    }
 }
