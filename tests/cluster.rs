@@ -123,6 +123,22 @@ async fn a_message_published_on_one_node_has_the_same_seq_and_cursor_on_every_no
         assert_eq!(&next_message(&mut resumed).await, expected);
     }
 
+    // A cursor fresh from A is good on C at once: C waits until it applied it.
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        let answer = http_publish(&url(&a), "orders.fresh", &i.to_string()).await;
+        let cursor = answer["cursor"].as_str().unwrap();
+        let read = client
+            .get(format!(
+                "{}/topics/orders.fresh/messages?after={cursor}",
+                url(&c)
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200, "{}", read.text().await.unwrap());
+    }
+
     // A cursor beyond the stream is refused as such, on any node.
     let epoch = cursor.split('-').next().unwrap();
     let ahead = reqwest::get(format!(
