@@ -385,3 +385,39 @@ async fn a_node_started_after_evictions_reports_the_same_gaps_as_one_that_saw_th
         }
     }
 }
+
+#[tokio::test]
+async fn a_node_reaches_nats_over_tls_with_a_token() {
+    let (cert, key, _) = support::certificate();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let nats = NatsCluster::start_with(
+        1,
+        &[
+            "--auth",
+            "s3cret",
+            "--tls",
+            "--tlscert",
+            cert,
+            "--tlskey",
+            key,
+        ],
+    )
+    .await;
+    let urls = nats.urls().replace("nats://", "tls://");
+    // Without the token: refused at start, saying what to set.
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--nats", &urls])
+        .args(["--nats-tls-ca", cert])
+        .kill_on_drop(true)
+        .output();
+    let refused = within("a node without the token to exit", refused)
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--nats-token"), "{stderr}");
+
+    let a = node(&urls, &["--nats-tls-ca", cert, "--nats-token", "s3cret"]).await;
+    let answer = http_publish(&url(&a), "t", "over TLS").await;
+    assert_eq!(answer["seq"], 1);
+}

@@ -711,7 +711,13 @@ async fn connect(
     let urls = config.urls.join(",");
     options.connect(servers).await.map_err(|e| {
         use async_nats::ConnectErrorKind as Kind;
-        let message = format!("cannot connect to NATS at {urls}: {e}");
+        let mut message = format!("cannot connect to NATS at {urls}: {e}");
+        if matches!(
+            e.kind(),
+            Kind::Authentication | Kind::AuthorizationViolation
+        ) {
+            message.push_str("; check --nats-creds, --nats-user/--nats-password or --nats-token");
+        }
         match e.kind() {
             Kind::Authentication | Kind::AuthorizationViolation | Kind::ServerParse => {
                 OpenError::fatal(message)

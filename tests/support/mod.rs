@@ -648,11 +648,18 @@ pub struct NatsNode {
 pub struct NatsCluster {
     pub nodes: Vec<NatsNode>,
     dir: std::path::PathBuf,
+    /// Further `nats-server` arguments (authentication, TLS).
+    extra: Vec<String>,
 }
 
 impl NatsCluster {
     /// Starts `size` servers (1, or 3 for a cluster) and waits until each accepts clients.
     pub async fn start(size: usize) -> NatsCluster {
+        NatsCluster::start_with(size, &[]).await
+    }
+
+    /// [`NatsCluster::start`] with further `nats-server` arguments, e.g. `--auth TOKEN`.
+    pub async fn start_with(size: usize, extra: &[&str]) -> NatsCluster {
         assert!(
             std::path::Path::new(NATS_SERVER).exists(),
             "{NATS_SERVER} not found: run scripts/deps-nats.sh (installs Debian's nats-server)"
@@ -668,7 +675,11 @@ impl NatsCluster {
                 child: None,
             });
         }
-        let mut cluster = NatsCluster { nodes, dir };
+        let mut cluster = NatsCluster {
+            nodes,
+            dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+        };
         for i in 0..size {
             cluster.spawn(i);
         }
@@ -693,6 +704,7 @@ impl NatsCluster {
             .args(["-p", &node.port.to_string()])
             .arg("-sd")
             .arg(&node.store)
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(format!("{}.log", node.name))).unwrap());
         if self.nodes.len() > 1 {
