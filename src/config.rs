@@ -340,6 +340,8 @@ impl ServerConfig {
                 messages_per_subject: hub.retain_messages,
                 age: hub.retain_age,
                 bytes: hub.max_retained_bytes,
+                // Headers travel as one JSON header: a little more than their raw size.
+                max_message_bytes: hub.max_payload_bytes + 2 * crate::hub::MAX_HEADER_BYTES,
             },
         })
     }

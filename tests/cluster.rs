@@ -421,3 +421,37 @@ async fn a_node_reaches_nats_over_tls_with_a_token() {
     let answer = http_publish(&url(&a), "t", "over TLS").await;
     assert_eq!(answer["seq"], 1);
 }
+
+/// A message NATS refuses for its size is refused as such, and the node goes on serving.
+#[tokio::test]
+async fn a_message_over_nats_max_payload_is_refused_and_nothing_else_suffers() {
+    let nats = NatsCluster::start(1).await;
+    let a = node(&nats.urls(), &[]).await;
+    assert!(
+        a.log().contains("max_payload"),
+        "warned at start: {}",
+        a.log()
+    );
+    // At topichub's limit (1 MiB), so over NATS's once headers are added.
+    let big = "x".repeat(1024 * 1024);
+    let refused = reqwest::Client::new()
+        .post(format!("{}/topics/t", url(&a)))
+        .header("content-type", "text/plain")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(
+        refused.text().await.unwrap().contains("max_payload"),
+        "says which limit"
+    );
+    let health: serde_json::Value = reqwest::get(format!("{}/healthz", url(&a)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(health["log"]["failing"].is_null(), "{health}");
+    assert_eq!(http_publish(&url(&a), "t", "small").await["seq"], 1);
+}

@@ -107,6 +107,8 @@ pub struct StreamLimits {
     pub age: Duration,
     /// `--max-retained-bytes`: bytes kept stream-wide.
     pub bytes: usize,
+    /// `--max-payload-bytes` plus the most header bytes: the largest message NATS must take.
+    pub max_message_bytes: usize,
 }
 
 /// Why the log could not be opened; `retry` when it may work later (NATS not reachable yet).
@@ -175,6 +177,14 @@ impl JetStreamLog {
         let failing = Arc::new(Mutex::new(None::<String>));
         let reconnected = Arc::new(tokio::sync::Notify::new());
         let client = connect(config, failing.clone(), reconnected.clone()).await?;
+        let max_payload = client.server_info().max_payload;
+        if max_payload < config.limits.max_message_bytes {
+            tracing::warn!(
+                nats_max_payload = max_payload,
+                needed = config.limits.max_message_bytes,
+                "the NATS servers' max_payload is below --max-payload-bytes plus headers; larger publishes are refused"
+            );
+        }
         let mut context = jetstream::new(client.clone());
         context.set_timeout(PUBACK_TIMEOUT);
         let subjects = format!("{}.>", config.subject_prefix);
@@ -560,6 +570,21 @@ impl Shared {
                 Err(error) => error,
             };
             use jetstream::context::PublishErrorKind as Kind;
+            if error.kind() == Kind::MaxPayloadExceeded {
+                let limit = self.client.server_info().max_payload;
+                let acks = self
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                for ack in acks.into_iter().flatten() {
+                    let _ = ack.send(Err(Error::LimitExceeded(format!(
+                        "the message ({} payload bytes plus headers) is over the NATS servers' max_payload of {limit} bytes; raise max_payload on the NATS servers to --max-payload-bytes plus 16 KiB of headers",
+                        message.payload.len()
+                    ))));
+                }
+                return;
+            }
             let retry = matches!(
                 error.kind(),
                 Kind::TimedOut | Kind::StreamNotFound | Kind::BrokenPipe | Kind::Other
@@ -965,6 +990,7 @@ mod tests {
                 messages_per_subject: 100,
                 age: Duration::from_secs(3600),
                 bytes: 1 << 20,
+                max_message_bytes: 1 << 20,
             },
         }
     }
