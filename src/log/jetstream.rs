@@ -149,6 +149,8 @@ struct Startup {
     publishes: mpsc::UnboundedReceiver<(Arc<Message>, Ack)>,
 }
 
+/// What the log's tasks share. The std mutexes are never held across an `.await`, and `append`
+/// (under the hub's lock) only sends on a channel, so no async mutex is needed.
 struct Shared {
     client: async_nats::Client,
     context: jetstream::Context,
