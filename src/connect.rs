@@ -262,8 +262,14 @@ impl Session {
                 }
             }
             Some(Req::Subscribe(subscribe)) => {
+                let options = subscribe_options(&self.access, subscribe);
+                if let Ok(options) = &options
+                    && let Start::After(cursor) = &options.start
+                {
+                    self.hub.wait_applied(cursor).await;
+                }
                 let opened = self.connection.open_subscription().and_then(|slot| {
-                    let options = subscribe_options(&self.access, subscribe)?;
+                    let options = options?;
                     Ok((slot, self.hub.subscribe(options)?))
                 });
                 match opened {
