@@ -8,9 +8,11 @@ mod support;
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
 
 use support::{BrokerProcess, NatsCluster, Sse, SseEvent, http_publish, wait_serving, within};
 
@@ -224,6 +226,36 @@ async fn a_killed_node_s_subscriber_resumes_on_another_node_without_loss() {
     for seq in 6..=10 {
         assert_eq!(next_message(&mut on_c).await.0, seq);
     }
+
+    // The same cursor through another door of C: gRPC.
+    let (epoch, seq) = last.rsplit_once('-').unwrap();
+    let channel = tonic::transport::Channel::from_shared(url(&c))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = PubSubClient::new(channel)
+        .subscribe(v1::SubscribeRequest {
+            topics: vec!["t".into()],
+            start: Some(v1::StartPosition {
+                position: Some(v1::start_position::Position::After(v1::Cursor {
+                    epoch: epoch.into(),
+                    seq: seq.parse().unwrap(),
+                })),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    while seqs.len() < 5 {
+        let response = within("a gRPC event", grpc.next()).await.unwrap().unwrap();
+        if let Some(v1::subscribe_response::Event::Message(m)) = response.event {
+            seqs.push(m.cursor.unwrap().seq);
+        }
+    }
+    assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
 }
 
 #[tokio::test]

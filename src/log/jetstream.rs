@@ -53,6 +53,8 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long a publish is retried (same `Nats-Msg-Id`) while JetStream has no stream leader,
 /// e.g. during an election after a server died; then it fails with UNAVAILABLE.
 pub const PUBLISH_RETRY_WINDOW: Duration = Duration::from_secs(15);
+/// How long a publish under way keeps being retried while the connection to NATS is lost.
+const RECONNECT_GRACE: Duration = Duration::from_secs(2);
 /// Wait for one PubAck before retrying.
 const PUBACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a stored message may take to come back through this node's consumer before the
@@ -562,6 +564,7 @@ impl Shared {
     ) {
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
+        let mut disconnected_since = None;
         let acked = loop {
             let result = match sent {
                 Ok(future) => future.await,
@@ -587,10 +590,25 @@ impl Shared {
                 }
                 return;
             }
+            // A lost connection usually comes back within moments (another server of the
+            // cluster); one that stays lost fails the publish rather than holding it.
+            let connected = self.client.connection_state() == Connection::Connected;
+            let lost_for = match (connected, disconnected_since) {
+                (true, _) => {
+                    disconnected_since = None;
+                    Duration::ZERO
+                }
+                (false, None) => {
+                    disconnected_since = Some(tokio::time::Instant::now());
+                    Duration::ZERO
+                }
+                (false, Some(since)) => since.elapsed(),
+            };
             let retry = matches!(
                 error.kind(),
                 Kind::TimedOut | Kind::StreamNotFound | Kind::BrokenPipe | Kind::Other
             ) && started.elapsed() + backoff < PUBLISH_RETRY_WINDOW
+                && lost_for < RECONNECT_GRACE
                 && !self.stop.is_cancelled();
             if !retry {
                 break Err(error);
