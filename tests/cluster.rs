@@ -487,3 +487,48 @@ async fn a_message_over_nats_max_payload_is_refused_and_nothing_else_suffers() {
     assert!(health["log"]["failing"].is_null(), "{health}");
     assert_eq!(http_publish(&url(&a), "t", "small").await["seq"], 1);
 }
+
+/// A stream deleted and created again is another history: a node still on the old one stops
+/// publishing into it (and says why) instead of mixing two histories under one epoch.
+#[tokio::test]
+async fn a_node_whose_stream_is_recreated_refuses_to_mix_histories() {
+    let nats = NatsCluster::start(1).await;
+    let a = node(&nats.urls(), &[]).await;
+    http_publish(&url(&a), "t", "old history").await;
+    let client = async_nats::connect(nats.urls()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream.delete_stream("TOPICHUB").await.unwrap();
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "TOPICHUB".into(),
+            subjects: vec!["topichub.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    support::wait_for("the node to notice the new stream", || async {
+        let health: serde_json::Value = reqwest::get(format!("{}/healthz", url(&a)))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        health["log"]["failing"]
+            .as_str()
+            .is_some_and(|why| why.contains("created again"))
+            .then_some(())
+    })
+    .await;
+    let refused = reqwest::Client::new()
+        .post(format!("{}/publish", url(&a)))
+        .json(&serde_json::json!({ "topic": "t", "payload": "new" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+
+    // A node started now follows the new history, in a new epoch.
+    let b = node(&nats.urls(), &[]).await;
+    let answer = http_publish(&url(&b), "t", "new history").await;
+    assert_eq!(answer["seq"], 1);
+}

@@ -70,6 +70,8 @@ const LOAD_STALL: Duration = Duration::from_secs(10);
 /// After this long without a message, the stream's last sequence is checked: a consumer that
 /// lost its server without noticing is replaced.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
+/// Why a node whose stream was recreated under it refuses publishes.
+const STREAM_RECREATED: &str = "the JetStream stream was deleted and created again; restart this node to follow the new history";
 /// Header carrying topichub's headers, as a JSON object.
 const HEADERS_HEADER: &str = "Topichub-Headers";
 /// `Nats-Msg-Id`s that topichub made up (no idempotency key given) start with this.
@@ -172,6 +174,9 @@ struct Shared {
     /// Woken when the connection comes back: the consumer is replaced at once rather than
     /// waiting for it to notice its server is gone.
     reconnected: Arc<tokio::sync::Notify>,
+    /// The stream was deleted and created again while this node ran (a new history): nothing
+    /// more is published or applied here until a restart.
+    recreated: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
 }
 
@@ -271,6 +276,7 @@ impl JetStreamLog {
             failing,
             bytes: AtomicU64::new(info.state.bytes),
             reconnected,
+            recreated: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
         });
         Ok((
@@ -368,6 +374,9 @@ impl Log for JetStreamLog {
 
 impl Shared {
     fn set_failing(&self, why: Option<String>) {
+        if why.is_none() && self.recreated.load(Ordering::Relaxed) {
+            return;
+        }
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         if *failing != why {
             match &why {
@@ -439,6 +448,10 @@ impl Shared {
                     }
                 }
                 backoff = Duration::from_millis(100);
+                if self.recreated.load(Ordering::Relaxed) {
+                    // Another history's sequences: not this hub's.
+                    continue;
+                }
                 if !batch.is_empty() {
                     apply(&batch);
                     let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
@@ -479,6 +492,12 @@ impl Shared {
         match info {
             Ok(Ok(info)) => {
                 self.bytes.store(info.state.bytes, Ordering::Relaxed);
+                if epoch_of(info.created.unix_timestamp_nanos()) != self.epoch {
+                    // Its sequences start over: this node's history no longer matches it.
+                    self.recreated.store(true, Ordering::Relaxed);
+                    self.set_failing(Some(STREAM_RECREATED.into()));
+                    return false;
+                }
                 info.state.last_sequence > *self.applied.borrow()
             }
             _ => false,
@@ -519,6 +538,12 @@ impl Shared {
                 let _ = ack.send(Err(Error::Unavailable(
                     "NATS is unreachable; nothing was published, retry later".into(),
                 )));
+                continue;
+            }
+            if self.recreated.load(Ordering::Relaxed) {
+                let _ = ack.send(Err(Error::Unavailable(format!(
+                    "{STREAM_RECREATED}; nothing was published"
+                ))));
                 continue;
             }
             let id = match &message.idempotency_key {
