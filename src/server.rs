@@ -87,29 +87,22 @@ pub async fn run(
                 limits.clone(),
                 shutdown.clone(),
             ));
+            if !config.nats.is_empty() {
+                tokio::spawn(follow_log_health(
+                    hub.clone(),
+                    health.clone(),
+                    shutdown.clone(),
+                ));
+            }
             let app = app(hub, auth, limits, &config, shutdown, health_service);
-            health.set_serving::<PubSubServer<PubSubService>>().await;
-            health
-                .set_serving::<PubSubServiceServer<SeedService>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
+            set_health(&health, true).await;
             app
         }
     };
     let (app, lane_hub) = match opening {
         Opening::Open(hub) => (serve_hub(hub.clone()).await, Some(hub)),
         Opening::Pending(nats, attempt, why) => {
-            health
-                .set_not_serving::<PubSubServer<PubSubService>>()
-                .await;
-            health
-                .set_not_serving::<PubSubServiceServer<SeedService>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            set_health(&health, false).await;
             let app: Arc<OnceLock<Router>> = Arc::new(OnceLock::new());
             let (hub_config, opened, shutdown) = (config.hub(), app.clone(), shutdown.clone());
             let metrics = metrics.clone();
@@ -297,17 +290,8 @@ pub async fn run(
     }
 
     drop(listener);
-    // Every service, and the server as a whole (""), so that a load balancer watching any of
-    // them stops routing here before the drain.
-    health
-        .set_not_serving::<PubSubServer<PubSubService>>()
-        .await;
-    health
-        .set_not_serving::<PubSubServiceServer<SeedService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    // Before the drain, so that a load balancer stops routing here first.
+    set_health(&health, false).await;
     tracing::info!(connections = graceful.count(), "draining connections");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -328,6 +312,53 @@ const NATS_FIRST_WAIT: Duration = Duration::from_secs(3);
 type OpenAttempt = tokio::task::JoinHandle<
     Result<(JetStreamLog, crate::log::Recovered), crate::log::jetstream::OpenError>,
 >;
+
+/// In cluster mode, gRPC health follows the shared log: NOT_SERVING while it refuses publishes
+/// (NATS lost), so that load balancers and watching clients move to a node that has it.
+async fn follow_log_health(
+    hub: Hub,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut serving = true;
+    let mut interval = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = hub.log_stats().is_none_or(|stats| stats.failing.is_none());
+        if now == serving || shutdown.is_cancelled() {
+            continue;
+        }
+        serving = now;
+        set_health(&health, serving).await;
+    }
+}
+
+/// Sets every service, and the server as a whole (""), serving or not: a load balancer watching
+/// any of them sees the same.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health.set_serving::<PubSubServer<PubSubService>>().await;
+        health
+            .set_serving::<PubSubServiceServer<SeedService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+    } else {
+        health
+            .set_not_serving::<PubSubServer<PubSubService>>()
+            .await;
+        health
+            .set_not_serving::<PubSubServiceServer<SeedService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
 
 /// The hub, or in cluster mode possibly not yet: NATS did not answer the first attempt (still
 /// under way, or failed with the reason given).

@@ -46,6 +46,14 @@ async fn grpc_health(node: &BrokerProcess) -> ServingStatus {
         .status()
 }
 
+/// Waits (bounded) until the node's gRPC health is `status`.
+async fn wait_health(node: &BrokerProcess, status: ServingStatus) {
+    support::wait_for(&format!("gRPC health {status:?}"), || async {
+        (grpc_health(node).await == status).then_some(())
+    })
+    .await;
+}
+
 fn url(node: &BrokerProcess) -> String {
     format!("http://{}", node.addr)
 }
@@ -320,8 +328,10 @@ async fn losing_nats_fails_publishes_fast_and_delivery_resumes_without_gap() {
         .await
         .unwrap();
     assert!(health["log"]["failing"].is_string(), "{health}");
+    wait_health(&a, ServingStatus::NotServing).await;
 
     nats.restart(0).await;
+    wait_health(&a, ServingStatus::Serving).await;
     let after = within("a publish once NATS is back", async {
         loop {
             if let Some(answer) = try_publish(&client, &url(&a), "t", "after").await {
