@@ -414,7 +414,8 @@ async fn grpc_subscriber(
             Some(Event::Gap(_)) => {
                 ctx.subs[i].gaps.fetch_add(1, Relaxed);
             }
-            None => {}
+            // Not asked for.
+            Some(Event::Presence(_)) | None => {}
         }
     }
     Err("gRPC stream ended".into())
@@ -653,7 +654,7 @@ async fn main() -> anyhow::Result<()> {
                 .publish(PublishRequest {
                     topic: topic_name(topic),
                     payload: format!("{:0width$}", now_us(), width = STAMP + 1).into(),
-                    headers: Default::default(),
+                    ..Default::default()
                 })
                 .await?;
         }
@@ -718,7 +719,7 @@ async fn main() -> anyhow::Result<()> {
             .publish(PublishRequest {
                 topic: topic_name(topic),
                 payload: payload.into(),
-                headers: Default::default(),
+                ..Default::default()
             })
             .await
         {

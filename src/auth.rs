@@ -6,6 +6,9 @@
 //!  "topichub": {"publish": ["orders.>"], "subscribe": ["orders.*.created", "logs.>"]}}
 //! ```
 //!
+//! `"admin": true` in the same claim allows deleting topics (`DELETE /topics/{topic}`,
+//! `DeleteTopic`).
+//!
 //! Keys: an HS256 secret, an RSA or EC public key in PEM (RS256/PS256, ES256/ES384), or a JWKS
 //! file (keys chosen by the token's `kid`). With no key configured, authentication is off and
 //! every client may do everything. `exp` (and `nbf`) are honoured, also during a stream: a
@@ -91,6 +94,8 @@ struct Grants {
     publish: Vec<Pattern>,
     subscribe: Vec<Pattern>,
     subject: Option<String>,
+    /// May delete topics (`"admin": true`).
+    admin: bool,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +113,9 @@ struct Permissions {
     publish: Vec<String>,
     #[serde(default)]
     subscribe: Vec<String>,
+    /// Administrative operations (deleting a topic).
+    #[serde(default)]
+    admin: bool,
 }
 
 impl Authenticator {
@@ -207,7 +215,7 @@ impl Authenticator {
                     format!("the token's algorithm {:?} is not accepted for its key", header.alg)
                 }
                 ErrorKind::InvalidSignature => "the token's signature does not verify".to_owned(),
-                ErrorKind::Json(_) => format!("the token's claims are malformed: {e}; the `topichub` claim is {{\"publish\": [patterns], \"subscribe\": [patterns]}}"),
+                ErrorKind::Json(_) => format!("the token's claims are malformed: {e}; the `topichub` claim is {{\"publish\": [patterns], \"subscribe\": [patterns], \"admin\": bool}}"),
                 _ => format!("invalid token: {e}"),
             })
         })?;
@@ -226,6 +234,7 @@ impl Authenticator {
                 publish: parse(claims.topichub.publish)?,
                 subscribe: parse(claims.topichub.subscribe)?,
                 subject: claims.sub,
+                admin: claims.topichub.admin,
             })),
             expires_at: claims
                 .exp
@@ -367,6 +376,20 @@ impl Access {
             }
         }
         Ok(())
+    }
+
+    /// Whether this client may delete topics: a token with `"topichub": {"admin": true}`.
+    pub fn check_admin(&self, topic: &Topic) -> Result<(), Error> {
+        let Some(grants) = &self.grants else {
+            return Ok(());
+        };
+        if grants.admin {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "{} may not delete topic {topic:?}: deleting a topic needs a token with the admin claim {{\"topichub\": {{\"admin\": true}}}}",
+            grants.who()
+        )))
     }
 
     /// Whether this client may see `topic` (in listings).

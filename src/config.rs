@@ -81,8 +81,8 @@ pub struct ServerConfig {
     #[arg(
         long,
         env = "TOPICHUB_LAG_POLICY",
-        value_enum,
-        default_value = "catch-up"
+        default_value = "catch-up",
+        value_parser = |text: &str| text.parse::<LagPolicy>().map_err(|e| e.to_string()),
     )]
     pub lag_policy: LagPolicy,
 
@@ -91,6 +91,17 @@ pub struct ServerConfig {
     /// machine's memory or of the container's limit (1 GiB when neither can be read).
     #[arg(long, env = "TOPICHUB_MAX_RETAINED_BYTES")]
     pub max_retained_bytes: Option<usize>,
+
+    /// How long an idempotency key is remembered after its publish, e.g. `2m`: a retry under it
+    /// within this window is answered with the original's cursor (`duplicate: true`) instead
+    /// of publishing again.
+    #[arg(long, env = "TOPICHUB_IDEMPOTENCY_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
+
+    /// Most idempotency keys remembered at once (each costs about its length plus 100 bytes);
+    /// beyond it the oldest is forgotten first, shortening the window under heavy keyed traffic.
+    #[arg(long, env = "TOPICHUB_IDEMPOTENCY_KEYS", default_value_t = crate::idempotency::DEFAULT_KEYS)]
+    pub idempotency_keys: usize,
 
     /// Keep history in this directory: the epoch, the seq counter and retained messages survive
     /// restarts and crashes. Without it, history is in memory only and a restart starts afresh.
@@ -185,6 +196,11 @@ pub struct ServerConfig {
     /// `0s` turns it off.
     #[arg(long, env = "TOPICHUB_WRITE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
+
+    /// Shortest time between two presence events of one subscription (`presence=true`): joins
+    /// and leaves within it are coalesced into one event with counts.
+    #[arg(long, env = "TOPICHUB_PRESENCE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub presence_interval: Duration,
 
     /// Interval of SSE keep-alive comments (keeps proxies from closing idle streams).
     #[arg(long, env = "TOPICHUB_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
@@ -317,6 +333,12 @@ impl ServerConfig {
             max_retained_bytes: self
                 .max_retained_bytes
                 .unwrap_or_else(default_max_retained_bytes),
+            clock: crate::clock::Clock::System,
+            idempotency: crate::idempotency::Limits {
+                age: self.idempotency_window,
+                keys: self.idempotency_keys,
+            },
+            presence_interval: self.presence_interval,
         }
     }
 
@@ -360,9 +382,17 @@ impl ServerConfig {
 /// Where the CLI clients connect.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Broker URL (gRPC).
-    #[arg(long, env = "TOPICHUB_SERVER", default_value = "http://127.0.0.1:8080")]
-    pub server: String,
+    /// Broker URL (gRPC). Give several (repeat the flag, or separate them with commas) to fail
+    /// over: `pub` and `sub` move on to the next when one does not answer. They should be nodes
+    /// of one hub (a cluster, or one data dir): a cursor or idempotency key from one node then
+    /// means the same on the others.
+    #[arg(
+        long = "server",
+        env = "TOPICHUB_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        value_delimiter = ','
+    )]
+    pub servers: Vec<String>,
     /// PEM CA certificate to trust for an `https://` server, in addition to the system roots
     /// (e.g. a self-signed broker certificate).
     #[arg(long, env = "TOPICHUB_CA_CERT")]
@@ -396,6 +426,15 @@ pub struct PubArgs {
     /// A header `NAME=VALUE` to send with every message (repeatable).
     #[arg(long = "header", short = 'H', value_parser = parse_header)]
     pub headers: Vec<(String, String)>,
+    /// How long to keep retrying a publish that got no answer, trying each `--server` in turn
+    /// with back-off; every message carries an idempotency key, so a retry of one that was
+    /// stored after all is answered as a duplicate, not published twice.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub retry_for: Duration,
+    /// How long one attempt (one message, or one batch of stdin lines) may take before the next
+    /// server is tried.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `topichub sub`.

@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::Error;
-use crate::hub::{self, Hub, LagPolicy, Publishing, Start, SubscribeOptions, Subscription};
+use crate::hub::{
+    self, Deleted, Holder, Hub, LagPolicy, PresencePage, Publishing, Start, SubscribeOptions,
+    Subscription,
+};
+use crate::idempotency;
 use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::metrics::{Door, Metrics};
 use crate::shutdown::StreamEnd;
@@ -90,28 +94,86 @@ pub fn start_publish(
     hub.check_payload(request.payload.len())?;
     let topic = Topic::parse(&request.topic)?;
     access.check_publish(&topic)?;
-    Ok(hub.publish(
+    let key = match request.idempotency_key.as_str() {
+        "" => None,
+        key => Some(idempotency::parse_key(key)?),
+    };
+    Ok(hub.publish_once(
         topic,
         request.payload,
         request.headers.into_iter().collect(),
+        key,
     ))
 }
 
-/// Publishes a `PublishRequest` through `door` and waits until it is acknowledged.
+/// Publishes a `PublishRequest` through `door` and waits until it is acknowledged: its cursor,
+/// and whether it was a retry of a message already published (see [`Publishing::is_duplicate`]).
 pub async fn publish(
     hub: &Hub,
     access: &Access,
     door: Door,
     request: v1::PublishRequest,
-) -> Result<v1::Cursor, Error> {
-    let message = start_publish(hub, access, request)?.await?;
-    hub.metrics().published(door);
-    Ok(wire::cursor(&message.cursor()))
+) -> Result<(v1::Cursor, bool), Error> {
+    let publishing = start_publish(hub, access, request)?;
+    let duplicate = publishing.is_duplicate();
+    let message = publishing.await?;
+    // A retry is answered, not published again.
+    if !duplicate {
+        hub.metrics().published(door);
+    }
+    Ok((wire::cursor(&message.cursor()), duplicate))
 }
 
-/// Validates a `SubscribeRequest` into hub options the token allows.
+/// Most subscriptions one presence page lists.
+pub const MAX_PRESENCE_LIMIT: usize = 1000;
+
+/// Subscriptions a presence page lists when the request does not say.
+pub const DEFAULT_PRESENCE_LIMIT: usize = 100;
+
+/// Who a client's subscriptions belong to, as presence lists show them: its token's subject, or
+/// its address when authentication is off (or the token names no subject).
+pub fn holder(access: &Access, connection: &Connection, door: Door) -> Holder {
+    let client = match access.subject() {
+        Some(subject) => subject.into(),
+        None => connection.peer.to_string().into(),
+    };
+    Holder { client, door }
+}
+
+/// A page of the presence of `topic` (a topic or pattern) the token may see; `limit` 0 is the
+/// default, over [`MAX_PRESENCE_LIMIT`] refused.
+pub fn presence(
+    hub: &Hub,
+    access: &Access,
+    topic: &str,
+    after: u64,
+    limit: usize,
+) -> Result<PresencePage, Error> {
+    let pattern = Pattern::parse(topic)?;
+    access.check_subscribe(std::slice::from_ref(&pattern))?;
+    let limit = match limit {
+        0 => DEFAULT_PRESENCE_LIMIT,
+        n if n > MAX_PRESENCE_LIMIT => {
+            return Err(Error::InvalidRequest(format!(
+                "limit must be at most {MAX_PRESENCE_LIMIT}, got {n}; page with `after`"
+            )));
+        }
+        n => n,
+    };
+    Ok(hub.presence(&pattern, after, limit))
+}
+
+/// Deletes `topic` if the token is an admin's.
+pub fn delete_topic(hub: &Hub, access: &Access, topic: &str) -> Result<Deleted, Error> {
+    let topic = Topic::parse(topic)?;
+    access.check_admin(&topic)?;
+    hub.delete_topic(&topic)
+}
+
+/// Validates a `SubscribeRequest` of `holder` into hub options the token allows.
 pub fn subscribe_options(
     access: &Access,
+    holder: Holder,
     request: v1::SubscribeRequest,
 ) -> Result<SubscribeOptions, Error> {
     let patterns = request
@@ -156,6 +218,8 @@ pub fn subscribe_options(
         queue_bytes: (request.queue_bytes > 0)
             .then(|| usize::try_from(request.queue_bytes).unwrap_or(usize::MAX)),
         lag_policy,
+        holder: Some(holder),
+        presence: request.presence,
     })
 }
 
@@ -252,17 +316,19 @@ impl Session {
                     Err(error) => Err(error),
                 };
                 match published {
-                    Ok(cursor) => reply(
+                    Ok((cursor, duplicate)) => reply(
                         String::new(),
                         Event::Ack(v1::PublishAck {
                             cursor: Some(cursor),
+                            duplicate,
                         }),
                     ),
                     Err(error) => reply(String::new(), request_error(&error)),
                 }
             }
             Some(Req::Subscribe(subscribe)) => {
-                let options = subscribe_options(&self.access, subscribe);
+                let holder = holder(&self.access, &self.connection, self.door);
+                let options = subscribe_options(&self.access, holder, subscribe);
                 if let Ok(options) = &options
                     && let Start::After(cursor) = &options.start
                 {
@@ -365,8 +431,15 @@ async fn forward(
             }
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
+            Some(Ok(hub::Event::Presence(p))) => event(Event::Presence(wire::presence_event(p))),
             Some(Err(Error::ShuttingDown)) => {
                 // The door reports it once for the whole stream.
+                return;
+            }
+            Some(Err(Error::TopicDeleted(topic))) => {
+                let deleted = Event::Deleted(wire::topic_deleted(topic));
+                let _ = outbox.send(Ok(event(deleted))).await;
+                let _ = outbox.send(Ok(unsubscribed("deleted"))).await;
                 return;
             }
             Some(Err(error)) => {

@@ -20,6 +20,10 @@ pub enum Error {
     CursorAhead { cursor: String, head: u64 },
     /// No subscription has this id.
     UnknownSubscription(String),
+    /// No topic of this name has retained messages or live subscribers.
+    UnknownTopic(String),
+    /// The topic the subscription named was deleted (`DELETE /topics/{topic}`, `DeleteTopic`).
+    TopicDeleted(String),
     /// The subscriber's queue overflowed under the `disconnect` policy.
     SlowConsumer(Behind),
     /// The server is shutting down.
@@ -32,6 +36,13 @@ pub enum Error {
     LimitExceeded(String),
     /// The log could not store a message (e.g. the disk is full); nothing was published.
     Unavailable(String),
+    /// A publish reused an idempotency key that names another message (`what`: its topic, or
+    /// another payload on it; `original`: its seq, or that it is still being published).
+    KeyReused {
+        key: String,
+        what: String,
+        original: String,
+    },
 }
 
 /// How far behind a slow subscriber fell: the bound of its queue that it overflowed.
@@ -52,6 +63,8 @@ pub enum Kind {
     Unavailable,
     Unauthenticated,
     PermissionDenied,
+    AlreadyExists,
+    Aborted,
 }
 
 impl Kind {
@@ -64,6 +77,8 @@ impl Kind {
             Kind::Unavailable => "UNAVAILABLE",
             Kind::Unauthenticated => "UNAUTHENTICATED",
             Kind::PermissionDenied => "PERMISSION_DENIED",
+            Kind::AlreadyExists => "ALREADY_EXISTS",
+            Kind::Aborted => "ABORTED",
         }
     }
 }
@@ -80,10 +95,12 @@ impl Error {
             Error::PayloadTooLarge { .. } | Error::SlowConsumer(_) | Error::LimitExceeded(_) => {
                 Kind::ResourceExhausted
             }
-            Error::UnknownSubscription(_) => Kind::NotFound,
+            Error::UnknownSubscription(_) | Error::UnknownTopic(_) => Kind::NotFound,
+            Error::TopicDeleted(_) => Kind::Aborted,
             Error::ShuttingDown | Error::Unavailable(_) => Kind::Unavailable,
             Error::Unauthenticated(_) => Kind::Unauthenticated,
             Error::PermissionDenied(_) => Kind::PermissionDenied,
+            Error::KeyReused { .. } => Kind::AlreadyExists,
         }
     }
 }
@@ -109,6 +126,14 @@ impl fmt::Display for Error {
                 "cursor {cursor} is ahead of this hub, whose newest message is seq {head}; use a cursor this hub issued"
             ),
             Error::UnknownSubscription(id) => write!(f, "no subscription with id {id:?}"),
+            Error::UnknownTopic(topic) => write!(
+                f,
+                "no topic {topic:?}: it has no retained messages and no live subscribers"
+            ),
+            Error::TopicDeleted(topic) => write!(
+                f,
+                "topic {topic:?} was deleted: its history is gone and this subscription has ended; subscribe again to follow new messages"
+            ),
             Error::SlowConsumer(Behind::Messages(queue_size)) => write!(
                 f,
                 "subscriber fell more than {queue_size} messages behind and its lag policy is `disconnect`; read faster, raise queue_size, or use the `catch-up` policy"
@@ -124,6 +149,14 @@ impl fmt::Display for Error {
             Error::PermissionDenied(reason) => write!(f, "permission denied: {reason}"),
             Error::LimitExceeded(reason) => write!(f, "limit reached: {reason}"),
             Error::Unavailable(reason) => write!(f, "unavailable: {reason}"),
+            Error::KeyReused {
+                key,
+                what,
+                original,
+            } => write!(
+                f,
+                "idempotency key {key:?} was already used for {what} ({original}); a retry must repeat the same topic and payload, a new message needs a new key"
+            ),
         }
     }
 }

@@ -14,24 +14,37 @@
 //! The lock is a `std::sync::Mutex`, not an async one: it is never held across an `.await`, and
 //! every critical section is short and non-blocking (`try_send` into bounded queues), so the
 //! publisher is never blocked by a slow subscriber.
+//!
+//! Presence is kept in the same registry: each topic and each wildcard pattern has an ordered
+//! set of its subscriptions (a count is O(1), a page a range) and counters of joins and leaves
+//! that subscriptions watching presence read without the lock, once per `presence_interval`.
+//! Deleting a topic purges its history through the log's eviction and ends the subscriptions
+//! that named it exactly.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future::Shared as SharedFuture;
+use indexmap::IndexSet;
 use tokio::sync::oneshot;
 
+use crate::clock::Clock;
 use crate::cursor::Cursor;
 use crate::error::{Behind, Error};
+use crate::idempotency::{self, Earlier, Fingerprint};
 use crate::log::memory::{Retention, TopicLog};
 use crate::log::{Log, Recovered};
 pub use crate::message::{Headers, Message};
 use crate::metrics::{Door, Metrics, Snapshot};
+use crate::pattern_index::PatternIndex;
 use crate::queue::{self, Bound, TrySendError, Weigh};
 use crate::topic::{Pattern, Topic};
 
@@ -43,6 +56,10 @@ pub const DEFAULT_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Default of the largest byte budget a subscriber may ask for (`--max-queue-bytes`).
 pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Default of the shortest time between two presence events of one subscription
+/// (`--presence-interval`).
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Limits and defaults of a hub. Every field is a server option (see `config`).
 #[derive(Clone, Debug)]
@@ -70,6 +87,13 @@ pub struct HubConfig {
     pub max_topics_per_subscription: usize,
     /// Bytes retained across all topics; the oldest messages hub-wide are evicted first.
     pub max_retained_bytes: usize,
+    /// Where messages' times come from (publish time, age).
+    pub clock: Clock,
+    /// How long and how many idempotency keys are remembered (see [`crate::idempotency`]).
+    pub idempotency: idempotency::Limits,
+    /// Shortest time between two presence events of one subscription: joins and leaves within
+    /// it are coalesced into one event.
+    pub presence_interval: Duration,
 }
 
 impl HubConfig {
@@ -96,17 +120,38 @@ impl Default for HubConfig {
             lag_policy: LagPolicy::CatchUp,
             max_topics_per_subscription: 100,
             max_retained_bytes: 1024 * 1024 * 1024,
+            clock: Clock::System,
+            idempotency: idempotency::Limits {
+                age: idempotency::DEFAULT_WINDOW,
+                keys: idempotency::DEFAULT_KEYS,
+            },
+            presence_interval: DEFAULT_PRESENCE_INTERVAL,
         }
     }
 }
 
 /// What happens to a subscriber whose queue overflows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LagPolicy {
     /// Send a `lag` notice and replay what is still retained, then continue live.
     CatchUp,
     /// End the subscription with a slow-consumer error.
     Disconnect,
+}
+
+impl std::str::FromStr for LagPolicy {
+    type Err = Error;
+
+    /// The names every text door and the command line use: `catch-up`, `disconnect`.
+    fn from_str(text: &str) -> Result<LagPolicy, Error> {
+        match text {
+            "catch-up" => Ok(LagPolicy::CatchUp),
+            "disconnect" => Ok(LagPolicy::Disconnect),
+            other => Err(Error::InvalidRequest(format!(
+                "lag_policy must be `catch-up` or `disconnect`, got {other:?}"
+            ))),
+        }
+    }
 }
 
 impl Weigh for Arc<Message> {
@@ -140,6 +185,19 @@ pub struct SubscribeOptions {
     pub queue_bytes: Option<usize>,
     /// Lag policy (`None` = server default).
     pub lag_policy: Option<LagPolicy>,
+    /// Who opens it, as presence lists show it (`None`: not shown by name).
+    pub holder: Option<Holder>,
+    /// Whether it receives [`Event::Presence`] when subscriptions join or leave its topics.
+    pub presence: bool,
+}
+
+/// Who holds a subscription, as presence lists show it.
+#[derive(Clone, Debug)]
+pub struct Holder {
+    /// The token's subject, or the client's address when authentication is off.
+    pub client: Arc<str>,
+    /// The door it came through.
+    pub door: Door,
 }
 
 /// Messages in a seq range that a subscriber will not get.
@@ -192,6 +250,50 @@ pub enum Event {
     Gap(Gap),
     /// The subscriber fell behind; retained messages follow.
     Lag(Lag),
+    /// Subscriptions joined or left topics this one follows (only when asked for).
+    Presence(Vec<PresenceChange>),
+}
+
+/// How the live subscriptions of one topic or pattern changed since the previous presence event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The topic or pattern, as the subscription named it.
+    pub topic: String,
+    /// Live subscriptions now.
+    pub subscribers: u64,
+    /// Subscriptions that joined since the previous event.
+    pub joined: u64,
+    /// Subscriptions that left since the previous event.
+    pub left: u64,
+}
+
+/// One live subscription in a presence list.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Who holds it (`None`: opened without a holder).
+    pub holder: Option<Holder>,
+    /// When it started.
+    pub since: SystemTime,
+}
+
+/// A page of a topic's or pattern's presence.
+#[derive(Clone, Debug)]
+pub struct PresencePage {
+    /// Live subscriptions in all (not only this page).
+    pub subscribers: u64,
+    /// Up to the page's limit of them, oldest first.
+    pub members: Vec<Member>,
+    /// Where the next page starts (pass it as `from`), when there is one.
+    pub next: Option<u64>,
+}
+
+/// What deleting a topic did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deleted {
+    /// Retained messages purged.
+    pub purged_messages: u64,
+    /// Subscriptions ended because they named the topic exactly.
+    pub ended_subscriptions: u64,
 }
 
 impl Event {
@@ -201,6 +303,7 @@ impl Event {
             Event::Message(m) => metrics.delivered(door, m.published_at),
             Event::Gap(_) => metrics.gapped(door),
             Event::Lag(_) => metrics.lagged(door),
+            Event::Presence(_) => {}
         }
     }
 }
@@ -256,20 +359,105 @@ struct State {
     retained_bytes: usize,
     topics: HashMap<Topic, TopicState>,
     subs: HashMap<u64, SubEntry>,
-    /// Subscriptions with at least one wildcard pattern; new topics are matched against them.
-    wildcard_subs: HashSet<u64>,
+    /// The wildcard patterns of live subscriptions; new topics are matched against them.
+    wildcard_subs: PatternIndex,
     next_sub_id: u64,
+    /// Subscriptions naming each wildcard pattern, for presence of a pattern (a topic's
+    /// presence is its subscriber list).
+    patterns: HashMap<Pattern, PatternMembers>,
     /// Highest seq evicted from a topic that has since been forgotten entirely; a resume from
     /// before it may have missed messages there, so it is reported as a gap.
     forgotten_through: u64,
+    /// Which topics may have aged messages, soonest first.
+    expiry: ExpiryIndex,
+    /// Recent idempotency keys, and keyed publishes waiting for the durable log.
+    idempotency: idempotency::Window<InFlight>,
 }
+
+/// When each topic's oldest message was published (or earlier: entries are not moved when other
+/// limits evict), soonest first, so that the expiry pass visits only topics that may have aged
+/// messages, not every topic. One live entry per topic, told by its generation; entries of
+/// forgotten topics are dropped when they come up.
+#[derive(Default)]
+struct ExpiryIndex {
+    heap: BinaryHeap<Reverse<(SystemTime, u64, Topic)>>,
+    /// The generation of the newest entry.
+    generation: u64,
+}
+
+impl ExpiryIndex {
+    /// Gives `topic` (named `name`) its entry at its oldest message's time, if it has messages.
+    fn schedule(&mut self, name: &Topic, topic: &mut TopicState) {
+        if let Some(published_at) = topic.log.oldest_published_at() {
+            self.generation += 1;
+            topic.expiry_entry = Some(self.generation);
+            self.heap
+                .push(Reverse((published_at, self.generation, name.clone())));
+        }
+    }
+
+    /// Takes the soonest entry if `due` says its time has come.
+    fn pop_due(&mut self, due: impl Fn(SystemTime) -> bool) -> Option<(u64, Topic)> {
+        let Reverse((published_at, _, _)) = self.heap.peek()?;
+        if !due(*published_at) {
+            return None;
+        }
+        let Reverse((_, generation, name)) = self.heap.pop().expect("peeked");
+        Some((generation, name))
+    }
+}
+
+/// A publish waiting for the durable log, shared by its publisher and any retry under its key.
+type InFlight = SharedFuture<oneshot::Receiver<Result<Arc<Message>, Error>>>;
 
 #[derive(Default)]
 struct TopicState {
     /// Retained history.
     log: TopicLog,
-    /// Live subscriptions matching this topic, each once.
-    subscribers: Vec<u64>,
+    /// Live subscriptions matching this topic, each once: O(1) to add, find and remove (a
+    /// storm of 100,000 subscribes or disconnects on one topic must not be quadratic), iterated
+    /// like a `Vec`.
+    subscribers: IndexSet<u64>,
+    /// The generation of this topic's one live entry in [`State::expiry`], if it has one (every
+    /// topic with retained messages has).
+    expiry_entry: Option<u64>,
+    /// The same subscriptions, ordered: presence pages read a range of it, and attaching checks
+    /// membership here.
+    members: BTreeSet<u64>,
+    /// Joins and leaves of `subscribers`, read by presence watchers without the lock.
+    presence: Arc<PresenceCounter>,
+}
+
+/// The subscriptions that named one wildcard pattern.
+#[derive(Default)]
+struct PatternMembers {
+    members: BTreeSet<u64>,
+    presence: Arc<PresenceCounter>,
+}
+
+/// Joins and leaves of one topic's or pattern's subscriptions, ever. Written under the hub's
+/// lock, one increment per join or leave; read without it by the subscriptions that watch
+/// presence, so that churn costs O(1) per join whatever the number of watchers.
+#[derive(Default)]
+struct PresenceCounter {
+    joined: AtomicU64,
+    left: AtomicU64,
+}
+
+impl PresenceCounter {
+    fn join(&self) {
+        self.joined.fetch_add(1, Ordering::Release);
+    }
+
+    fn leave(&self) {
+        self.left.fetch_add(1, Ordering::Release);
+    }
+
+    /// (joined, left); `left` is read first, so it never exceeds `joined`.
+    fn read(&self) -> (u64, u64) {
+        let left = self.left.load(Ordering::Acquire);
+        (self.joined.load(Ordering::Acquire), left)
+    }
 }
 
 struct SubEntry {
@@ -287,6 +475,8 @@ struct SubEntry {
     /// Topics whose subscriber lists hold this subscription.
     topics: Vec<Topic>,
     ended: Arc<OnceLock<Ended>>,
+    holder: Option<Holder>,
+    since: SystemTime,
 }
 
 /// A live subscription. Dropping it unsubscribes.
@@ -302,6 +492,35 @@ pub struct Subscription {
     /// Seq of the last message handed out, or the start position.
     last_seq: u64,
     head_at_start: u64,
+    /// Presence events, when asked for.
+    presence: Option<Box<PresenceWatch>>,
+}
+
+/// What a subscription watching presence has reported so far, per topic or pattern it named.
+struct PresenceWatch {
+    keys: Vec<(Pattern, Arc<PresenceCounter>, (u64, u64))>,
+    /// At most one presence event per tick.
+    tick: tokio::time::Interval,
+}
+
+impl PresenceWatch {
+    /// What changed since the last call, if anything.
+    fn changes(&mut self) -> Vec<PresenceChange> {
+        let mut changes = Vec::new();
+        for (key, counter, seen) in &mut self.keys {
+            let now = counter.read();
+            if now != *seen {
+                changes.push(PresenceChange {
+                    topic: key.as_str().to_owned(),
+                    subscribers: now.0 - now.1,
+                    joined: now.0 - seen.0,
+                    left: now.1 - seen.1,
+                });
+                *seen = now;
+            }
+        }
+        changes
+    }
 }
 
 /// Why the hub ended a subscription.
@@ -336,17 +555,24 @@ impl Hub {
         {
             let mut state = hub.lock();
             state.forgotten_through = recovered.forgotten_through;
+            let mut watermarked = Vec::with_capacity(recovered.watermarks.len());
             for (topic, through) in recovered.watermarks {
+                let log = TopicLog::with_watermark(through);
                 state.topics.insert(
-                    topic,
+                    topic.clone(),
                     TopicState {
-                        log: TopicLog::with_watermark(through),
-                        subscribers: Vec::new(),
+                        log,
+                        ..TopicState::default()
                     },
                 );
+                watermarked.push(topic);
             }
             for message in &recovered.messages {
                 state.deliver(message, &shared.config, log);
+            }
+            // Topics whose every message was evicted are remembered only as the gap they leave.
+            for topic in &watermarked {
+                state.forget_if_unused(topic);
             }
             state.head = recovered.head;
             state.assigned = recovered.head;
@@ -380,13 +606,17 @@ impl Hub {
         epoch: Arc<str>,
         log: Option<Box<dyn Log>>,
     ) -> Hub {
+        let state = State {
+            idempotency: idempotency::Window::new(config.idempotency),
+            ..State::default()
+        };
         Hub {
             shared: Arc::new(Shared {
                 epoch,
                 config,
                 metrics,
                 log,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
             }),
         }
     }
@@ -496,34 +726,105 @@ impl Hub {
     /// subscriber. Never waits for subscribers; with a durable log, the returned future waits
     /// for the log (and the message is delivered once it is durable).
     pub fn publish(&self, topic: Topic, payload: Bytes, headers: Headers) -> Publishing {
+        self.publish_once(topic, payload, headers, None)
+    }
+
+    /// [`Hub::publish`] under an idempotency key (checked with [`idempotency::parse_key`]): while
+    /// the key is in the window, a retry of the same message is answered with the original's
+    /// outcome and [`Publishing::is_duplicate`] says so; a publish of another message under it
+    /// is refused.
+    pub fn publish_once(
+        &self,
+        topic: Topic,
+        payload: Bytes,
+        headers: Headers,
+        key: Option<Arc<str>>,
+    ) -> Publishing {
         if let Err(error) = self
             .check_payload(payload.len())
             .and_then(|()| check_headers(&headers))
         {
-            return Publishing(Outcome::Done(Some(Err(error))));
+            return Publishing::done(Err(error));
         }
         let shared = &*self.shared;
-        let published_at = SystemTime::now();
+        // Hashed before the lock is taken: payloads may be large.
+        let fingerprint = key.as_ref().map(|_| Fingerprint::of(&topic, &payload));
+        let published_at = shared.config.clock.now();
         let mut state = self.lock();
+        if let (Some(key), Some(fingerprint)) = (&key, &fingerprint) {
+            match state.idempotency.lookup(key, fingerprint, published_at) {
+                Err(error) => return Publishing::done(Err(error)),
+                Ok(Earlier::New) => {}
+                Ok(Earlier::Delivered(seen)) => {
+                    // The window keeps no payloads: the answer carries what a publisher is
+                    // told (topic, cursor, time), not the body.
+                    let original = Message::new(
+                        topic,
+                        Bytes::new(),
+                        seen.seq,
+                        shared.epoch.clone(),
+                        seen.published_at,
+                        Headers::new(),
+                    )
+                    .with_idempotency_key(Some(key.clone()));
+                    return Publishing {
+                        outcome: Outcome::Done(Some(Ok(Arc::new(original)))),
+                        duplicate: true,
+                    };
+                }
+                Ok(Earlier::InFlight(original)) => match original.clone().now_or_never() {
+                    // It failed: nothing was published, so this retry publishes afresh.
+                    Some(Err(_) | Ok(Err(_))) => state.idempotency.abandon(key),
+                    // Not stored yet (or just now): the retry gets the original's outcome.
+                    _ => {
+                        return Publishing {
+                            outcome: Outcome::Shared(original),
+                            duplicate: true,
+                        };
+                    }
+                },
+            }
+        }
         state.assigned += 1;
-        let message = Arc::new(Message::new(
-            topic,
-            payload,
-            state.assigned,
-            shared.epoch.clone(),
-            published_at,
-            headers,
-        ));
+        let message = Arc::new(
+            Message::new(
+                topic,
+                payload,
+                state.assigned,
+                shared.epoch.clone(),
+                published_at,
+                headers,
+            )
+            .with_idempotency_key(key.clone()),
+        );
         match &shared.log {
             None => {
                 state.deliver(&message, &shared.config, None);
-                Publishing(Outcome::Done(Some(Ok(message))))
+                Publishing::done(Ok(message))
             }
             Some(log) => {
                 // Handed over under the lock, so the log receives messages in seq order.
                 let (ack, acked) = oneshot::channel();
                 log.append(message, ack);
-                Publishing(Outcome::Waiting(acked))
+                let (Some(key), Some(fingerprint)) = (key, fingerprint) else {
+                    return Publishing {
+                        outcome: Outcome::Waiting(acked),
+                        duplicate: false,
+                    };
+                };
+                // Failed publishes leave their entry until retried; sweep them once they are
+                // as many as the window holds, so their count stays bounded.
+                if state.idempotency.in_flight() >= shared.config.idempotency.keys.max(1024) {
+                    state.idempotency.abandon_failed(|publish| {
+                        matches!(publish.clone().now_or_never(), Some(Err(_) | Ok(Err(_))))
+                    });
+                }
+                let acked = acked.shared();
+                state.idempotency.start(key, fingerprint, acked.clone());
+                Publishing {
+                    outcome: Outcome::Shared(acked),
+                    duplicate: false,
+                }
             }
         }
     }
@@ -608,7 +909,6 @@ impl Hub {
         let (tx, rx) = queue::bounded(queue_size, queue_bytes);
         let ended = Arc::new(OnceLock::new());
         let secret = fastrand::u64(..);
-        let wildcard = patterns.iter().any(|p| p.as_topic().is_none());
         state.subs.insert(
             id,
             SubEntry {
@@ -621,10 +921,15 @@ impl Hub {
                 policy: options.lag_policy.unwrap_or(config.lag_policy),
                 topics: Vec::new(),
                 ended: ended.clone(),
+                holder: options.holder,
+                since: config.clock.now(),
             },
         );
-        if wildcard {
-            state.wildcard_subs.insert(id);
+        for pattern in patterns.iter().filter(|p| p.as_topic().is_none()) {
+            state.wildcard_subs.insert(pattern, id);
+            let members = state.patterns.entry(pattern.clone()).or_default();
+            members.members.insert(id);
+            members.presence.join();
         }
         for pattern in &patterns {
             match pattern.as_topic() {
@@ -647,6 +952,9 @@ impl Hub {
             }
         }
         let head_at_start = state.head;
+        let presence = options
+            .presence
+            .then(|| state.presence_watch(&patterns, config.presence_interval));
         drop(guard);
         Ok(Subscription {
             hub: self.clone(),
@@ -657,6 +965,7 @@ impl Hub {
             pending,
             last_seq: from,
             head_at_start,
+            presence,
         })
     }
 
@@ -743,29 +1052,136 @@ impl Hub {
     }
 
     /// Evicts messages older than the retention age and forgets topics with nothing left.
-    /// Called periodically by the server.
+    /// Called periodically by the server. Visits only the topics whose oldest message may have
+    /// aged, a bounded number per hold of the hub's lock, so that publishers wait for at most
+    /// one batch however many topics there are.
     pub fn expire(&self) {
+        const TOPICS_PER_LOCK: usize = 1024;
         let retention = self.shared.config.retention();
         let log = self.shared.log.as_deref();
-        let now = SystemTime::now();
+        let now = self.shared.config.clock.now();
+        let due = |published_at: SystemTime| {
+            now.duration_since(published_at)
+                .is_ok_and(|age| age > retention.age)
+        };
+        loop {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            for _ in 0..TOPICS_PER_LOCK {
+                let Some((generation, name)) = state.expiry.pop_due(due) else {
+                    return;
+                };
+                let Some(topic) = state.topics.get_mut(&name) else {
+                    continue;
+                };
+                if topic.expiry_entry != Some(generation) {
+                    continue;
+                }
+                topic.expiry_entry = None;
+                state.retained_bytes -= topic.log.evict(&retention, now, &mut |seq| {
+                    if let Some(log) = log {
+                        log.evict(&name, seq);
+                    }
+                });
+                state.expiry.schedule(&name, topic);
+                state.forget_if_unused(&name);
+            }
+        }
+    }
+
+    /// The live subscriptions of `key`, at most `limit` from position `from` (0: the first; a
+    /// page's `next` continues after it), in the order they started.
+    ///
+    /// For a topic: every subscription a message published to it would reach (those naming it,
+    /// and those whose patterns match it). For a pattern: the subscriptions that named that
+    /// pattern. Under the lock, the count is O(1) and a page O(log n + limit): both read an
+    /// ordered member set. Only a topic that does not exist yet scans the wildcard
+    /// subscriptions.
+    pub fn presence(&self, key: &Pattern, from: u64, limit: usize) -> PresencePage {
+        let state = self.lock();
+        let page = |members: &BTreeSet<u64>| {
+            let mut rest = members.range(from..).copied();
+            let ids: Vec<u64> = rest.by_ref().take(limit).collect();
+            (members.len() as u64, ids, rest.next().is_some())
+        };
+        let (subscribers, ids, more) = match key.as_topic() {
+            None => match state.patterns.get(key) {
+                Some(members) => page(&members.members),
+                None => (0, Vec::new(), false),
+            },
+            Some(_) => match state.topics.get(key.as_str()) {
+                Some(topic) => page(&topic.members),
+                // A topic not created yet: only wildcard subscriptions would receive it.
+                None => {
+                    let mut matching = Vec::new();
+                    state
+                        .wildcard_subs
+                        .matches(key.as_str(), &mut |id| matching.push(id));
+                    matching.sort_unstable();
+                    matching.dedup();
+                    let (ids, more) = first_from(matching.iter().copied(), from, limit);
+                    (matching.len() as u64, ids, more)
+                }
+            },
+        };
+        let members = ids
+            .iter()
+            .map(|id| {
+                let entry = &state.subs[id];
+                Member {
+                    holder: entry.holder.clone(),
+                    since: entry.since,
+                }
+            })
+            .collect();
+        drop(state);
+        PresencePage {
+            subscribers,
+            members,
+            next: ids.last().map(|id| id + 1).filter(|_| more),
+        }
+    }
+
+    /// Deletes `topic`: purges its retained history (through the durable log too, so that a
+    /// restart does not bring it back) and ends the subscriptions that name it exactly with
+    /// [`Error::TopicDeleted`]. Subscriptions that follow it through a pattern continue; one
+    /// that resumes over the purged range is told of it by a `gap`.
+    pub fn delete_topic(&self, topic: &Topic) -> Result<Deleted, Error> {
+        let log = self.shared.log.as_deref();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let mut forgotten = state.forgotten_through;
-        let mut freed = 0;
-        state.topics.retain(|name, topic| {
-            freed += topic.log.evict(&retention, now, &mut |seq| {
+        let Some(topic_state) = state.topics.get_mut(topic.as_str()) else {
+            return Err(Error::UnknownTopic(topic.to_string()));
+        };
+        let mut purged_messages = 0;
+        while !topic_state.log.is_empty() {
+            state.retained_bytes -= topic_state.log.pop_oldest(&mut |seq| {
                 if let Some(log) = log {
-                    log.evict(name, seq);
+                    log.evict(topic, seq);
                 }
             });
-            let keep = !topic.log.is_empty() || !topic.subscribers.is_empty();
-            if !keep {
-                forgotten = forgotten.max(topic.log.evicted_through());
-            }
-            keep
-        });
-        state.forgotten_through = forgotten;
-        state.retained_bytes -= freed;
+            purged_messages += 1;
+        }
+        let exact = state.naming(
+            state.topics[topic.as_str()].subscribers.iter().copied(),
+            |p| p.as_str() == topic.as_str(),
+        );
+        for id in &exact {
+            state.remove_sub(*id, Ended::Closed(Error::TopicDeleted(topic.to_string())));
+        }
+        // With pattern subscribers left the topic stays (empty, its watermark reporting the
+        // purged range); otherwise it is forgotten like an expired one.
+        if let Some(left) = state.topics.get(topic.as_str())
+            && left.subscribers.is_empty()
+        {
+            state.forgotten_through = state.forgotten_through.max(left.log.evicted_through());
+            state.topics.remove(topic.as_str());
+        }
+        tracing::info!(%topic, purged_messages, ended_subscriptions = exact.len(), "topic deleted");
+        Ok(Deleted {
+            purged_messages,
+            ended_subscriptions: exact.len() as u64,
+        })
     }
 
     /// Live subscriptions (all doors).
@@ -817,6 +1233,9 @@ impl State {
     /// without a durable log, from the log's writer once durable with one.
     fn deliver(&mut self, message: &Arc<Message>, config: &HubConfig, log: Option<&dyn Log>) {
         self.head = message.seq;
+        // Every delivered message, whatever brought it (a publish here, recovery, another
+        // node), fills the idempotency window.
+        self.idempotency.record(message);
         let topic = &message.topic;
         self.ensure_topic(topic);
         let topic_state = self.topics.get_mut(topic).expect("ensured above");
@@ -831,6 +1250,9 @@ impl State {
             },
         );
         self.retained_bytes = self.retained_bytes + added - freed;
+        if topic_state.expiry_entry.is_none() {
+            self.expiry.schedule(topic, topic_state);
+        }
 
         let mut overflowed = Vec::new();
         for id in &topic_state.subscribers {
@@ -892,7 +1314,21 @@ impl State {
             });
             if let Some(seq) = topic.log.oldest_seq() {
                 oldest.push(Reverse((seq, name)));
+            } else {
+                self.forget_if_unused(&name);
             }
+        }
+    }
+
+    /// Forgets `name` if nothing is retained there and nobody subscribes to it; a resume from
+    /// before what it evicted is still told of the gap (`forgotten_through`).
+    fn forget_if_unused(&mut self, name: &Topic) {
+        if let Some(topic) = self.topics.get(name)
+            && topic.log.is_empty()
+            && topic.subscribers.is_empty()
+        {
+            self.forgotten_through = self.forgotten_through.max(topic.log.evicted_through());
+            self.topics.remove(name);
         }
     }
 
@@ -903,17 +1339,9 @@ impl State {
             return;
         }
         self.topics.insert(topic.clone(), TopicState::default());
-        let matching: Vec<u64> = self
-            .wildcard_subs
-            .iter()
-            .copied()
-            .filter(|id| {
-                self.subs[id]
-                    .patterns
-                    .iter()
-                    .any(|p| p.matches(topic.as_str()))
-            })
-            .collect();
+        let mut matching = Vec::new();
+        self.wildcard_subs
+            .matches(topic.as_str(), &mut |id| matching.push(id));
         for id in matching {
             self.attach(topic, id);
         }
@@ -925,8 +1353,9 @@ impl State {
             .topics
             .get_mut(topic)
             .expect("attach to an existing topic");
-        if !topic_state.subscribers.contains(&id) {
-            topic_state.subscribers.push(id);
+        if topic_state.members.insert(id) {
+            topic_state.subscribers.insert(id);
+            topic_state.presence.join();
             self.subs
                 .get_mut(&id)
                 .expect("attach a live subscription")
@@ -978,21 +1407,54 @@ impl State {
         exact.chain(scanned)
     }
 
+    /// Those of subscriptions `ids` that named a pattern for which `named` holds.
+    fn naming(&self, ids: impl Iterator<Item = u64>, named: impl Fn(&Pattern) -> bool) -> Vec<u64> {
+        ids.filter(|id| self.subs[id].patterns.iter().any(&named))
+            .collect()
+    }
+
+    /// What a new subscription naming `patterns` watches for presence events.
+    fn presence_watch(&self, patterns: &[Pattern], interval: Duration) -> Box<PresenceWatch> {
+        let keys = patterns
+            .iter()
+            .filter_map(|p| {
+                let counter = match p.as_topic() {
+                    Some(_) => self.topics.get(p.as_str())?.presence.clone(),
+                    None => self.patterns.get(p)?.presence.clone(),
+                };
+                let seen = counter.read();
+                Some((p.clone(), counter, seen))
+            })
+            .collect();
+        let period = interval.max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Box::new(PresenceWatch { keys, tick })
+    }
+
     fn remove_sub(&mut self, id: u64, why: Ended) {
         let Some(entry) = self.subs.remove(&id) else {
             return;
         };
         let _ = entry.ended.set(why);
-        self.wildcard_subs.remove(&id);
+        for pattern in entry.patterns.iter().filter(|p| p.as_topic().is_none()) {
+            self.wildcard_subs.remove(pattern, id);
+            if let Some(members) = self.patterns.get_mut(pattern) {
+                members.members.remove(&id);
+                members.presence.leave();
+                if members.members.is_empty() {
+                    self.patterns.remove(pattern);
+                }
+            }
+        }
         for name in &entry.topics {
             let Some(topic) = self.topics.get_mut(name) else {
                 continue;
             };
-            topic.subscribers.retain(|s| *s != id);
-            if topic.subscribers.is_empty() && topic.log.is_empty() {
-                self.forgotten_through = self.forgotten_through.max(topic.log.evicted_through());
-                self.topics.remove(name);
-            }
+            topic.subscribers.swap_remove(&id);
+            topic.members.remove(&id);
+            topic.presence.leave();
+            self.forget_if_unused(name);
         }
         // Dropping `entry.tx` here wakes the subscriber, which then finds `ended` set.
     }
@@ -1002,36 +1464,61 @@ impl State {
 /// refused it. Without a durable log it is ready at once, and [`Publishing::now`] answers
 /// without polling.
 #[must_use = "a publish is only acknowledged once this resolves"]
-pub struct Publishing(Outcome);
+pub struct Publishing {
+    outcome: Outcome,
+    duplicate: bool,
+}
 
 enum Outcome {
     Done(Option<Result<Arc<Message>, Error>>),
     Waiting(oneshot::Receiver<Result<Arc<Message>, Error>>),
+    /// A keyed publish waiting for the log, which a retry may be waiting on too.
+    Shared(InFlight),
 }
 
 impl Publishing {
-    /// The outcome if it is already known (always, without a durable log).
-    pub fn now(self) -> Option<Result<Arc<Message>, Error>> {
-        match self.0 {
-            Outcome::Done(done) => done,
-            Outcome::Waiting(_) => None,
+    fn done(outcome: Result<Arc<Message>, Error>) -> Publishing {
+        Publishing {
+            outcome: Outcome::Done(Some(outcome)),
+            duplicate: false,
         }
     }
+
+    /// The outcome if it is already known (always, without a durable log).
+    pub fn now(self) -> Option<Result<Arc<Message>, Error>> {
+        match self.outcome {
+            Outcome::Done(done) => done,
+            Outcome::Waiting(_) | Outcome::Shared(_) => None,
+        }
+    }
+
+    /// Whether this is a retry under an idempotency key whose message was already published (or
+    /// is being published): the outcome is the original's, and nothing new is stored. A
+    /// delivered original's answer carries its topic, cursor and time but not its payload.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+}
+
+/// The answer of a log that went away without answering.
+fn log_stopped() -> Error {
+    Error::Unavailable(
+        "the log stopped before storing the message; it may not have been published".into(),
+    )
 }
 
 impl Future for Publishing {
     type Output = Result<Arc<Message>, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
+        match &mut self.outcome {
             Outcome::Done(done) => Poll::Ready(done.take().expect("polled after completion")),
-            Outcome::Waiting(acked) => Pin::new(acked).poll(cx).map(|answer| {
-                answer.unwrap_or_else(|_| {
-                    Err(Error::Unavailable(
-                        "the log stopped before storing the message; it may not have been published".into(),
-                    ))
-                })
-            }),
+            Outcome::Waiting(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
+            Outcome::Shared(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
         }
     }
 }
@@ -1058,6 +1545,14 @@ impl Subscription {
 
     /// [`Subscription::next`] for hand-written futures and bodies: no future is built per event.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, Error>>> {
+        if let Some(watch) = &mut self.presence {
+            while watch.tick.poll_tick(cx).is_ready() {
+                let changes = watch.changes();
+                if !changes.is_empty() {
+                    return Poll::Ready(Some(Ok(Event::Presence(changes))));
+                }
+            }
+        }
         loop {
             if let Some(event) = self.pending.pop_front() {
                 if let Event::Message(m) = &event {
@@ -1112,6 +1607,20 @@ fn requested(
         ))),
         Some(n) => Ok(n),
     }
+}
+
+/// The `limit` smallest of `ids` from `from` on, ascending, and whether there are more.
+fn first_from(ids: impl Iterator<Item = u64>, from: u64, limit: usize) -> (Vec<u64>, bool) {
+    let mut kept = BinaryHeap::with_capacity(limit + 1);
+    let mut above = 0;
+    for id in ids.filter(|id| *id >= from) {
+        above += 1;
+        kept.push(id);
+        if kept.len() > limit {
+            kept.pop();
+        }
+    }
+    (kept.into_sorted_vec(), above > limit)
 }
 
 /// `sub-EPOCH-N-SECRET` -> (N, SECRET).
@@ -1189,14 +1698,18 @@ mod tests {
         assert_eq!(t.retained_messages, 9, "9 x (1000 + 1) bytes fit in 10 000");
     }
 
-    #[test]
-    fn aged_messages_expire_and_empty_topics_are_forgotten() {
+    #[tokio::test(start_paused = true)]
+    async fn aged_messages_expire_and_empty_topics_are_forgotten() {
         let hub = hub(HubConfig {
-            retain_age: Duration::ZERO,
+            retain_age: Duration::from_secs(60),
+            clock: Clock::tokio(),
             ..Default::default()
         });
         publish(&hub, "old", 1);
-        std::thread::sleep(Duration::from_millis(2));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        hub.expire();
+        assert_eq!(hub.topics(None).len(), 1, "not aged yet");
+        tokio::time::advance(Duration::from_secs(2)).await;
         hub.expire();
         assert!(hub.topics(None).is_empty(), "expired and forgotten");
         // A resume from before the forgotten messages is told about the gap.
@@ -1325,5 +1838,124 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(error.to_string().contains("headers take"), "{error}");
+    }
+
+    /// The expiry pass evicts by age in time order, topic by topic, and a topic forgotten and
+    /// published to again keeps one entry in the expiry index, not one per life.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_follows_each_topics_oldest_message() {
+        let hub = hub(HubConfig {
+            retain_age: Duration::from_secs(60),
+            clock: Clock::tokio(),
+            ..Default::default()
+        });
+        publish(&hub, "a", 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        publish(&hub, "b", 1);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        hub.expire();
+        let names =
+            |hub: &Hub| -> Vec<String> { hub.topics(None).into_iter().map(|t| t.name).collect() };
+        assert_eq!(names(&hub), ["b"], "a aged, b not yet");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        hub.expire();
+        assert!(names(&hub).is_empty(), "b aged too");
+
+        for _ in 0..100 {
+            publish(&hub, "again", 1);
+            tokio::time::advance(Duration::from_secs(61)).await;
+            hub.expire();
+        }
+        assert!(names(&hub).is_empty());
+        assert!(hub.lock().expiry.heap.is_empty(), "no entries left behind");
+
+        // A later message keeps its topic after the first one ages out.
+        publish(&hub, "c", 1);
+        tokio::time::advance(Duration::from_secs(40)).await;
+        publish(&hub, "c", 1);
+        tokio::time::advance(Duration::from_secs(21)).await;
+        hub.expire();
+        assert_eq!(stats(&hub, "c").retained_messages, 1);
+        assert_eq!(hub.lock().expiry.heap.len(), 1);
+    }
+
+    /// Subscribe and unsubscribe storms on one topic grow linearly: run with
+    /// `cargo test --release --lib storms -- --ignored --nocapture` to print the times (a
+    /// measurement, not a timed test).
+    #[test]
+    #[ignore = "a measurement; run it on purpose"]
+    fn storms_on_one_topic_are_linear() {
+        for n in [100_000, 200_000] {
+            let hub = hub(HubConfig::default());
+            let started = std::time::Instant::now();
+            let subs: Vec<Subscription> = (0..n)
+                .map(|_| {
+                    hub.subscribe(SubscribeOptions {
+                        patterns: vec![Pattern::parse("storm").unwrap()],
+                        ..Default::default()
+                    })
+                    .unwrap()
+                })
+                .collect();
+            let subscribed = started.elapsed();
+            let started = std::time::Instant::now();
+            drop(subs);
+            let unsubscribed = started.elapsed();
+            assert_eq!(hub.subscriber_count(), 0);
+            println!("{n} subscriptions: subscribe {subscribed:?}, unsubscribe {unsubscribed:?}");
+        }
+    }
+
+    /// Publishing to new topics costs the same with 10,000 wildcard subscriptions that do not
+    /// match them as with none: run with
+    /// `cargo test --release --lib wildcard_scale -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run it on purpose"]
+    fn wildcard_scale() {
+        for wildcards in [0, 10_000] {
+            let hub = hub(HubConfig::default());
+            let _subs: Vec<Subscription> = (0..wildcards)
+                .map(|i| {
+                    hub.subscribe(SubscribeOptions {
+                        patterns: vec![Pattern::parse(&format!("other{i}.*.>")).unwrap()],
+                        ..Default::default()
+                    })
+                    .unwrap()
+                })
+                .collect();
+            let started = std::time::Instant::now();
+            for i in 0..100_000 {
+                publish(&hub, &format!("new.topic{i}"), 8);
+            }
+            let per_publish = started.elapsed() / 100_000;
+            println!(
+                "{wildcards} wildcard subscriptions: {per_publish:?} per publish to a new topic"
+            );
+        }
+    }
+
+    /// Memory per topic holding one 64-byte message: run with
+    /// `cargo test --release --lib memory_per_topic -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run it on purpose"]
+    fn memory_per_topic() {
+        fn rss() -> usize {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+                * 1024
+        }
+        let hub = hub(HubConfig::default());
+        let before = rss();
+        let n = 300_000;
+        for i in 0..n {
+            publish(&hub, &format!("many.topic{i}"), 64);
+        }
+        let per_topic = (rss() - before) / n;
+        println!("{per_topic} bytes of RSS per topic holding one 64-byte message");
     }
 }

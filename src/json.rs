@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 
 use crate::error::Error;
 use crate::hub::{self, Headers, Message};
+use crate::wire::v1;
 
 /// A message to publish. Give the body as `payload` (a JSON string is published as its text; any
 /// other JSON value is published as JSON with `content-type: application/json`) or as
@@ -182,6 +183,64 @@ impl From<hub::Lag> for LagJson {
     }
 }
 
+/// `data` of the SSE `presence` event (and the WebSocket `presence` field): subscriptions joined
+/// or left topics or patterns the subscription follows since its previous presence event. At
+/// most one per `--presence-interval` (1 s by default): churn is coalesced into counts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresenceJson {
+    /// Each topic or pattern of the subscription whose subscriptions changed.
+    pub topics: Vec<PresenceChangeJson>,
+}
+
+/// How the live subscriptions of one topic or pattern changed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresenceChangeJson {
+    /// The topic or pattern, as the subscription named it.
+    pub topic: String,
+    /// Live subscriptions now.
+    pub subscribers: u64,
+    /// Subscriptions that joined since the previous presence event.
+    pub joined: u64,
+    /// Subscriptions that left since the previous presence event.
+    pub left: u64,
+}
+
+impl From<v1::PresenceEvent> for PresenceJson {
+    fn from(event: v1::PresenceEvent) -> PresenceJson {
+        PresenceJson {
+            topics: event
+                .topics
+                .into_iter()
+                .map(|c| PresenceChangeJson {
+                    topic: c.topic,
+                    subscribers: c.subscribers,
+                    joined: c.joined,
+                    left: c.left,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `data` of the SSE `deleted` event (and the WebSocket `deleted` field): a topic the
+/// subscription named was deleted, and the subscription has ended.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TopicDeletedJson {
+    /// The deleted topic.
+    pub topic: String,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl From<v1::TopicDeleted> for TopicDeletedJson {
+    fn from(deleted: v1::TopicDeleted) -> TopicDeletedJson {
+        TopicDeletedJson {
+            topic: deleted.topic,
+            message: deleted.message,
+        }
+    }
+}
+
 /// The JSON body of every error response.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -222,6 +281,17 @@ pub struct TopicName(pub String);
     example = "demo.>"
 )]
 pub struct TopicPattern(pub String);
+
+/// An idempotency key: 1-128 visible ASCII characters (e.g. a UUID). Only a schema: handlers
+/// validate with `idempotency::parse_key`.
+#[derive(ToSchema)]
+#[schema(
+    pattern = r"^[!-~]{1,128}$",
+    min_length = 1,
+    max_length = 128,
+    example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47"
+)]
+pub struct IdempotencyKey(pub String);
 
 /// A message header's name: not empty. Only a schema.
 #[derive(ToSchema)]

@@ -2,7 +2,7 @@
 //!
 //! h2 logs a WARN line for each odd frame a peer sends (an unsolicited PING ACK, say), so a
 //! peer could fill the disk with them; unless `RUST_LOG` names h2, its events below ERROR are
-//! filtered out (the connection itself is closed by [`crate::keepalive`]).
+//! filtered out (the connection itself is closed by [`crate::net::keepalive`]).
 //!
 //! A token may arrive in the `authorization` header, the `access_token` cookie or the
 //! `access_token` query parameter (see [`crate::auth`]), and request URIs and headers are what

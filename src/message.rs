@@ -69,7 +69,7 @@ impl Message {
     }
 
     /// The same message, carrying the publisher's idempotency key.
-    pub(crate) fn with_idempotency_key(mut self, key: Option<Arc<str>>) -> Message {
+    pub fn with_idempotency_key(mut self, key: Option<Arc<str>>) -> Message {
         self.idempotency_key = key;
         self
     }

@@ -35,17 +35,22 @@ struct DoorLabel {
     door: &'static str,
 }
 
+impl Door {
+    /// The door's name, as metrics labels and presence lists show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Door::Grpc => "grpc",
+            Door::Seed => "seed",
+            Door::Http => "http",
+            Door::GrpcWeb => "grpc-web",
+            Door::Ws => "ws",
+        }
+    }
+}
+
 impl From<Door> for DoorLabel {
     fn from(door: Door) -> DoorLabel {
-        DoorLabel {
-            door: match door {
-                Door::Grpc => "grpc",
-                Door::Seed => "seed",
-                Door::Http => "http",
-                Door::GrpcWeb => "grpc-web",
-                Door::Ws => "ws",
-            },
-        }
+        DoorLabel { door: door.name() }
     }
 }
 

@@ -175,6 +175,54 @@ pub fn topic_info(topic: hub::TopicInfo) -> v1::TopicInfo {
     }
 }
 
+/// A presence event in protobuf form.
+pub fn presence_event(changes: Vec<hub::PresenceChange>) -> v1::PresenceEvent {
+    v1::PresenceEvent {
+        topics: changes
+            .into_iter()
+            .map(|c| v1::PresenceChange {
+                topic: c.topic,
+                subscribers: c.subscribers,
+                joined: c.joined,
+                left: c.left,
+            })
+            .collect(),
+    }
+}
+
+/// The `deleted` event of a subscription whose topic was deleted.
+pub fn topic_deleted(topic: String) -> v1::TopicDeleted {
+    let message = crate::error::Error::TopicDeleted(topic.clone()).to_string();
+    v1::TopicDeleted { topic, message }
+}
+
+/// A presence page in protobuf form.
+pub fn presence_page(page: hub::PresencePage) -> v1::PresenceResponse {
+    v1::PresenceResponse {
+        subscribers: page.subscribers,
+        members: page
+            .members
+            .into_iter()
+            .map(|m| {
+                let (client, door) = holder(m.holder.as_ref());
+                v1::Subscriber {
+                    client,
+                    door,
+                    since: Some(m.since.into()),
+                }
+            })
+            .collect(),
+        next: page.next.unwrap_or(0),
+    }
+}
+
+/// A subscription's holder as (client, door) names; empty when it was opened without one.
+pub fn holder(holder: Option<&hub::Holder>) -> (String, String) {
+    holder.map_or_else(Default::default, |h| {
+        (h.client.to_string(), h.door.name().to_owned())
+    })
+}
+
 /// A subscription event as a `Subscribe` stream item.
 pub fn subscribe_event(event: hub::Event) -> v1::SubscribeResponse {
     use v1::subscribe_response::Event;
@@ -182,6 +230,7 @@ pub fn subscribe_event(event: hub::Event) -> v1::SubscribeResponse {
         hub::Event::Message(m) => Event::Message(SharedMessage::new(m)),
         hub::Event::Gap(g) => Event::Gap(gap(g)),
         hub::Event::Lag(l) => Event::Lag(lag(l)),
+        hub::Event::Presence(p) => Event::Presence(presence_event(p)),
     };
     v1::SubscribeResponse { event: Some(event) }
 }

@@ -238,7 +238,7 @@ fn publish(topic: &str, size: usize) -> PublishRequest {
     PublishRequest {
         topic: topic.into(),
         payload: vec![b'x'; size].into(),
-        headers: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{free_port, start_broker_process};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use support::{CliSub, free_port, start_broker_process};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_topichub");
 const WAIT: Duration = Duration::from_secs(15);
@@ -46,62 +46,6 @@ async fn publish(addr: SocketAddr, topic: &str, payload: &str) -> u64 {
     response["seq"].as_u64().unwrap()
 }
 
-struct Sub {
-    /// Killed when the test drops it.
-    _child: Child,
-    stdout: Lines<BufReader<ChildStdout>>,
-    stderr: Lines<BufReader<ChildStderr>>,
-}
-
-async fn start_sub(server: &str, args: &[&str]) -> Sub {
-    let mut child = Command::new(BIN)
-        .args(["sub", "--server", server, "--max-backoff", "200ms"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    Sub {
-        _child: child,
-        stdout,
-        stderr,
-    }
-}
-
-impl Sub {
-    async fn line(&mut self) -> String {
-        tokio::time::timeout(WAIT, self.stdout.next_line())
-            .await
-            .expect("sub printed a line")
-            .unwrap()
-            .expect("sub is running")
-    }
-
-    /// Reads stderr until a line containing `needle`.
-    async fn stderr_until(&mut self, needle: &str) -> String {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                let line = self
-                    .stderr
-                    .next_line()
-                    .await
-                    .unwrap()
-                    .expect("sub is running");
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("sub never logged {needle:?}"))
-    }
-}
-
 /// A TCP proxy that can be cut and restored, to drop a client's connection while the broker
 /// stays up.
 struct Proxy {
@@ -131,7 +75,7 @@ async fn pub_and_sub_work_from_the_command_line() {
     let addr = free_port().await;
     let broker = start_broker_process(addr, &[]).await;
     let server = format!("http://{addr}");
-    let mut sub = start_sub(&server, &["cli.*"]).await;
+    let mut sub = CliSub::start(&server, &["cli.*"]).await;
     sub.stderr_until("subscribed").await;
 
     let output = Command::new(BIN)
@@ -211,7 +155,7 @@ async fn sub_resumes_after_a_dropped_connection_without_losing_anything() {
     let broker = start_broker_process(broker_addr, &[]).await;
     let proxy_addr = free_port().await;
     let proxy = start_proxy(proxy_addr, broker_addr).await;
-    let mut sub = start_sub(&format!("http://{}", proxy.addr), &["drop.t"]).await;
+    let mut sub = CliSub::start(&format!("http://{}", proxy.addr), &["drop.t"]).await;
     sub.stderr_until("subscribed").await;
 
     publish(broker_addr, "drop.t", "before").await;
@@ -241,7 +185,7 @@ async fn sub_resumes_after_a_dropped_connection_without_losing_anything() {
 async fn sub_reconnects_with_backoff_across_a_broker_restart_and_reports_the_gap() {
     let addr = free_port().await;
     let broker = start_broker_process(addr, &[]).await;
-    let mut sub = start_sub(&format!("http://{addr}"), &["restart.t"]).await;
+    let mut sub = CliSub::start(&format!("http://{addr}"), &["restart.t"]).await;
     sub.stderr_until("subscribed").await;
     publish(addr, "restart.t", "first life").await;
     assert_eq!(sub.line().await, "first life");

@@ -22,7 +22,8 @@ const START: Duration = Duration::from_secs(30);
 
 /// A topichub node on `nats` (urls), serving.
 async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
-    let mut args = vec!["--nats", urls];
+    // The stream's size limit must fit the servers' storage, whatever the machine's memory.
+    let mut args = vec!["--nats", urls, "--max-retained-bytes", "67108864"];
     args.extend_from_slice(extra);
     let node = BrokerProcess::start(&args, "info,topichub::log::jetstream=debug").await;
     wait_serving(node.addr, START).await;

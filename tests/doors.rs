@@ -99,7 +99,7 @@ async fn every_door_publishes_to_every_door() {
     let request = |topic: &str, payload: &str| PublishRequest {
         topic: topic.into(),
         payload: payload.as_bytes().to_vec().into(),
-        headers: Default::default(),
+        ..Default::default()
     };
     let reply = broker
         .grpc()

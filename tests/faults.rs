@@ -100,7 +100,7 @@ async fn killed_subscribers_are_freed_and_survivors_get_every_message_in_order()
                     .publish(PublishRequest {
                         topic: "faults.kill".into(),
                         payload: format!("m{n}").into(),
-                        headers: Default::default(),
+                        ..Default::default()
                     })
                     .await
                     .expect("publishing never fails while subscribers die");
@@ -220,7 +220,7 @@ async fn clients_that_never_read_cost_bounded_memory_and_never_stall_publishers(
     let request = || PublishRequest {
         topic: "faults.flood".into(),
         payload: payload.clone(),
-        headers: Default::default(),
+        ..Default::default()
     };
     // Warm up (first-use allocations, connection buffers), then take the baseline.
     for _ in 0..16 {

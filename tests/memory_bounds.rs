@@ -201,6 +201,7 @@ async fn a_queue_over_its_byte_budget_lags_and_catches_up() {
             Event::Message(m) => seqs.push(m.cursor.unwrap().seq),
             Event::Lag(_) => lags += 1,
             Event::Gap(gap) => panic!("everything is retained, so no {gap:?}"),
+            Event::Presence(p) => panic!("not asked for: {p:?}"),
         }
     }
     assert!(

@@ -374,7 +374,7 @@ async fn a_stuck_subscriber_never_blocks_publishers_or_other_subscribers() {
                 .publish(PublishRequest {
                     topic: "flood".into(),
                     payload: payload.clone(),
-                    headers: Default::default(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

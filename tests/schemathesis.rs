@@ -45,6 +45,8 @@ async fn http_api_conforms_to_its_openapi_document() {
         .arg("run")
         .arg(format!("{}/openapi.json", broker.url()))
         .args(["--checks", "all"])
+        // A deleted topic's name stays valid: see tests/python/schemathesis.toml.
+        .args(["--exclude-checks", "use_after_free"])
         .args(["--seed", &seed])
         .args(["--max-examples", &max_examples])
         .current_dir(&work)

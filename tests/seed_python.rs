@@ -128,7 +128,7 @@ async fn python_seed_client_interoperates_with_every_door() {
         .publish(PublishRequest {
             topic: TOPIC.into(),
             payload: v1_payload.to_vec().into(),
-            headers: Default::default(),
+            ..Default::default()
         })
         .await
         .expect("topichub.v1 Publish");

@@ -64,7 +64,7 @@ async fn every_door_works_over_tls_on_one_port() {
     grpc.publish(PublishRequest {
         topic: "tls.grpc".into(),
         payload: b"over grpc".to_vec().into(),
-        headers: Default::default(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -24,7 +24,7 @@ pub fn publish_tool(
             let request = topichub::proto::v1::PublishRequest {
                 topic: "bench.tool".into(),
                 payload,
-                headers: Default::default(),
+                ..Default::default()
             }
             .encode_to_vec();
             let mut frame = vec![0u8];

@@ -1,4 +1,4 @@
-//! The HTTP/2 frame scanner behind the ping policy (`keepalive.rs`) on arbitrary client bytes,
+//! The HTTP/2 frame scanner behind the ping policy (`src/net/keepalive.rs`) on arbitrary client bytes,
 //! fed in pieces of arbitrary sizes.
 //!
 //! The first input byte picks the piece size (1-32 bytes), the second whether the connection

@@ -28,6 +28,6 @@ pub async fn grpc_guard(
     }
     match admit(&auth, &metrics, &mut request, TokenFrom::Metadata) {
         Ok(()) => next.run(request).await,
-        Err(error) => super::status_response(tonic::Status::from(error)),
+        Err(error) => tonic::Status::from(error).into_http(),
     }
 }

@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::Access;
-use crate::connect::{Outbox, Session, publish, start_publish, subscribe_options, subscribed};
+use crate::connect::{
+    Outbox, Session, delete_topic, holder, presence, publish, start_publish, subscribe_options,
+    subscribed,
+};
 use crate::error::{Error, Kind};
 use crate::hub::{self, Hub, Publishing, Subscription};
 use crate::limits::{Connection, Limits, SubscriptionSlot};
@@ -36,6 +39,8 @@ impl From<Error> for Status {
             Kind::Unavailable => Code::Unavailable,
             Kind::Unauthenticated => Code::Unauthenticated,
             Kind::PermissionDenied => Code::PermissionDenied,
+            Kind::AlreadyExists => Code::AlreadyExists,
+            Kind::Aborted => Code::Aborted,
         };
         Status::new(code, error.to_string())
     }
@@ -106,8 +111,13 @@ impl Pipeline {
     /// Waits for publishes in flight until at most `keep` remain.
     async fn settle(&mut self, keep: usize) -> Result<(), Error> {
         while self.in_flight.len() > keep {
-            let message = self.in_flight.pop_front().expect("more than keep").await?;
-            self.hub.metrics().published(self.door);
+            let publishing = self.in_flight.pop_front().expect("more than keep");
+            let duplicate = publishing.is_duplicate();
+            let message = publishing.await?;
+            // A retry is answered, not published again.
+            if !duplicate {
+                self.hub.metrics().published(self.door);
+            }
             self.accepted += 1;
             self.last = Some(wire::cursor(&message.cursor()));
         }
@@ -150,9 +160,11 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let caller = caller(&request)?;
         self.limits
             .check_publish(&caller.access, &caller.connection)?;
-        let cursor = publish(&self.hub, &caller.access, caller.door, request.into_inner()).await?;
+        let (cursor, duplicate) =
+            publish(&self.hub, &caller.access, caller.door, request.into_inner()).await?;
         Ok(Response::new(v1::PublishResponse {
             cursor: Some(cursor),
+            duplicate,
         }))
     }
 
@@ -260,7 +272,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = caller(&request)?;
         let slot = caller.connection.open_subscription()?;
-        let options = subscribe_options(&caller.access, request.into_inner())?;
+        let holder = holder(&caller.access, &caller.connection, caller.door);
+        let options = subscribe_options(&caller.access, holder, request.into_inner())?;
         if let hub::Start::After(cursor) = &options.start {
             self.hub.wait_applied(cursor).await;
         }
@@ -334,6 +347,34 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             .collect();
         Ok(Response::new(v1::ListTopicsResponse { topics }))
     }
+
+    async fn presence(
+        &self,
+        request: Request<v1::PresenceRequest>,
+    ) -> Result<Response<v1::PresenceResponse>, Status> {
+        let access = caller(&request)?.access;
+        let request = request.into_inner();
+        let page = presence(
+            &self.hub,
+            &access,
+            &request.topic,
+            request.after,
+            request.limit as usize,
+        )?;
+        Ok(Response::new(wire::presence_page(page)))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        let access = caller(&request)?.access;
+        let deleted = delete_topic(&self.hub, &access, &request.into_inner().topic)?;
+        Ok(Response::new(v1::DeleteTopicResponse {
+            purged_messages: deleted.purged_messages,
+            ended_subscriptions: deleted.ended_subscriptions,
+        }))
+    }
 }
 
 /// Reads a `Connect` stream's requests into its session until the client leaves, the server
@@ -374,42 +415,4 @@ pub fn max_decoding_message_size(max_payload_bytes: usize) -> usize {
     max_payload_bytes
         .saturating_mul(2)
         .saturating_add(1024 * 1024)
-}
-
-/// A trailers-only gRPC response carrying `status`, for answers given before a service runs
-/// (authentication, unknown methods, panics); valid for gRPC and gRPC-Web clients.
-pub fn status_response(status: Status) -> axum::response::Response {
-    use axum::http::{HeaderValue, header};
-    let mut response = axum::response::Response::new(axum::body::Body::empty());
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert("grpc-status", HeaderValue::from(status.code() as i32));
-    if let Ok(message) = HeaderValue::from_str(&percent_encode(status.message())) {
-        headers.insert("grpc-message", message);
-    }
-    response
-}
-
-/// grpc-message is percent-encoded (gRPC spec).
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| {
-            if (0x20..0x7f).contains(&b) && b != b'%' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn grpc_messages_are_percent_encoded() {
-        assert_eq!(super::percent_encode("50% ünits"), "50%25 %C3%BCnits");
-    }
 }

@@ -106,6 +106,7 @@ impl server::pub_sub_service_server::PubSubService for SeedService {
         let subscription = self.hub.subscribe(SubscribeOptions {
             patterns,
             start: Start::Latest,
+            holder: Some(crate::connect::holder(&access, &connection, Door::Seed)),
             ..Default::default()
         })?;
         let end = StreamEnd::new(self.shutdown.clone(), access.expires_at());
@@ -124,6 +125,8 @@ impl server::pub_sub_service_server::PubSubService for SeedService {
                     tracing::debug!(?lag, "seed subscriber lagged; catching up");
                     None
                 }
+                // Never asked for by the seed service.
+                hub::Event::Presence(_) => None,
             });
         // Seed clients have no cursors, so the generic "resume from your cursor" advice is
         // replaced.

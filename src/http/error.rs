@@ -60,18 +60,18 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(error: Error) -> ApiError {
-        let (status, code) = match (&error, error.kind()) {
-            (Error::PayloadTooLarge { .. }, _) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "RESOURCE_EXHAUSTED")
-            }
-            (_, Kind::InvalidArgument) => (StatusCode::BAD_REQUEST, "INVALID_ARGUMENT"),
-            (_, Kind::ResourceExhausted) => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
-            (_, Kind::NotFound) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
-            (_, Kind::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            (_, Kind::Unauthenticated) => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
-            (_, Kind::PermissionDenied) => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
+        let kind = error.kind();
+        let status = match (&error, kind) {
+            (Error::PayloadTooLarge { .. }, _) => StatusCode::PAYLOAD_TOO_LARGE,
+            (_, Kind::InvalidArgument) => StatusCode::BAD_REQUEST,
+            (_, Kind::ResourceExhausted) => StatusCode::TOO_MANY_REQUESTS,
+            (_, Kind::NotFound) => StatusCode::NOT_FOUND,
+            (_, Kind::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            (_, Kind::Unauthenticated) => StatusCode::UNAUTHORIZED,
+            (_, Kind::PermissionDenied) => StatusCode::FORBIDDEN,
+            (_, Kind::AlreadyExists | Kind::Aborted) => StatusCode::CONFLICT,
         };
-        ApiError::new(status, code, error.to_string())
+        ApiError::new(status, kind.code_name(), error.to_string())
     }
 }
 

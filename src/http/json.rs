@@ -11,8 +11,8 @@ use crate::hub::{self, Headers, Message};
 use crate::json::rfc3339;
 // The shapes the WebSocket door shares live below both doors.
 pub use crate::json::{
-    CursorText, GapJson, HeaderName, LagJson, MessageJson, PublishBody, SubscribedJson, TopicName,
-    TopicPattern,
+    CursorText, GapJson, HeaderName, LagJson, MessageJson, PresenceJson, PublishBody,
+    SubscribedJson, TopicDeletedJson, TopicName, TopicPattern,
 };
 use crate::topic::Topic;
 
@@ -48,16 +48,21 @@ pub struct Published {
     pub cursor: String,
     /// When the hub accepted it (RFC 3339).
     pub published_at: String,
+    /// Present and true when the request was a retry under an idempotency key whose message
+    /// was already published: the answer is the original's, and nothing new was stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 impl Published {
-    /// The answer for an accepted message.
-    pub fn of(message: &Message) -> Published {
+    /// The answer for an accepted message; `duplicate` when it answers a retry.
+    pub fn of(message: &Message, duplicate: bool) -> Published {
         Published {
             topic: message.topic.to_string(),
             seq: message.seq,
             cursor: message.cursor().to_string(),
             published_at: rfc3339(message),
+            duplicate,
         }
     }
 }
@@ -94,6 +99,67 @@ impl From<hub::TopicInfo> for TopicJson {
 pub struct TopicList {
     /// Topics sorted by name.
     pub topics: Vec<TopicJson>,
+}
+
+/// A page of the live subscriptions of a topic or pattern.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PresencePageJson {
+    /// The topic or pattern asked about.
+    pub topic: String,
+    /// Live subscriptions in all (not only this page).
+    pub subscribers: u64,
+    /// This page of them, oldest first.
+    pub members: Vec<SubscriberJson>,
+    /// Pass as `after` for the next page (absent on the last page).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+impl PresencePageJson {
+    /// The JSON form of a presence page of `topic`.
+    pub fn of(topic: String, page: hub::PresencePage) -> PresencePageJson {
+        PresencePageJson {
+            topic,
+            subscribers: page.subscribers,
+            members: page
+                .members
+                .into_iter()
+                .map(|m| {
+                    let (client, door) = crate::wire::holder(m.holder.as_ref());
+                    SubscriberJson {
+                        client,
+                        door,
+                        since: humantime::format_rfc3339_millis(m.since).to_string(),
+                    }
+                })
+                .collect(),
+            next: page.next.map(|n| n.to_string()),
+        }
+    }
+}
+
+/// One live subscription.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscriberJson {
+    /// Who opened it: the token's subject, or the client's address when authentication is off.
+    #[schema(example = "billing")]
+    pub client: String,
+    /// The door it came through: `http` (SSE), `ws`, `grpc`, `grpc-web` or `seed`.
+    #[schema(example = "http")]
+    pub door: String,
+    /// When it started (RFC 3339).
+    pub since: String,
+}
+
+/// A topic was deleted.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeletedJson {
+    /// The deleted topic.
+    pub topic: String,
+    /// Retained messages purged.
+    pub purged_messages: u64,
+    /// Subscriptions ended because they named the topic.
+    pub ended_subscriptions: u64,
 }
 
 /// A page of retained history.
@@ -314,6 +380,18 @@ impl utoipa::PartialSchema for SseEvent {
                 "The subscriber fell behind and is caught up from retention",
             ))
             .item(event(
+                "presence",
+                "PresenceJson",
+                Id::Repeated,
+                "Only with `presence=true`: subscriptions joined or left the topics or patterns of this stream since the previous presence event (at most one per --presence-interval)",
+            ))
+            .item(event(
+                "deleted",
+                "TopicDeletedJson",
+                Id::Repeated,
+                "A topic this stream named was deleted; the last event, the stream ends after it",
+            ))
+            .item(event(
                 "end",
                 "ErrorBody",
                 Id::Repeated,
@@ -339,10 +417,13 @@ impl ToSchema for SseEvent {
             (MessageJson::name().into(), MessageJson::schema()),
             (GapJson::name().into(), GapJson::schema()),
             (LagJson::name().into(), LagJson::schema()),
+            (PresenceJson::name().into(), PresenceJson::schema()),
+            (TopicDeletedJson::name().into(), TopicDeletedJson::schema()),
             (ErrorBody::name().into(), ErrorBody::schema()),
             (CursorText::name().into(), CursorText::schema()),
         ]);
         <ErrorBody as ToSchema>::schemas(schemas);
+        <PresenceJson as ToSchema>::schemas(schemas);
     }
 }
 

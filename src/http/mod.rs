@@ -1,11 +1,15 @@
 //! HTTP/JSON doors (axum): publish, SSE subscribe, topics, history, health, the OpenAPI document,
 //! Swagger UI and the web page. Handlers validate, call the hub and convert.
 
+pub mod cors;
 pub mod error;
 mod guard;
 pub mod json;
+pub(crate) mod publish_conn;
 pub mod sse;
+pub(crate) mod sse_conn;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -22,11 +26,18 @@ use utoipa_axum::routes;
 use crate::auth::{self, Access, Authenticator};
 use crate::cursor::Cursor;
 use crate::hub::{Headers, Hub};
+use crate::idempotency;
 use crate::limits::{Connection, Limits};
 use crate::metrics::{Door, Snapshot};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
-use json::{Health, HistoryJson, PublishBody, Published, TopicJson, TopicList};
+use json::{
+    DeletedJson, Health, HistoryJson, PresencePageJson, PublishBody, Published, TopicJson,
+    TopicList,
+};
+
+/// The request header naming a publish for de-duplication (draft-ietf-httpapi-idempotency-key).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Most messages one history request returns.
 pub const MAX_HISTORY_LIMIT: usize = 1000;
@@ -102,7 +113,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (header_only, header_paths) = guard(
         OpenApiRouter::new()
             .routes(routes!(publish))
-            .routes(routes!(publish_raw))
+            .routes(routes!(publish_raw, delete_topic))
             .routes(routes!(list_topics)),
         Guard::Header,
     );
@@ -110,6 +121,7 @@ fn api(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         OpenApiRouter::new()
             .routes(routes!(sse::subscribe))
             .routes(routes!(history))
+            .routes(routes!(presence))
             .routes(routes!(crate::ws::connect)),
         Guard::Browser,
     );
@@ -181,7 +193,10 @@ fn document_auth(
                 error("The request body did not arrive within --http-body-timeout").into(),
             );
         }
-        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
+        for operation in [&mut item.get, &mut item.post, &mut item.delete]
+            .into_iter()
+            .flatten()
+        {
             let mut security = vec![
                 SecurityRequirement::default(),
                 SecurityRequirement::new("bearer", Vec::<String>::new()),
@@ -201,7 +216,7 @@ fn document_auth(
             );
             responses.insert(
                 "403".into(),
-                error("The token does not allow this topic or pattern").into(),
+                error("The token does not allow this topic or pattern (deleting a topic: the token has no admin claim)").into(),
             );
             responses.insert(
                 "429".into(),
@@ -261,10 +276,12 @@ pub async fn method_not_allowed() -> ApiError {
     post,
     path = "/publish",
     tag = "publish",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Names this message so that a retry is not published twice: a retry with the same key, topic and payload within the server's window (--idempotency-window, 2 minutes by default) is answered with the original's cursor and `duplicate: true`; the same key for another topic or payload is refused (409)", nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$", example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47")),
     request_body(content = PublishBody, content_type = "application/json"),
     responses(
-        (status = 200, description = "Accepted", body = Published),
-        (status = 400, description = "Malformed JSON, invalid topic, wildcard topic or bad base64", body = ErrorBody),
+        (status = 200, description = "Accepted; `duplicate: true` when it answers a retry under an idempotency key", body = Published),
+        (status = 400, description = "Malformed JSON, invalid topic, wildcard topic, bad base64, or an invalid idempotency key", body = ErrorBody),
+        (status = 409, description = "The idempotency key was already used for another message (another topic or payload) within the window", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
         (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
@@ -273,15 +290,49 @@ async fn publish(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     Extension(connection): Extension<Connection>,
+    request_headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Published>, ApiError> {
     let body = read_body(&state, body).await?;
     let (topic, payload, headers) = PublishBody::parse(&body)?;
+    let key = idempotency_key(&request_headers)?;
     access.check_publish(&topic)?;
     state.limits.check_publish(&access, &connection)?;
-    let message = state.hub.publish(topic, payload, headers).await?;
-    state.hub.metrics().published(Door::Http);
-    Ok(Json(Published::of(&message)))
+    publish_once(&state, topic, payload, headers, key).await
+}
+
+/// Publishes through the HTTP door and answers with the message's (or, for a retry, the
+/// original's) place in history.
+async fn publish_once(
+    state: &AppState,
+    topic: Topic,
+    payload: Bytes,
+    headers: Headers,
+    key: Option<Arc<str>>,
+) -> Result<Json<Published>, ApiError> {
+    let publishing = state.hub.publish_once(topic, payload, headers, key);
+    let duplicate = publishing.is_duplicate();
+    let message = publishing.await?;
+    // A retry is answered, not published again.
+    if !duplicate {
+        state.hub.metrics().published(Door::Http);
+    }
+    Ok(Json(Published::of(&message, duplicate)))
+}
+
+/// The request's idempotency key: its `Idempotency-Key` header.
+fn idempotency_key(request_headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiError> {
+    let mut values = request_headers.get_all(IDEMPOTENCY_KEY).iter();
+    // Not `to_str`: a value that is not ASCII gets the key rules' own message.
+    match (values.next(), values.next()) {
+        (None, _) => Ok(None),
+        (Some(value), None) => Ok(Some(idempotency::parse_key(&String::from_utf8_lossy(
+            value.as_bytes(),
+        ))?)),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "give one Idempotency-Key header, not several",
+        )),
+    }
 }
 
 /// Publish the request body as is.
@@ -292,11 +343,15 @@ async fn publish(
     post,
     path = "/topics/{topic}",
     tag = "publish",
-    params(("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)")),
+    params(
+        ("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Names this message so that a retry is not published twice: a retry with the same key, topic and payload within the server's window (--idempotency-window, 2 minutes by default) is answered with the original's cursor and `duplicate: true`; the same key for another topic or payload is refused (409)", nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$", example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47"),
+    ),
     request_body(content = Option<String>, description = "The payload (may be empty)", content_type = "application/octet-stream"),
     responses(
-        (status = 200, description = "Accepted", body = Published),
-        (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
+        (status = 200, description = "Accepted; `duplicate: true` when it answers a retry under an idempotency key", body = Published),
+        (status = 400, description = "Invalid topic, wildcard topic, or an invalid idempotency key", body = ErrorBody),
+        (status = 409, description = "The idempotency key was already used for another message (another topic or payload) within the window", body = ErrorBody),
         (status = 413, description = "Payload over the server limit", body = ErrorBody),
         (status = 503, description = "The log could not store the message (e.g. the disk is full); nothing was published", body = ErrorBody),
     )
@@ -310,6 +365,7 @@ async fn publish_raw(
     body: Body,
 ) -> Result<Json<Published>, ApiError> {
     let topic = Topic::parse(&topic)?;
+    let key = idempotency_key(&request_headers)?;
     access.check_publish(&topic)?;
     state.limits.check_publish(&access, &connection)?;
     let body = read_body(&state, body).await?;
@@ -320,9 +376,7 @@ async fn publish_raw(
             .map_err(|_| ApiError::bad_request("Content-Type must be ASCII"))?;
         headers.insert("content-type".into(), text.to_owned());
     }
-    let message = state.hub.publish(topic, body, headers).await?;
-    state.hub.metrics().published(Door::Http);
-    Ok(Json(Published::of(&message)))
+    publish_once(&state, topic, body, headers, key).await
 }
 
 /// List topics that have retained messages or live subscribers.
@@ -392,17 +446,7 @@ async fn history(
         match &*key {
             "after" => after = Some(value.parse::<Cursor>()?),
             auth::TOKEN_PARAM => {}
-            "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_HISTORY_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "limit must be a whole number from 1 to {MAX_HISTORY_LIMIT}, got {value:?}"
-                        ))
-                    })?;
-            }
+            "limit" => limit = page_limit(&value, MAX_HISTORY_LIMIT)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {other:?}; this route takes after, limit"
@@ -435,6 +479,104 @@ async fn history(
         )),
     )
         .into_response())
+}
+
+/// List the live subscriptions of a topic or pattern.
+///
+/// For a topic: every subscription a message published to it would reach (those naming it and
+/// those whose patterns match it). For a pattern: the subscriptions that named that pattern.
+/// `subscribers` counts them all; `members` is one page, oldest first.
+#[utoipa::path(
+    get,
+    path = "/topics/{topic}/presence",
+    tag = "topics",
+    params(
+        ("topic" = json::TopicPattern, Path, description = "Topic or pattern", example = "demo.greetings"),
+        ("after" = Option<i64>, Query, minimum = 0, description = "Where the page starts: the `next` of the previous page (absent or 0: the first page)"),
+        ("limit" = Option<usize>, Query, description = "At most this many subscriptions (default 100, at most 1000)", minimum = 1, maximum = 1000),
+    ),
+    responses(
+        (status = 200, description = "A page of the live subscriptions", body = PresencePageJson),
+        (status = 400, description = "Invalid topic, pattern, position or limit", body = ErrorBody),
+    )
+)]
+async fn presence(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path(topic): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<PresencePageJson>, ApiError> {
+    let mut after = 0;
+    let mut limit = crate::connect::DEFAULT_PRESENCE_LIMIT;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "after" => {
+                // Positions fit an int64, as the document says; anything else is not one.
+                after = value
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "after must be the `next` of a previous page (a whole number), got {value:?}"
+                        ))
+                    })?;
+            }
+            "limit" => limit = page_limit(&value, crate::connect::MAX_PRESENCE_LIMIT)?,
+            auth::TOKEN_PARAM => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}; this route takes after, limit"
+                )));
+            }
+        }
+    }
+    let page = crate::connect::presence(&state.hub, &access, &topic, after, limit)?;
+    Ok(Json(PresencePageJson::of(topic, page)))
+}
+
+/// Delete a topic.
+///
+/// Purges its retained history (durably, with a data dir: a restart does not bring it back) and
+/// ends the subscriptions that name it exactly: SSE streams with a `deleted` event, WebSocket
+/// subscriptions with `deleted` then `unsubscribed`, gRPC streams with ABORTED. Subscriptions
+/// that follow it through a pattern continue; a resume over the purged range gets a `gap`. With
+/// authentication on, needs a token whose `topichub` claim has `"admin": true`.
+#[utoipa::path(
+    delete,
+    path = "/topics/{topic}",
+    tag = "topics",
+    params(("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)")),
+    responses(
+        (status = 200, description = "Deleted", body = DeletedJson),
+        (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
+        (status = 404, description = "No such topic: it has no retained messages and no live subscribers", body = ErrorBody),
+    )
+)]
+async fn delete_topic(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path(topic): Path<String>,
+) -> Result<Json<DeletedJson>, ApiError> {
+    let deleted = crate::connect::delete_topic(&state.hub, &access, &topic)?;
+    Ok(Json(DeletedJson {
+        topic,
+        purged_messages: deleted.purged_messages,
+        ended_subscriptions: deleted.ended_subscriptions,
+    }))
+}
+
+/// A page's `limit` query parameter: 1 to `max`.
+fn page_limit(value: &str, max: usize) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "limit must be a whole number from 1 to {max}, got {value:?}"
+            ))
+        })
 }
 
 /// History pages up to this size are sent whole (with a `content-length`); larger ones are

@@ -19,9 +19,10 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::AppState;
 use super::error::ApiError;
-use super::json::{GapJson, LagJson, MessageJson, SubscribedJson};
+use super::json::{GapJson, LagJson, MessageJson, PresenceJson, SubscribedJson, TopicDeletedJson};
 use crate::auth::Access;
 use crate::cursor::Cursor;
+use crate::error::Error;
 use crate::hub::{Event, LagPolicy, Message, Start, SubscribeOptions, Subscription};
 use crate::limits::{Connection, SubscriptionSlot};
 use crate::metrics::{Door, Metrics, SubscriberGauge};
@@ -35,13 +36,14 @@ const RETRY_MS: u64 = 1000;
 const END_EVENT: &str = "end";
 
 /// Query parameters of `GET /subscribe`.
-pub(crate) const PARAMS: [&str; 7] = [
+pub(crate) const PARAMS: [&str; 8] = [
     "topic",
     "last_event_id",
     "from",
     "queue_size",
     "queue_bytes",
     "lag_policy",
+    "presence",
     crate::auth::TOKEN_PARAM,
 ];
 
@@ -65,10 +67,11 @@ pub(crate) const PARAMS: [&str; 7] = [
         ("queue_size" = Option<u32>, Query, description = "Queue length for this subscriber (default or 0: the server's --queue-size; at most the server's --max-queue-size, 65536 by default)", maximum = 65536),
         ("queue_bytes" = Option<u64>, Query, description = "Byte budget of this subscriber's queue: payload + headers + topic of the messages waiting for it (default or 0: the server's --queue-bytes, 16 MiB by default; at most the server's --max-queue-bytes, 64 MiB by default). A message that would take a non-empty queue over it triggers the lag policy, as a full queue does.", maximum = 67108864),
         ("lag_policy" = Option<String>, Query, description = "`catch-up` (default) or `disconnect`", pattern = "^(catch-up|disconnect)$"),
+        ("presence" = Option<bool>, Query, description = "`true`: also send `presence` events when subscriptions join or leave the topics and patterns of this stream, at most one per --presence-interval (1 s by default) with counts"),
         ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-(0|[1-9][0-9]{0,19}))?$"),
     ),
     responses(
-        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `end` (data: ErrorBody saying why the server ends the stream: UNAVAILABLE on shutdown, UNAUTHENTICATED when the token expires, RESOURCE_EXHAUSTED for a slow consumer; the last event). Only `subscribed` and `message` carry an id (a cursor), and never one ahead of a message not yet delivered: resuming from the last id seen loses nothing.", content_type = "text/event-stream", body = super::json::SseEvent),
+        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `end` (data: ErrorBody saying why the server ends the stream: UNAVAILABLE on shutdown, UNAUTHENTICATED when the token expires, RESOURCE_EXHAUSTED for a slow consumer; the last event), with `presence=true` also `presence` (data: PresenceJson), and `deleted` (data: TopicDeletedJson; the last event) when a topic the stream names exactly is deleted. Only `subscribed` and `message` carry an id (a cursor), and never one ahead of a message not yet delivered: resuming from the last id seen loses nothing.", content_type = "text/event-stream", body = super::json::SseEvent),
         (status = 400, description = "Invalid topic, pattern, cursor or parameter; or a cursor ahead of the hub", body = super::error::ErrorBody),
     )
 )]
@@ -80,7 +83,8 @@ pub async fn subscribe(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let slot = connection.open_subscription()?;
-    let options = options(query.as_deref().unwrap_or(""), &headers)?;
+    let mut options = options(query.as_deref().unwrap_or(""), &headers)?;
+    options.holder = Some(crate::connect::holder(&access, &connection, Door::Http));
     access.check_subscribe(&options.patterns)?;
     let start = options.start.clone();
     if let Start::After(cursor) = &start {
@@ -185,6 +189,11 @@ impl http_body::Body for SseBody {
                 event.count(&s.metrics, Door::Http);
                 event_frame(event)
             }
+            Poll::Ready(Some(Err(Error::TopicDeleted(topic)))) => {
+                this.stream = None;
+                let data = TopicDeletedJson::from(crate::wire::topic_deleted(topic));
+                frame("deleted", None, &data, false)
+            }
             Poll::Ready(Some(Err(error))) => {
                 this.stream = None;
                 end_frame(&error.into())
@@ -212,6 +221,10 @@ fn event_frame(event: Event) -> Bytes {
         Event::Message(m) => message_frame(&m),
         Event::Gap(gap) => frame("gap", None, &GapJson::from(gap), false),
         Event::Lag(lag) => frame("lag", None, &LagJson::from(lag), false),
+        Event::Presence(changes) => {
+            let data = PresenceJson::from(crate::wire::presence_event(changes));
+            frame("presence", None, &data, false)
+        }
     }
 }
 
@@ -275,17 +288,20 @@ fn options(query: &str, headers: &HeaderMap) -> Result<SubscribeOptions, ApiErro
             "from" => from = Some(value.into_owned()),
             "queue_size" => options.queue_size = Some(whole_number("queue_size", &value)?),
             "queue_bytes" => options.queue_bytes = Some(whole_number("queue_bytes", &value)?),
-            crate::auth::TOKEN_PARAM => {}
-            "lag_policy" => {
-                options.lag_policy = Some(match &*value {
-                    "catch-up" => LagPolicy::CatchUp,
-                    "disconnect" => LagPolicy::Disconnect,
+            "presence" => {
+                options.presence = match &*value {
+                    "true" => true,
+                    "false" => false,
                     other => {
                         return Err(ApiError::bad_request(format!(
-                            "lag_policy must be `catch-up` or `disconnect`, got {other:?}"
+                            "presence must be `true` or `false`, got {other:?}"
                         )));
                     }
-                });
+                }
+            }
+            crate::auth::TOKEN_PARAM => {}
+            "lag_policy" => {
+                options.lag_policy = Some(value.parse::<LagPolicy>()?);
             }
             other => {
                 return Err(ApiError::bad_request(format!(

@@ -213,6 +213,17 @@ impl JetStreamLog {
             })
             .await
             .map_err(|e| {
+                let no_room = matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(ref js)
+                        if js.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED
+                );
+                if no_room {
+                    return OpenError::fatal(format!(
+                        "JetStream has less storage than the stream {:?} may take ({} bytes, from --max-retained-bytes, times {} replica(s)); lower --max-retained-bytes or give JetStream more storage (max_file_store)",
+                        config.stream, config.limits.bytes, config.replicas
+                    ));
+                }
                 OpenError::retry(format!(
                     "cannot find or create the JetStream stream {:?} ({e}); is JetStream enabled on the NATS servers (`nats-server -js`), with enough of them up for {} replica(s)?",
                     config.stream, config.replicas

@@ -110,6 +110,11 @@ impl TopicLog {
         self.retained.front().map(|r| r.seq)
     }
 
+    /// When the oldest retained message was published.
+    pub fn oldest_published_at(&self) -> Option<SystemTime> {
+        self.retained.front().map(|r| r.published_at)
+    }
+
     /// Highest seq evicted from this topic (0 = none).
     pub fn evicted_through(&self) -> u64 {
         self.evicted_through

@@ -7,9 +7,10 @@ use utoipa::ToSchema;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
+use crate::hub::LagPolicy;
 use crate::json::{
-    CursorText, ErrorDetail, GapJson, LagJson, MessageJson, PublishBody, SubscribedJson,
-    TopicPattern,
+    CursorText, ErrorDetail, GapJson, IdempotencyKey, LagJson, MessageJson, PresenceJson,
+    PublishBody, SubscribedJson, TopicDeletedJson, TopicPattern,
 };
 use crate::wire::v1;
 
@@ -24,6 +25,7 @@ pub struct WsRequest {
     /// Open a subscription on this socket.
     pub subscribe: Option<WsSubscribe>,
     /// Publish a message; answered with an `ack`.
+    #[schema(value_type = Option<WsPublish>)]
     pub publish: Option<PublishBody>,
     /// End a subscription of this socket.
     pub unsubscribe: Option<WsUnsubscribe>,
@@ -53,6 +55,25 @@ pub struct WsSubscribe {
     /// `catch-up` (default) or `disconnect`.
     #[schema(pattern = "^(catch-up|disconnect)$")]
     pub lag_policy: Option<String>,
+    /// `true`: also receive `presence` events when subscriptions join or leave the topics and
+    /// patterns of this subscription, at most one per --presence-interval, with counts.
+    pub presence: Option<bool>,
+}
+
+/// Publish a message: the fields of `POST /publish`, and an optional idempotency key. Only a
+/// schema: [`decode`] takes the key out of the frame and the rest is a `PublishBody`, which
+/// refuses unknown fields (as a flattened one would not).
+#[derive(ToSchema)]
+pub struct WsPublish {
+    /// The message, as `POST /publish` takes it.
+    #[serde(flatten)]
+    pub message: PublishBody,
+    /// Names this message, so that a retry is not published twice: a retry with the same key,
+    /// topic and payload within the server's window (`--idempotency-window`, 2 minutes by
+    /// default) is acknowledged with the original's cursor and `duplicate: true`. Reusing a key
+    /// in the window for another topic or payload is refused (`ALREADY_EXISTS`).
+    #[schema(value_type = Option<IdempotencyKey>)]
+    pub idempotency_key: Option<String>,
 }
 
 /// End a subscription.
@@ -90,6 +111,12 @@ pub struct WsResponse {
     /// A subscription ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unsubscribed: Option<WsUnsubscribed>,
+    /// Subscriptions joined or left the topics of a subscription (only with `presence`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceJson>,
+    /// A topic the subscription named was deleted; `unsubscribed` (reason `deleted`) follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<TopicDeletedJson>,
     /// A request failed; the socket stays open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
@@ -103,12 +130,17 @@ pub struct WsAck {
     pub cursor: String,
     /// Its sequence number.
     pub seq: u64,
+    /// Present and true when the publish was a retry under an idempotency key whose message was
+    /// already published: `cursor` is the original's, and nothing new was stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 /// Why a subscription ended.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WsUnsubscribed {
-    /// `unsubscribed` (asked for) or `lagged` (its lag policy is `disconnect`).
+    /// `unsubscribed` (asked for), `lagged` (its lag policy is `disconnect`) or `deleted` (its
+    /// topic was deleted).
     pub reason: String,
 }
 
@@ -123,21 +155,42 @@ pub fn decode(text: &str) -> Result<v1::ConnectRequest, (u64, Error)> {
             )),
         )
     })?;
+    let mut value = value;
     let request_id = value
         .get("request_id")
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
+    let key = value
+        .get_mut("publish")
+        .and_then(serde_json::Value::as_object_mut)
+        .and_then(|publish| publish.remove("idempotency_key"));
+    let key = match key {
+        None | Some(serde_json::Value::Null) => String::new(),
+        // Checked here too: an empty key is a mistake, not "no key".
+        Some(serde_json::Value::String(key)) => crate::idempotency::parse_key(&key)
+            .map_err(|e| (request_id, e))?
+            .to_string(),
+        Some(other) => {
+            return Err((
+                request_id,
+                Error::InvalidRequest(format!(
+                    "invalid request: publish.idempotency_key must be a string, got {other}"
+                )),
+            ));
+        }
+    };
     let frame: WsRequest = serde_json::from_value(value).map_err(|e| {
         (
             request_id,
             Error::InvalidRequest(format!("invalid request: {e}")),
         )
     })?;
-    frame.into_request().map_err(|e| (request_id, e))
+    frame.into_request(key).map_err(|e| (request_id, e))
 }
 
 impl WsRequest {
-    fn into_request(self) -> Result<v1::ConnectRequest, Error> {
+    /// The request, a publish under `idempotency_key` (empty: none).
+    fn into_request(self, idempotency_key: String) -> Result<v1::ConnectRequest, Error> {
         use v1::connect_request::Request;
         let request = match (self.subscribe, self.publish, self.unsubscribe) {
             (Some(subscribe), None, None) => Request::Subscribe(subscribe.into_request()?),
@@ -148,6 +201,7 @@ impl WsRequest {
                     topic,
                     payload,
                     headers: headers.into_iter().collect(),
+                    idempotency_key,
                 })
             }
             (None, None, Some(unsubscribe)) => Request::Unsubscribe(v1::UnsubscribeRequest {
@@ -189,15 +243,10 @@ impl WsSubscribe {
             }
             None => from,
         };
-        let lag_policy = match self.lag_policy.as_deref() {
+        let lag_policy = match self.lag_policy.as_deref().map(str::parse).transpose()? {
             None => v1::LagPolicy::Unspecified,
-            Some("catch-up") => v1::LagPolicy::CatchUp,
-            Some("disconnect") => v1::LagPolicy::Disconnect,
-            Some(other) => {
-                return Err(Error::InvalidRequest(format!(
-                    "lag_policy must be `catch-up` or `disconnect`, got {other:?}"
-                )));
-            }
+            Some(LagPolicy::CatchUp) => v1::LagPolicy::CatchUp,
+            Some(LagPolicy::Disconnect) => v1::LagPolicy::Disconnect,
         };
         Ok(v1::SubscribeRequest {
             topics: self.topics,
@@ -207,6 +256,7 @@ impl WsSubscribe {
             queue_size: self.queue_size.unwrap_or(0),
             queue_bytes: self.queue_bytes.unwrap_or(0),
             lag_policy: lag_policy as i32,
+            presence: self.presence.unwrap_or(false),
         })
     }
 }
@@ -247,6 +297,7 @@ pub fn encode(response: v1::ConnectResponse) -> String {
             frame.ack = a.cursor.map(|c| WsAck {
                 seq: c.seq,
                 cursor: format!("{}-{}", c.epoch, c.seq),
+                duplicate: a.duplicate,
             })
         }
         Some(Event::Error(e)) => {
@@ -258,6 +309,8 @@ pub fn encode(response: v1::ConnectResponse) -> String {
         Some(Event::Unsubscribed(u)) => {
             frame.unsubscribed = Some(WsUnsubscribed { reason: u.reason })
         }
+        Some(Event::Presence(p)) => frame.presence = Some(PresenceJson::from(p)),
+        Some(Event::Deleted(d)) => frame.deleted = Some(TopicDeletedJson::from(d)),
         None => {}
     }
     serde_json::to_string(&frame).expect("JSON shapes serialize")

@@ -323,7 +323,7 @@ pub fn publish_request(topic: &str, payload: impl Into<Vec<u8>>) -> v1::PublishR
     v1::PublishRequest {
         topic: topic.into(),
         payload: payload.into().into(),
-        headers: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -628,6 +628,132 @@ impl Sse {
             comments: 0,
         }
     }
+}
+
+/// `topichub sub` as a child process (killed when dropped), its stdout and stderr read line by
+/// line.
+pub struct CliSub {
+    _child: tokio::process::Child,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    stderr: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+}
+
+impl CliSub {
+    /// Starts `topichub sub --server SERVERS --max-backoff 200ms ARGS...` (info logs).
+    pub async fn start(servers: &str, args: &[&str]) -> CliSub {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_topichub"))
+            .args(["sub", "--server", servers, "--max-backoff", "200ms"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        CliSub {
+            stdout: tokio::io::BufReader::new(child.stdout.take().unwrap()).lines(),
+            stderr: tokio::io::BufReader::new(child.stderr.take().unwrap()).lines(),
+            _child: child,
+        }
+    }
+
+    /// The next line it printed on stdout.
+    pub async fn line(&mut self) -> String {
+        within("sub to print a line", self.stdout.next_line())
+            .await
+            .unwrap()
+            .expect("sub is running")
+    }
+
+    /// Reads stderr until a line containing `needle`; that line.
+    pub async fn stderr_until(&mut self, needle: &str) -> String {
+        self.stderr_through(needle).await.pop().expect("a line")
+    }
+
+    /// Reads stderr until a line containing `needle`; every line read, that one last.
+    pub async fn stderr_through(&mut self, needle: &str) -> Vec<String> {
+        within(&format!("sub to log {needle:?}"), async {
+            let mut seen = Vec::new();
+            loop {
+                let line = self.stderr.next_line().await.unwrap().expect("running");
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// A WebSocket to a broker's `GET /ws`, over plain TCP.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `ws://ADDR/ws`.
+pub async fn ws_open(broker: &Broker) -> Ws {
+    let url = format!("ws://{}/ws", broker.addr);
+    within("WebSocket handshake", tokio_tungstenite::connect_async(url))
+        .await
+        .expect("upgrade")
+        .0
+}
+
+/// Sends `frame` as a JSON text frame.
+pub async fn ws_send(ws: &mut Ws, frame: serde_json::Value) {
+    use futures_util::SinkExt as _;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        frame.to_string().into(),
+    ))
+    .await
+    .expect("send");
+}
+
+/// The next JSON text frame (pings and pongs skipped); panics if the socket ends.
+pub async fn ws_recv(ws: &mut Ws) -> serde_json::Value {
+    use tokio_tungstenite::tungstenite::Message;
+    within("a WebSocket frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    return serde_json::from_str(text.as_str()).expect("JSON frame");
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("socket ended: {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Sends a `subscribe` request with the fields `subscribe` and waits for its `subscribed` answer.
+pub async fn ws_subscribe(ws: &mut Ws, request_id: u64, subscribe: serde_json::Value) {
+    ws_send(
+        ws,
+        serde_json::json!({"request_id": request_id, "subscribe": subscribe}),
+    )
+    .await;
+    let answer = ws_recv(ws).await;
+    assert!(answer.get("subscribed").is_some(), "{answer}");
+}
+
+/// An HS256 token signed with `secret` whose claims are `claims` plus `exp` an hour from now.
+pub fn hs256_token(secret: &str, mut claims: serde_json::Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    claims["exp"] = exp.into();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
 }
 
 /// Debian's `nats-server` (installed by `scripts/deps-nats.sh`), for the cluster-mode tests.

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::H2_PREFACE as PREFACE;
+
 /// Strikes tolerated before the connection is closed (grpc-go's `maxPingStrikes`).
 pub const MAX_PING_STRIKES: u32 = 2;
 
@@ -33,7 +35,6 @@ pub const MAX_PING_STRIKES: u32 = 2;
 /// conforming client sends none.
 pub const MAX_UNSOLICITED_ACKS: u32 = 10;
 
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
 const TYPE_DATA: u8 = 0x0;
 const TYPE_HEADERS: u8 = 0x1;

@@ -12,7 +12,8 @@
 //! Anything else hands the connection to hyper, together with the bytes already read, and the
 //! application answers it as always: another route or method, a query string, a body that did
 //! not arrive in the same read, a header this lane does not read (`expect`, `transfer-encoding`,
-//! `connection` other than keep-alive, `upgrade`), an invalid topic, a payload over the limit,
+//! `connection` other than keep-alive, `upgrade`, `idempotency-key`: a keyed publish is rare
+//! and its retries need the application's answers), an invalid topic, a payload over the limit,
 //! a refusal of the publish-rate limit. Errors are therefore always the application's. The lane
 //! is off when authentication is on: tokens are checked by the application's guard.
 //!
@@ -45,15 +46,40 @@ const REQUEST_LINE: &[u8] = b"POST /topics/";
 const MAX_HEADERS: usize = 32;
 /// Room for one read: a request head and a small body, or a few pipelined ones.
 const READ_BUFFER: usize = 4 * 1024;
-/// The response head, up to its length (the application's, through the CORS layer).
-const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\naccess-control-expose-headers: grpc-status,grpc-message,grpc-status-details-bin\r\naccess-control-allow-origin: *\r\ncontent-length: ";
-
 /// What the lane publishes with; one for the server.
 pub(crate) struct Lane {
-    pub hub: Hub,
-    pub limits: Limits,
+    hub: Hub,
+    limits: Limits,
     /// How long to wait for the next request (as hyper does: `--http-header-timeout`).
-    pub idle_timeout: Duration,
+    idle_timeout: Duration,
+    /// Every answer's head up to its length: the router's, with the headers its CORS layer adds.
+    head: Vec<u8>,
+}
+
+impl Lane {
+    /// The lane of a server on `hub`.
+    pub(crate) fn new(hub: Hub, limits: Limits, idle_timeout: Duration) -> Lane {
+        Lane {
+            hub,
+            limits,
+            idle_timeout,
+            head: response_head(),
+        }
+    }
+}
+
+/// The head of every answer up to its length: the router's, with the headers its CORS layer
+/// adds to every answer.
+fn response_head() -> Vec<u8> {
+    let mut head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n".to_vec();
+    for (name, value) in &super::cors::simple_response_headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"content-length: ");
+    head
 }
 
 /// How a connection left the lane.
@@ -93,7 +119,7 @@ pub(crate) async fn serve(
             let Some(message) = lane.publish(&access, connection, &request, &buffer) else {
                 break;
             };
-            answers.write(&message, closing, &mut out);
+            answers.write(&lane.head, &message, closing, &mut out);
             buffer.advance(request.length);
             if closing {
                 break;
@@ -190,6 +216,7 @@ fn parse(bytes: &[u8], max_payload: usize) -> Option<Request> {
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case(crate::http::IDEMPOTENCY_KEY)
         {
             return None;
         }
@@ -274,12 +301,13 @@ struct Answers {
 }
 
 impl Answers {
-    /// Appends the answer to a published message to `out`, telling the client to close when
-    /// the server is `closing`.
-    fn write(&mut self, message: &Message, closing: bool, out: &mut Vec<u8>) {
+    /// Appends the answer to a published message to `out`, starting with `head`, telling the
+    /// client to close when the server is `closing`.
+    fn write(&mut self, head: &[u8], message: &Message, closing: bool, out: &mut Vec<u8>) {
         self.body.clear();
-        serde_json::to_writer(&mut self.body, &Published::of(message)).expect("serializable");
-        out.extend_from_slice(HEAD);
+        serde_json::to_writer(&mut self.body, &Published::of(message, false))
+            .expect("serializable");
+        out.extend_from_slice(head);
         let _ = write!(out, "{}\r\ndate: ", self.body.len());
         // The hub stamped the message just now: its time is the answer's date.
         let second = message
@@ -404,11 +432,7 @@ mod tests {
             .unwrap();
         let (server, peer) = listener.accept().await.unwrap();
         let connection = limits.admit(peer).unwrap();
-        let lane = Lane {
-            hub: hub.clone(),
-            limits,
-            idle_timeout,
-        };
+        let lane = Lane::new(hub.clone(), limits, idle_timeout);
         let shutdown = shutdown.clone();
         let task = tokio::spawn(async move { serve(server, &lane, &connection, &shutdown).await });
         (hub, client, task)
@@ -473,7 +497,7 @@ mod tests {
         let message = message.now().unwrap().unwrap();
         for closing in [false, true] {
             let mut out = Vec::new();
-            Answers::default().write(&message, closing, &mut out);
+            Answers::default().write(&response_head(), &message, closing, &mut out);
             let mut fields = [httparse::EMPTY_HEADER; 16];
             let mut response = httparse::Response::new(&mut fields);
             let httparse::Status::Complete(head) = response.parse(&out).unwrap() else {
@@ -513,6 +537,7 @@ mod tests {
             b"POST /topics/t HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
             b"POST /topics/t HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
             b"POST /topics/t HTTP/1.1\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx",
+            b"POST /topics/t HTTP/1.1\r\nIdempotency-Key: k1\r\ncontent-length: 1\r\n\r\nx",
             b"POST /topics/t HTTP/1.1\r\ncontent-type: caf\xc3\xa9\r\ncontent-length: 1\r\n\r\nx",
             b"POST /topics/t HTTP/1.1\r\ncontent-length: 5\r\n\r\nonly",
             b"POST /topics/t HTTP/1.1\r\ncontent-len",

@@ -200,7 +200,7 @@ mod tests {
 
     /// A peer that never reads: writes fill the pipe, then stall, then fail after the timeout;
     /// the stall is counted once.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_write_blocked_for_the_timeout_fails_and_is_counted_once() {
         let (_client, server) = tokio::io::duplex(1024);
         let metrics = Metrics::new();
@@ -224,7 +224,7 @@ mod tests {
 
     /// A slow reader that takes a few bytes at intervals shorter than the timeout is kept,
     /// however long the whole write takes.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_reader_that_makes_progress_is_kept() {
         let (mut client, server) = tokio::io::duplex(16);
         let config = WriteTimeout::new(TIMEOUT, Door::Http, Metrics::new());

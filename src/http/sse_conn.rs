@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use crate::write_timeout::{Progress, WriteTimeout};
+use crate::net::write_timeout::{Progress, WriteTimeout};
 
 /// The most of a request head looked at. Longer heads go to hyper.
 const MAX_HEAD: usize = 8 * 1024;
