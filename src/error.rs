@@ -36,6 +36,8 @@ pub enum Error {
     LimitExceeded(String),
     /// The log could not store a message (e.g. the disk is full); nothing was published.
     Unavailable(String),
+    /// This deployment cannot do what was asked (the message says why and what to do instead).
+    Unsupported(String),
     /// A publish reused an idempotency key that names another message (`what`: its topic, or
     /// another payload on it; `original`: its seq, or that it is still being published).
     KeyReused {
@@ -65,6 +67,7 @@ pub enum Kind {
     PermissionDenied,
     AlreadyExists,
     Aborted,
+    Unimplemented,
 }
 
 impl Kind {
@@ -79,6 +82,7 @@ impl Kind {
             Kind::PermissionDenied => "PERMISSION_DENIED",
             Kind::AlreadyExists => "ALREADY_EXISTS",
             Kind::Aborted => "ABORTED",
+            Kind::Unimplemented => "UNIMPLEMENTED",
         }
     }
 }
@@ -101,6 +105,7 @@ impl Error {
             Error::Unauthenticated(_) => Kind::Unauthenticated,
             Error::PermissionDenied(_) => Kind::PermissionDenied,
             Error::KeyReused { .. } => Kind::AlreadyExists,
+            Error::Unsupported(_) => Kind::Unimplemented,
         }
     }
 }
@@ -148,6 +153,7 @@ impl fmt::Display for Error {
             Error::Unauthenticated(reason) => write!(f, "unauthenticated: {reason}"),
             Error::PermissionDenied(reason) => write!(f, "permission denied: {reason}"),
             Error::LimitExceeded(reason) => write!(f, "limit reached: {reason}"),
+            Error::Unsupported(reason) => write!(f, "not supported: {reason}"),
             Error::Unavailable(reason) => write!(f, "unavailable: {reason}"),
             Error::KeyReused {
                 key,

@@ -1148,6 +1148,13 @@ impl Hub {
     /// that resumes over the purged range is told of it by a `gap`.
     pub fn delete_topic(&self, topic: &Topic) -> Result<Deleted, Error> {
         let log = self.shared.log.as_deref();
+        if log.is_some_and(|log| log.numbers_messages()) {
+            // Each node keeps its own copy of the shared stream: purging this one alone would
+            // make the nodes disagree, so nothing is purged.
+            return Err(Error::Unsupported(
+                "deleting a topic is not available in cluster mode yet (it would purge only this node's copy of the stream); nothing was deleted".into(),
+            ));
+        }
         let mut guard = self.lock();
         let state = &mut *guard;
         let Some(topic_state) = state.topics.get_mut(topic.as_str()) else {

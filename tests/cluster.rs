@@ -543,3 +543,50 @@ async fn a_node_whose_stream_is_recreated_refuses_to_mix_histories() {
     let answer = http_publish(&url(&b), "t", "new history").await;
     assert_eq!(answer["seq"], 1);
 }
+
+/// Deleting a topic is not available in cluster mode yet: it is refused with UNIMPLEMENTED on
+/// both doors, and nothing is purged.
+#[tokio::test]
+async fn deleting_a_topic_is_refused_in_cluster_mode_and_purges_nothing() {
+    let nats = NatsCluster::start(1).await;
+    let a = node(&nats.urls(), &[]).await;
+    http_publish(&url(&a), "kept", "one").await;
+    let refused = reqwest::Client::new()
+        .delete(format!("{}/topics/kept", url(&a)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 501);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "UNIMPLEMENTED", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cluster mode"),
+        "{body}"
+    );
+    let channel = tonic::transport::Channel::from_shared(url(&a))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = PubSubClient::new(channel)
+        .delete_topic(v1::DeleteTopicRequest {
+            topic: "kept".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    let history: serde_json::Value = reqwest::get(format!("{}/topics/kept/messages", url(&a)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
+}

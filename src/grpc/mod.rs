@@ -41,6 +41,7 @@ impl From<Error> for Status {
             Kind::PermissionDenied => Code::PermissionDenied,
             Kind::AlreadyExists => Code::AlreadyExists,
             Kind::Aborted => Code::Aborted,
+            Kind::Unimplemented => Code::Unimplemented,
         };
         Status::new(code, error.to_string())
     }

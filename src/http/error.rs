@@ -70,6 +70,7 @@ impl From<Error> for ApiError {
             (_, Kind::Unauthenticated) => StatusCode::UNAUTHORIZED,
             (_, Kind::PermissionDenied) => StatusCode::FORBIDDEN,
             (_, Kind::AlreadyExists | Kind::Aborted) => StatusCode::CONFLICT,
+            (_, Kind::Unimplemented) => StatusCode::NOT_IMPLEMENTED,
         };
         ApiError::new(status, kind.code_name(), error.to_string())
     }

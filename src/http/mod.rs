@@ -551,6 +551,7 @@ async fn presence(
         (status = 200, description = "Deleted", body = DeletedJson),
         (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
         (status = 404, description = "No such topic: it has no retained messages and no live subscribers", body = ErrorBody),
+        (status = 501, description = "Cluster mode: deleting a topic is not available there yet; nothing was deleted", body = ErrorBody),
     )
 )]
 async fn delete_topic(
