@@ -382,6 +382,18 @@ async fn bad_data_dirs_are_refused_at_start_with_a_clear_message() {
     let error = refused_start(&dir).await;
     assert!(error.contains("newer topichub"), "{error}");
 
+    // Format 1: the redb file of an older topichub, which this one cannot read.
+    let dir = fresh_data_dir("older");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("FORMAT"), "topichub-log 1\n").unwrap();
+    std::fs::write(dir.join("log.redb"), "").unwrap();
+    let error = refused_start(&dir).await;
+    assert!(error.contains("older topichub"), "{error}");
+    assert!(
+        error.contains("empty --data-dir"),
+        "says what to do: {error}"
+    );
+
     // Not a directory.
     let file = fresh_data_dir("file");
     std::fs::write(&file, "not a dir").unwrap();

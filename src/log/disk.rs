@@ -133,6 +133,9 @@ struct Writer {
     /// Seqs of batches that failed: their bytes may still reach the journal when the failed
     /// store is dropped, so the next commit deletes them (their publishers were told no).
     refused: Vec<u64>,
+    /// The newest seq synced, and the one the `SYNCED` marker names.
+    synced: u64,
+    marked: u64,
     /// When the `SYNCED` marker was last replaced.
     marked_at: Option<Instant>,
     metrics: Metrics,
@@ -164,6 +167,8 @@ impl DiskLog {
             reserved: recovered.head,
             watermarks: recovered.watermarks.iter().cloned().collect(),
             refused: Vec::new(),
+            synced: recovered.head,
+            marked: recovered.head,
             marked_at: None,
             metrics,
             failing: failing.clone(),
@@ -256,7 +261,15 @@ impl Writer {
         // Set while batches were written without fsync (`every=`): when the next sync is due.
         let mut sync_due: Option<Instant> = None;
         loop {
-            let first = match sync_due {
+            // The marker lags the last sync by at most SYNCED_EVERY, even when publishing stops.
+            let mark_due = (self.marked < self.synced)
+                .then(|| self.marked_at.map(|at| at + SYNCED_EVERY))
+                .flatten();
+            let wake = match (sync_due, mark_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = match wake {
                 Some(due) => match self
                     .rx
                     .recv_timeout(due.saturating_duration_since(Instant::now()))
@@ -304,6 +317,7 @@ impl Writer {
                     Fsync::Every(_) => sync_due.is_some_and(|due| due <= Instant::now()),
                 };
             if appends.is_empty() && evictions.is_empty() && !sync {
+                self.mark_synced(false);
                 continue;
             }
             let started = Instant::now();
@@ -333,6 +347,7 @@ impl Writer {
                     }
                     // After the acknowledgements: the marker's fsync is not theirs to wait for.
                     if sync {
+                        self.synced = last;
                         self.mark_synced(close.is_some());
                     }
                 }
@@ -415,14 +430,17 @@ impl Writer {
         Ok(())
     }
 
-    /// After a sync: records the synced head in `SYNCED`, at most every [`SYNCED_EVERY`]
-    /// (always when `closing`). A failure only weakens the damage check, so it is logged.
+    /// Records the synced head in `SYNCED`, at most every [`SYNCED_EVERY`] (at once when
+    /// `closing`); the writer's wait wakes up for a deferred one. A failure only weakens the
+    /// damage check, so it is logged.
     fn mark_synced(&mut self, closing: bool) {
-        if !closing && self.marked_at.is_some_and(|at| at.elapsed() < SYNCED_EVERY) {
+        let recent = self.marked_at.is_some_and(|at| at.elapsed() < SYNCED_EVERY);
+        if self.marked == self.synced || (recent && !closing) {
             return;
         }
         self.marked_at = Some(Instant::now());
-        if let Err(e) = write_synced(&self.dir, &self.epoch, self.head) {
+        self.marked = self.synced;
+        if let Err(e) = write_synced(&self.dir, &self.epoch, self.synced) {
             tracing::warn!(data_dir = %self.dir.display(), error = %e, "cannot update the synced-seq marker");
         }
     }
