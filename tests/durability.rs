@@ -733,3 +733,41 @@ async fn with_fsync_every_a_sigkill_loses_nothing_acknowledged() {
     assert_eq!(page["messages"][0]["seq"], newest / 2 + 1, "{page}");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_evicts_on_disk_and_gaps_stay_exact_across_a_sigkill() {
+    let dir = fresh_data_dir("retention");
+    let addr = free_port().await;
+    let retain = ["--retain-messages", "10"];
+    let broker = Broker::start(addr, &dir, &retain).await;
+    let mut client = broker.grpc().await;
+    let mut epoch = String::new();
+    for i in 1..=30 {
+        epoch = publish(&mut client, "ret.a", &format!("a{i}")).await.epoch;
+    }
+    for i in 31..=35 {
+        publish(&mut client, "ret.b", &format!("b{i}")).await;
+    }
+    broker.kill().await;
+
+    // A larger retention now: what was evicted must be gone from disk, not merely evicted again.
+    let broker = Broker::start(addr, &dir, &["--retain-messages", "1000"]).await;
+    let kept = history(&broker, "ret.a").await;
+    let expected: Vec<(u64, String)> = (21..=30).map(|i| (i, format!("a{i}"))).collect();
+    assert_eq!(kept, expected, "evicted messages stay evicted");
+    assert_eq!(history(&broker, "ret.b").await.len(), 5);
+    // The eviction mark survives: a cursor before it is told exactly what is gone.
+    let page: serde_json::Value = reqwest::get(format!(
+        "{}/topics/ret.a/messages?after={epoch}-5",
+        broker.url()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(page["gap"]["reason"], "retention", "{page}");
+    assert_eq!(page["gap"]["from_seq"], 6, "{page}");
+    assert_eq!(page["gap"]["to_seq"], 20, "{page}");
+    broker.stop().await;
+}
