@@ -8,7 +8,7 @@
 //! - `store/`: the fjall database, with keyspaces `messages` (big-endian seq -> record), `topics`
 //!   (topic -> highest evicted seq) and `meta` (epoch, head seq, reserved seq and boot id).
 //! - `SYNCED`: `EPOCH SEQ`, a seq known to be on stable storage, replaced (write, fsync, rename)
-//!   at most every [`SYNCED_EVERY`] after a sync, and on close.
+//!   at most once a second after a sync, and on close.
 //!
 //! Why fjall rather than redb (format 1): a redb commit copies and writes every B-tree page it
 //! touches, while a fjall batch is one checksummed append to the journal; for the same batches of
