@@ -59,6 +59,10 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// Journal bytes kept before fjall flushes memtables to tables and deletes journals: fjall's
 /// smallest allowed value, as the hub (not the store) serves reads.
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes written to a keyspace before its memtable is flushed to a table, letting fjall delete
+/// the journal that held them: with fjall's default (64 MiB) the journal and the memtable (a
+/// second in-memory copy of what the hub retains) were often larger than the retained messages.
+const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 /// How often, at most, the `SYNCED` marker is replaced: damage to the journal is detected for
 /// everything synced more than this long before the last stop.
 const SYNCED_EVERY: Duration = Duration::from_secs(1);
@@ -471,8 +475,10 @@ impl Store {
                 other => corrupt(&path.display().to_string(), dir, &describe(other)),
             })?;
         let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| corrupt(&path.display().to_string(), dir, &describe(&e)))
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+            .map_err(|e| corrupt(&path.display().to_string(), dir, &describe(&e)))
         };
         Ok(Store {
             messages: keyspace("messages")?,
