@@ -31,8 +31,8 @@ pub enum Command {
     Sub(SubArgs),
     /// Print the OpenAPI document of the HTTP API (as committed in openapi/openapi.json).
     Openapi,
-    /// Check and repair a stopped broker's data dir: rolls back a torn last commit, verifies
-    /// every checksum and reads every retained message back.
+    /// Check and repair a stopped broker's data dir: drops a journal tail torn by a crash,
+    /// verifies every checksum and reads every retained message back.
     Repair(RepairArgs),
 }
 
@@ -110,8 +110,8 @@ pub struct ServerConfig {
 
     /// With --data-dir, when a publish is acknowledged: `always` (after an fsync shared by
     /// concurrent publishes; survives power loss) or `every=DURATION`, e.g. `every=100ms`
-    /// (after the write, fsync at most that interval later; faster, may lose the last interval
-    /// on a crash).
+    /// (once written to the OS, fsync at most that interval later; faster, survives a crash of
+    /// topichub, may lose the last interval on power loss or an OS crash).
     #[arg(long, env = "TOPICHUB_FSYNC", default_value = "always", value_parser = parse_fsync)]
     pub fsync: Fsync,
 
@@ -408,8 +408,8 @@ pub struct RepairArgs {
     /// The data dir of a stopped broker.
     #[arg(long, env = "TOPICHUB_DATA_DIR")]
     pub data_dir: std::path::PathBuf,
-    /// If the log cannot be repaired, move its file aside so that the broker starts with an
-    /// empty history (a new epoch); the file is kept for inspection.
+    /// If the log cannot be repaired, move its store aside so that the broker starts with an
+    /// empty history (a new epoch); it is kept for inspection.
     #[arg(long)]
     pub discard: bool,
 }

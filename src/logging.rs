@@ -21,8 +21,9 @@ use tracing_subscriber::fmt::MakeWriter;
 /// What a token is replaced with.
 pub const REDACTED: &str = "[redacted]";
 
-/// Filter directives used when `RUST_LOG` is not set.
-pub const DEFAULT_FILTER: &str = "info";
+/// Filter directives used when `RUST_LOG` is not set. The disk log's store (fjall, lsm-tree)
+/// logs each tree it recovers at INFO, at every start; its warnings and errors still show.
+pub const DEFAULT_FILTER: &str = "info,fjall=warn,lsm_tree=warn";
 
 /// Installs the process's log subscriber: `RUST_LOG` (else [`DEFAULT_FILTER`]) plus `h2=error`
 /// unless `RUST_LOG` says otherwise about h2, formatted to stderr through [`Redacting`].

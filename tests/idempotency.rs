@@ -431,7 +431,6 @@ async fn keyed_publishes_on_a_keep_alive_connection_are_answered_as_retries() {
 /// With a data dir, the window is rebuilt from the log at start: a retry after a restart is
 /// still answered with the original.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the disk log to store each message's idempotency key (the src/log/disk.rs rewrite)"]
 async fn a_retry_after_a_restart_on_disk_is_still_a_duplicate() {
     let dir = support::fresh_data_dir("idempotency-restart");
     let args = ["--data-dir", dir.to_str().unwrap()];
