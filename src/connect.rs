@@ -18,7 +18,7 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::hub::{
     self, Deleted, Holder, Hub, LagPolicy, PresencePage, Publishing, Start, SubscribeOptions,
-    Subscription,
+    Subscription, TopicPage,
 };
 use crate::idempotency;
 use crate::limits::{Connection, Limits, SubscriptionSlot};
@@ -161,6 +161,51 @@ pub fn presence(
         n => n,
     };
     Ok(hub.presence(&pattern, after, limit))
+}
+
+/// Most topics one listing page holds.
+pub const MAX_TOPICS_LIMIT: usize = 10_000;
+
+/// Topics a listing page holds when the request does not say.
+pub const DEFAULT_TOPICS_LIMIT: usize = 1000;
+
+/// A page of the topics the token may see: those matching `pattern` (empty: all) named after
+/// `after` (empty: from the first; a page's `next` continues after it), in name order. `limit`
+/// 0 is the default, over [`MAX_TOPICS_LIMIT`] refused. The one listing rule of every door.
+pub fn list_topics(
+    hub: &Hub,
+    access: &Access,
+    pattern: &str,
+    after: &str,
+    limit: usize,
+) -> Result<TopicPage, Error> {
+    let filter = match pattern {
+        "" => None,
+        pattern => Some(Pattern::parse(pattern)?),
+    };
+    let after = match after {
+        "" => None,
+        after => Some(Topic::parse(after).map_err(|e| {
+            Error::InvalidRequest(format!(
+                "after must be a topic name (the `next` of a previous page): {e}"
+            ))
+        })?),
+    };
+    let limit = match limit {
+        0 => DEFAULT_TOPICS_LIMIT,
+        n if n > MAX_TOPICS_LIMIT => {
+            return Err(Error::InvalidRequest(format!(
+                "limit must be at most {MAX_TOPICS_LIMIT}, got {n}; page with `after`"
+            )));
+        }
+        n => n,
+    };
+    Ok(hub.topic_page(
+        filter.as_ref(),
+        &|name| access.may_see(name),
+        after.as_ref(),
+        limit,
+    ))
 }
 
 /// Deletes `topic` if the token is an admin's.
