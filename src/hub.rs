@@ -344,8 +344,9 @@ pub struct History {
     pub more: bool,
 }
 
-/// Topic names a listing walks per hold of the hub's lock (see [`Hub::topic_page`]).
-pub const NAMES_PER_LOCK: usize = 4096;
+/// Topic names a listing walks per hold of the hub's lock (see [`Hub::topic_page`]); as many
+/// as the expiry pass visits, so that a publisher waits about as long behind either.
+pub const NAMES_PER_LOCK: usize = 1024;
 
 /// Whether no name lies between `from` and `to` (`BTreeSet::range` panics on such a range).
 fn range_is_empty(from: &ops::Bound<String>, to: &ops::Bound<String>) -> bool {
