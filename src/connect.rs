@@ -151,16 +151,19 @@ pub fn presence(
 ) -> Result<PresencePage, Error> {
     let pattern = Pattern::parse(topic)?;
     access.check_subscribe(std::slice::from_ref(&pattern))?;
-    let limit = match limit {
-        0 => DEFAULT_PRESENCE_LIMIT,
-        n if n > MAX_PRESENCE_LIMIT => {
-            return Err(Error::InvalidRequest(format!(
-                "limit must be at most {MAX_PRESENCE_LIMIT}, got {n}; page with `after`"
-            )));
-        }
-        n => n,
-    };
+    let limit = page_limit(limit, DEFAULT_PRESENCE_LIMIT, MAX_PRESENCE_LIMIT)?;
     Ok(hub.presence(&pattern, after, limit))
+}
+
+/// A page's size as a request gives it: 0 is `default`, over `max` refused.
+fn page_limit(limit: usize, default: usize, max: usize) -> Result<usize, Error> {
+    match limit {
+        0 => Ok(default),
+        n if n > max => Err(Error::InvalidRequest(format!(
+            "limit must be at most {max}, got {n}; page with `after`"
+        ))),
+        n => Ok(n),
+    }
 }
 
 /// Most topics one listing page holds.
@@ -191,15 +194,7 @@ pub fn list_topics(
             ))
         })?),
     };
-    let limit = match limit {
-        0 => DEFAULT_TOPICS_LIMIT,
-        n if n > MAX_TOPICS_LIMIT => {
-            return Err(Error::InvalidRequest(format!(
-                "limit must be at most {MAX_TOPICS_LIMIT}, got {n}; page with `after`"
-            )));
-        }
-        n => n,
-    };
+    let limit = page_limit(limit, DEFAULT_TOPICS_LIMIT, MAX_TOPICS_LIMIT)?;
     Ok(hub.topic_page(
         filter.as_ref(),
         &|name| access.may_see(name),
