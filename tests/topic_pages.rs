@@ -1,6 +1,7 @@
 //! Topic listings come in pages over the real protocols: `GET /topics?pattern=&after=&limit=`
 //! and the `ListTopics` RPC list the topics in name order, at most `limit` a page, with `next`
-//! (the name to pass as `after`) while more remain. Bad limits and positions are refused with a
+//! (the name to pass as `after`) while more remain; with authentication on, a page holds `limit`
+//! topics the token may see. Bad limits and positions are refused with a
 //! message saying what to send. An ignored test measures listing at 200,000 topics.
 
 mod support;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use support::{Broker, get_json, publish_request, spawn_broker};
+use support::{Broker, get_json, publish_request, spawn_broker, spawn_broker_with};
 use tonic::Code;
 use topichub::proto::v1;
 
@@ -19,14 +20,24 @@ const TOPICS: usize = 2500;
 
 /// Creates `names` with one message each, in one `PublishBatch` call.
 async fn create_topics(broker: &Broker, names: &[String]) {
+    create_topics_as(broker, names, None).await;
+}
+
+/// [`create_topics`] with a bearer `token`.
+async fn create_topics_as(broker: &Broker, names: &[String], token: Option<&str>) {
     let requests: Vec<v1::PublishRequest> = names
         .iter()
         .map(|name| publish_request(name, "x"))
         .collect();
+    let mut request = tonic::Request::new(futures_util::stream::iter(requests));
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+    }
     let accepted = broker
         .grpc()
         .await
-        .publish_batch(futures_util::stream::iter(requests))
+        .publish_batch(request)
         .await
         .expect("publish batch")
         .into_inner()
@@ -49,11 +60,25 @@ fn sorted(names: &[String]) -> Vec<String> {
 
 /// Every page of `GET /topics` with `query` (besides `after`), and the names they listed.
 async fn http_pages(broker: &Broker, query: &str) -> (Vec<usize>, Vec<String>) {
+    http_pages_as(broker, query, None).await
+}
+
+/// [`http_pages`] with a bearer `token`.
+async fn http_pages_as(
+    broker: &Broker,
+    query: &str,
+    token: Option<&str>,
+) -> (Vec<usize>, Vec<String>) {
+    let client = reqwest::Client::new();
     let mut sizes = Vec::new();
     let mut listed = Vec::new();
     let mut after = String::new();
     loop {
-        let page = get_json(&format!("{}/topics?{query}&after={after}", broker.url())).await;
+        let mut request = client.get(format!("{}/topics?{query}&after={after}", broker.url()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let page: Value = request.send().await.unwrap().json().await.unwrap();
         let topics = page["topics"].as_array().expect("topics");
         sizes.push(topics.len());
         listed.extend(
@@ -166,6 +191,49 @@ async fn a_pattern_filter_pages_only_the_matching_topics_on_both_doors() {
     // A concrete topic lists itself only, not the topics it prefixes.
     let (_, listed) = http_pages(&broker, "pattern=rest.t1").await;
     assert_eq!(listed, ["rest.t1"]);
+}
+
+#[tokio::test]
+async fn pages_hold_limit_topics_the_token_may_see() {
+    const SECRET: &str = "topic-pages-secret";
+    let broker = spawn_broker_with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let everything = support::hs256_token(
+        SECRET,
+        serde_json::json!({"topichub": {"publish": [">"], "subscribe": [">"]}}),
+    );
+    let open_only = support::hs256_token(
+        SECRET,
+        serde_json::json!({"topichub": {"subscribe": ["open.>"]}}),
+    );
+    // Hidden topics sort between the visible ones.
+    let names: Vec<String> = (0..300)
+        .map(|i| format!("{}.t{i}", if i % 3 == 0 { "open" } else { "hidden" }))
+        .chain((0..50).map(|i| format!("zz.t{i}")))
+        .collect();
+    create_topics_as(&broker, &names, Some(&everything)).await;
+    let visible: Vec<String> = sorted(&names)
+        .into_iter()
+        .filter(|n| n.starts_with("open."))
+        .collect();
+
+    let (sizes, listed) = http_pages_as(&broker, "limit=30", Some(&open_only)).await;
+    assert_eq!(sizes, [30, 30, 30, 10]);
+    assert_eq!(listed, visible);
+    let mut request = tonic::Request::new(v1::ListTopicsRequest {
+        limit: 30,
+        ..Default::default()
+    });
+    let value = format!("Bearer {open_only}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    let page = broker
+        .grpc()
+        .await
+        .list_topics(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.topics.len(), 30);
+    assert_eq!(page.next, visible[29]);
 }
 
 async fn http_error(broker: &Broker, query: &str) -> (StatusCode, String) {
