@@ -385,7 +385,8 @@ struct State {
     retained_bytes: usize,
     topics: HashMap<Topic, TopicState>,
     /// The names of `topics` in order, so that a listing page walks O(log n + page) names
-    /// instead of collecting and sorting them all; about 40 bytes a topic (the name is shared).
+    /// instead of collecting and sorting them all; 34 bytes of RSS a topic (the name is shared;
+    /// `memory_per_topic`: 1037 bytes a topic with it, 1003 without, debug build).
     /// Kept in step by [`State::add_topic`] and [`State::remove_topic`].
     names: BTreeSet<Topic>,
     subs: HashMap<u64, SubEntry>,
