@@ -2,7 +2,8 @@
 # Benchmarks topichub against nats-server, nginx + nchan and mosquitto on loopback.
 #
 #   bench/run.sh                 the full suite: every scenario, every target, 3 runs each
-#                                (about 11 minutes on 2 cores); results in target/bench/
+#                                (about 11 minutes on 2 cores before the storm, wildcards and topics
+#                                scenarios, which add several more, not yet timed); results in target/bench/
 #   bench/run.sh --smoke         the CI smoke run: topichub and nats-server only, 1 short run
 #                                each, fewer subscribers; fails unless every figure is sane
 #   bench/run.sh [OPTIONS]       any option of `topichub-bench suite --help`, e.g.
@@ -76,8 +77,13 @@ else
 fi
 
 if $smoke; then
+    # The scale scenarios at a hundredth of their size or less (about 15 s together).
     args=(--runs 1 --seconds 1 --warmup 0.3 --subscribers 100 --idle-subscribers 300
-          --max-idle 2000 --streams-per-connection 50 --targets grpc,seed,sse,sse-h2,nats,raw
+          --max-idle 2000 --streams-per-connection 50
+          --storm-streams 1000,2000 --storm-connections 10 --probe-rate 200
+          --wildcard-subscriptions 0,100,1000 --wildcard-topics 2000
+          --topic-counts 0,2000,20000 --topics-retain-age 6
+          --targets grpc,grpc-mux,seed,sse,sse-h2,nats,raw
           --out "$target/bench-smoke" --check "${args[@]}")
 elif [[ " ${args[*]} " != *" --out "* && " ${args[*]} " != *" --out="* ]]; then
     args=(--out "$target/bench" "${args[@]}")

@@ -9,6 +9,7 @@ use crate::auth::AuthConfig;
 use crate::hub::{HubConfig, LagPolicy};
 use crate::limits::LimitsConfig;
 use crate::log::disk::Fsync;
+use crate::log::jetstream::{NatsConfig, StreamLimits};
 
 /// topichub: a topic-based publish/subscribe broker (gRPC, gRPC-Web, HTTP/JSON and SSE on one port).
 #[derive(Debug, Parser)]
@@ -97,7 +98,7 @@ pub struct ServerConfig {
     #[arg(long, env = "TOPICHUB_IDEMPOTENCY_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
     pub idempotency_window: Duration,
 
-    /// Most idempotency keys remembered at once (each costs about its length plus 100 bytes);
+    /// Most idempotency keys remembered at once (each costs about its length plus 170 bytes);
     /// beyond it the oldest is forgotten first, shortening the window under heavy keyed traffic.
     #[arg(long, env = "TOPICHUB_IDEMPOTENCY_KEYS", default_value_t = crate::idempotency::DEFAULT_KEYS)]
     pub idempotency_keys: usize,
@@ -113,6 +114,69 @@ pub struct ServerConfig {
     /// on a crash).
     #[arg(long, env = "TOPICHUB_FSYNC", default_value = "always", value_parser = parse_fsync)]
     pub fsync: Fsync,
+
+    /// Cluster mode: keep history in a NATS JetStream stream shared by every topichub node
+    /// started with the same servers and stream, so that they act as one hub. Comma-separated
+    /// URLs, e.g. `nats://n1:4222,nats://n2:4222`. Not with --data-dir.
+    #[arg(
+        long = "nats",
+        env = "TOPICHUB_NATS_URL",
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        conflicts_with = "data_dir"
+    )]
+    pub nats: Vec<String>,
+
+    /// With --nats, the JetStream stream holding the history (created if missing).
+    #[arg(long, env = "TOPICHUB_NATS_STREAM", default_value = crate::log::jetstream::DEFAULT_STREAM)]
+    pub nats_stream: String,
+
+    /// With --nats, topics are the subjects `PREFIX.TOPIC` of the stream.
+    #[arg(long, env = "TOPICHUB_NATS_SUBJECT_PREFIX", default_value = crate::log::jetstream::DEFAULT_SUBJECT_PREFIX)]
+    pub nats_subject_prefix: String,
+
+    /// With --nats, replicas of the stream when this node creates it (3 in production: a
+    /// message is acknowledged once a majority stored it; an existing stream keeps its own).
+    #[arg(long, env = "TOPICHUB_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+
+    /// NATS credentials file (`.creds`: user JWT and NKey seed).
+    #[arg(long, env = "TOPICHUB_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "TOPICHUB_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+
+    /// NATS password (with --nats-user).
+    #[arg(
+        long,
+        env = "TOPICHUB_NATS_PASSWORD",
+        requires = "nats_user",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+
+    /// NATS token.
+    #[arg(
+        long,
+        env = "TOPICHUB_NATS_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "nats_user"
+    )]
+    pub nats_token: Option<String>,
+
+    /// PEM CA certificate(s) the NATS servers' certificates must chain to; connects with TLS.
+    #[arg(long, env = "TOPICHUB_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(long, env = "TOPICHUB_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --nats-tls-cert.
+    #[arg(long, env = "TOPICHUB_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
 
     /// Interval of HTTP/2 and WebSocket keepalive pings to clients (detects dead peers).
     #[arg(long, env = "TOPICHUB_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -276,6 +340,32 @@ impl ServerConfig {
             },
             presence_interval: self.presence_interval,
         }
+    }
+
+    /// The JetStream log's configuration, in cluster mode (`--nats`).
+    pub fn nats(&self) -> Option<NatsConfig> {
+        if self.nats.is_empty() {
+            return None;
+        }
+        let hub = self.hub();
+        Some(NatsConfig {
+            urls: self.nats.clone(),
+            stream: self.nats_stream.clone(),
+            subject_prefix: self.nats_subject_prefix.clone(),
+            replicas: usize::from(self.nats_replicas),
+            creds: self.nats_creds.clone(),
+            user: self.nats_user.clone().zip(self.nats_password.clone()),
+            token: self.nats_token.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+            limits: StreamLimits {
+                messages_per_subject: hub.retain_messages,
+                age: hub.retain_age,
+                bytes: hub.max_retained_bytes,
+                // Headers travel as one JSON header: a little more than their raw size.
+                max_message_bytes: hub.max_payload_bytes + 2 * crate::hub::MAX_HEADER_BYTES,
+            },
+        })
     }
 
     /// The server-wide limits.

@@ -367,9 +367,15 @@ impl Session {
                 }
             }
             Some(Req::Subscribe(subscribe)) => {
+                let holder = holder(&self.access, &self.connection, self.door);
+                let options = subscribe_options(&self.access, holder, subscribe);
+                if let Ok(options) = &options
+                    && let Start::After(cursor) = &options.start
+                {
+                    self.hub.wait_applied(cursor).await;
+                }
                 let opened = self.connection.open_subscription().and_then(|slot| {
-                    let holder = holder(&self.access, &self.connection, self.door);
-                    let options = subscribe_options(&self.access, holder, subscribe)?;
+                    let options = options?;
                     Ok((slot, self.hub.subscribe(options)?))
                 });
                 match opened {

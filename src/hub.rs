@@ -619,8 +619,12 @@ impl Hub {
                 let Some(shared) = weak.upgrade() else { return };
                 let hub = Hub { shared };
                 let log = hub.shared.log.as_deref();
+                let numbered = log.is_some_and(|log| log.numbers_messages());
                 let mut state = hub.lock();
                 for message in batch {
+                    if numbered && message.seq > state.head + 1 {
+                        state.forgotten_through = state.forgotten_through.max(message.seq - 1);
+                    }
                     state.deliver(message, &hub.shared.config, log);
                 }
             }));
@@ -651,6 +655,17 @@ impl Hub {
     /// Whether publishes wait for a durable log (so they cannot be answered synchronously).
     pub fn is_durable(&self) -> bool {
         self.shared.log.is_some()
+    }
+
+    /// Waits (bounded) until this hub has applied `cursor`'s message, when it comes from another
+    /// hub on the same shared log that is ahead of this one; then a resume or read from it
+    /// proceeds as if it had been issued here. At once for any other cursor.
+    pub async fn wait_applied(&self, cursor: &Cursor) {
+        let Some(log) = &self.shared.log else { return };
+        if cursor.epoch != *self.shared.epoch || cursor.seq <= self.lock().head {
+            return;
+        }
+        log.until_applied(cursor.seq).await;
     }
 
     /// Writes out everything accepted so far and stops the log; publishes after this fail.

@@ -199,6 +199,10 @@ impl<T: Clone> Window<T> {
 
     /// Remembers the key of `message`, just delivered (in seq order), if it has one. The first
     /// message delivered under a key stays its answer.
+    ///
+    /// The payload is hashed here, under the hub's lock, from the delivered message itself (a
+    /// message applied from another node may differ from a local publish under the same key):
+    /// unkeyed messages cost nothing, a keyed one about 0.7 ms per MiB of payload (SipHash).
     pub(crate) fn record(&mut self, message: &Message) {
         let Some(key) = &message.idempotency_key else {
             return;

@@ -12,7 +12,8 @@
 //! 1. Core: [`clock`] the hub's time (tokio's in tests); [`topic`] names and wildcard patterns;
 //!    `pattern_index` wildcard subscriptions by pattern (a subject trie); [`cursor`] `EPOCH-SEQ`
 //!    positions; [`message`] an accepted message; [`idempotency`] the window of recent
-//!    idempotency keys (a retried publish answers with the original); [`log`] the history behind one interface (memory, disk); `queue`, the
+//!    idempotency keys (a retried publish answers with the original); [`log`] the history
+//!    behind one interface (memory, disk, a NATS JetStream stream shared by several nodes); `queue`, the
 //!    bounded queue to each subscription; [`hub`] topics, subscriptions, seqs, retention, lag,
 //!    presence, topic deletion, the only shared state; [`error`] the hub's error type.
 //! 2. Policy: [`auth`] turns a credential into an `Access` (knows no transport); [`limits`]

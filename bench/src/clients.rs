@@ -132,7 +132,7 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
-fn endpoint(addr: SocketAddr) -> anyhow::Result<Endpoint> {
+pub fn endpoint(addr: SocketAddr) -> anyhow::Result<Endpoint> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true))
 }
 

@@ -8,6 +8,7 @@ mod clients;
 mod durable;
 mod raw;
 mod report;
+mod scale;
 mod scenarios;
 mod servers;
 mod stats;
@@ -133,10 +134,18 @@ pub enum SuiteScenario {
     Durable,
     /// A crashed `--data-dir` broker holding `--restart-messages`: time until it serves again.
     Restart,
+    /// `--storm-streams` gRPC Subscribe streams over `--storm-connections` connections: time
+    /// to subscribe them all, and to drop them all, with publish latency during both.
+    Storm,
+    /// Publishes to new topics with `--wildcard-subscriptions` that match none of them.
+    Wildcards,
+    /// `--topic-counts` topics with one 64-byte message each: RSS per topic, publish latency
+    /// while they are held and while they expire.
+    Topics,
 }
 
 impl SuiteScenario {
-    const ALL: [SuiteScenario; 9] = [
+    const ALL: [SuiteScenario; 12] = [
         SuiteScenario::Publish,
         SuiteScenario::PublishTool,
         SuiteScenario::E2e,
@@ -146,6 +155,9 @@ impl SuiteScenario {
         SuiteScenario::MaxIdle,
         SuiteScenario::Durable,
         SuiteScenario::Restart,
+        SuiteScenario::Storm,
+        SuiteScenario::Wildcards,
+        SuiteScenario::Topics,
     ];
 
     /// The targets this scenario is measured on.
@@ -160,12 +172,19 @@ impl SuiteScenario {
             SuiteScenario::MaxIdle => &[Sse, SseH2, GrpcMux],
             SuiteScenario::Durable => &[Grpc, GrpcDisk, GrpcDiskEvery, Jetstream],
             SuiteScenario::Restart => &[GrpcDisk],
+            SuiteScenario::Storm => &[GrpcMux],
+            SuiteScenario::Wildcards => &[Grpc],
+            SuiteScenario::Topics => &[Sse],
         }
     }
 
-    /// Runs of this scenario: max-idle is slow and its answer is a count, so it runs once.
+    /// Runs of this scenario: max-idle is slow and its answer is a count, so it runs once; so
+    /// does topics, which waits for a million topics to expire.
     fn runs(self, runs: usize) -> usize {
-        if matches!(self, SuiteScenario::MaxIdle | SuiteScenario::Restart) {
+        if matches!(
+            self,
+            SuiteScenario::MaxIdle | SuiteScenario::Restart | SuiteScenario::Topics
+        ) {
             1
         } else {
             runs
@@ -183,6 +202,9 @@ impl SuiteScenario {
             SuiteScenario::MaxIdle => "max-idle",
             SuiteScenario::Durable => "durable",
             SuiteScenario::Restart => "restart",
+            SuiteScenario::Storm => "storm",
+            SuiteScenario::Wildcards => "wildcards",
+            SuiteScenario::Topics => "topics",
         }
     }
 }
@@ -196,9 +218,14 @@ fn run_once(
     launch: &Launch,
     params: &Params,
 ) -> anyhow::Result<Figures> {
-    if scenario == SuiteScenario::Restart {
+    match scenario {
         // Starts, kills and restarts its own server.
-        return durable::restart(target, launch, params);
+        SuiteScenario::Restart => return durable::restart(target, launch, params),
+        // A fresh server for each point, or one with options of its own.
+        SuiteScenario::Storm => return scale::storm(target, launch, params),
+        SuiteScenario::Wildcards => return scale::wildcards(target, launch, params),
+        SuiteScenario::Topics => return scale::topics(target, launch, params),
+        _ => {}
     }
     let server = Server::start(target.kind(), launch)?;
     let runtime = client_runtime()?;
@@ -235,8 +262,14 @@ async fn measure(
             tools::publish_tool(target, addr, params, &launch.work_dir.join("tools"))
         }
         SuiteScenario::Durable => durable::publish_and_deliver(target, addr, pid, params).await,
-        SuiteScenario::Restart => {
-            anyhow::bail!("the restart scenario starts its own servers (not with --attach)")
+        SuiteScenario::Restart
+        | SuiteScenario::Storm
+        | SuiteScenario::Wildcards
+        | SuiteScenario::Topics => {
+            anyhow::bail!(
+                "the {} scenario starts its own servers (not with --attach)",
+                scenario.name()
+            )
         }
         other => {
             let scenario = match other {
@@ -246,9 +279,12 @@ async fn measure(
                 SuiteScenario::Rate => Scenario::Rate,
                 SuiteScenario::Idle => Scenario::Idle,
                 SuiteScenario::MaxIdle => Scenario::MaxIdle,
-                SuiteScenario::PublishTool | SuiteScenario::Durable | SuiteScenario::Restart => {
-                    unreachable!()
-                }
+                SuiteScenario::PublishTool
+                | SuiteScenario::Durable
+                | SuiteScenario::Restart
+                | SuiteScenario::Storm
+                | SuiteScenario::Wildcards
+                | SuiteScenario::Topics => unreachable!(),
             };
             scenarios::run(scenario, target, addr, pid, params).await
         }

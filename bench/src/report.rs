@@ -106,6 +106,10 @@ impl Results {
             ("idle_subscribers".into(), p.idle_subscribers as f64),
             ("max_idle".into(), p.max_idle as f64),
             ("restart_messages".into(), p.restart_messages as f64),
+            ("storm_connections".into(), p.storm_connections as f64),
+            ("wildcard_topics".into(), p.wildcard_topics as f64),
+            ("topics_retain_age_s".into(), p.topics_retain_age),
+            ("probe_rate".into(), p.probe_rate),
         ]);
         let mut out = Results {
             machine: machine(),
@@ -199,6 +203,24 @@ impl Results {
             .median
             .get(key)
             .copied()
+    }
+
+    /// A scale scenario's figure `{base}_at_{n}` at each of its points, by n.
+    fn points(&self, scenario: &str, target: &str, base: &str) -> Vec<(usize, f64)> {
+        let Some(r) = self
+            .results
+            .iter()
+            .find(|r| r.scenario == scenario && r.target == target)
+        else {
+            return Vec::new();
+        };
+        let mut points: Vec<(usize, f64)> = r
+            .median
+            .iter()
+            .filter_map(|(key, value)| Some((point_of(key, base)?, *value)))
+            .collect();
+        points.sort_by_key(|(n, _)| *n);
+        points
     }
 
     /// The best peer for a figure: the highest or the lowest value.
@@ -458,6 +480,146 @@ impl Results {
             true,
             &mut out,
         );
+        // The scale scenarios: how a cost grew from the smallest point to the largest.
+        let grew = |what: &str,
+                    unit: &str,
+                    scenario: &str,
+                    door: &str,
+                    base: &str,
+                    limit: f64,
+                    higher: bool,
+                    out: &mut Vec<Comparison>| {
+            let points = self.points(scenario, door, base);
+            let (Some(&(first, _)), Some(&(last, _))) = (points.first(), points.last()) else {
+                return;
+            };
+            if let Some(value) = self.figure(scenario, door, &format!("{base}_growth")) {
+                out.push(Comparison {
+                    what: format!("{what}, {last} / {first} {unit}"),
+                    topichub: door.into(),
+                    value,
+                    peer: format!("at {first}"),
+                    peer_value: 1.0,
+                    ratio: value,
+                    goal: format!("{} {limit}", if higher { ">=" } else { "<=" }),
+                    met: Some(if higher {
+                        value >= limit
+                    } else {
+                        value <= limit
+                    }),
+                    versus_peer: false,
+                    higher_is_better: higher,
+                });
+            }
+        };
+        let storm = "topichub-grpc-mux";
+        grew(
+            "subscribe storm time",
+            "streams",
+            "storm",
+            storm,
+            "subscribe_s",
+            2.2,
+            false,
+            &mut out,
+        );
+        grew(
+            "disconnect storm time",
+            "streams",
+            "storm",
+            storm,
+            "unsubscribe_s",
+            2.2,
+            false,
+            &mut out,
+        );
+        if let Some(&(n, _)) = self.points("storm", storm, "unsubscribe_s").last() {
+            absolute(
+                &format!("disconnect storm of {n} streams, seconds"),
+                "storm",
+                storm,
+                &format!("unsubscribe_s_at_{n}"),
+                1.0,
+                false,
+                &mut out,
+            );
+        }
+        for (n, _) in self.points("storm", storm, "unsubscribe_publish_p99_ms") {
+            absolute(
+                &format!("publish p99 during the disconnect storm of {n} streams, ms"),
+                "storm",
+                storm,
+                &format!("unsubscribe_publish_p99_ms_at_{n}"),
+                10.0,
+                false,
+                &mut out,
+            );
+        }
+        // Noise between runs on this machine is about 15 %: "does not grow" within that.
+        grew(
+            "server CPU per publish to a new topic",
+            "wildcards",
+            "wildcards",
+            "topichub-grpc",
+            "server_cpu_us_per_publish",
+            1.15,
+            false,
+            &mut out,
+        );
+        grew(
+            "publishes/s to new topics",
+            "wildcards",
+            "wildcards",
+            "topichub-grpc",
+            "publish_per_s",
+            0.85,
+            true,
+            &mut out,
+        );
+        if let Some(&(n, _)) = self
+            .points("topics", "topichub-sse", "bytes_per_topic")
+            .last()
+        {
+            absolute(
+                &format!("RSS per topic holding one 64-byte message, {n} topics, bytes"),
+                "topics",
+                "topichub-sse",
+                &format!("bytes_per_topic_at_{n}"),
+                1024.0 + 64.0,
+                false,
+                &mut out,
+            );
+        }
+        // Latency tails are noisier than rates: independent within half again.
+        grew(
+            "publish p99, unrelated topic",
+            "topics",
+            "topics",
+            "topichub-sse",
+            "probe_p99_ms",
+            1.5,
+            false,
+            &mut out,
+        );
+        grew(
+            "slowest publish, unrelated topic",
+            "topics",
+            "topics",
+            "topichub-sse",
+            "probe_max_ms",
+            1.5,
+            false,
+            &mut out,
+        );
+        absolute(
+            "publish p99 to an unrelated topic while the topics expire, over with none held",
+            "topics",
+            "topichub-sse",
+            "expiry_probe_p99_growth",
+            1.5,
+            false,
+            &mut out,
+        );
         // The same figures against the raw-loopback program: how far from the least any server
         // can do each scenario's writes with. (wrk drives only the SSE door's HTTP POST.)
         let all = &doors[..];
@@ -514,6 +676,17 @@ impl Results {
         }
         out
     }
+}
+
+/// The point n of a figure named `{base}_at_{n}`.
+fn point_of(key: &str, base: &str) -> Option<usize> {
+    key.strip_prefix(base)?.strip_prefix("_at_")?.parse().ok()
+}
+
+/// A figure named `{base}_at_{n}`, split.
+fn split_point(key: &str) -> Option<(&str, usize)> {
+    let (base, n) = key.rsplit_once("_at_")?;
+    Some((base, n.parse().ok()?))
 }
 
 fn machine() -> BTreeMap<String, String> {
@@ -599,40 +772,74 @@ pub fn table(results: &Results) -> String {
             .iter()
             .filter(|r| r.scenario == scenario)
             .collect();
+        // Figures of scale scenarios' points (`{base}_at_{n}`) get a table of their own, a row
+        // per point.
         let mut keys: Vec<&String> = Vec::new();
+        let mut bases: Vec<&str> = Vec::new();
         for r in &rows {
             for k in r.median.keys() {
-                if !keys.contains(&k) {
-                    keys.push(k);
+                match split_point(k) {
+                    Some((base, _)) if !bases.contains(&base) => bases.push(base),
+                    Some(_) => {}
+                    None if !keys.contains(&k) => keys.push(k),
+                    None => {}
                 }
             }
         }
         let _ = writeln!(out, "### {scenario}\n");
-        let _ = writeln!(
-            out,
-            "| target | {} |",
-            keys.iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-        let _ = writeln!(out, "|---|{}", "---:|".repeat(keys.len()));
-        for r in rows {
-            let cells: Vec<String> = keys
-                .iter()
-                .map(|k| {
-                    r.median.get(*k).map(|v| number(*v)).unwrap_or_else(|| {
-                        if r.runs.is_empty() {
-                            "failed".into()
-                        } else {
-                            "-".into()
-                        }
+        if !keys.is_empty() || bases.is_empty() {
+            let _ = writeln!(
+                out,
+                "| target | {} |",
+                keys.iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+            let _ = writeln!(out, "|---|{}", "---:|".repeat(keys.len()));
+            for r in &rows {
+                let cells: Vec<String> = keys
+                    .iter()
+                    .map(|k| {
+                        r.median.get(*k).map(|v| number(*v)).unwrap_or_else(|| {
+                            if r.runs.is_empty() {
+                                "failed".into()
+                            } else {
+                                "-".into()
+                            }
+                        })
                     })
-                })
-                .collect();
-            let _ = writeln!(out, "| {} | {} |", r.target, cells.join(" | "));
+                    .collect();
+                let _ = writeln!(out, "| {} | {} |", r.target, cells.join(" | "));
+            }
+            let _ = writeln!(out);
         }
-        let _ = writeln!(out);
+        if !bases.is_empty() {
+            let _ = writeln!(out, "| target | n | {} |", bases.join(" | "));
+            let _ = writeln!(out, "|---|---:|{}", "---:|".repeat(bases.len()));
+            for r in &rows {
+                let mut points: Vec<usize> = r
+                    .median
+                    .keys()
+                    .filter_map(|k| Some(split_point(k)?.1))
+                    .collect();
+                points.sort_unstable();
+                points.dedup();
+                for n in points {
+                    let cells: Vec<String> = bases
+                        .iter()
+                        .map(|base| {
+                            r.median
+                                .get(&format!("{base}_at_{n}"))
+                                .map(|v| number(*v))
+                                .unwrap_or_else(|| "-".into())
+                        })
+                        .collect();
+                    let _ = writeln!(out, "| {} | {n} | {} |", r.target, cells.join(" | "));
+                }
+            }
+            let _ = writeln!(out);
+        }
     }
     let _ = writeln!(out, "## topichub against the best peer and the targets\n");
     let _ = writeln!(
@@ -706,7 +913,7 @@ fn svg(results: &Results) -> String {
     let bars: Vec<(&Comparison, f64, Option<f64>)> = results
         .comparisons
         .iter()
-        .filter(|c| c.versus_peer && c.ratio.is_finite() && c.ratio > 0.0)
+        .filter(|c| (c.versus_peer || is_growth(c)) && c.ratio.is_finite() && c.ratio > 0.0)
         .map(|c| {
             let goal: Option<f64> = c
                 .goal
@@ -742,7 +949,7 @@ fn svg(results: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        r#"<text x="10" y="40" fill="gray">bar: topichub's advantage (lower-is-better figures inverted); black tick: the goal; grey line: parity</text>"#
+        r#"<text x="10" y="40" fill="gray">bar: topichub's advantage (lower-is-better figures inverted; scale rows: smallest point over largest); black tick: the goal; grey line: parity</text>"#
     );
     let _ = writeln!(
         out,
@@ -794,6 +1001,11 @@ fn svg(results: &Results) -> String {
     out
 }
 
+/// A scale scenario's figure at its largest point over its smallest (peer "at N").
+fn is_growth(c: &Comparison) -> bool {
+    c.peer.starts_with("at ")
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -808,7 +1020,9 @@ pub fn check(results: &Results) -> anyhow::Result<()> {
             bail!("{name}: no successful run");
         }
         for (key, value) in &r.median {
-            if !value.is_finite() || *value < 0.0 {
+            // RSS per topic at a small point may be below the baseline's allocator slack.
+            let may_be_negative = point_of(key, "bytes_per_topic").is_some();
+            if !value.is_finite() || (*value < 0.0 && !may_be_negative) {
                 bail!("{name}: {key} = {value}");
             }
         }
@@ -838,6 +1052,40 @@ pub fn check(results: &Results) -> anyhow::Result<()> {
             }
             "restart" => positive("restart_ready_s")?,
             "max-idle" => positive("held_live")?,
+            "storm" | "wildcards" | "topics" => {
+                let bases: &[&str] = match r.scenario.as_str() {
+                    "storm" => &["subscribe_s", "unsubscribe_s"],
+                    "wildcards" => &["publish_per_s", "publish_p50_ms"],
+                    _ => &["rss_mib"],
+                };
+                for base in bases {
+                    let points: Vec<&String> = r
+                        .median
+                        .keys()
+                        .filter(|k| point_of(k, base).is_some())
+                        .collect();
+                    if points.is_empty() {
+                        bail!("{name}: no {base}_at_* figure");
+                    }
+                    for key in points {
+                        positive(key)?;
+                    }
+                }
+                if r.scenario == "topics" {
+                    // Memory of the largest point: a few topics can hide in the allocator's
+                    // slack, many cannot.
+                    if let Some(key) = r
+                        .median
+                        .keys()
+                        .filter_map(|k| Some((point_of(k, "bytes_per_topic")?, k)))
+                        .max()
+                        .map(|(_, k)| k)
+                    {
+                        positive(key)?;
+                    }
+                    positive("fill_per_s")?;
+                }
+            }
             _ => {}
         }
     }
@@ -915,5 +1163,58 @@ mod tests {
         results.compare_again();
         assert!(results.budgets.is_empty());
         assert!(!table(&results).contains("kernel"));
+    }
+
+    #[test]
+    fn scale_points_get_a_row_each_and_their_growth_is_checked() {
+        let mut results = Results {
+            machine: BTreeMap::new(),
+            runs: 1,
+            params: BTreeMap::new(),
+            results: vec![result(
+                "storm",
+                "topichub-grpc-mux",
+                &[
+                    ("subscribe_s_at_100000", 2.0),
+                    ("subscribe_s_at_200000", 5.0),
+                    ("subscribe_s_growth", 2.5),
+                    ("unsubscribe_s_at_100000", 0.4),
+                    ("unsubscribe_s_at_200000", 0.8),
+                    ("unsubscribe_s_growth", 2.0),
+                    ("unsubscribe_publish_p99_ms_at_100000", 4.0),
+                    ("unsubscribe_publish_p99_ms_at_200000", 12.0),
+                ],
+            )],
+            comparisons: Vec::new(),
+            budgets: Vec::new(),
+        };
+        results.compare_again();
+        let met: Vec<(&str, Option<bool>)> = results
+            .comparisons
+            .iter()
+            .map(|c| (c.what.as_str(), c.met))
+            .collect();
+        assert_eq!(
+            met,
+            [
+                ("subscribe storm time, 200000 / 100000 streams", Some(false)),
+                ("disconnect storm time, 200000 / 100000 streams", Some(true)),
+                ("disconnect storm of 200000 streams, seconds", Some(true)),
+                (
+                    "publish p99 during the disconnect storm of 100000 streams, ms",
+                    Some(true)
+                ),
+                (
+                    "publish p99 during the disconnect storm of 200000 streams, ms",
+                    Some(false)
+                ),
+            ]
+        );
+        let table = table(&results);
+        assert!(table.contains("| target | subscribe_s_growth | unsubscribe_s_growth |"));
+        assert!(table.contains("| topichub-grpc-mux | 200000 | 5.000 | 12.0 | 0.800 |"));
+        // The growth rows are charted; the absolute limits are not.
+        assert_eq!(svg(&results).matches("<rect x=").count(), 2);
+        check(&results).unwrap();
     }
 }

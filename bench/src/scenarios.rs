@@ -72,6 +72,30 @@ pub struct Params {
     /// Messages retained before the broker is killed (restart scenario).
     #[arg(long, default_value_t = 1_000_000)]
     pub restart_messages: usize,
+    /// Subscribe streams of the storm scenario, one point each (each on a fresh server).
+    #[arg(long, value_delimiter = ',', default_values_t = [100_000usize, 200_000])]
+    pub storm_streams: Vec<usize>,
+    /// HTTP/2 connections the storm's streams share.
+    #[arg(long, default_value_t = 100)]
+    pub storm_connections: usize,
+    /// Wildcard subscriptions matching nothing published, one point each (wildcards scenario,
+    /// each on a fresh server).
+    #[arg(long, value_delimiter = ',', default_values_t = [0usize, 1000, 10_000])]
+    pub wildcard_subscriptions: Vec<usize>,
+    /// Publishes at each point of the wildcards scenario, each to a topic that did not exist.
+    #[arg(long, default_value_t = 100_000)]
+    pub wildcard_topics: usize,
+    /// Topics held at each point of the topics scenario (one server, filled in steps).
+    #[arg(long, value_delimiter = ',', default_values_t = [0usize, 100_000, 1_000_000])]
+    pub topic_counts: Vec<usize>,
+    /// The topics scenario's broker's `--retain-age`, in seconds: long enough to fill and
+    /// measure every step, after which the topics expire while the probe publishes.
+    #[arg(long, default_value_t = 60.0)]
+    pub topics_retain_age: f64,
+    /// Publishes per second of the latency probe (storm and topics scenarios), each to a topic
+    /// of its own, from a thread of its own.
+    #[arg(long, default_value_t = 1000.0)]
+    pub probe_rate: f64,
 }
 
 const TOPIC: &str = "bench.fanout";

@@ -254,25 +254,40 @@ impl std::ops::Sub for CpuSeconds {
 
 /// CPU time used so far by the process tree at `pid`.
 pub fn cpu_seconds(pid: u32) -> CpuSeconds {
-    let tick = ticks_per_second();
     process_tree(pid)
         .iter()
-        .filter_map(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            let after = &stat[stat.rfind(')')? + 2..];
-            let fields: Vec<&str> = after.split(' ').collect();
-            // After the command: state(0) ppid(1) ... utime(11) stime(12).
-            let user: u64 = fields.get(11)?.parse().ok()?;
-            let system: u64 = fields.get(12)?.parse().ok()?;
-            Some(CpuSeconds {
-                user: user as f64 / tick,
-                system: system as f64 / tick,
-            })
-        })
+        .filter_map(|p| stat_cpu(&format!("/proc/{p}/stat")))
         .fold(CpuSeconds::default(), |a, b| CpuSeconds {
             user: a.user + b.user,
             system: a.system + b.system,
         })
+}
+
+/// CPU time used so far by this client process alone (every thread; not the servers it
+/// started, which are its children).
+pub fn client_cpu_seconds() -> CpuSeconds {
+    stat_cpu("/proc/self/stat").unwrap_or_default()
+}
+
+fn stat_cpu(path: &str) -> Option<CpuSeconds> {
+    let tick = ticks_per_second();
+    let stat = std::fs::read_to_string(path).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    // After the command: state(0) ppid(1) ... utime(11) stime(12).
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some(CpuSeconds {
+        user: user as f64 / tick,
+        system: system as f64 / tick,
+    })
+}
+
+/// Resident set size of the process `pid` alone (`VmRSS` in /proc/PID/status), in KiB.
+pub fn rss_kib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Proportional set size of the process tree at `pid`, in KiB.

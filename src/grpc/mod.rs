@@ -272,11 +272,11 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         let caller = caller(&request)?;
         let slot = caller.connection.open_subscription()?;
         let holder = holder(&caller.access, &caller.connection, caller.door);
-        let subscription = self.hub.subscribe(subscribe_options(
-            &caller.access,
-            holder,
-            request.into_inner(),
-        )?)?;
+        let options = subscribe_options(&caller.access, holder, request.into_inner())?;
+        if let hub::Start::After(cursor) = &options.start {
+            self.hub.wait_applied(cursor).await;
+        }
+        let subscription = self.hub.subscribe(options)?;
         let subscribed = v1::SubscribeResponse {
             event: Some(v1::subscribe_response::Event::Subscribed(subscribed(
                 &subscription,

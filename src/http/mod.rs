@@ -456,6 +456,9 @@ async fn history(
             }
         }
     }
+    if let Some(cursor) = &after {
+        state.hub.wait_applied(cursor).await;
+    }
     let page = state.hub.history(&pattern, after.as_ref(), limit)?;
     use axum::response::IntoResponse as _;
     let mut pieces = json::HistoryPage::new(page, MAX_HISTORY_PAGE_BYTES);

@@ -87,6 +87,9 @@ pub async fn subscribe(
     options.holder = Some(crate::connect::holder(&access, &connection, Door::Http));
     access.check_subscribe(&options.patterns)?;
     let start = options.start.clone();
+    if let Start::After(cursor) = &start {
+        state.hub.wait_applied(cursor).await;
+    }
     let subscription = state.hub.subscribe(options)?;
     let subscribed = SubscribedJson {
         subscription_id: subscription.id(),

@@ -1,12 +1,14 @@
 //! The hub's history: an ordered log of messages behind one small interface.
 //!
 //! The hub assigns seqs and does fan-out, subscriptions, lag and gaps; a log keeps what the hub
-//! accepted and says when it is safe to acknowledge. Two backends:
+//! accepted and says when it is safe to acknowledge. Three backends:
 //! - no [`Log`] at all (`memory`, the default): the hub's in-memory [`memory::TopicLog`]s are the
 //!   whole history, and a publish is acknowledged as soon as it is retained;
 //! - [`disk::DiskLog`] (`--data-dir`): every message is written to an embedded store before the
 //!   hub retains it, delivers it and acknowledges it; the in-memory logs stay in front as the
-//!   index and cache, so reads and resumes never wait for the disk.
+//!   index and cache, so reads and resumes never wait for the disk;
+//! - [`jetstream::JetStreamLog`] (`--nats`): a JetStream stream shared by several hubs, which
+//!   numbers the messages itself; every hub applies the whole stream.
 //!
 //! The interface is asynchronous on purpose: [`Log::append`] only hands a message over, and the
 //! log calls the hub back ([`Apply`]) with whole batches once they are durable, in seq order. A
@@ -14,8 +16,11 @@
 //! waits for the log, never for subscribers, and subscribers never see what the log may lose.
 
 pub mod disk;
+pub mod jetstream;
 pub mod memory;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -53,6 +58,21 @@ pub trait Log: Send + Sync {
 
     /// The log's state, for `/healthz` and `/metrics`.
     fn stats(&self) -> LogStats;
+
+    /// Whether the log numbers messages itself (a shared stream): then a seq it skips is a
+    /// message this hub never saw (evicted before it was read), which resumes must be told of.
+    /// Otherwise a skipped seq is a publish the log refused, which never existed.
+    fn numbers_messages(&self) -> bool {
+        false
+    }
+
+    /// Resolves once the log has applied `seq`, or as soon as it is clear it will not (the
+    /// shared log ends before it), within a bound of the log's choosing. A log shared by several
+    /// hubs needs it: a cursor may come from a hub that is ahead of this one. Otherwise at once.
+    fn until_applied(&self, seq: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let _ = seq;
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// What a log reports about itself.

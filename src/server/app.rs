@@ -198,7 +198,7 @@ fn door_of(request: &Request) -> ConnectionDoor {
     }
 }
 
-fn is_grpc(request: &Request) -> bool {
+pub(super) fn is_grpc(request: &Request) -> bool {
     request
         .headers()
         .get(header::CONTENT_TYPE)

@@ -2,6 +2,8 @@
 //! the background tasks, and runs the [`listener::Listener`] until shutdown, then drains.
 //!
 //! - `app`: the router every connection serves (gRPC, gRPC-Web, REST, SSE, WebSocket, docs).
+//! - `cluster`: start-up in cluster mode (`--nats`): the hub once NATS answers, a stand-in that
+//!   says "not serving" until then, and health that follows the connection to NATS.
 //! - `listener`: accepts, admits against the limits, and hands each connection to a handler
 //!   that tells TLS / h2c / HTTP/1.1 apart and picks its path (direct SSE writer, publish lane,
 //!   hyper).
@@ -9,11 +11,12 @@
 //! - `protocols`: the configured hyper servers.
 
 mod app;
+mod cluster;
 mod listener;
 mod protocols;
 mod sniff;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -55,26 +58,66 @@ pub async fn run(
         Some(files) => Some(tls::Tls::load(files).map_err(invalid_input)?),
         None => None,
     };
-    let hub = open_hub(&config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<PubSubServer<PubSubService>>().await;
-    health
-        .set_serving::<PubSubServiceServer<SeedService>>()
-        .await;
-    let limits = Limits::new(config.limits(), hub.metrics().clone());
-    let app = app(
-        hub.clone(),
-        auth.clone(),
-        limits.clone(),
-        &config,
-        shutdown.clone(),
-        health_service,
-    );
-    tokio::spawn(expire_periodically(
-        hub.clone(),
-        limits.clone(),
-        shutdown.clone(),
-    ));
+    // In cluster mode the hub exists once NATS answers; until then every door is served by a
+    // stand-in that says so (`/healthz` 503, gRPC health NOT_SERVING).
+    let opening = match config.nats() {
+        None => cluster::Opening::Open(open_hub(&config)?),
+        Some(nats) => cluster::open_hub(&config, &nats).await?,
+    };
+    let metrics = match &opening {
+        cluster::Opening::Open(hub) => hub.metrics().clone(),
+        cluster::Opening::Pending(..) => crate::metrics::Metrics::new(),
+    };
+    let limits = Limits::new(config.limits(), metrics.clone());
+    let ready: Arc<OnceLock<Hub>> = Arc::new(OnceLock::new());
+    let serve_hub = {
+        let (health, health_service) = (health.clone(), health_service.clone());
+        let (auth, limits, config, shutdown) = (
+            auth.clone(),
+            limits.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        let ready = ready.clone();
+        move |hub: Hub| async move {
+            let _ = ready.set(hub.clone());
+            tokio::spawn(expire_periodically(
+                hub.clone(),
+                limits.clone(),
+                shutdown.clone(),
+            ));
+            if !config.nats.is_empty() {
+                tokio::spawn(cluster::follow_log_health(
+                    hub.clone(),
+                    health.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            let app = app(hub, auth, limits, &config, shutdown, health_service);
+            set_health(&health, true).await;
+            app
+        }
+    };
+    let (app, lane_hub) = match opening {
+        cluster::Opening::Open(hub) => (serve_hub(hub.clone()).await, Some(hub)),
+        cluster::Opening::Pending(nats, attempt, why) => {
+            set_health(&health, false).await;
+            let app: Arc<OnceLock<axum::Router>> = Arc::new(OnceLock::new());
+            let (hub_config, opened, shutdown) = (config.hub(), app.clone(), shutdown.clone());
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let Some((log, recovered)) =
+                    cluster::retry_open(&nats, attempt, why, &shutdown).await
+                else {
+                    return;
+                };
+                let hub = Hub::with_log(hub_config, metrics, Box::new(log), recovered);
+                let _ = opened.set(serve_hub(hub).await);
+            });
+            (cluster::starting(app, health_service), None)
+        }
+    };
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(
         auth.clone(),
@@ -84,15 +127,15 @@ pub async fn run(
 
     tracing::info!(
         addr = %listener.local_addr()?,
-        epoch = hub.epoch(),
+        epoch = ready.get().map_or("(waiting for NATS)", |hub| hub.epoch()),
         tls = tls.is_some(),
         client_certificates = tls.as_ref().is_some_and(tls::Tls::requires_client_certificates),
         "topichub listening (gRPC, gRPC-Web, HTTP, SSE and WebSocket on one port)"
     );
     let doors = Doors {
         app,
-        lane: publish_lane(&config, &auth, &hub, &limits),
-        protocols: protocols(&config, &hub),
+        lane: lane_hub.and_then(|hub| publish_lane(&config, &auth, &hub, &limits)),
+        protocols: protocols(&config, metrics),
         header_timeout: config.http_header_timeout,
         min_ping_interval: config.keepalive_min_ping_interval,
     };
@@ -105,17 +148,8 @@ pub async fn run(
     };
     let graceful = listener.run().await;
 
-    // Every service, and the server as a whole (""), so that a load balancer watching any of
-    // them stops routing here before the drain.
-    health
-        .set_not_serving::<PubSubServer<PubSubService>>()
-        .await;
-    health
-        .set_not_serving::<PubSubServiceServer<SeedService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    // Before the drain, so that a load balancer stops routing here first.
+    set_health(&health, false).await;
     tracing::info!(connections = graceful.count(), "draining connections");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
@@ -123,12 +157,38 @@ pub async fn run(
             tracing::warn!(grace = ?config.shutdown_grace, "connections still open after the grace period; closing them");
         }
     }
-    hub.close().await;
+    if let Some(hub) = ready.get() {
+        hub.close().await;
+    }
     Ok(())
 }
 
+/// Sets every service, and the server as a whole (""), serving or not: a load balancer watching
+/// any of them sees the same.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health.set_serving::<PubSubServer<PubSubService>>().await;
+        health
+            .set_serving::<PubSubServiceServer<SeedService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+    } else {
+        health
+            .set_not_serving::<PubSubServer<PubSubService>>()
+            .await;
+        health
+            .set_not_serving::<PubSubServiceServer<SeedService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
 /// The hyper servers, configured.
-fn protocols(config: &ServerConfig, hub: &Hub) -> Protocols {
+fn protocols(config: &ServerConfig, metrics: crate::metrics::Metrics) -> Protocols {
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .keep_alive_interval(config.keepalive_interval)
@@ -147,7 +207,7 @@ fn protocols(config: &ServerConfig, hub: &Hub) -> Protocols {
         h1,
         h2,
         write_timeout: config.write_timeout,
-        metrics: hub.metrics().clone(),
+        metrics,
     }
 }
 

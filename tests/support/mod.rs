@@ -756,6 +756,177 @@ pub fn hs256_token(secret: &str, mut claims: serde_json::Value) -> String {
     .unwrap()
 }
 
+/// Debian's `nats-server` (installed by `scripts/deps-nats.sh`), for the cluster-mode tests.
+pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// One `nats-server -js` of a [`NatsCluster`]: its ports and store survive a kill, so it can be
+/// restarted as the same server.
+pub struct NatsNode {
+    pub name: String,
+    pub port: u16,
+    pub route_port: u16,
+    pub store: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+/// Real `nats-server` processes with JetStream on free loopback ports, clustered when there are
+/// several (one JetStream cluster); SIGKILLed when dropped.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsNode>,
+    dir: std::path::PathBuf,
+    /// Further `nats-server` arguments (authentication, TLS).
+    extra: Vec<String>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers (1, or 3 for a cluster) and waits until each accepts clients.
+    pub async fn start(size: usize) -> NatsCluster {
+        NatsCluster::start_with(size, &[]).await
+    }
+
+    /// [`NatsCluster::start`] with further `nats-server` arguments, e.g. `--auth TOKEN`.
+    pub async fn start_with(size: usize, extra: &[&str]) -> NatsCluster {
+        assert!(
+            std::path::Path::new(NATS_SERVER).exists(),
+            "{NATS_SERVER} not found: run scripts/deps-nats.sh (installs Debian's nats-server)"
+        );
+        let dir = scratch_dir("nats");
+        let mut nodes = Vec::new();
+        for i in 0..size {
+            nodes.push(NatsNode {
+                name: format!("n{}", i + 1),
+                port: free_port().await.port(),
+                route_port: free_port().await.port(),
+                store: dir.join(format!("n{}", i + 1)),
+                child: None,
+            });
+        }
+        let mut cluster = NatsCluster {
+            nodes,
+            dir,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+        };
+        for i in 0..size {
+            cluster.spawn(i);
+        }
+        for i in 0..size {
+            cluster.wait_accepting(i).await;
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.route_port))
+            .collect();
+        let node = &self.nodes[i];
+        let mut command = std::process::Command::new(NATS_SERVER);
+        command
+            .args(["-js", "-a", "127.0.0.1", "-n", &node.name])
+            .args(["-p", &node.port.to_string()])
+            .arg("-sd")
+            .arg(&node.store)
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("{}.log", node.name))).unwrap());
+        if self.nodes.len() > 1 {
+            command
+                .args(["--cluster_name", "C"])
+                .args([
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{}", node.route_port),
+                ])
+                .args(["--routes", &routes.join(",")]);
+        }
+        let child = command.spawn().expect("start nats-server");
+        self.nodes[i].child = Some(child);
+    }
+
+    async fn wait_accepting(&self, i: usize) {
+        let port = self.nodes[i].port;
+        wait_for("nats-server to accept clients", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+    }
+
+    /// `nats://127.0.0.1:P1,nats://127.0.0.1:P2,...`: the value of `--nats`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILLs server `i` (its store stays for a restart).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again with the same name, ports and store.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_accepting(i).await;
+    }
+
+    /// Index of the server leading `stream`, asked through NATS itself.
+    pub async fn stream_leader(&self, stream: &str) -> usize {
+        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
+        let client = async_nats::connect(urls).await.expect("connect to NATS");
+        let jetstream = async_nats::jetstream::new(client);
+        let leader = wait_for("the stream to have a leader", || {
+            let jetstream = jetstream.clone();
+            async move {
+                let mut stream = jetstream.get_stream(stream).await.ok()?;
+                stream.info().await.ok()?.cluster.clone()?.leader
+            }
+        })
+        .await;
+        self.nodes
+            .iter()
+            .position(|n| n.name == leader)
+            .expect("the leader is one of ours")
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (up to `bound`) until the broker at `addr` answers `/healthz` with 200.
+pub async fn wait_serving(addr: SocketAddr, bound: Duration) {
+    let url = format!("http://{addr}/healthz");
+    tokio::time::timeout(bound, async {
+        loop {
+            if let Ok(response) = reqwest::get(&url).await
+                && response.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{addr} not serving within {bound:?}"));
+}
+
 /// The HTTP routes over `hub` with default settings (no authentication, no limits), for
 /// measurements that fill a hub directly and then time requests with `tower::ServiceExt`.
 pub fn http_router(hub: &topichub::hub::Hub) -> axum::Router {
