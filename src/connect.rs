@@ -18,7 +18,7 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::hub::{
     self, Deleted, Holder, Hub, LagPolicy, PresencePage, Publishing, Start, SubscribeOptions,
-    Subscription,
+    Subscription, TopicPage,
 };
 use crate::idempotency;
 use crate::limits::{Connection, Limits, SubscriptionSlot};
@@ -151,16 +151,56 @@ pub fn presence(
 ) -> Result<PresencePage, Error> {
     let pattern = Pattern::parse(topic)?;
     access.check_subscribe(std::slice::from_ref(&pattern))?;
-    let limit = match limit {
-        0 => DEFAULT_PRESENCE_LIMIT,
-        n if n > MAX_PRESENCE_LIMIT => {
-            return Err(Error::InvalidRequest(format!(
-                "limit must be at most {MAX_PRESENCE_LIMIT}, got {n}; page with `after`"
-            )));
-        }
-        n => n,
-    };
+    let limit = page_limit(limit, DEFAULT_PRESENCE_LIMIT, MAX_PRESENCE_LIMIT)?;
     Ok(hub.presence(&pattern, after, limit))
+}
+
+/// A page's size as a request gives it: 0 is `default`, over `max` refused.
+fn page_limit(limit: usize, default: usize, max: usize) -> Result<usize, Error> {
+    match limit {
+        0 => Ok(default),
+        n if n > max => Err(Error::InvalidRequest(format!(
+            "limit must be at most {max}, got {n}; page with `after`"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// Most topics one listing page holds.
+pub const MAX_TOPICS_LIMIT: usize = 10_000;
+
+/// Topics a listing page holds when the request does not say.
+pub const DEFAULT_TOPICS_LIMIT: usize = 1000;
+
+/// A page of the topics the token may see: those matching `pattern` (empty: all) named after
+/// `after` (empty: from the first; a page's `next` continues after it), in name order. `limit`
+/// 0 is the default, over [`MAX_TOPICS_LIMIT`] refused. The one listing rule of every door.
+pub fn list_topics(
+    hub: &Hub,
+    access: &Access,
+    pattern: &str,
+    after: &str,
+    limit: usize,
+) -> Result<TopicPage, Error> {
+    let filter = match pattern {
+        "" => None,
+        pattern => Some(Pattern::parse(pattern)?),
+    };
+    let after = match after {
+        "" => None,
+        after => Some(Topic::parse(after).map_err(|e| {
+            Error::InvalidRequest(format!(
+                "after must be a topic name (the `next` of a previous page): {e}"
+            ))
+        })?),
+    };
+    let limit = page_limit(limit, DEFAULT_TOPICS_LIMIT, MAX_TOPICS_LIMIT)?;
+    Ok(hub.topic_page(
+        filter.as_ref(),
+        &|name| access.may_see(name),
+        after.as_ref(),
+        limit,
+    ))
 }
 
 /// Deletes `topic` if the token is an admin's.

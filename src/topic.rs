@@ -5,6 +5,7 @@
 //! (exactly one token) or, as the last token only, `>` (one or more tokens).
 
 use std::fmt;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::error::Error;
@@ -72,6 +73,37 @@ impl Pattern {
     /// The concrete topic this pattern names, when it has no wildcards.
     pub fn as_topic(&self) -> Option<Topic> {
         (!self.wildcard).then(|| Topic(self.text.clone()))
+    }
+
+    /// The range of names, in byte order, that holds every topic this pattern matches: the
+    /// pattern itself for a topic; the names that start with its tokens before the first
+    /// wildcard (`orders.eu.` for `orders.eu.*.created`, up to `orders.eu/`, `/` being the byte
+    /// after `.`); every name when the first token is a wildcard. A listing walks only this
+    /// range of its ordered names.
+    pub fn name_range(&self) -> (Bound<String>, Bound<String>) {
+        if !self.wildcard {
+            return (
+                Bound::Included(self.text.to_string()),
+                Bound::Included(self.text.to_string()),
+            );
+        }
+        let literal = self
+            .text
+            .split('.')
+            .take_while(|token| *token != "*" && *token != ">")
+            .map(str::len)
+            .map(|len| len + 1)
+            .sum::<usize>();
+        if literal == 0 {
+            return (Bound::Unbounded, Bound::Unbounded);
+        }
+        // `literal` covers the leading literal tokens and the dot after each.
+        let prefix = &self.text[..literal];
+        let stem = &prefix[..literal - 1];
+        (
+            Bound::Included(prefix.to_owned()),
+            Bound::Excluded(format!("{stem}/")),
+        )
     }
 
     /// Whether `topic` matches this pattern.
@@ -209,6 +241,44 @@ mod reference;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Every topic a pattern matches lies in its name range (and the range excludes names
+        /// that do not share its literal prefix, so it is narrow).
+        #[test]
+        fn a_patterns_name_range_holds_every_topic_it_matches(
+            pattern in "(a|b|\\*)(\\.(a|ab|b|\\*)){0,3}(\\.>)?",
+            topic in "(a|b|ab|a-)(\\.(a|b|ab|a-|b:)){0,4}",
+        ) {
+            let pattern = Pattern::parse(&pattern).unwrap();
+            let range = pattern.name_range();
+            let within = std::ops::RangeBounds::<String>::contains(&range, &topic);
+            if pattern.matches(&topic) {
+                proptest::prop_assert!(within, "{pattern} matches {topic} outside {range:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn name_ranges_start_at_the_literal_prefix() {
+        let range = |p: &str| Pattern::parse(p).unwrap().name_range();
+        assert_eq!(
+            range("orders.eu.*.created"),
+            (
+                Bound::Included("orders.eu.".into()),
+                Bound::Excluded("orders.eu/".into())
+            )
+        );
+        assert_eq!(
+            range("orders.eu"),
+            (
+                Bound::Included("orders.eu".into()),
+                Bound::Included("orders.eu".into())
+            )
+        );
+        assert_eq!(range("*.created"), (Bound::Unbounded, Bound::Unbounded));
+        assert_eq!(range(">"), (Bound::Unbounded, Bound::Unbounded));
+    }
 
     #[test]
     fn topics_accept_the_documented_alphabet() {

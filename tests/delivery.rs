@@ -179,6 +179,7 @@ async fn grpc_resume_is_exact_across_the_handover_while_publishing_continues(bac
         let topics = client
             .list_topics(v1::ListTopicsRequest {
                 pattern: "resume.g".into(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -543,6 +544,7 @@ async fn wildcards_match_on_every_door_and_resume_with_them(backend: Backend) {
     let list = client
         .list_topics(v1::ListTopicsRequest {
             pattern: "orders.>".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

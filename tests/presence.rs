@@ -398,23 +398,7 @@ async fn presence_at_100k_subscribers() {
         hub.presence(&wide, N as u64 * 3 / 2, 100).subscribers
     });
 
-    let state = topichub::http::AppState {
-        hub: hub.clone(),
-        auth: Default::default(),
-        limits: topichub::limits::Limits::new(
-            topichub::limits::LimitsConfig {
-                max_connections: 0,
-                max_subscriptions_per_connection: 0,
-                publish_rate: 0,
-                publish_burst: 0,
-            },
-            hub.metrics().clone(),
-        ),
-        http_body_timeout: Duration::from_secs(30),
-        shutdown: Default::default(),
-        sse_keepalive: Duration::from_secs(15),
-    };
-    let router = topichub::http::router(state);
+    let router = support::http_router(&hub);
     for path in [
         "/topics/big/presence?limit=1000",
         "/topics/wide.*/presence?limit=1000",

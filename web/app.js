@@ -216,37 +216,63 @@
     }
   }
 
-  async function loadTopics() {
+  // The topic list comes in pages (sorted by name): Refresh shows the first, "More topics"
+  // appends the next one (the server's `next`). The periodic refresh leaves appended pages be.
+  let topicPagesShown = 0;
+
+  function topicRow(t) {
+    const tr = el('tr');
+    const name = el('button', 'link', t.name);
+    name.type = 'button';
+    name.title = 'Subscribe to ' + t.name;
+    name.addEventListener('click', () => subscribe([t.name]));
+    const cell = el('td');
+    cell.append(name);
+    tr.append(cell, ...[t.retained_messages, t.retained_bytes, t.subscribers, t.last_seq]
+      .map((v) => el('td', 'num', String(v ?? ''))));
+    return tr;
+  }
+
+  function topicNote(text) {
+    const tr = el('tr');
+    const td = el('td', 'muted', text);
+    td.colSpan = 5;
+    tr.append(td);
+    return tr;
+  }
+
+  async function loadTopics(after) {
     const tbody = $('topics').tBodies[0];
     try {
-      const response = await fetch('/topics', { headers: authHeaders() });
+      const query = after ? '?after=' + encodeURIComponent(after) : '';
+      const response = await fetch('/topics' + query, { headers: authHeaders() });
       if (!response.ok) throw new Error(await errorMessage(response));
-      const { topics = [] } = await response.json();
-      tbody.replaceChildren(...topics.map((t) => {
-        const tr = el('tr');
-        const name = el('button', 'link', t.name);
-        name.type = 'button';
-        name.title = 'Subscribe to ' + t.name;
-        name.addEventListener('click', () => subscribe([t.name]));
-        const cell = el('td');
-        cell.append(name);
-        tr.append(cell, ...[t.retained_messages, t.retained_bytes, t.subscribers, t.last_seq]
-          .map((v) => el('td', 'num', String(v ?? ''))));
-        return tr;
-      }));
-      if (!topics.length) {
-        const tr = el('tr');
-        const td = el('td', 'muted', 'No topics yet.');
+      const { topics = [], next } = await response.json();
+      const rows = topics.map(topicRow);
+      if (after) {
+        tbody.querySelector('tr.more')?.remove();
+        tbody.append(...rows);
+        topicPagesShown += 1;
+      } else {
+        tbody.replaceChildren(...rows);
+        topicPagesShown = 1;
+      }
+      if (!after && !topics.length) tbody.replaceChildren(topicNote('No topics yet.'));
+      if (next) {
+        const tr = el('tr', 'more');
+        const td = el('td');
         td.colSpan = 5;
+        const more = el('button', 'link', 'More topics');
+        more.type = 'button';
+        more.addEventListener('click', () => loadTopics(next));
+        td.append(more);
         tr.append(td);
-        tbody.replaceChildren(tr);
+        tbody.append(tr);
       }
     } catch (err) {
-      const tr = el('tr');
-      const td = el('td', 'muted', 'Could not load topics: ' + err.message);
-      td.colSpan = 5;
-      tr.append(td);
-      tbody.replaceChildren(tr);
+      const note = topicNote('Could not load topics: ' + err.message);
+      if (after) tbody.append(note);
+      else tbody.replaceChildren(note);
     }
   }
 
@@ -317,8 +343,8 @@
       received = 0;
       $('msg-count').textContent = '';
     });
-    $('topics-button').addEventListener('click', loadTopics);
-    setInterval(() => { if (!document.hidden) loadTopics(); }, 10000);
+    $('topics-button').addEventListener('click', () => loadTopics());
+    setInterval(() => { if (!document.hidden && topicPagesShown <= 1) loadTopics(); }, 10000);
     sampleRates();
     setInterval(() => { if (!document.hidden) sampleRates(); }, 2000);
 

@@ -19,15 +19,14 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::Access;
 use crate::connect::{
-    Outbox, Session, delete_topic, holder, presence, publish, start_publish, subscribe_options,
-    subscribed,
+    Outbox, Session, delete_topic, holder, list_topics, presence, publish, start_publish,
+    subscribe_options, subscribed,
 };
 use crate::error::{Error, Kind};
 use crate::hub::{self, Hub, Publishing, Subscription};
 use crate::limits::{Connection, Limits, SubscriptionSlot};
 use crate::metrics::{Door, Metrics};
 use crate::shutdown::StreamEnd;
-use crate::topic::Pattern;
 use wire::v1;
 
 impl From<Error> for Status {
@@ -333,20 +332,18 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
         let access = caller(&request)?.access;
-        let pattern = request.into_inner().pattern;
-        let filter = if pattern.is_empty() {
-            None
-        } else {
-            Some(Pattern::parse(&pattern)?)
-        };
-        let topics = self
-            .hub
-            .topics(filter.as_ref())
-            .into_iter()
-            .filter(|t| access.may_see(&t.name))
-            .map(wire::topic_info)
-            .collect();
-        Ok(Response::new(v1::ListTopicsResponse { topics }))
+        let request = request.into_inner();
+        let page = list_topics(
+            &self.hub,
+            &access,
+            &request.pattern,
+            &request.after,
+            request.limit as usize,
+        )?;
+        Ok(Response::new(v1::ListTopicsResponse {
+            topics: page.topics.into_iter().map(wire::topic_info).collect(),
+            next: page.next.unwrap_or_default(),
+        }))
     }
 
     async fn presence(

@@ -94,11 +94,24 @@ impl From<hub::TopicInfo> for TopicJson {
     }
 }
 
-/// Known topics.
+/// A page of the known topics.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TopicList {
     /// Topics sorted by name.
     pub topics: Vec<TopicJson>,
+    /// Pass as `after` for the next page (absent on the last page).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "orders.eu.created")]
+    pub next: Option<String>,
+}
+
+impl From<hub::TopicPage> for TopicList {
+    fn from(page: hub::TopicPage) -> TopicList {
+        TopicList {
+            topics: page.topics.into_iter().map(TopicJson::from).collect(),
+            next: page.next,
+        }
+    }
 }
 
 /// A page of the live subscriptions of a topic or pattern.

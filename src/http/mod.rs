@@ -31,10 +31,7 @@ use crate::limits::{Connection, Limits};
 use crate::metrics::{Door, Snapshot};
 use crate::topic::{Pattern, Topic};
 use error::{ApiError, ErrorBody};
-use json::{
-    DeletedJson, Health, HistoryJson, PresencePageJson, PublishBody, Published, TopicJson,
-    TopicList,
-};
+use json::{DeletedJson, Health, HistoryJson, PresencePageJson, PublishBody, Published, TopicList};
 
 /// The request header naming a publish for de-duplication (draft-ietf-httpapi-idempotency-key).
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -379,15 +376,22 @@ async fn publish_raw(
     publish_once(&state, topic, body, headers, key).await
 }
 
-/// List topics that have retained messages or live subscribers.
+/// List topics that have retained messages or live subscribers, a page at a time.
+///
+/// Topics come in name order; when more follow, `next` names the last one listed: pass it as
+/// `after` for the next page. With authentication on, only topics the token may subscribe to.
 #[utoipa::path(
     get,
     path = "/topics",
     tag = "topics",
-    params(("pattern" = Option<String>, Query, description = "Only topics matching this topic or pattern (empty: all topics)", example = "demo.>", max_length = 255, pattern = r"^((([A-Za-z0-9_:-]+|\*)\.)*([A-Za-z0-9_:-]+|\*|>))?$")),
+    params(
+        ("pattern" = Option<String>, Query, description = "Only topics matching this topic or pattern (empty: all topics)", example = "demo.>", max_length = 255, pattern = r"^((([A-Za-z0-9_:-]+|\*)\.)*([A-Za-z0-9_:-]+|\*|>))?$"),
+        ("after" = Option<String>, Query, description = "Only topics named after this one: the `next` of the previous page (absent or empty: from the first)", example = "demo.greetings", max_length = 255, pattern = r"^([A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*)?$"),
+        ("limit" = Option<usize>, Query, description = "At most this many topics (default 1000, at most 10000)", minimum = 1, maximum = 10000),
+    ),
     responses(
-        (status = 200, description = "Topics sorted by name", body = TopicList),
-        (status = 400, description = "Invalid pattern", body = ErrorBody),
+        (status = 200, description = "A page of topics sorted by name", body = TopicList),
+        (status = 400, description = "Invalid pattern, after or limit", body = ErrorBody),
     )
 )]
 async fn list_topics(
@@ -395,26 +399,24 @@ async fn list_topics(
     Extension(access): Extension<Access>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<TopicList>, ApiError> {
-    let mut filter = None;
+    let mut pattern = String::new();
+    let mut after = String::new();
+    let mut limit = crate::connect::DEFAULT_TOPICS_LIMIT;
     for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match &*key {
-            "pattern" if !value.is_empty() => filter = Some(Pattern::parse(&value)?),
-            "pattern" | auth::TOKEN_PARAM => {}
+            "pattern" => pattern = value.into_owned(),
+            "after" => after = value.into_owned(),
+            "limit" => limit = page_limit(&value, crate::connect::MAX_TOPICS_LIMIT)?,
+            auth::TOKEN_PARAM => {}
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown query parameter {other:?}; /topics takes pattern"
+                    "unknown query parameter {other:?}; /topics takes pattern, after, limit"
                 )));
             }
         }
     }
-    let topics = state
-        .hub
-        .topics(filter.as_ref())
-        .into_iter()
-        .filter(|t| access.may_see(&t.name))
-        .map(TopicJson::from)
-        .collect();
-    Ok(Json(TopicList { topics }))
+    let page = crate::connect::list_topics(&state.hub, &access, &pattern, &after, limit)?;
+    Ok(Json(page.into()))
 }
 
 /// Read retained messages of a topic (or pattern), oldest first.

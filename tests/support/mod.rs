@@ -926,3 +926,24 @@ pub async fn wait_serving(addr: SocketAddr, bound: Duration) {
     .await
     .unwrap_or_else(|_| panic!("{addr} not serving within {bound:?}"));
 }
+
+/// The HTTP routes over `hub` with default settings (no authentication, no limits), for
+/// measurements that fill a hub directly and then time requests with `tower::ServiceExt`.
+pub fn http_router(hub: &topichub::hub::Hub) -> axum::Router {
+    topichub::http::router(topichub::http::AppState {
+        hub: hub.clone(),
+        auth: Default::default(),
+        limits: topichub::limits::Limits::new(
+            topichub::limits::LimitsConfig {
+                max_connections: 0,
+                max_subscriptions_per_connection: 0,
+                publish_rate: 0,
+                publish_burst: 0,
+            },
+            hub.metrics().clone(),
+        ),
+        http_body_timeout: Duration::from_secs(30),
+        shutdown: Default::default(),
+        sse_keepalive: Duration::from_secs(15),
+    })
+}

@@ -122,6 +122,17 @@ export declare type PublishRequest = Message$1<"topichub.v1.PublishRequest"> & {
    * @generated from field: map<string, string> headers = 3;
    */
   headers: { [key: string]: string };
+
+  /**
+   * Optional idempotency key (1-128 visible ASCII characters, e.g. a UUID) naming this message:
+   * a retry with the same key, topic and payload within the server's window
+   * (--idempotency-window, 2 minutes by default) is answered with the original's cursor and
+   * `duplicate` set, and nothing is stored twice. Reusing a key in the window for another topic
+   * or payload is ALREADY_EXISTS. An invalid key is INVALID_ARGUMENT. Empty: no key.
+   *
+   * @generated from field: string idempotency_key = 4;
+   */
+  idempotencyKey: string;
 };
 
 /**
@@ -142,6 +153,14 @@ export declare type PublishResponse = Message$1<"topichub.v1.PublishResponse"> &
    * @generated from field: topichub.v1.Cursor cursor = 1;
    */
   cursor?: Cursor | undefined;
+
+  /**
+   * True when the request was a retry under an idempotency key whose message was already
+   * published: `cursor` is the original's, and nothing new was stored.
+   *
+   * @generated from field: bool duplicate = 2;
+   */
+  duplicate: boolean;
 };
 
 /**
@@ -157,7 +176,8 @@ export declare const PublishResponseSchema: GenMessage<PublishResponse>;
  */
 export declare type PublishBatchResponse = Message$1<"topichub.v1.PublishBatchResponse"> & {
   /**
-   * How many messages were accepted.
+   * How many messages were accepted (a retry answered as a duplicate of an earlier publish
+   * counts as accepted).
    *
    * @generated from field: uint64 accepted = 1;
    */
@@ -254,6 +274,24 @@ export declare type SubscribeRequest = Message$1<"topichub.v1.SubscribeRequest">
    * @generated from field: topichub.v1.LagPolicy lag_policy = 4;
    */
   lagPolicy: LagPolicy;
+
+  /**
+   * Byte budget of this subscriber's queue: payload + headers + topic of the messages waiting
+   * for it (0 = server default, 16 MiB unless configured; at most the server maximum, else
+   * INVALID_ARGUMENT). A message that would take a non-empty queue over it triggers the lag
+   * policy, as a full queue does.
+   *
+   * @generated from field: uint64 queue_bytes = 5;
+   */
+  queueBytes: bigint;
+
+  /**
+   * Also receive `presence` events: at most one per --presence-interval (1 s by default), with
+   * the counts of the topics and patterns named here whose subscriptions joined or left.
+   *
+   * @generated from field: bool presence = 6;
+   */
+  presence: boolean;
 };
 
 /**
@@ -403,6 +441,14 @@ export declare type SubscribeResponse = Message$1<"topichub.v1.SubscribeResponse
      */
     value: Lag;
     case: "lag";
+  } | {
+    /**
+     * Subscriptions joined or left (only with `presence` set).
+     *
+     * @generated from field: topichub.v1.PresenceEvent presence = 5;
+     */
+    value: PresenceEvent;
+    case: "presence";
   } | { case: undefined; value?: undefined };
 };
 
@@ -411,6 +457,68 @@ export declare type SubscribeResponse = Message$1<"topichub.v1.SubscribeResponse
  * Use `create(SubscribeResponseSchema)` to create a new message.
  */
 export declare const SubscribeResponseSchema: GenMessage<SubscribeResponse>;
+
+/**
+ * Subscriptions joined or left topics or patterns a subscription follows, since its previous
+ * presence event (at most one per --presence-interval, so churn is coalesced).
+ *
+ * @generated from message topichub.v1.PresenceEvent
+ */
+export declare type PresenceEvent = Message$1<"topichub.v1.PresenceEvent"> & {
+  /**
+   * Each topic or pattern of the subscription whose subscriptions changed.
+   *
+   * @generated from field: repeated topichub.v1.PresenceChange topics = 1;
+   */
+  topics: PresenceChange[];
+};
+
+/**
+ * Describes the message topichub.v1.PresenceEvent.
+ * Use `create(PresenceEventSchema)` to create a new message.
+ */
+export declare const PresenceEventSchema: GenMessage<PresenceEvent>;
+
+/**
+ * How the live subscriptions of one topic or pattern changed.
+ *
+ * @generated from message topichub.v1.PresenceChange
+ */
+export declare type PresenceChange = Message$1<"topichub.v1.PresenceChange"> & {
+  /**
+   * The topic or pattern, as the subscription named it.
+   *
+   * @generated from field: string topic = 1;
+   */
+  topic: string;
+
+  /**
+   * Live subscriptions now (as `Presence` counts them).
+   *
+   * @generated from field: uint64 subscribers = 2;
+   */
+  subscribers: bigint;
+
+  /**
+   * Subscriptions that joined since the previous presence event.
+   *
+   * @generated from field: uint64 joined = 3;
+   */
+  joined: bigint;
+
+  /**
+   * Subscriptions that left since the previous presence event.
+   *
+   * @generated from field: uint64 left = 4;
+   */
+  left: bigint;
+};
+
+/**
+ * Describes the message topichub.v1.PresenceChange.
+ * Use `create(PresenceChangeSchema)` to create a new message.
+ */
+export declare const PresenceChangeSchema: GenMessage<PresenceChange>;
 
 /**
  * A request on a Connect stream.
@@ -475,6 +583,14 @@ export declare type PublishAck = Message$1<"topichub.v1.PublishAck"> & {
    * @generated from field: topichub.v1.Cursor cursor = 1;
    */
   cursor?: Cursor | undefined;
+
+  /**
+   * True when the publish was a retry under an idempotency key whose message was already
+   * published: `cursor` is the original's, and nothing new was stored.
+   *
+   * @generated from field: bool duplicate = 2;
+   */
+  duplicate: boolean;
 };
 
 /**
@@ -592,6 +708,22 @@ export declare type ConnectResponse = Message$1<"topichub.v1.ConnectResponse"> &
      */
     value: Unsubscribed;
     case: "unsubscribed";
+  } | {
+    /**
+     * Subscriptions joined or left (only for a subscription with `presence` set).
+     *
+     * @generated from field: topichub.v1.PresenceEvent presence = 10;
+     */
+    value: PresenceEvent;
+    case: "presence";
+  } | {
+    /**
+     * A topic the subscription named was deleted; `unsubscribed` (reason `deleted`) follows.
+     *
+     * @generated from field: topichub.v1.TopicDeleted deleted = 11;
+     */
+    value: TopicDeleted;
+    case: "deleted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -602,13 +734,41 @@ export declare type ConnectResponse = Message$1<"topichub.v1.ConnectResponse"> &
 export declare const ConnectResponseSchema: GenMessage<ConnectResponse>;
 
 /**
+ * A topic was deleted while a subscription named it.
+ *
+ * @generated from message topichub.v1.TopicDeleted
+ */
+export declare type TopicDeleted = Message$1<"topichub.v1.TopicDeleted"> & {
+  /**
+   * The deleted topic.
+   *
+   * @generated from field: string topic = 1;
+   */
+  topic: string;
+
+  /**
+   * What happened, for people.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message topichub.v1.TopicDeleted.
+ * Use `create(TopicDeletedSchema)` to create a new message.
+ */
+export declare const TopicDeletedSchema: GenMessage<TopicDeleted>;
+
+/**
  * A subscription of a Connect stream ended.
  *
  * @generated from message topichub.v1.Unsubscribed
  */
 export declare type Unsubscribed = Message$1<"topichub.v1.Unsubscribed"> & {
   /**
-   * Why it ended: `unsubscribed` or `lagged` (disconnect policy).
+   * Why it ended: `unsubscribed`, `lagged` (disconnect policy) or `deleted` (its topic was
+   * deleted).
    *
    * @generated from field: string reason = 1;
    */
@@ -667,6 +827,21 @@ export declare type ListTopicsRequest = Message$1<"topichub.v1.ListTopicsRequest
    * @generated from field: string pattern = 1;
    */
   pattern: string;
+
+  /**
+   * List the topics named after this one (the `next` of the previous page); empty: from the
+   * first.
+   *
+   * @generated from field: string after = 2;
+   */
+  after: string;
+
+  /**
+   * At most this many topics (0 = 1000; at most 10000, more is INVALID_ARGUMENT).
+   *
+   * @generated from field: uint32 limit = 3;
+   */
+  limit: number;
 };
 
 /**
@@ -730,11 +905,18 @@ export declare const TopicInfoSchema: GenMessage<TopicInfo>;
  */
 export declare type ListTopicsResponse = Message$1<"topichub.v1.ListTopicsResponse"> & {
   /**
-   * Topics, sorted by name.
+   * One page of topics, sorted by name.
    *
    * @generated from field: repeated topichub.v1.TopicInfo topics = 1;
    */
   topics: TopicInfo[];
+
+  /**
+   * Pass as `after` for the next page; empty when this is the last.
+   *
+   * @generated from field: string next = 2;
+   */
+  next: string;
 };
 
 /**
@@ -742,6 +924,155 @@ export declare type ListTopicsResponse = Message$1<"topichub.v1.ListTopicsRespon
  * Use `create(ListTopicsResponseSchema)` to create a new message.
  */
 export declare const ListTopicsResponseSchema: GenMessage<ListTopicsResponse>;
+
+/**
+ * Whose subscriptions to list.
+ *
+ * @generated from message topichub.v1.PresenceRequest
+ */
+export declare type PresenceRequest = Message$1<"topichub.v1.PresenceRequest"> & {
+  /**
+   * A topic or pattern.
+   *
+   * @generated from field: string topic = 1;
+   */
+  topic: string;
+
+  /**
+   * Where the page starts: the `next` of the previous page (0 = the first page).
+   *
+   * @generated from field: uint64 after = 2;
+   */
+  after: bigint;
+
+  /**
+   * At most this many subscriptions (0 = 100; at most 1000).
+   *
+   * @generated from field: uint32 limit = 3;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message topichub.v1.PresenceRequest.
+ * Use `create(PresenceRequestSchema)` to create a new message.
+ */
+export declare const PresenceRequestSchema: GenMessage<PresenceRequest>;
+
+/**
+ * One live subscription.
+ *
+ * @generated from message topichub.v1.Subscriber
+ */
+export declare type Subscriber = Message$1<"topichub.v1.Subscriber"> & {
+  /**
+   * Who opened it: the token's subject, or the client's address when authentication is off.
+   *
+   * @generated from field: string client = 1;
+   */
+  client: string;
+
+  /**
+   * The door it came through: `grpc`, `grpc-web`, `http` (SSE), `ws`, `seed`.
+   *
+   * @generated from field: string door = 2;
+   */
+  door: string;
+
+  /**
+   * When it started.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 3;
+   */
+  since?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message topichub.v1.Subscriber.
+ * Use `create(SubscriberSchema)` to create a new message.
+ */
+export declare const SubscriberSchema: GenMessage<Subscriber>;
+
+/**
+ * The answer to Presence.
+ *
+ * @generated from message topichub.v1.PresenceResponse
+ */
+export declare type PresenceResponse = Message$1<"topichub.v1.PresenceResponse"> & {
+  /**
+   * Live subscriptions in all.
+   *
+   * @generated from field: uint64 subscribers = 1;
+   */
+  subscribers: bigint;
+
+  /**
+   * This page of them, oldest first.
+   *
+   * @generated from field: repeated topichub.v1.Subscriber members = 2;
+   */
+  members: Subscriber[];
+
+  /**
+   * Pass as `after` for the next page; 0 when this is the last.
+   *
+   * @generated from field: uint64 next = 3;
+   */
+  next: bigint;
+};
+
+/**
+ * Describes the message topichub.v1.PresenceResponse.
+ * Use `create(PresenceResponseSchema)` to create a new message.
+ */
+export declare const PresenceResponseSchema: GenMessage<PresenceResponse>;
+
+/**
+ * Which topic to delete.
+ *
+ * @generated from message topichub.v1.DeleteTopicRequest
+ */
+export declare type DeleteTopicRequest = Message$1<"topichub.v1.DeleteTopicRequest"> & {
+  /**
+   * A concrete topic (no wildcards).
+   *
+   * @generated from field: string topic = 1;
+   */
+  topic: string;
+};
+
+/**
+ * Describes the message topichub.v1.DeleteTopicRequest.
+ * Use `create(DeleteTopicRequestSchema)` to create a new message.
+ */
+export declare const DeleteTopicRequestSchema: GenMessage<DeleteTopicRequest>;
+
+/**
+ * The answer to DeleteTopic.
+ *
+ * @generated from message topichub.v1.DeleteTopicResponse
+ */
+export declare type DeleteTopicResponse = Message$1<"topichub.v1.DeleteTopicResponse"> & {
+  /**
+   * Retained messages purged.
+   *
+   * @generated from field: uint64 purged_messages = 1;
+   */
+  purgedMessages: bigint;
+
+  /**
+   * Subscriptions ended because they named the topic.
+   *
+   * @generated from field: uint64 ended_subscriptions = 2;
+   */
+  endedSubscriptions: bigint;
+};
+
+/**
+ * Describes the message topichub.v1.DeleteTopicResponse.
+ * Use `create(DeleteTopicResponseSchema)` to create a new message.
+ */
+export declare const DeleteTopicResponseSchema: GenMessage<DeleteTopicResponse>;
 
 /**
  * What happens when a subscriber's queue overflows because it reads too slowly.
@@ -840,7 +1171,8 @@ export declare const PubSub: GenService<{
     output: typeof UnsubscribeResponseSchema;
   },
   /**
-   * Lists known topics (those with retained messages or live subscribers), optionally filtered.
+   * Lists known topics (those with retained messages or live subscribers) the caller may
+   * subscribe to, optionally filtered, one page at a time in name order: follow `next` for more.
    *
    * @generated from rpc topichub.v1.PubSub.ListTopics
    */
@@ -848,6 +1180,33 @@ export declare const PubSub: GenService<{
     methodKind: "unary";
     input: typeof ListTopicsRequestSchema;
     output: typeof ListTopicsResponseSchema;
+  },
+  /**
+   * Who follows a topic or pattern: the number of live subscriptions and a page of them (who,
+   * through which door, since when). For a topic: every subscription a message published to it
+   * would reach; for a pattern: the subscriptions that named that pattern. Needs subscribe
+   * permission for the topic or pattern.
+   *
+   * @generated from rpc topichub.v1.PubSub.Presence
+   */
+  presence: {
+    methodKind: "unary";
+    input: typeof PresenceRequestSchema;
+    output: typeof PresenceResponseSchema;
+  },
+  /**
+   * Deletes a topic: purges its retained history (durably, with a data dir) and ends the
+   * subscriptions that name it exactly; their streams end with ABORTED ("topic ... was
+   * deleted"), Connect subscriptions with a `deleted` event. Pattern subscriptions continue; a
+   * resume over the purged range gets a `gap`. NOT_FOUND when the topic has no retained messages
+   * and no subscribers. With authentication on, needs a token with `"topichub": {"admin": true}`.
+   *
+   * @generated from rpc topichub.v1.PubSub.DeleteTopic
+   */
+  deleteTopic: {
+    methodKind: "unary";
+    input: typeof DeleteTopicRequestSchema;
+    output: typeof DeleteTopicResponseSchema;
   },
 }>;
 
