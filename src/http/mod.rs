@@ -273,7 +273,7 @@ pub async fn method_not_allowed() -> ApiError {
     post,
     path = "/publish",
     tag = "publish",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Names this message so that a retry is not published twice: a retry with the same key, topic and payload within the server's window (--idempotency-window, 2 minutes by default) is answered with the original's cursor and `duplicate: true`; the same key for another topic or payload is refused (409)", nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$", example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47")),
+    params(IdempotencyKeyHeader),
     request_body(content = PublishBody, content_type = "application/json"),
     responses(
         (status = 200, description = "Accepted; `duplicate: true` when it answers a retry under an idempotency key", body = Published),
@@ -317,6 +317,25 @@ async fn publish_once(
     Ok(Json(Published::of(&message, duplicate)))
 }
 
+/// The `Idempotency-Key` header of both publish routes, as the OpenAPI document describes it
+/// (the handlers read it with [`idempotency_key`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct IdempotencyKeyHeader {
+    // One line: it is the parameter's description in the OpenAPI document.
+    /// Names this message so that a retry is not published twice: a retry with the same key, topic and payload within the server's window (--idempotency-window, 2 minutes by default) is answered with the original's cursor and `duplicate: true`; the same key for another topic or payload is refused (409)
+    #[param(
+        rename = "Idempotency-Key",
+        nullable = false,
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[!-~]{1,128}$",
+        example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47"
+    )]
+    idempotency_key: Option<String>,
+}
+
 /// The request's idempotency key: its `Idempotency-Key` header.
 fn idempotency_key(request_headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiError> {
     let mut values = request_headers.get_all(IDEMPOTENCY_KEY).iter();
@@ -342,7 +361,7 @@ fn idempotency_key(request_headers: &HeaderMap) -> Result<Option<Arc<str>>, ApiE
     tag = "publish",
     params(
         ("topic" = json::TopicName, Path, description = "Concrete topic (no wildcards)"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Names this message so that a retry is not published twice: a retry with the same key, topic and payload within the server's window (--idempotency-window, 2 minutes by default) is answered with the original's cursor and `duplicate: true`; the same key for another topic or payload is refused (409)", nullable = false, min_length = 1, max_length = 128, pattern = "^[!-~]{1,128}$", example = "7c0e2f4a-5b1d-4f8e-9a3c-2d6b8e1f0a47"),
+        IdempotencyKeyHeader,
     ),
     request_body(content = Option<String>, description = "The payload (may be empty)", content_type = "application/octet-stream"),
     responses(

@@ -384,6 +384,21 @@ impl Log for JetStreamLog {
 }
 
 impl Shared {
+    /// Takes the publishers waiting for the message with `id`, if any are left.
+    fn take_waiting(&self, id: &str) -> Option<Vec<Ack>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
+    /// Answers every publisher waiting for the message with `id` with `error`.
+    fn fail_waiting(&self, id: &str, error: Error) {
+        for ack in self.take_waiting(id).into_iter().flatten() {
+            let _ = ack.send(Err(error.clone()));
+        }
+    }
+
     fn set_failing(&self, why: Option<String>) {
         if why.is_none() && self.recreated.load(Ordering::Relaxed) {
             return;
@@ -613,17 +628,10 @@ impl Shared {
             use jetstream::context::PublishErrorKind as Kind;
             if error.kind() == Kind::MaxPayloadExceeded {
                 let limit = self.client.server_info().max_payload;
-                let acks = self
-                    .waiting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                for ack in acks.into_iter().flatten() {
-                    let _ = ack.send(Err(Error::LimitExceeded(format!(
-                        "the message ({} payload bytes plus headers) is over the NATS servers' max_payload of {limit} bytes; raise max_payload on the NATS servers to --max-payload-bytes plus 16 KiB of headers",
-                        message.payload.len()
-                    ))));
-                }
+                self.fail_waiting(&id, Error::LimitExceeded(format!(
+                    "the message ({} payload bytes plus headers) is over the NATS servers' max_payload of {limit} bytes; raise max_payload on the NATS servers to --max-payload-bytes plus 16 KiB of headers",
+                    message.payload.len()
+                )));
                 return;
             }
             // A lost connection usually comes back within moments (another server of the
@@ -664,16 +672,12 @@ impl Shared {
                 if self.client.connection_state() == Connection::Connected {
                     self.set_failing(Some(why.clone()));
                 }
-                let acks = self
-                    .waiting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                for ack in acks.into_iter().flatten() {
-                    let _ = ack.send(Err(Error::Unavailable(format!(
+                self.fail_waiting(
+                    &id,
+                    Error::Unavailable(format!(
                         "{why}; it may have been published: retry with the same idempotency key"
-                    ))));
-                }
+                    )),
+                );
                 return;
             }
         };
@@ -685,12 +689,7 @@ impl Shared {
         let mut applied = self.applied.subscribe();
         let reached = tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|a| *a >= ack.sequence));
         let reached = matches!(reached.await, Ok(Ok(_)));
-        let Some(acks) = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-        else {
+        let Some(acks) = self.take_waiting(&id) else {
             return;
         };
         // Still waiting: a duplicate of a message applied before this publish began, or a
