@@ -55,19 +55,16 @@ impl From<Door> for DoorLabel {
 }
 
 /// What a connection carries, told by its first request: the `door` label of
-/// `topichub_connections_by_door`.
+/// `topichub_connections_by_door`. `Grpc`: HTTP/2 gRPC (`topichub.v1`, the seed service, health,
+/// reflection); `GrpcWeb`: gRPC-Web over HTTP/1.1 or HTTP/2; `Sse`: `GET /subscribe`; `Ws`:
+/// `GET /ws`; `Http`: every other request (publish, history, topics, docs, metrics, the page).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum ConnectionDoor {
-    /// gRPC (HTTP/2; `topichub.v1`, the seed service, health, reflection).
-    Grpc = 0,
-    /// gRPC-Web (HTTP/1.1 or HTTP/2).
-    GrpcWeb = 1,
-    /// Every other HTTP request: publish, history, topics, docs, metrics, the web page.
-    Http = 2,
-    /// `GET /subscribe`: a Server-Sent Events stream.
-    Sse = 3,
-    /// `GET /ws`: a WebSocket.
-    Ws = 4,
+    Grpc,
+    GrpcWeb,
+    Http,
+    Sse,
+    Ws,
 }
 
 impl ConnectionDoor {
@@ -82,11 +79,11 @@ impl ConnectionDoor {
     fn label(self) -> DoorLabel {
         DoorLabel {
             door: match self {
-                ConnectionDoor::Grpc => "grpc",
-                ConnectionDoor::GrpcWeb => "grpc-web",
-                ConnectionDoor::Http => "http",
+                ConnectionDoor::Grpc => Door::Grpc.name(),
+                ConnectionDoor::GrpcWeb => Door::GrpcWeb.name(),
+                ConnectionDoor::Http => Door::Http.name(),
                 ConnectionDoor::Sse => "sse",
-                ConnectionDoor::Ws => "ws",
+                ConnectionDoor::Ws => Door::Ws.name(),
             },
         }
     }
@@ -116,14 +113,9 @@ struct DoorSeries {
 
 const DOORS: [Door; 5] = [Door::Grpc, Door::Seed, Door::Http, Door::GrpcWeb, Door::Ws];
 
-struct Inner {
-    registry: Registry,
-    doors: [DoorSeries; 5],
-    /// Open connections per [`ConnectionDoor`], in its order.
-    door_connections: [Gauge; 5],
-    latency: Histogram,
-    auth_failures: Counter,
-    limit_hits: Family<LimitLabel, Counter>,
+/// The gauges set at scrape time, one per [`Snapshot`] field.
+#[derive(Default)]
+struct Gauges {
     connections: Gauge,
     topics: Gauge,
     retained_messages: Gauge,
@@ -135,6 +127,18 @@ struct Inner {
     head_seq: Gauge,
     oldest_retained_seq: Gauge,
     log_bytes_on_disk: Gauge,
+}
+
+struct Inner {
+    registry: Registry,
+    doors: [DoorSeries; 5],
+    /// Open connections per [`ConnectionDoor`], in its order.
+    door_connections: [Gauge; 5],
+    latency: Histogram,
+    auth_failures: Counter,
+    limit_hits: Family<LimitLabel, Counter>,
+    /// The scrape-time gauges, set from a [`Snapshot`].
+    gauges: Gauges,
     log_commit: Histogram,
 }
 
@@ -160,20 +164,7 @@ impl Metrics {
         let limit_hits = Family::<LimitLabel, Counter>::default();
         // 50 us .. ~0.8 s
         let log_commit = Histogram::new(exponential_buckets(0.000_05, 2.0, 15));
-        let gauges: [Gauge; 11] = Default::default();
-        let [
-            connections,
-            topics,
-            retained_messages,
-            retained_bytes,
-            queued_messages,
-            max_queue_depth,
-            queued_bytes,
-            max_queue_bytes,
-            head_seq,
-            oldest_retained_seq,
-            log_bytes_on_disk,
-        ] = gauges;
+        let gauges = Gauges::default();
         registry.register("publishes", "Messages accepted, by door", publishes.clone());
         registry.register(
             "deliveries",
@@ -218,7 +209,7 @@ impl Metrics {
         registry.register(
             "connections",
             "Open client connections",
-            connections.clone(),
+            gauges.connections.clone(),
         );
         let connections_by_door = Family::<DoorLabel, Gauge>::default();
         registry.register(
@@ -231,52 +222,52 @@ impl Metrics {
         registry.register(
             "topics",
             "Topics with retained messages or live subscribers",
-            topics.clone(),
+            gauges.topics.clone(),
         );
         registry.register(
             "retained_messages",
             "Messages held for replay",
-            retained_messages.clone(),
+            gauges.retained_messages.clone(),
         );
         registry.register(
             "retained_bytes",
             "Bytes held for replay",
-            retained_bytes.clone(),
+            gauges.retained_bytes.clone(),
         );
         registry.register(
             "queued_messages",
             "Messages waiting in subscriber queues",
-            queued_messages.clone(),
+            gauges.queued_messages.clone(),
         );
         registry.register(
             "max_queue_depth",
             "Longest subscriber queue",
-            max_queue_depth.clone(),
+            gauges.max_queue_depth.clone(),
         );
         registry.register(
             "queued_bytes",
             "Bytes of messages waiting in subscriber queues (a message in several queues counts in each)",
-            queued_bytes.clone(),
+            gauges.queued_bytes.clone(),
         );
         registry.register(
             "max_queue_bytes",
             "Most bytes waiting in one subscriber queue",
-            max_queue_bytes.clone(),
+            gauges.max_queue_bytes.clone(),
         );
         registry.register(
             "head_seq",
             "Seq of the newest message (messages accepted this epoch)",
-            head_seq.clone(),
+            gauges.head_seq.clone(),
         );
         registry.register(
             "oldest_retained_seq",
             "Seq of the oldest message held for replay (0 when none)",
-            oldest_retained_seq.clone(),
+            gauges.oldest_retained_seq.clone(),
         );
         registry.register(
             "log_bytes_on_disk",
             "Bytes the log's files take on disk (0 without --data-dir)",
-            log_bytes_on_disk.clone(),
+            gauges.log_bytes_on_disk.clone(),
         );
         registry.register(
             "log_fsync_seconds",
@@ -302,17 +293,7 @@ impl Metrics {
                 latency,
                 auth_failures,
                 limit_hits,
-                connections,
-                topics,
-                retained_messages,
-                retained_bytes,
-                queued_messages,
-                max_queue_depth,
-                queued_bytes,
-                max_queue_bytes,
-                head_seq,
-                oldest_retained_seq,
-                log_bytes_on_disk,
+                gauges,
                 log_commit,
             }),
         }
@@ -387,19 +368,20 @@ impl Metrics {
     /// The exposition text, after updating the scrape-time gauges.
     pub fn render(&self, state: &Snapshot) -> String {
         let inner = &self.inner;
-        inner.connections.set(state.connections as i64);
-        inner.topics.set(state.topics as i64);
-        inner.retained_messages.set(state.retained_messages as i64);
-        inner.retained_bytes.set(state.retained_bytes as i64);
-        inner.queued_messages.set(state.queued_messages as i64);
-        inner.max_queue_depth.set(state.max_queue_depth as i64);
-        inner.queued_bytes.set(state.queued_bytes as i64);
-        inner.max_queue_bytes.set(state.max_queue_bytes as i64);
-        inner.head_seq.set(state.head_seq as i64);
-        inner
+        let gauges = &inner.gauges;
+        gauges.connections.set(state.connections as i64);
+        gauges.topics.set(state.topics as i64);
+        gauges.retained_messages.set(state.retained_messages as i64);
+        gauges.retained_bytes.set(state.retained_bytes as i64);
+        gauges.queued_messages.set(state.queued_messages as i64);
+        gauges.max_queue_depth.set(state.max_queue_depth as i64);
+        gauges.queued_bytes.set(state.queued_bytes as i64);
+        gauges.max_queue_bytes.set(state.max_queue_bytes as i64);
+        gauges.head_seq.set(state.head_seq as i64);
+        gauges
             .oldest_retained_seq
             .set(state.oldest_retained_seq as i64);
-        inner.log_bytes_on_disk.set(state.log_bytes_on_disk as i64);
+        gauges.log_bytes_on_disk.set(state.log_bytes_on_disk as i64);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &inner.registry)
             .expect("writing to a String cannot fail");
