@@ -59,65 +59,13 @@ pub async fn run(
         None => None,
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    // In cluster mode the hub exists once NATS answers; until then every door is served by a
-    // stand-in that says so (`/healthz` 503, gRPC health NOT_SERVING).
-    let opening = match config.nats() {
-        None => cluster::Opening::Open(open_hub(&config)?),
-        Some(nats) => cluster::open_hub(&config, &nats).await?,
-    };
-    let metrics = match &opening {
-        cluster::Opening::Open(hub) => hub.metrics().clone(),
-        cluster::Opening::Pending(..) => crate::metrics::Metrics::new(),
-    };
-    let limits = Limits::new(config.limits(), metrics.clone());
-    let ready: Arc<OnceLock<Hub>> = Arc::new(OnceLock::new());
-    let serve_hub = {
-        let (health, health_service) = (health.clone(), health_service.clone());
-        let (auth, limits, config, shutdown) = (
-            auth.clone(),
-            limits.clone(),
-            config.clone(),
-            shutdown.clone(),
-        );
-        let ready = ready.clone();
-        move |hub: Hub| async move {
-            let _ = ready.set(hub.clone());
-            tokio::spawn(expire_periodically(
-                hub.clone(),
-                limits.clone(),
-                shutdown.clone(),
-            ));
-            if !config.nats.is_empty() {
-                tokio::spawn(cluster::follow_log_health(
-                    hub.clone(),
-                    health.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            let app = app(hub, auth, limits, &config, shutdown, health_service);
-            set_health(&health, true).await;
-            app
-        }
-    };
-    let (app, lane_hub) = match opening {
-        cluster::Opening::Open(hub) => (serve_hub(hub.clone()).await, Some(hub)),
-        cluster::Opening::Pending(nats, attempt, why) => {
-            set_health(&health, false).await;
-            let app: Arc<OnceLock<axum::Router>> = Arc::new(OnceLock::new());
-            let (hub_config, opened, shutdown) = (config.hub(), app.clone(), shutdown.clone());
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let Some((log, recovered)) =
-                    cluster::retry_open(&nats, attempt, why, &shutdown).await
-                else {
-                    return;
-                };
-                let hub = Hub::with_log(hub_config, metrics, Box::new(log), recovered);
-                let _ = opened.set(serve_hub(hub).await);
-            });
-            (cluster::starting(app, health_service), None)
-        }
-    };
+    let Started {
+        app,
+        lane_hub,
+        metrics,
+        limits,
+        ready,
+    } = start(&config, &auth, &health, health_service, &shutdown).await?;
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(
         auth.clone(),
@@ -185,6 +133,95 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     }
+}
+
+/// What `run` serves: the application, and the hub once it is open.
+struct Started {
+    app: axum::Router,
+    /// The hub, if it opened at once (the publish lane needs it from the start).
+    lane_hub: Option<Hub>,
+    metrics: crate::metrics::Metrics,
+    limits: Limits,
+    /// The hub once open (in cluster mode possibly later, when NATS answers).
+    ready: Arc<OnceLock<Hub>>,
+}
+
+/// Opens the hub (memory, disk, or JetStream) and builds the application on it. In cluster mode
+/// the hub exists once NATS answers; until then every door is served by a stand-in that says so
+/// (`/healthz` 503, gRPC health NOT_SERVING), and the application replaces it when it opens.
+async fn start(
+    config: &ServerConfig,
+    auth: &Authenticator,
+    health: &tonic_health::server::HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    shutdown: &CancellationToken,
+) -> std::io::Result<Started> {
+    let opening = match config.nats() {
+        None => cluster::Opening::Open(open_hub(config)?),
+        Some(nats) => cluster::open_hub(config, &nats).await?,
+    };
+    let metrics = match &opening {
+        cluster::Opening::Open(hub) => hub.metrics().clone(),
+        cluster::Opening::Pending(..) => crate::metrics::Metrics::new(),
+    };
+    let limits = Limits::new(config.limits(), metrics.clone());
+    let ready: Arc<OnceLock<Hub>> = Arc::new(OnceLock::new());
+    let serve_hub = {
+        let (health, health_service) = (health.clone(), health_service.clone());
+        let (auth, limits, config, shutdown) = (
+            auth.clone(),
+            limits.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        let ready = ready.clone();
+        move |hub: Hub| async move {
+            let _ = ready.set(hub.clone());
+            tokio::spawn(expire_periodically(
+                hub.clone(),
+                limits.clone(),
+                shutdown.clone(),
+            ));
+            if !config.nats.is_empty() {
+                tokio::spawn(cluster::follow_log_health(
+                    hub.clone(),
+                    health.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            let app = app(hub, auth, limits, &config, shutdown, health_service);
+            set_health(&health, true).await;
+            app
+        }
+    };
+    let (app, lane_hub) = match opening {
+        cluster::Opening::Open(hub) => (serve_hub(hub.clone()).await, Some(hub)),
+        cluster::Opening::Pending(nats, attempt, why) => {
+            set_health(health, false).await;
+            let app: Arc<OnceLock<axum::Router>> = Arc::new(OnceLock::new());
+            let (hub_config, opened, shutdown) = (config.hub(), app.clone(), shutdown.clone());
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let Some((log, recovered)) =
+                    cluster::retry_open(&nats, attempt, why, &shutdown).await
+                else {
+                    return;
+                };
+                let hub = Hub::with_log(hub_config, metrics, Box::new(log), recovered);
+                let _ = opened.set(serve_hub(hub).await);
+            });
+            (cluster::starting(app, health_service), None)
+        }
+    };
+    Ok(Started {
+        app,
+        lane_hub,
+        metrics,
+        limits,
+        ready,
+    })
 }
 
 /// The hyper servers, configured.
