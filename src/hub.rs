@@ -599,7 +599,7 @@ impl Hub {
                 watermarked.push(topic);
             }
             for message in &recovered.messages {
-                state.deliver(message, &shared.config, log);
+                state.deliver(message, &shared.config, log, None);
             }
             // Topics whose every message was evicted are remembered only as the gap they leave.
             for topic in &watermarked {
@@ -625,7 +625,7 @@ impl Hub {
                     if numbered && message.seq > state.head + 1 {
                         state.forgotten_through = state.forgotten_through.max(message.seq - 1);
                     }
-                    state.deliver(message, &hub.shared.config, log);
+                    state.deliver(message, &hub.shared.config, log, None);
                 }
             }));
         hub
@@ -830,7 +830,7 @@ impl Hub {
         );
         match &shared.log {
             None => {
-                state.deliver(&message, &shared.config, None);
+                state.deliver(&message, &shared.config, None, fingerprint);
                 Publishing::done(Ok(message))
             }
             Some(log) => {
@@ -1328,11 +1328,21 @@ impl State {
     /// Retains `message` (the newest) in its topic, enforces the retention limits and queues it
     /// for every matching subscriber. Messages come here in seq order: straight from `publish`
     /// without a durable log, from the log's writer once durable with one.
-    fn deliver(&mut self, message: &Arc<Message>, config: &HubConfig, log: Option<&dyn Log>) {
+    ///
+    /// `fingerprint` is the message's idempotency fingerprint when the caller computed it
+    /// already (a keyed publish delivered at once), so that it is not hashed again here.
+    fn deliver(
+        &mut self,
+        message: &Arc<Message>,
+        config: &HubConfig,
+        log: Option<&dyn Log>,
+        fingerprint: Option<Fingerprint>,
+    ) {
         self.head = message.seq;
         // Every delivered message, whatever brought it (a publish here, recovery, another
         // node), fills the idempotency window.
-        self.idempotency.record(message);
+        self.idempotency
+            .record(message, fingerprint, config.clock.now());
         let topic = &message.topic;
         self.ensure_topic(topic);
         let topic_state = self.topics.get_mut(topic).expect("ensured above");

@@ -200,10 +200,17 @@ impl<T: Clone> Window<T> {
     /// Remembers the key of `message`, just delivered (in seq order), if it has one. The first
     /// message delivered under a key stays its answer.
     ///
-    /// The payload is hashed here, under the hub's lock, from the delivered message itself (a
-    /// message applied from another node may differ from a local publish under the same key):
-    /// unkeyed messages cost nothing, a keyed one about 0.7 ms per MiB of payload (SipHash).
-    pub(crate) fn record(&mut self, message: &Message) {
+    /// `fingerprint` is the message's own when the caller already has it (a publish delivered
+    /// at once); otherwise the payload is hashed here, under the hub's lock, from the delivered
+    /// message itself (a message applied from another node may differ from a local publish under
+    /// the same key): unkeyed messages cost nothing, a keyed one about 0.7 ms per MiB (SipHash).
+    /// `now` is the hub's clock.
+    pub(crate) fn record(
+        &mut self,
+        message: &Message,
+        fingerprint: Option<Fingerprint>,
+        now: SystemTime,
+    ) {
         let Some(key) = &message.idempotency_key else {
             return;
         };
@@ -211,7 +218,6 @@ impl<T: Clone> Window<T> {
         if self.limits.keys == 0 || self.seen.contains_key(&**key) {
             return;
         }
-        let now = SystemTime::now();
         if self.expired(message.published_at, now) {
             // Recovered from a log, older than the window.
             return;
@@ -219,7 +225,8 @@ impl<T: Clone> Window<T> {
         self.seen.insert(
             key.clone(),
             Seen {
-                fingerprint: Fingerprint::of(&message.topic, &message.payload),
+                fingerprint: fingerprint
+                    .unwrap_or_else(|| Fingerprint::of(&message.topic, &message.payload)),
                 seq: message.seq,
                 published_at: message.published_at,
             },
@@ -288,7 +295,7 @@ mod tests {
     fn a_delivered_key_answers_a_retry_and_refuses_another_message() {
         let mut window = window(10, Duration::from_secs(60));
         let now = SystemTime::now();
-        window.record(&message("k", "t", "p", 7, now));
+        window.record(&message("k", "t", "p", 7, now), None, now);
         let found = window.lookup("k", &fingerprint("t", "p"), now).unwrap();
         assert!(matches!(found, Earlier::Delivered(Seen { seq: 7, .. })));
         for (topic, payload, says) in [("u", "p", "topic t"), ("t", "q", "another payload")] {
@@ -320,7 +327,7 @@ mod tests {
             Ok(Earlier::New)
         ));
         window.start(Arc::from("k"), fingerprint("t", "p"), 43);
-        window.record(&message("k", "t", "p", 1, now));
+        window.record(&message("k", "t", "p", 1, now), None, now);
         assert_eq!(window.in_flight(), 0);
         assert!(matches!(
             window.lookup("k", &fingerprint("t", "p"), now),
@@ -333,7 +340,7 @@ mod tests {
         let mut window = window(3, Duration::from_secs(60));
         let now = SystemTime::now();
         for seq in 1..=10 {
-            window.record(&message(&format!("k{seq}"), "t", "p", seq, now));
+            window.record(&message(&format!("k{seq}"), "t", "p", seq, now), None, now);
         }
         assert_eq!(window.len(), 3, "count bound");
         assert!(matches!(
@@ -351,7 +358,7 @@ mod tests {
         ));
         assert_eq!(window.len(), 0, "aged out");
         let old = now - Duration::from_secs(61);
-        window.record(&message("recovered", "t", "p", 11, old));
+        window.record(&message("recovered", "t", "p", 11, old), None, now);
         assert_eq!(
             window.len(),
             0,
@@ -363,8 +370,8 @@ mod tests {
     fn the_first_message_under_a_key_stays_its_answer() {
         let mut window = window(10, Duration::from_secs(60));
         let now = SystemTime::now();
-        window.record(&message("k", "t", "p", 1, now));
-        window.record(&message("k", "t", "p", 2, now));
+        window.record(&message("k", "t", "p", 1, now), None, now);
+        window.record(&message("k", "t", "p", 2, now), None, now);
         assert!(matches!(
             window.lookup("k", &fingerprint("t", "p"), now),
             Ok(Earlier::Delivered(Seen { seq: 1, .. }))

@@ -20,6 +20,7 @@
 //!    `the_disconnect_policy_closes_a_slow_subscriber_with_a_clear_status`;
 //! 6. bad input hurts only itself: `tests/bad_input.rs`, `tests/limits.rs`, `tests/differential.rs`.
 
+#[macro_use]
 mod support;
 
 use std::collections::HashSet;
@@ -871,28 +872,6 @@ async fn randomized_interleaving_matches_the_model(backend: Backend) {
         subs.len()
     );
     broker.stop().await;
-}
-
-/// Every test above, once per log backend: the delivery contract is proven for each.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Memory).await
-                }
-            )*
-        }
-        mod disk {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Disk).await
-                }
-            )*
-        }
-    };
 }
 
 on_every_backend!(

@@ -298,47 +298,14 @@ async fn sigkill_during_a_publish_batch_keeps_a_whole_prefix_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_concurrent_publishers_keeps_every_acknowledged_message_once() {
-    const PUBLISHERS: usize = 16;
     let dir = fresh_data_dir("kill-unary");
     let addr = free_port().await;
     let broker = Broker::start(addr, &dir, &[]).await;
-    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
-    for p in 0..PUBLISHERS {
-        let mut client = broker.grpc().await;
-        let acked = acked_tx.clone();
-        tokio::spawn(async move {
-            for i in 0.. {
-                let payload = format!("p{p:02}-{i:06}");
-                match client
-                    .publish(publish_request("unary.t", payload.clone()))
-                    .await
-                {
-                    Ok(response) => {
-                        let seq = response.into_inner().cursor.unwrap().seq;
-                        if acked.send((seq, payload)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
-        });
-    }
-    drop(acked_tx);
-    let mut acked = Vec::new();
-    while acked.len() < 3_000 {
-        acked.push(
-            tokio::time::timeout(WAIT, acked_rx.recv())
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    broker.kill().await;
-    // Acknowledgements already on their way count too.
-    while let Some(ack) = acked_rx.recv().await {
-        acked.push(ack);
-    }
+    let acked: Vec<(u64, String)> = publish_concurrently_then_kill(broker, "unary.t", 3_000)
+        .await
+        .into_iter()
+        .map(|(cursor, payload)| (cursor.seq, payload))
+        .collect();
 
     let broker = Broker::start(addr, &dir, &[]).await;
     let kept = history(&broker, "unary.t").await;
@@ -661,48 +628,12 @@ async fn with_fsync_every_a_graceful_stop_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_fsync_every_a_sigkill_loses_nothing_acknowledged() {
-    const PUBLISHERS: usize = 16;
     let dir = fresh_data_dir("every-kill");
     let addr = free_port().await;
     // No sync is due during the test: only what the OS was handed can survive the kill.
     let every = ["--fsync", "every=1h"];
     let broker = Broker::start(addr, &dir, &every).await;
-    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
-    for p in 0..PUBLISHERS {
-        let mut client = broker.grpc().await;
-        let acked = acked_tx.clone();
-        tokio::spawn(async move {
-            for i in 0.. {
-                let payload = format!("p{p:02}-{i:06}");
-                match client
-                    .publish(publish_request("every.t", payload.clone()))
-                    .await
-                {
-                    Ok(response) => {
-                        let cursor = response.into_inner().cursor.unwrap();
-                        if acked.send((cursor, payload)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(_) => return,
-                }
-            }
-        });
-    }
-    drop(acked_tx);
-    let mut acked = Vec::new();
-    while acked.len() < 2_000 {
-        acked.push(
-            tokio::time::timeout(WAIT, acked_rx.recv())
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    broker.kill().await;
-    while let Some(ack) = acked_rx.recv().await {
-        acked.push(ack);
-    }
+    let acked = publish_concurrently_then_kill(broker, "every.t", 2_000).await;
     let epoch = acked[0].0.epoch.clone();
     let newest = acked.iter().map(|(c, _)| c.seq).max().unwrap();
 
@@ -771,3 +702,53 @@ async fn retention_evicts_on_disk_and_gaps_stay_exact_across_a_sigkill() {
     assert_eq!(page["gap"]["to_seq"], 20, "{page}");
     broker.stop().await;
 }
+
+/// Runs [`PUBLISHERS`] concurrent unary publishers on `topic` until `at_least` publishes are
+/// acknowledged, SIGKILLs the broker mid-stream, and returns every acknowledgement (those
+/// already on their way when it died count too) with the payload it acknowledged.
+async fn publish_concurrently_then_kill(
+    broker: Broker,
+    topic: &'static str,
+    at_least: usize,
+) -> Vec<(v1::Cursor, String)> {
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    for p in 0..PUBLISHERS {
+        let mut client = broker.grpc().await;
+        let acked = acked_tx.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                let payload = format!("p{p:02}-{i:06}");
+                match client
+                    .publish(publish_request(topic, payload.clone()))
+                    .await
+                {
+                    Ok(response) => {
+                        let cursor = response.into_inner().cursor.unwrap();
+                        if acked.send((cursor, payload)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    drop(acked_tx);
+    let mut acked = Vec::new();
+    while acked.len() < at_least {
+        acked.push(
+            tokio::time::timeout(WAIT, acked_rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    broker.kill().await;
+    while let Some(ack) = acked_rx.recv().await {
+        acked.push(ack);
+    }
+    acked
+}
+
+/// Concurrent publishers in the SIGKILL tests.
+const PUBLISHERS: usize = 16;

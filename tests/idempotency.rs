@@ -5,6 +5,7 @@
 //! get a precise error; the window is bounded; concurrent retries of a publish still waiting for
 //! the disk log get the same answer. The delivery tests run on memory and on disk.
 
+#[macro_use]
 mod support;
 
 use futures_util::{SinkExt, StreamExt};
@@ -290,27 +291,6 @@ async fn concurrent_retries_store_one_copy(backend: Backend) {
     assert!(answers.iter().all(|a| &a.cursor == cursor), "{answers:?}");
     assert_eq!(retained(&broker.url(), "idem.race").await, ["once"]);
     broker.stop().await;
-}
-
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Memory).await
-                }
-            )*
-        }
-        mod disk {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Backend::Disk).await
-                }
-            )*
-        }
-    };
 }
 
 on_every_backend!(

@@ -369,16 +369,8 @@ async fn presence_at_100k_subscribers() {
     println!("opened {} subscriptions in {:?}", 2 * N, started.elapsed());
 
     let time = |what: &str, f: &dyn Fn() -> u64| {
-        let runs = 20;
-        let started = Instant::now();
-        let mut count = 0;
-        for _ in 0..runs {
-            count = f();
-        }
-        println!(
-            "{what}: {:?} per call (count {count})",
-            started.elapsed() / runs
-        );
+        let (per_call, count) = support::time_per_call(f);
+        println!("{what}: {per_call:?} per call (count {count})");
     };
     let big = Pattern::parse("big").unwrap();
     let wide = Pattern::parse("wide.*").unwrap();

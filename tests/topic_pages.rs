@@ -337,16 +337,8 @@ async fn topic_listing_at_200k_topics() {
     println!("created {N} topics in {:?}", started.elapsed());
 
     let time = |what: &str, f: &dyn Fn() -> usize| {
-        let runs = 20;
-        let started = Instant::now();
-        let mut count = 0;
-        for _ in 0..runs {
-            count = f();
-        }
-        println!(
-            "{what}: {:?} per page ({count} topics)",
-            started.elapsed() / runs
-        );
+        let (per_page, count) = support::time_per_call(f);
+        println!("{what}: {per_page:?} per page ({count} topics)");
     };
     let all = |_: &str| true;
     let middle = Topic::parse(&format!("many.topic{}", N / 2)).unwrap();

@@ -2,6 +2,30 @@
 //! for every door (gRPC, gRPC-Web over HTTP/1.1, HTTP/JSON, SSE).
 #![allow(dead_code)]
 
+/// Defines each named `async fn NAME(backend: Backend)` of the test file as two tests,
+/// `memory::NAME` and `disk::NAME`: one test body, proven on each log backend.
+#[allow(unused_macros)]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Memory).await
+                }
+            )*
+        }
+        mod disk {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Disk).await
+                }
+            )*
+        }
+    };
+}
+
 pub mod reference;
 
 use std::net::SocketAddr;
@@ -946,4 +970,16 @@ pub fn http_router(hub: &topichub::hub::Hub) -> axum::Router {
         shutdown: Default::default(),
         sse_keepalive: Duration::from_secs(15),
     })
+}
+
+/// Calls `f` 20 times; the mean time per call, and what the last call returned (for the
+/// ignored measurement tests).
+pub fn time_per_call<T>(f: &dyn Fn() -> T) -> (Duration, T) {
+    const RUNS: u32 = 20;
+    let started = std::time::Instant::now();
+    let mut last = f();
+    for _ in 1..RUNS {
+        last = f();
+    }
+    (started.elapsed() / RUNS, last)
 }
