@@ -39,7 +39,11 @@ impl ApiError {
 
     /// 400 INVALID_ARGUMENT.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Kind::InvalidArgument.code_name(),
+            message,
+        )
     }
 
     /// 404 NOT_FOUND.

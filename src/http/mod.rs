@@ -260,7 +260,7 @@ pub async fn not_found() -> ApiError {
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "UNIMPLEMENTED",
+        crate::error::Kind::Unimplemented.code_name(),
         "method not allowed on this route; see /openapi.json",
     )
 }

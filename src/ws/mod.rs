@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Access;
 use crate::connect::{Outbox, Outgoing, Session};
-use crate::error::Error;
+use crate::error::{Error, Kind};
 use crate::hub::Hub;
 use crate::json::{ErrorBody, ErrorDetail};
 use crate::limits::{Connection, Limits};
@@ -134,9 +134,9 @@ pub fn document(openapi: &mut utoipa::openapi::OpenApi) {
 fn refusal(rejection: &WebSocketUpgradeRejection) -> Response {
     let status = rejection.status();
     let code = match status {
-        StatusCode::METHOD_NOT_ALLOWED => "UNIMPLEMENTED",
+        StatusCode::METHOD_NOT_ALLOWED => Kind::Unimplemented.code_name(),
         StatusCode::UPGRADE_REQUIRED => "FAILED_PRECONDITION",
-        _ => "INVALID_ARGUMENT",
+        _ => Kind::InvalidArgument.code_name(),
     };
     let body = ErrorBody {
         error: ErrorDetail {
