@@ -204,10 +204,10 @@ pub fn list_topics(
 }
 
 /// Deletes `topic` if the token is an admin's.
-pub fn delete_topic(hub: &Hub, access: &Access, topic: &str) -> Result<Deleted, Error> {
+pub async fn delete_topic(hub: &Hub, access: &Access, topic: &str) -> Result<Deleted, Error> {
     let topic = Topic::parse(topic)?;
     access.check_admin(&topic)?;
-    hub.delete_topic(&topic)
+    hub.delete_topic(&topic).await
 }
 
 /// Validates a `SubscribeRequest` of `holder` into hub options the token allows.
