@@ -275,6 +275,8 @@ pub struct Member {
     pub holder: Option<Holder>,
     /// When it started.
     pub since: SystemTime,
+    /// Its place in this hub's order: a page from `position + 1` starts after it.
+    pub position: u64,
 }
 
 /// A page of a topic's or pattern's presence.
@@ -286,6 +288,30 @@ pub struct PresencePage {
     pub members: Vec<Member>,
     /// Where the next page starts (pass it as `from`), when there is one.
     pub next: Option<u64>,
+    /// In cluster mode, which nodes the page covers; `None` for a single hub.
+    pub cluster: Option<Coverage>,
+}
+
+/// Which nodes of a cluster a presence page covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coverage {
+    /// Nodes whose subscriptions are counted (this one included).
+    pub nodes: u32,
+    /// Some node known to be up did not answer in time: the page lacks its subscriptions.
+    pub partial: bool,
+}
+
+/// The other hubs sharing this hub's log (cluster mode), asked for their presence.
+pub trait Peers: Send + Sync {
+    /// A page of `key`'s presence over every hub, `hub` (this one) included: `from` is a page's
+    /// `next` (0: the first page), at most `limit` members.
+    fn presence(
+        &self,
+        hub: &Hub,
+        key: Pattern,
+        from: u64,
+        limit: usize,
+    ) -> Pin<Box<dyn Future<Output = PresencePage> + Send>>;
 }
 
 /// What deleting a topic did.
@@ -373,6 +399,8 @@ struct Shared {
     /// The durable log, if any; without one the topics' in-memory logs are the whole history.
     log: Option<Box<dyn Log>>,
     state: Mutex<State>,
+    /// The other hubs on the same log, once known (cluster mode).
+    peers: OnceLock<Arc<dyn Peers>>,
 }
 
 #[derive(Default)]
@@ -673,6 +701,7 @@ impl Hub {
                 metrics,
                 log,
                 state: Mutex::new(state),
+                peers: OnceLock::new(),
             }),
         }
     }
@@ -1246,6 +1275,7 @@ impl Hub {
                 Member {
                     holder: entry.holder.clone(),
                     since: entry.since,
+                    position: *id,
                 }
             })
             .collect();
@@ -1254,6 +1284,26 @@ impl Hub {
             subscribers,
             members,
             next: ids.last().map(|id| id + 1).filter(|_| more),
+            cluster: None,
+        }
+    }
+
+    /// Lets presence pages cover the other hubs on the same log (cluster mode).
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.shared.peers.set(peers);
+    }
+
+    /// [`Hub::presence`] over every hub on the same log in cluster mode (the others asked, within
+    /// a bound); this hub's alone otherwise.
+    pub async fn presence_everywhere(
+        &self,
+        key: &Pattern,
+        from: u64,
+        limit: usize,
+    ) -> PresencePage {
+        match self.shared.peers.get() {
+            Some(peers) => peers.presence(self, key.clone(), from, limit).await,
+            None => self.presence(key, from, limit),
         }
     }
 

@@ -245,3 +245,113 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
         "the tombstone"
     );
 }
+
+/// `GET /topics/{key}/presence` on `node`, from `after`, at most `limit`.
+async fn presence(node: &BrokerProcess, key: &str, after: &str, limit: usize) -> Value {
+    get_json(&format!(
+        "{}/topics/{key}/presence?after={after}&limit={limit}",
+        url(node)
+    ))
+    .await
+}
+
+/// Every member of `key`'s presence on `node`, page by page of `limit`: (clients, pages).
+async fn every_member(node: &BrokerProcess, key: &str, limit: usize) -> (Vec<String>, usize) {
+    let (mut clients, mut pages, mut after) = (Vec::new(), 0, "0".to_owned());
+    loop {
+        let page = presence(node, key, &after, limit).await;
+        assert_eq!(page["partial"], false, "{page}");
+        pages += 1;
+        let members = page["members"].as_array().unwrap();
+        assert!(members.len() <= limit, "{page}");
+        clients.extend(
+            members
+                .iter()
+                .map(|m| m["client"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => return (clients, pages),
+        }
+        assert!(pages < 20, "pages do not end: {page}");
+    }
+}
+
+#[tokio::test]
+async fn presence_counts_and_pages_the_subscriptions_of_every_node() {
+    let nats = NatsCluster::start(1).await;
+    let urls = nats.urls();
+    let (a, b) = tokio::join!(cluster_node(&urls, &[]), cluster_node(&urls, &[]));
+    let mut streams = Vec::new();
+    for (node, path) in [
+        (&a, "/subscribe?topic=room.1"),
+        (&a, "/subscribe?topic=room.1"),
+        (&b, "/subscribe?topic=room.1"),
+        (&b, "/subscribe?topic=room.1"),
+        (&b, "/subscribe?topic=room.1"),
+        (&b, "/subscribe?topic=room.%2A"),
+    ] {
+        let mut sse = Sse::open(&url(node), path, &[]).await;
+        sse.expect("subscribed").await;
+        streams.push(sse);
+    }
+
+    // Both nodes know each other (announced at start, within a heartbeat at most).
+    support::wait_for("both nodes in the presence count", || async {
+        let page = presence(&a, "room.1", "0", 100).await;
+        (page["nodes"] == 2).then_some(())
+    })
+    .await;
+    for node in [&a, &b] {
+        let page = presence(node, "room.1", "0", 100).await;
+        assert_eq!(page["subscribers"], 6, "{page}");
+        assert_eq!(
+            (page["nodes"].clone(), page["partial"].clone()),
+            (json!(2), json!(false))
+        );
+        assert_eq!(page["members"].as_array().unwrap().len(), 6, "{page}");
+        // Pages of 4, then 1, walk every member once, across nodes, from either node.
+        for limit in [4, 1] {
+            let (mut clients, pages) = every_member(node, "room.1", limit).await;
+            assert_eq!(pages, 6usize.div_ceil(limit), "{clients:?}");
+            clients.sort();
+            clients.dedup();
+            assert_eq!(clients.len(), 6, "each member once: {clients:?}");
+        }
+        let pattern = presence(node, "room.%2A", "0", 100).await;
+        assert_eq!(pattern["subscribers"], 1, "{pattern}");
+    }
+    let answer = grpc(&a)
+        .await
+        .presence(v1::PresenceRequest {
+            topic: "room.1".into(),
+            after: 0,
+            limit: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (answer.subscribers, answer.nodes, answer.partial),
+        (6, 2, false)
+    );
+    assert_eq!(answer.members.len(), 2);
+    assert_ne!(answer.next, 0);
+
+    // A node that stops answering (killed: no goodbye) makes the answer partial, in bounded
+    // time, rather than hang.
+    let mut b = b;
+    b.child.kill().await.unwrap();
+    let started = std::time::Instant::now();
+    let page = presence(&a, "room.1", "0", 100).await;
+    assert_eq!(
+        (page["partial"].clone(), page["subscribers"].clone()),
+        (json!(true), json!(2)),
+        "{page}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -358,7 +358,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             &request.topic,
             request.after,
             request.limit as usize,
-        )?;
+        )
+        .await?;
         Ok(Response::new(wire::presence_page(page)))
     }
 

@@ -552,7 +552,7 @@ async fn presence(
             }
         }
     }
-    let page = crate::connect::presence(&state.hub, &access, &topic, after, limit)?;
+    let page = crate::connect::presence(&state.hub, &access, &topic, after, limit).await?;
     Ok(Json(PresencePageJson::of(topic, page)))
 }
 

@@ -307,6 +307,14 @@ impl JetStreamLog {
     }
 }
 
+// Cluster-wide presence (`crate::peers`) talks over this log's NATS connection.
+impl JetStreamLog {
+    /// The connection to NATS, for requests between nodes outside the stream.
+    pub fn client(&self) -> async_nats::Client {
+        self.shared.client.clone()
+    }
+}
+
 impl Log for JetStreamLog {
     fn start(&self, apply: Apply) {
         let Some(startup) = self
