@@ -1309,4 +1309,53 @@ mod tests {
         assert_eq!(&*first.epoch, &*recovered.epoch);
         assert_eq!(*applied.lock().unwrap(), vec![1, 2, 3], "applied once each");
     }
+
+    #[tokio::test]
+    async fn a_node_loading_a_tombstone_the_purge_missed_does_not_load_what_it_deleted() {
+        let server = nats_server().await;
+        let (log, _) = JetStreamLog::open(&config(&server.url)).await.unwrap();
+        log.start(Box::new(|_| {}));
+        append(&log, message(None)).await;
+        append(&log, message(None)).await;
+        // A tombstone, as a node publishes it, but no purge after it (that node died first).
+        let mut headers = HeaderMap::new();
+        headers.insert(DELETE_HEADER, "1");
+        let context = jetstream::new(log.client());
+        let tombstone = context
+            .publish_with_headers("topichub.t", headers, Bytes::new())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let other = Message::new(
+            Topic::parse("other").unwrap(),
+            Bytes::from_static(b"kept"),
+            0,
+            Arc::from("local"),
+            SystemTime::now(),
+            Headers::new(),
+        );
+        append(&log, Arc::new(other)).await;
+
+        let (_, recovered) = JetStreamLog::open(&config(&server.url)).await.unwrap();
+        let loaded: Vec<(String, u64)> = recovered
+            .messages
+            .iter()
+            .map(|m| (m.topic.to_string(), m.seq))
+            .collect();
+        assert_eq!(
+            loaded,
+            [("other".to_owned(), 4)],
+            "nothing of t, no tombstone"
+        );
+        assert_eq!(tombstone.sequence, 3);
+        assert!(
+            recovered
+                .watermarks
+                .contains(&(Topic::parse("t").unwrap(), 3)),
+            "a resume over t's deleted messages is told of them: {:?}",
+            recovered.watermarks
+        );
+        assert_eq!(recovered.head, 4);
+    }
 }
