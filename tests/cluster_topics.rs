@@ -338,6 +338,24 @@ async fn presence_counts_and_pages_the_subscriptions_of_every_node() {
     assert_eq!(answer.members.len(), 2);
     assert_ne!(answer.next, 0);
 
+    // A third node joins the count, and leaves it when it shuts down (it says goodbye).
+    let c = cluster_node(&urls, &[]).await;
+    let mut on_c = Sse::open(&url(&c), "/subscribe?topic=room.1", &[]).await;
+    on_c.expect("subscribed").await;
+    support::wait_for("three nodes in the presence count", || async {
+        let page = presence(&b, "room.1", "0", 100).await;
+        (page["nodes"] == 3 && page["subscribers"] == 7).then_some(())
+    })
+    .await;
+    let (clients, _) = every_member(&a, "room.1", 3).await;
+    assert_eq!(clients.len(), 7, "{clients:?}");
+    c.stop().await;
+    support::wait_for("the stopped node out of the count", || async {
+        let page = presence(&a, "room.1", "0", 100).await;
+        (page["partial"] == false && page["nodes"] == 2 && page["subscribers"] == 6).then_some(())
+    })
+    .await;
+
     // A node that stops answering (killed: no goodbye) makes the answer partial, in bounded
     // time, rather than hang.
     let mut b = b;
