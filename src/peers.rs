@@ -38,6 +38,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const NODE_EXPIRY: Duration = Duration::from_secs(3);
 /// How long a presence page waits for the other nodes' answers.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(1);
+/// Most members one node sends for a request: far above what the doors let a page ask
+/// for, it bounds what a malformed request on the NATS subject can cost.
+const MOST_MEMBERS_SENT: usize = 10_000;
 /// Bits of a page token that hold the position on one node; the bits above hold its number.
 const POSITION_BITS: u32 = 48;
 
@@ -218,7 +221,7 @@ impl Inner {
                         continue;
                     }
                     let Ok(key) = Pattern::parse(&ask.key) else { continue };
-                    let part = self.part(&hub, &key, ask.from, ask.limit);
+                    let part = self.part(&hub, &key, ask.from, ask.limit.min(MOST_MEMBERS_SENT));
                     let json = serde_json::to_vec(&part).unwrap_or_default();
                     if let Err(error) = self.client.publish(reply, json.into()).await {
                         tracing::debug!(%error, "cannot answer a presence request");
