@@ -190,11 +190,7 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
 }
 
 fn token(admin: bool) -> String {
-    let claims = json!({
-        "sub": if admin { "operator" } else { "worker" },
-        "topichub": {"publish": [">"], "subscribe": [">"], "admin": admin},
-    });
-    support::hs256_token(SECRET, claims)
+    support::operator_or_worker_token(SECRET, admin)
 }
 
 #[tokio::test]

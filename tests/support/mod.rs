@@ -997,3 +997,13 @@ pub async fn cluster_node(urls: &str, extra: &[&str]) -> BrokerProcess {
     wait_serving(node.addr, CLUSTER_START).await;
     node
 }
+
+/// An HS256 token for `secret` that may publish and subscribe everywhere: an operator's with
+/// the admin claim when `admin`, a worker's without.
+pub fn operator_or_worker_token(secret: &str, admin: bool) -> String {
+    let claims = serde_json::json!({
+        "sub": if admin { "operator" } else { "worker" },
+        "topichub": {"publish": [">"], "subscribe": [">"], "admin": admin},
+    });
+    hs256_token(secret, claims)
+}
