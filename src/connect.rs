@@ -142,7 +142,7 @@ pub fn holder(access: &Access, connection: &Connection, door: Door) -> Holder {
 
 /// A page of the presence of `topic` (a topic or pattern) the token may see; `limit` 0 is the
 /// default, over [`MAX_PRESENCE_LIMIT`] refused.
-pub fn presence(
+pub async fn presence(
     hub: &Hub,
     access: &Access,
     topic: &str,
@@ -152,7 +152,7 @@ pub fn presence(
     let pattern = Pattern::parse(topic)?;
     access.check_subscribe(std::slice::from_ref(&pattern))?;
     let limit = page_limit(limit, DEFAULT_PRESENCE_LIMIT, MAX_PRESENCE_LIMIT)?;
-    Ok(hub.presence(&pattern, after, limit))
+    Ok(hub.presence_everywhere(&pattern, after, limit).await)
 }
 
 /// A page's size as a request gives it: 0 is `default`, over `max` refused.
@@ -204,10 +204,10 @@ pub fn list_topics(
 }
 
 /// Deletes `topic` if the token is an admin's.
-pub fn delete_topic(hub: &Hub, access: &Access, topic: &str) -> Result<Deleted, Error> {
+pub async fn delete_topic(hub: &Hub, access: &Access, topic: &str) -> Result<Deleted, Error> {
     let topic = Topic::parse(topic)?;
     access.check_admin(&topic)?;
-    hub.delete_topic(&topic)
+    hub.delete_topic(&topic).await
 }
 
 /// Validates a `SubscribeRequest` of `holder` into hub options the token allows.

@@ -42,7 +42,7 @@ use crate::cursor::Cursor;
 use crate::error::{Behind, Error};
 use crate::idempotency::{self, Earlier, Fingerprint};
 use crate::log::memory::{Retention, TopicLog};
-use crate::log::{Log, Recovered};
+use crate::log::{Log, Purged, Recovered};
 pub use crate::message::{Headers, Message};
 use crate::metrics::{Door, Metrics, Snapshot};
 use crate::pattern_index::PatternIndex;
@@ -275,6 +275,8 @@ pub struct Member {
     pub holder: Option<Holder>,
     /// When it started.
     pub since: SystemTime,
+    /// Its place in this hub's order: a page from `position + 1` starts after it.
+    pub position: u64,
 }
 
 /// A page of a topic's or pattern's presence.
@@ -286,6 +288,30 @@ pub struct PresencePage {
     pub members: Vec<Member>,
     /// Where the next page starts (pass it as `from`), when there is one.
     pub next: Option<u64>,
+    /// In cluster mode, which nodes the page covers; `None` for a single hub.
+    pub cluster: Option<Coverage>,
+}
+
+/// Which nodes of a cluster a presence page covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coverage {
+    /// Nodes whose subscriptions are counted (this one included).
+    pub nodes: u32,
+    /// Some node known to be up did not answer in time: the page lacks its subscriptions.
+    pub partial: bool,
+}
+
+/// The other hubs sharing this hub's log (cluster mode), asked for their presence.
+pub trait Peers: Send + Sync {
+    /// A page of `key`'s presence over every hub, `hub` (this one) included: `from` is a page's
+    /// `next` (0: the first page), at most `limit` members.
+    fn presence(
+        &self,
+        hub: &Hub,
+        key: Pattern,
+        from: u64,
+        limit: usize,
+    ) -> Pin<Box<dyn Future<Output = PresencePage> + Send>>;
 }
 
 /// What deleting a topic did.
@@ -373,6 +399,8 @@ struct Shared {
     /// The durable log, if any; without one the topics' in-memory logs are the whole history.
     log: Option<Box<dyn Log>>,
     state: Mutex<State>,
+    /// The other hubs on the same log, once known (cluster mode).
+    peers: OnceLock<Arc<dyn Peers>>,
 }
 
 #[derive(Default)]
@@ -615,6 +643,11 @@ impl Hub {
             .log
             .as_ref()
             .expect("set above")
+            .on_delete(hub.apply_delete(weak.clone()));
+        hub.shared
+            .log
+            .as_ref()
+            .expect("set above")
             .start(Box::new(move |batch| {
                 let Some(shared) = weak.upgrade() else { return };
                 let hub = Hub { shared };
@@ -629,6 +662,26 @@ impl Hub {
                 }
             }));
         hub
+    }
+
+    /// How this hub applies a deletion that a shared log carries (cluster mode): at its place in
+    /// the stream, with what a door's deletion does. The tombstone's seq is not a message: `head`
+    /// moves past it, so that the next message is not taken for one this hub missed.
+    fn apply_delete(&self, weak: Weak<Shared>) -> crate::log::ApplyDelete {
+        Box::new(move |topic, seq| {
+            let Some(shared) = weak.upgrade() else {
+                return Purged::default();
+            };
+            let hub = Hub { shared };
+            let log = hub.shared.log.as_deref();
+            let mut state = hub.lock();
+            if seq > state.head + 1 {
+                state.forgotten_through = state.forgotten_through.max(seq - 1);
+            }
+            let purged = state.purge_topic(topic, log);
+            state.head = state.head.max(seq);
+            purged
+        })
     }
 
     fn from_parts(
@@ -648,6 +701,7 @@ impl Hub {
                 metrics,
                 log,
                 state: Mutex::new(state),
+                peers: OnceLock::new(),
             }),
         }
     }
@@ -1221,6 +1275,7 @@ impl Hub {
                 Member {
                     holder: entry.holder.clone(),
                     since: entry.since,
+                    position: *id,
                 }
             })
             .collect();
@@ -1229,6 +1284,26 @@ impl Hub {
             subscribers,
             members,
             next: ids.last().map(|id| id + 1).filter(|_| more),
+            cluster: None,
+        }
+    }
+
+    /// Lets presence pages cover the other hubs on the same log (cluster mode).
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.shared.peers.set(peers);
+    }
+
+    /// [`Hub::presence`] over every hub on the same log in cluster mode (the others asked, within
+    /// a bound); this hub's alone otherwise.
+    pub async fn presence_everywhere(
+        &self,
+        key: &Pattern,
+        from: u64,
+        limit: usize,
+    ) -> PresencePage {
+        match self.shared.peers.get() {
+            Some(peers) => peers.presence(self, key.clone(), from, limit).await,
+            None => self.presence(key, from, limit),
         }
     }
 
@@ -1236,48 +1311,35 @@ impl Hub {
     /// restart does not bring it back) and ends the subscriptions that name it exactly with
     /// [`Error::TopicDeleted`]. Subscriptions that follow it through a pattern continue; one
     /// that resumes over the purged range is told of it by a `gap`.
-    pub fn delete_topic(&self, topic: &Topic) -> Result<Deleted, Error> {
+    ///
+    /// On a log shared by several hubs (cluster mode) the deletion goes through the log, so
+    /// that every hub applies it at the same place in the order; this answers once this hub
+    /// applied it, and counts what it did here.
+    pub async fn delete_topic(&self, topic: &Topic) -> Result<Deleted, Error> {
         let log = self.shared.log.as_deref();
-        if log.is_some_and(|log| log.numbers_messages()) {
-            // Each node keeps its own copy of the shared stream: purging this one alone would
-            // make the nodes disagree, so nothing is purged.
-            return Err(Error::Unsupported(
-                "deleting a topic is not available in cluster mode yet (it would purge only this node's copy of the stream); nothing was deleted".into(),
-            ));
-        }
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let Some(topic_state) = state.topics.get_mut(topic.as_str()) else {
-            return Err(Error::UnknownTopic(topic.to_string()));
-        };
-        let mut purged_messages = 0;
-        while !topic_state.log.is_empty() {
-            state.retained_bytes -= topic_state.log.pop_oldest(&mut |seq| {
-                if let Some(log) = log {
-                    log.evict(topic, seq);
-                }
+        let unknown = || Err(Error::UnknownTopic(topic.to_string()));
+        if let Some(log) = log.filter(|log| log.numbers_messages()) {
+            // Every hub holds the same history, so one that does not know the topic speaks for
+            // all (but for subscriptions to it without messages on other hubs).
+            if !self.lock().topics.contains_key(topic.as_str()) {
+                return unknown();
+            }
+            let (done, answer) = oneshot::channel();
+            log.delete_topic(topic, done);
+            let purged = answer.await.unwrap_or_else(|_| Err(log_stopped()))?;
+            return Ok(Deleted {
+                purged_messages: purged.messages,
+                ended_subscriptions: purged.subscriptions,
             });
-            purged_messages += 1;
         }
-        let exact = state.naming(
-            state.topics[topic.as_str()].subscribers.iter().copied(),
-            |p| p.as_str() == topic.as_str(),
-        );
-        for id in &exact {
-            state.remove_sub(*id, Ended::Closed(Error::TopicDeleted(topic.to_string())));
+        let mut state = self.lock();
+        if !state.topics.contains_key(topic.as_str()) {
+            return unknown();
         }
-        // With pattern subscribers left the topic stays (empty, its watermark reporting the
-        // purged range); otherwise it is forgotten like an expired one.
-        if let Some(left) = state.topics.get(topic.as_str())
-            && left.subscribers.is_empty()
-        {
-            state.forgotten_through = state.forgotten_through.max(left.log.evicted_through());
-            state.remove_topic(topic);
-        }
-        tracing::info!(%topic, purged_messages, ended_subscriptions = exact.len(), "topic deleted");
+        let purged = state.purge_topic(topic, log);
         Ok(Deleted {
-            purged_messages,
-            ended_subscriptions: exact.len() as u64,
+            purged_messages: purged.messages,
+            ended_subscriptions: purged.subscriptions,
         })
     }
 
@@ -1549,6 +1611,44 @@ impl State {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Box::new(PresenceWatch { keys, tick })
+    }
+
+    /// Purges `topic`'s retained history and ends the subscriptions that name it exactly; the
+    /// one deletion rule, whether the deletion came from a door or, in cluster mode, from the
+    /// shared log. A topic this hub does not know has nothing to purge.
+    fn purge_topic(&mut self, topic: &Topic, log: Option<&dyn Log>) -> Purged {
+        let Some(topic_state) = self.topics.get_mut(topic.as_str()) else {
+            return Purged::default();
+        };
+        let mut purged_messages = 0;
+        while !topic_state.log.is_empty() {
+            self.retained_bytes -= topic_state.log.pop_oldest(&mut |seq| {
+                if let Some(log) = log {
+                    log.evict(topic, seq);
+                }
+            });
+            purged_messages += 1;
+        }
+        let exact = self.naming(
+            self.topics[topic.as_str()].subscribers.iter().copied(),
+            |p| p.as_str() == topic.as_str(),
+        );
+        for id in &exact {
+            self.remove_sub(*id, Ended::Closed(Error::TopicDeleted(topic.to_string())));
+        }
+        // With pattern subscribers left the topic stays (empty, its watermark reporting the
+        // purged range); otherwise it is forgotten like an expired one.
+        if let Some(left) = self.topics.get(topic.as_str())
+            && left.subscribers.is_empty()
+        {
+            self.forgotten_through = self.forgotten_through.max(left.log.evicted_through());
+            self.remove_topic(topic);
+        }
+        tracing::info!(%topic, purged_messages, ended_subscriptions = exact.len(), "topic deleted");
+        Purged {
+            messages: purged_messages,
+            subscriptions: exact.len() as u64,
+        }
     }
 
     fn remove_sub(&mut self, id: u64, why: Ended) {
@@ -2107,7 +2207,9 @@ mod tests {
             })
             .unwrap();
         assert_names_in_step(&hub);
-        hub.delete_topic(&Topic::parse("t.49").unwrap()).unwrap();
+        hub.delete_topic(&Topic::parse("t.49").unwrap())
+            .await
+            .unwrap();
         assert_names_in_step(&hub);
         tokio::time::advance(Duration::from_secs(2)).await;
         hub.expire();

@@ -15,7 +15,8 @@
 //!    idempotency keys (a retried publish answers with the original); [`log`] the history
 //!    behind one interface (memory, disk, a NATS JetStream stream shared by several nodes); `queue`, the
 //!    bounded queue to each subscription; [`hub`] topics, subscriptions, seqs, retention, lag,
-//!    presence, topic deletion, the only shared state; [`error`] the hub's error type.
+//!    presence, topic deletion, the only shared state; [`error`] the hub's error type;
+//!    [`peers`] presence across the nodes of a cluster (they answer each other over NATS).
 //! 2. Policy: [`auth`] turns a credential into an `Access` (knows no transport); [`limits`]
 //!    connections, subscriptions, publish rates; [`metrics`] Prometheus, a leaf everyone reports
 //!    to; [`logging`] the log filter, tokens blanked; [`tls`] certificates, reloadable;
@@ -51,6 +52,7 @@ pub mod message;
 pub mod metrics;
 pub mod net;
 mod pattern_index;
+pub mod peers;
 pub mod proto;
 mod queue;
 pub mod server;

@@ -36,6 +36,14 @@ struct DoorLabel {
 }
 
 impl Door {
+    /// Every door.
+    pub const ALL: [Door; 5] = [Door::Grpc, Door::Seed, Door::Http, Door::GrpcWeb, Door::Ws];
+
+    /// The door named `name` (see [`Door::name`]).
+    pub fn from_name(name: &str) -> Option<Door> {
+        Door::ALL.into_iter().find(|door| door.name() == name)
+    }
+
     /// The door's name, as metrics labels and presence lists show it.
     pub fn name(self) -> &'static str {
         match self {

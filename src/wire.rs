@@ -213,6 +213,8 @@ pub fn presence_page(page: hub::PresencePage) -> v1::PresenceResponse {
             })
             .collect(),
         next: page.next.unwrap_or(0),
+        nodes: page.cluster.map_or(0, |c| c.nodes),
+        partial: page.cluster.is_some_and(|c| c.partial),
     }
 }
 

@@ -16,18 +16,9 @@ use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
 
 use support::{BrokerProcess, NatsCluster, Sse, SseEvent, http_publish, wait_serving, within};
 
-/// Bound for a topichub node to serve after start: a cold NATS cluster elects its JetStream
-/// leaders first.
-const START: Duration = Duration::from_secs(30);
-
 /// A topichub node on `nats` (urls), serving.
 async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
-    // The stream's size limit must fit the servers' storage, whatever the machine's memory.
-    let mut args = vec!["--nats", urls, "--max-retained-bytes", "67108864"];
-    args.extend_from_slice(extra);
-    let node = BrokerProcess::start(&args, "info,topichub::log::jetstream=debug").await;
-    wait_serving(node.addr, START).await;
-    node
+    support::cluster_node(urls, extra).await
 }
 
 /// The gRPC health status of the server as a whole.
@@ -287,7 +278,7 @@ async fn a_node_started_before_nats_says_not_serving_then_serves() {
     assert_eq!(grpc_health(&a).await, ServingStatus::NotServing);
 
     nats.restart(0).await;
-    wait_serving(a.addr, START).await;
+    wait_serving(a.addr, support::CLUSTER_START).await;
     assert_eq!(grpc_health(&a).await, ServingStatus::Serving);
     let answer = http_publish(&url(&a), "t", "x").await;
     assert_eq!(answer["seq"], 1);
@@ -542,51 +533,4 @@ async fn a_node_whose_stream_is_recreated_refuses_to_mix_histories() {
     let b = node(&nats.urls(), &[]).await;
     let answer = http_publish(&url(&b), "t", "new history").await;
     assert_eq!(answer["seq"], 1);
-}
-
-/// Deleting a topic is not available in cluster mode yet: it is refused with UNIMPLEMENTED on
-/// both doors, and nothing is purged.
-#[tokio::test]
-async fn deleting_a_topic_is_refused_in_cluster_mode_and_purges_nothing() {
-    let nats = NatsCluster::start(1).await;
-    let a = node(&nats.urls(), &[]).await;
-    http_publish(&url(&a), "kept", "one").await;
-    let refused = reqwest::Client::new()
-        .delete(format!("{}/topics/kept", url(&a)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 501);
-    let body: serde_json::Value = refused.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "UNIMPLEMENTED", "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("cluster mode"),
-        "{body}"
-    );
-    let channel = tonic::transport::Channel::from_shared(url(&a))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let status = PubSubClient::new(channel)
-        .delete_topic(v1::DeleteTopicRequest {
-            topic: "kept".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
-    let history: serde_json::Value = reqwest::get(format!("{}/topics/kept/messages", url(&a)))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        history["messages"].as_array().unwrap().len(),
-        1,
-        "{history}"
-    );
 }

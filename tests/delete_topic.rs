@@ -208,11 +208,7 @@ async fn delete_topic_rpc_and_unknown_topics() {
 }
 
 fn token(admin: bool) -> String {
-    let claims = json!({
-        "sub": if admin { "operator" } else { "worker" },
-        "topichub": {"publish": [">"], "subscribe": [">"], "admin": admin},
-    });
-    support::hs256_token(SECRET, claims)
+    support::operator_or_worker_token(SECRET, admin)
 }
 
 #[tokio::test]

@@ -358,7 +358,8 @@ impl v1::pub_sub_server::PubSub for PubSubService {
             &request.topic,
             request.after,
             request.limit as usize,
-        )?;
+        )
+        .await?;
         Ok(Response::new(wire::presence_page(page)))
     }
 
@@ -367,7 +368,7 @@ impl v1::pub_sub_server::PubSub for PubSubService {
         request: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let access = caller(&request)?.access;
-        let deleted = delete_topic(&self.hub, &access, &request.into_inner().topic)?;
+        let deleted = delete_topic(&self.hub, &access, &request.into_inner().topic).await?;
         Ok(Response::new(v1::DeleteTopicResponse {
             purged_messages: deleted.purged_messages,
             ended_subscriptions: deleted.ended_subscriptions,

@@ -126,6 +126,13 @@ pub struct PresencePageJson {
     /// Pass as `after` for the next page (absent on the last page).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+    /// Cluster mode only: the nodes whose subscriptions are counted (the one asked included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    /// Cluster mode only: `true` when a node known to be up did not answer in time, so its
+    /// subscriptions are missing from the count and the pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial: Option<bool>,
 }
 
 impl PresencePageJson {
@@ -147,6 +154,8 @@ impl PresencePageJson {
                 })
                 .collect(),
             next: page.next.map(|n| n.to_string()),
+            nodes: page.cluster.map(|c| c.nodes),
+            partial: page.cluster.map(|c| c.partial),
         }
     }
 }

@@ -552,7 +552,7 @@ async fn presence(
             }
         }
     }
-    let page = crate::connect::presence(&state.hub, &access, &topic, after, limit)?;
+    let page = crate::connect::presence(&state.hub, &access, &topic, after, limit).await?;
     Ok(Json(PresencePageJson::of(topic, page)))
 }
 
@@ -562,7 +562,9 @@ async fn presence(
 /// ends the subscriptions that name it exactly: SSE streams with a `deleted` event, WebSocket
 /// subscriptions with `deleted` then `unsubscribed`, gRPC streams with ABORTED. Subscriptions
 /// that follow it through a pattern continue; a resume over the purged range gets a `gap`. With
-/// authentication on, needs a token whose `topichub` claim has `"admin": true`.
+/// authentication on, needs a token whose `topichub` claim has `"admin": true`. In cluster mode
+/// every node applies the deletion; the answer comes once this node has, and counts what it did
+/// (its own subscriptions).
 #[utoipa::path(
     delete,
     path = "/topics/{topic}",
@@ -572,7 +574,7 @@ async fn presence(
         (status = 200, description = "Deleted", body = DeletedJson),
         (status = 400, description = "Invalid topic or wildcard topic", body = ErrorBody),
         (status = 404, description = "No such topic: it has no retained messages and no live subscribers", body = ErrorBody),
-        (status = 501, description = "Cluster mode: deleting a topic is not available there yet; nothing was deleted", body = ErrorBody),
+        (status = 503, description = "Cluster mode: NATS did not take the deletion, or this node did not apply it in time; retry", body = ErrorBody),
     )
 )]
 async fn delete_topic(
@@ -580,7 +582,7 @@ async fn delete_topic(
     Extension(access): Extension<Access>,
     Path(topic): Path<String>,
 ) -> Result<Json<DeletedJson>, ApiError> {
-    let deleted = crate::connect::delete_topic(&state.hub, &access, &topic)?;
+    let deleted = crate::connect::delete_topic(&state.hub, &access, &topic).await?;
     Ok(Json(DeletedJson {
         topic,
         purged_messages: deleted.purged_messages,

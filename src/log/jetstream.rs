@@ -39,7 +39,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, Apply, Log, LogStats, Recovered};
+use super::{Ack, Apply, ApplyDelete, Log, LogStats, Purged, Recovered};
 use crate::error::Error;
 use crate::message::{Headers, Message};
 use crate::topic::Topic;
@@ -178,6 +178,8 @@ struct Shared {
     /// more is published or applied here until a restart.
     recreated: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
+    /// Topic deletions: how the hub applies them, and who waits for theirs.
+    deletions: Deletions,
 }
 
 impl JetStreamLog {
@@ -289,6 +291,7 @@ impl JetStreamLog {
             reconnected,
             recreated: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
+            deletions: Deletions::default(),
         });
         Ok((
             JetStreamLog {
@@ -301,6 +304,14 @@ impl JetStreamLog {
             },
             recovered,
         ))
+    }
+}
+
+// Cluster-wide presence (`crate::peers`) talks over this log's NATS connection.
+impl JetStreamLog {
+    /// The connection to NATS, for requests between nodes outside the stream.
+    pub fn client(&self) -> async_nats::Client {
+        self.shared.client.clone()
     }
 }
 
@@ -381,6 +392,14 @@ impl Log for JetStreamLog {
             let _ = tokio::time::timeout(CATCH_UP_WAIT, applied.wait_for(|a| *a >= seq)).await;
         })
     }
+
+    fn on_delete(&self, apply: ApplyDelete) {
+        let _ = self.shared.deletions.apply.set(apply);
+    }
+
+    fn delete_topic(&self, topic: &Topic, done: oneshot::Sender<Result<Purged, Error>>) {
+        tokio::spawn(self.shared.clone().delete(topic.clone(), done));
+    }
 }
 
 impl Shared {
@@ -460,6 +479,16 @@ impl Shared {
                         continue;
                     }
                     last = seq;
+                    if let Some((topic, id)) = tombstone(&self.subject_prefix, &message) {
+                        // At its place in the stream: what came before it is applied first.
+                        self.apply_batch(
+                            &apply,
+                            std::mem::take(&mut batch),
+                            std::mem::take(&mut ids),
+                        );
+                        self.apply_tombstone(&topic, seq, id);
+                        continue;
+                    }
                     let published = info.published.unix_timestamp_nanos();
                     match decode(&self.subject_prefix, &self.epoch, seq, published, &message) {
                         Some((decoded, id)) => {
@@ -478,17 +507,7 @@ impl Shared {
                     // Another history's sequences: not this hub's.
                     continue;
                 }
-                if !batch.is_empty() {
-                    apply(&batch);
-                    let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-                    for (message, id) in batch.iter().zip(ids) {
-                        if let Some(acks) = id.and_then(|id| waiting.remove(&id)) {
-                            for ack in acks {
-                                let _ = ack.send(Ok(message.clone()));
-                            }
-                        }
-                    }
-                }
+                self.apply_batch(&apply, batch, ids);
                 self.applied.send_replace(last);
             }
             // The consumer ended: start another after what was applied.
@@ -507,6 +526,22 @@ impl Shared {
                     Err(error) => {
                         tracing::warn!(%error, after, "cannot resume reading the stream; retrying")
                     }
+                }
+            }
+        }
+    }
+
+    /// Hands a batch to the hub, then answers the publishers waiting for its messages.
+    fn apply_batch(&self, apply: &Apply, batch: Vec<Arc<Message>>, ids: Vec<Option<String>>) {
+        if batch.is_empty() || self.recreated.load(Ordering::Relaxed) {
+            return;
+        }
+        apply(&batch);
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        for (message, id) in batch.iter().zip(ids) {
+            if let Some(acks) = id.and_then(|id| waiting.remove(&id)) {
+                for ack in acks {
+                    let _ = ack.send(Ok(message.clone()));
                 }
             }
         }
@@ -829,6 +864,8 @@ async fn load(
     let forgotten_through = previous;
     // Per topic: its oldest message's seq and how many it has.
     let mut first_of: HashMap<Topic, (u64, u64)> = HashMap::new();
+    // Per deleted topic: the seq of its latest tombstone.
+    let mut deleted: HashMap<Topic, u64> = HashMap::new();
     while previous < last {
         let next = tokio::time::timeout(LOAD_STALL, messages.next())
             .await
@@ -851,7 +888,9 @@ async fn load(
         }
         previous = seq;
         let published = info.published.unix_timestamp_nanos();
-        if let Some((decoded, _)) = decode(prefix, epoch, seq, published, &message) {
+        if let Some((topic, _)) = tombstone(prefix, &message) {
+            forget_deleted(&mut loaded, &mut first_of, &mut deleted, topic, seq);
+        } else if let Some((decoded, _)) = decode(prefix, epoch, seq, published, &message) {
             first_of.entry(decoded.topic.clone()).or_insert((seq, 0)).1 += 1;
             loaded.push(Arc::new(decoded));
         }
@@ -888,6 +927,7 @@ async fn load(
         .max()
         .unwrap_or(0)
         .max(forgotten_through);
+    merge_deleted(&mut watermarks, deleted);
     Ok(Recovered {
         epoch: epoch.clone(),
         head: last.max(previous),
@@ -969,6 +1009,169 @@ fn build(
     let message = Message::new(topic, payload, seq, epoch.clone(), published_at, headers)
         .with_idempotency_key(key);
     (message, id)
+}
+
+// Topic deletion in cluster mode. A deletion is a tombstone in the stream: an empty message on
+// the topic's subject with the `Topichub-Delete` header, published through JetStream like any
+// message, so every node applies it at the same seq (the hub purges its copy of the topic and
+// ends the subscriptions naming it) and a node started later meets it while loading. The node
+// that took the deletion then purges the subject's older messages from the stream (keeping the
+// tombstone), so the stream stops holding what was deleted; a node that loads before the purge
+// (or after one that failed) drops them itself when it reaches the tombstone. A tombstone is
+// never delivered as a message.
+
+/// Header marking a stream message as the deletion of its subject's topic.
+const DELETE_HEADER: &str = "Topichub-Delete";
+
+/// Topic deletions as the log's tasks share them.
+#[derive(Default)]
+struct Deletions {
+    /// How the hub applies a deletion; set before the log starts.
+    apply: std::sync::OnceLock<ApplyDelete>,
+    /// Deletions of this node waiting to be applied here, by `Nats-Msg-Id`.
+    waiting: Mutex<HashMap<String, oneshot::Sender<Result<Purged, Error>>>>,
+}
+
+impl Shared {
+    /// Publishes the tombstone of `topic`, purges what the stream holds of it below the tombstone,
+    /// and answers `done` once this node applied the tombstone.
+    async fn delete(self: Arc<Self>, topic: Topic, done: oneshot::Sender<Result<Purged, Error>>) {
+        if self.client.connection_state() != Connection::Connected {
+            let _ = done.send(Err(Error::Unavailable(format!(
+                "NATS is unreachable; {topic} was not deleted, retry later"
+            ))));
+            return;
+        }
+        if self.recreated.load(Ordering::Relaxed) {
+            let _ = done.send(Err(Error::Unavailable(format!(
+                "{STREAM_RECREATED}; {topic} was not deleted"
+            ))));
+            return;
+        }
+        let id = format!(
+            "{OWN_ID_PREFIX}{}-{}",
+            self.node,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        self.deletions
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), done);
+        let fail = |why: String| {
+            let waiting = self
+                .deletions
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            if let Some(done) = waiting {
+                let _ = done.send(Err(Error::Unavailable(why)));
+            }
+        };
+        let subject = format!("{}.{}", self.subject_prefix, topic.as_str());
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        headers.insert(DELETE_HEADER, "1");
+        let acked = match self
+            .context
+            .publish_with_headers(subject.clone(), headers, Bytes::new())
+            .await
+        {
+            Ok(future) => future.await,
+            Err(error) => Err(error),
+        };
+        let ack = match acked {
+            Ok(ack) => ack,
+            Err(error) => {
+                return fail(format!(
+                    "JetStream did not acknowledge the deletion of {topic} ({error}); it may have been recorded: retry"
+                ));
+            }
+        };
+        // The tombstone stays: a node loading later must meet it. (JetStream reads a purge up to
+        // sequence 1 as "all of the subject": with nothing below it there is nothing to purge.)
+        if ack.sequence > 1
+            && let Err(error) = self
+                .stream
+                .purge()
+                .filter(subject)
+                .sequence(ack.sequence)
+                .await
+        {
+            tracing::warn!(%topic, %error, seq = ack.sequence, "cannot purge the deleted topic from the stream; nodes skip its messages when they load");
+        }
+        let mut applied = self.applied.subscribe();
+        let _ = tokio::time::timeout(APPLY_TIMEOUT, applied.wait_for(|a| *a >= ack.sequence)).await;
+        fail(format!(
+            "the deletion of {topic} was recorded as seq {} but this node has not applied it yet; it takes effect on every node as it catches up",
+            ack.sequence
+        ));
+    }
+
+    /// Applies the tombstone of `topic` at `seq` (see [`ApplyDelete`]) and answers this node's
+    /// deleter, if the tombstone is its (`id`).
+    fn apply_tombstone(&self, topic: &Topic, seq: u64, id: Option<String>) {
+        if self.recreated.load(Ordering::Relaxed) {
+            return;
+        }
+        let purged = self
+            .deletions
+            .apply
+            .get()
+            .map(|apply| apply(topic, seq))
+            .unwrap_or_default();
+        let waiting = id.and_then(|id| {
+            self.deletions
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id)
+        });
+        if let Some(done) = waiting {
+            let _ = done.send(Ok(purged));
+        }
+    }
+}
+
+/// The topic a stream message deletes, with its `Nats-Msg-Id`, if it is a tombstone.
+fn tombstone(prefix: &str, message: &async_nats::Message) -> Option<(Topic, Option<String>)> {
+    let headers = message.headers.as_ref()?;
+    headers.get(DELETE_HEADER)?;
+    let name = message
+        .subject
+        .as_str()
+        .strip_prefix(prefix)?
+        .strip_prefix('.')?;
+    let id = headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned());
+    Some((Topic::parse(name).ok()?, id))
+}
+
+/// While loading: the tombstone of `topic` at `seq` drops what was loaded of it (messages the
+/// purge had not removed yet) and starts its count afresh.
+fn forget_deleted(
+    loaded: &mut Vec<Arc<Message>>,
+    first_of: &mut HashMap<Topic, (u64, u64)>,
+    deleted: &mut HashMap<Topic, u64>,
+    topic: Topic,
+    seq: u64,
+) {
+    if first_of.remove(&topic).is_some() {
+        loaded.retain(|m| m.topic != topic);
+    }
+    deleted.insert(topic, seq);
+}
+
+/// A deleted topic's history ends at its tombstone: a resume from before it is told of a gap.
+fn merge_deleted(watermarks: &mut Vec<(Topic, u64)>, deleted: HashMap<Topic, u64>) {
+    for (topic, seq) in deleted {
+        match watermarks.iter_mut().find(|(t, _)| *t == topic) {
+            Some((_, through)) => *through = (*through).max(seq),
+            None => watermarks.push((topic, seq)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1105,5 +1308,54 @@ mod tests {
         );
         assert_eq!(&*first.epoch, &*recovered.epoch);
         assert_eq!(*applied.lock().unwrap(), vec![1, 2, 3], "applied once each");
+    }
+
+    #[tokio::test]
+    async fn a_node_loading_a_tombstone_the_purge_missed_does_not_load_what_it_deleted() {
+        let server = nats_server().await;
+        let (log, _) = JetStreamLog::open(&config(&server.url)).await.unwrap();
+        log.start(Box::new(|_| {}));
+        append(&log, message(None)).await;
+        append(&log, message(None)).await;
+        // A tombstone, as a node publishes it, but no purge after it (that node died first).
+        let mut headers = HeaderMap::new();
+        headers.insert(DELETE_HEADER, "1");
+        let context = jetstream::new(log.client());
+        let tombstone = context
+            .publish_with_headers("topichub.t", headers, Bytes::new())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let other = Message::new(
+            Topic::parse("other").unwrap(),
+            Bytes::from_static(b"kept"),
+            0,
+            Arc::from("local"),
+            SystemTime::now(),
+            Headers::new(),
+        );
+        append(&log, Arc::new(other)).await;
+
+        let (_, recovered) = JetStreamLog::open(&config(&server.url)).await.unwrap();
+        let loaded: Vec<(String, u64)> = recovered
+            .messages
+            .iter()
+            .map(|m| (m.topic.to_string(), m.seq))
+            .collect();
+        assert_eq!(
+            loaded,
+            [("other".to_owned(), 4)],
+            "nothing of t, no tombstone"
+        );
+        assert_eq!(tombstone.sequence, 3);
+        assert!(
+            recovered
+                .watermarks
+                .contains(&(Topic::parse("t").unwrap(), 3)),
+            "a resume over t's deleted messages is told of them: {:?}",
+            recovered.watermarks
+        );
+        assert_eq!(recovered.head, 4);
     }
 }

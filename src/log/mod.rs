@@ -36,6 +36,20 @@ pub type Ack = oneshot::Sender<Result<Arc<Message>, Error>>;
 /// publishers are acknowledged: the hub retains the messages and delivers them.
 pub type Apply = Box<dyn Fn(&[Arc<Message>]) + Send + Sync>;
 
+/// Called by a shared log when it applies the deletion of a topic (a tombstone at `seq` of the
+/// stream), in stream order with the batches: the hub purges the topic and ends the
+/// subscriptions naming it, as single-node deletion does, and says what it did.
+pub type ApplyDelete = Box<dyn Fn(&Topic, u64) -> Purged + Send + Sync>;
+
+/// What deleting a topic did on one node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Retained messages purged.
+    pub messages: u64,
+    /// Subscriptions ended because they named the topic exactly.
+    pub subscriptions: u64,
+}
+
 /// A durable history under the hub.
 pub trait Log: Send + Sync {
     /// Starts the log's writer; `apply` receives every durable batch.
@@ -72,6 +86,23 @@ pub trait Log: Send + Sync {
     fn until_applied(&self, seq: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let _ = seq;
         Box::pin(std::future::ready(()))
+    }
+
+    /// Registers, before [`Log::start`], how this hub applies a deletion that comes through the
+    /// log. Only a log shared by several hubs ([`Log::numbers_messages`]) carries deletions:
+    /// each hub keeps its own copy of the history, so a deletion must reach every copy at the
+    /// same place in the order. Others delete through [`Log::evict`] and ignore this.
+    fn on_delete(&self, apply: ApplyDelete) {
+        let _ = apply;
+    }
+
+    /// Deletes `topic` everywhere the log is shared: records the deletion in the log, where
+    /// every hub applies it through its [`ApplyDelete`]. `done` is answered once this hub applied
+    /// it, with what it did here.
+    fn delete_topic(&self, topic: &Topic, done: oneshot::Sender<Result<Purged, Error>>) {
+        let _ = done.send(Err(Error::Unsupported(format!(
+            "this log does not carry deletions; {topic} was not deleted"
+        ))));
     }
 }
 

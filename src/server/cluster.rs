@@ -34,7 +34,11 @@ pub(super) enum Opening {
 
 /// Cluster mode: the hub on the JetStream log if NATS answers soon; a configuration NATS refuses
 /// (credentials, a stream with other subjects) is an error at once.
-pub(super) async fn open_hub(config: &ServerConfig, nats: &NatsConfig) -> std::io::Result<Opening> {
+pub(super) async fn open_hub(
+    config: &ServerConfig,
+    nats: &NatsConfig,
+    shutdown: &CancellationToken,
+) -> std::io::Result<Opening> {
     let mut attempt: OpenAttempt = tokio::spawn({
         let nats = nats.clone();
         async move { JetStreamLog::open(&nats).await }
@@ -42,12 +46,9 @@ pub(super) async fn open_hub(config: &ServerConfig, nats: &NatsConfig) -> std::i
     match tokio::time::timeout(NATS_FIRST_WAIT, &mut attempt).await {
         Ok(Ok(Ok((log, recovered)))) => {
             log_opened(nats, &recovered);
-            Ok(Opening::Open(Hub::with_log(
-                config.hub(),
-                crate::metrics::Metrics::new(),
-                Box::new(log),
-                recovered,
-            )))
+            let metrics = crate::metrics::Metrics::new();
+            let hub = hub_on(config.hub(), metrics, nats, (log, recovered), shutdown).await;
+            Ok(Opening::Open(hub))
         }
         Ok(Ok(Err(error))) if error.retry => Ok(Opening::Pending(
             Box::new(nats.clone()),
@@ -111,6 +112,24 @@ pub(super) async fn retry_open(
             }
         }
     }
+}
+
+/// The hub on the JetStream log, among the other nodes: presence pages cover them all.
+pub(super) async fn hub_on(
+    config: crate::hub::HubConfig,
+    metrics: crate::metrics::Metrics,
+    nats: &NatsConfig,
+    (log, recovered): (JetStreamLog, crate::log::Recovered),
+    shutdown: &CancellationToken,
+) -> Hub {
+    let client = log.client();
+    let hub = Hub::with_log(config, metrics, Box::new(log), recovered);
+    if let Err(error) =
+        crate::peers::NatsPeers::start(client, &nats.stream, hub.clone(), shutdown.clone()).await
+    {
+        tracing::warn!(%error, "cannot reach the other nodes over NATS; presence covers this node only");
+    }
+    hub
 }
 
 fn log_opened(nats: &NatsConfig, recovered: &crate::log::Recovered) {

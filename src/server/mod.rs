@@ -160,7 +160,7 @@ async fn start(
 ) -> std::io::Result<Started> {
     let opening = match config.nats() {
         None => cluster::Opening::Open(open_hub(config)?),
-        Some(nats) => cluster::open_hub(config, &nats).await?,
+        Some(nats) => cluster::open_hub(config, &nats, shutdown).await?,
     };
     let metrics = match &opening {
         cluster::Opening::Open(hub) => hub.metrics().clone(),
@@ -204,12 +204,11 @@ async fn start(
             let (hub_config, opened, shutdown) = (config.hub(), app.clone(), shutdown.clone());
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                let Some((log, recovered)) =
-                    cluster::retry_open(&nats, attempt, why, &shutdown).await
+                let Some(opened_log) = cluster::retry_open(&nats, attempt, why, &shutdown).await
                 else {
                     return;
                 };
-                let hub = Hub::with_log(hub_config, metrics, Box::new(log), recovered);
+                let hub = cluster::hub_on(hub_config, metrics, &nats, opened_log, &shutdown).await;
                 let _ = opened.set(serve_hub(hub).await);
             });
             (cluster::starting(app, health_service), None)

@@ -983,3 +983,27 @@ pub fn time_per_call<T>(f: &dyn Fn() -> T) -> (Duration, T) {
     }
     (started.elapsed() / RUNS, last)
 }
+
+/// Bound for a topichub node in cluster mode to serve after start: a cold NATS cluster elects
+/// its JetStream leaders first.
+pub const CLUSTER_START: Duration = Duration::from_secs(30);
+
+/// A topichub node on the NATS servers `urls` (cluster mode), serving, with `extra` arguments.
+pub async fn cluster_node(urls: &str, extra: &[&str]) -> BrokerProcess {
+    // The stream's size limit must fit the servers' storage, whatever the machine's memory.
+    let mut args = vec!["--nats", urls, "--max-retained-bytes", "67108864"];
+    args.extend_from_slice(extra);
+    let node = BrokerProcess::start(&args, "info,topichub::log::jetstream=debug").await;
+    wait_serving(node.addr, CLUSTER_START).await;
+    node
+}
+
+/// An HS256 token for `secret` that may publish and subscribe everywhere: an operator's with
+/// the admin claim when `admin`, a worker's without.
+pub fn operator_or_worker_token(secret: &str, admin: bool) -> String {
+    let claims = serde_json::json!({
+        "sub": if admin { "operator" } else { "worker" },
+        "topichub": {"publish": [">"], "subscribe": [">"], "admin": admin},
+    });
+    hs256_token(secret, claims)
+}

@@ -1007,7 +1007,7 @@ export declare type PresenceResponse = Message$1<"topichub.v1.PresenceResponse">
   subscribers: bigint;
 
   /**
-   * This page of them, oldest first.
+   * This page of them, oldest first (in cluster mode: node by node, oldest first on each).
    *
    * @generated from field: repeated topichub.v1.Subscriber members = 2;
    */
@@ -1019,6 +1019,22 @@ export declare type PresenceResponse = Message$1<"topichub.v1.PresenceResponse">
    * @generated from field: uint64 next = 3;
    */
   next: bigint;
+
+  /**
+   * Cluster mode only: the nodes whose subscriptions are counted, the one asked included (0 on a
+   * single node).
+   *
+   * @generated from field: uint32 nodes = 4;
+   */
+  nodes: number;
+
+  /**
+   * Cluster mode only: a node known to be up did not answer in time, so its subscriptions are
+   * missing from the count and the pages.
+   *
+   * @generated from field: bool partial = 5;
+   */
+  partial: boolean;
 };
 
 /**
