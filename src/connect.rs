@@ -107,7 +107,7 @@ pub fn start_publish(
 }
 
 /// Publishes a `PublishRequest` through `door` and waits until it is acknowledged: its cursor,
-/// and whether it was a retry of a message already published (see [`Publishing::is_duplicate`]).
+/// and whether it was a retry of a message already published (see [`Publishing::settled`]).
 pub async fn publish(
     hub: &Hub,
     access: &Access,
@@ -115,8 +115,7 @@ pub async fn publish(
     request: v1::PublishRequest,
 ) -> Result<(v1::Cursor, bool), Error> {
     let publishing = start_publish(hub, access, request)?;
-    let duplicate = publishing.is_duplicate();
-    let message = publishing.await?;
+    let (message, duplicate) = publishing.settled().await?;
     // A retry is answered, not published again.
     if !duplicate {
         hub.metrics().published(door);

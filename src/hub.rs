@@ -42,7 +42,7 @@ use crate::cursor::Cursor;
 use crate::error::{Behind, Error};
 use crate::idempotency::{self, Earlier, Fingerprint};
 use crate::log::memory::{Retention, TopicLog};
-use crate::log::{Log, Recovered};
+use crate::log::{Log, Recovered, Stored};
 pub use crate::message::{Headers, Message};
 use crate::metrics::{Door, Metrics, Snapshot};
 use crate::pattern_index::PatternIndex;
@@ -439,7 +439,7 @@ impl ExpiryIndex {
 }
 
 /// A publish waiting for the durable log, shared by its publisher and any retry under its key.
-type InFlight = SharedFuture<oneshot::Receiver<Result<Arc<Message>, Error>>>;
+type InFlight = SharedFuture<oneshot::Receiver<Result<Stored, Error>>>;
 
 #[derive(Default)]
 struct TopicState {
@@ -1590,7 +1590,7 @@ pub struct Publishing {
 
 enum Outcome {
     Done(Option<Result<Arc<Message>, Error>>),
-    Waiting(oneshot::Receiver<Result<Arc<Message>, Error>>),
+    Waiting(oneshot::Receiver<Result<Stored, Error>>),
     /// A keyed publish waiting for the log, which a retry may be waiting on too.
     Shared(InFlight),
 }
@@ -1617,6 +1617,30 @@ impl Publishing {
     pub fn is_duplicate(&self) -> bool {
         self.duplicate
     }
+
+    /// The outcome, and whether the publish was a duplicate: a retry [`Publishing::is_duplicate`]
+    /// recognised at once, or one only the log recognised once it answered (a shared log that
+    /// already held the key, stored through another node).
+    pub async fn settled(mut self) -> Result<(Arc<Message>, bool), Error> {
+        let stored = std::future::poll_fn(|cx| self.poll_stored(cx)).await?;
+        Ok((stored.message, self.duplicate || stored.duplicate))
+    }
+
+    fn poll_stored(&mut self, cx: &mut Context<'_>) -> Poll<Result<Stored, Error>> {
+        match &mut self.outcome {
+            Outcome::Done(done) => Poll::Ready(
+                done.take()
+                    .expect("polled after completion")
+                    .map(Stored::from),
+            ),
+            Outcome::Waiting(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
+            Outcome::Shared(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
+        }
+    }
 }
 
 /// The answer of a log that went away without answering.
@@ -1630,15 +1654,8 @@ impl Future for Publishing {
     type Output = Result<Arc<Message>, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.outcome {
-            Outcome::Done(done) => Poll::Ready(done.take().expect("polled after completion")),
-            Outcome::Waiting(acked) => Pin::new(acked)
-                .poll(cx)
-                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
-            Outcome::Shared(acked) => Pin::new(acked)
-                .poll(cx)
-                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
-        }
+        self.poll_stored(cx)
+            .map(|stored| stored.map(|stored| stored.message))
     }
 }
 

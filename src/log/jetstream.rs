@@ -39,7 +39,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, Apply, Log, LogStats, Recovered};
+use super::{Ack, Apply, Log, LogStats, Recovered, Stored};
 use crate::error::Error;
 use crate::message::{Headers, Message};
 use crate::topic::Topic;
@@ -76,6 +76,9 @@ const STREAM_RECREATED: &str = "the JetStream stream was deleted and created aga
 const HEADERS_HEADER: &str = "Topichub-Headers";
 /// `Nats-Msg-Id`s that topichub made up (no idempotency key given) start with this.
 const OWN_ID_PREFIX: &str = "topichub~";
+/// Header naming the one publish (node and number) that sent a keyed message: a PubAck saying
+/// "duplicate" to a retry of that very publish is its own message, not another's.
+const PUBLISH_HEADER: &str = "Topichub-Publish";
 
 /// How to reach NATS and which stream to use. Built from the `--nats*` options.
 #[derive(Clone, Debug)]
@@ -166,8 +169,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Highest stream seq applied (through the hub) by this node.
     applied: watch::Sender<u64>,
-    /// Publishers waiting for the message with this `Nats-Msg-Id` to be applied.
-    waiting: Mutex<HashMap<String, Vec<Ack>>>,
+    /// Publishers waiting for the message with this `Nats-Msg-Id` to be acknowledged and applied.
+    waiting: Mutex<HashMap<String, Waiting>>,
     /// Why publishes are refused right now, if they are; also set by the connection's events.
     failing: Arc<Mutex<Option<String>>>,
     bytes: AtomicU64,
@@ -338,7 +341,7 @@ impl Log for JetStreamLog {
             let _ = shared.client.flush().await;
             let waiting =
                 std::mem::take(&mut *shared.waiting.lock().unwrap_or_else(|p| p.into_inner()));
-            for ack in waiting.into_values().flatten() {
+            for ack in waiting.into_values().flat_map(|w| w.acks) {
                 let _ = ack.send(Err(Error::Unavailable(
                     "topichub is shutting down; the message may have been published, retry with the same idempotency key".into(),
                 )));
@@ -390,6 +393,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
+            .map(|w| w.acks)
     }
 
     /// Answers every publisher waiting for the message with `id` with `error`.
@@ -480,14 +484,7 @@ impl Shared {
                 }
                 if !batch.is_empty() {
                     apply(&batch);
-                    let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-                    for (message, id) in batch.iter().zip(ids) {
-                        if let Some(acks) = id.and_then(|id| waiting.remove(&id)) {
-                            for ack in acks {
-                                let _ = ack.send(Ok(message.clone()));
-                            }
-                        }
-                    }
+                    self.applied_for_waiting(&batch, ids);
                 }
                 self.applied.send_replace(last);
             }
@@ -585,10 +582,19 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(id.clone())
                 .or_default()
+                .acks
                 .push(ack);
             let subject = format!("{}.{}", self.subject_prefix, message.topic.as_str());
             let mut headers = HeaderMap::new();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            if message.idempotency_key.is_some() {
+                let publish = format!(
+                    "{}-{}",
+                    self.node,
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                );
+                headers.insert(PUBLISH_HEADER, publish.as_str());
+            }
             if !message.headers.is_empty() {
                 let json = serde_json::to_string(&message.headers).unwrap_or_default();
                 headers.insert(HEADERS_HEADER, json.as_str());
@@ -616,7 +622,9 @@ impl Shared {
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
         let mut disconnected_since = None;
+        let mut attempts = 0;
         let acked = loop {
+            attempts += 1;
             let result = match sent {
                 Ok(future) => future.await,
                 Err(error) => Err(error),
@@ -684,6 +692,14 @@ impl Shared {
         if self.client.connection_state() == Connection::Connected {
             self.set_failing(None);
         }
+        let duplicate = ack.duplicate
+            && !(attempts > 1
+                && self
+                    .stored_by(ack.sequence, headers.get(PUBLISH_HEADER))
+                    .await);
+        if !self.acknowledged(&id, duplicate) {
+            return;
+        }
         // Read-your-writes: answered once this node applied the sequence (normally by the
         // applier itself, which answers everyone waiting for the id).
         let mut applied = self.applied.subscribe();
@@ -699,7 +715,7 @@ impl Shared {
                 Ok(raw) => decode_raw(&self.subject_prefix, &self.epoch, &raw).map(|(m, _)| m),
                 Err(_) => None,
             };
-            Ok(Arc::new(original.unwrap_or_else(|| {
+            let message = Arc::new(original.unwrap_or_else(|| {
                 Message::new(
                     message.topic.clone(),
                     message.payload.clone(),
@@ -709,7 +725,8 @@ impl Shared {
                     message.headers.clone(),
                 )
                 .with_idempotency_key(message.idempotency_key.clone())
-            })))
+            }));
+            Ok(Stored { message, duplicate })
         } else {
             Err(Error::Unavailable(format!(
                 "the message was stored as seq {} but this node has not caught up with the stream yet; retry with the same idempotency key",
@@ -718,6 +735,75 @@ impl Shared {
         };
         for ack in acks {
             let _ = ack.send(answer.clone());
+        }
+    }
+}
+
+/// Publishers of one `Nats-Msg-Id`: answered once both its PubAck (which says whether
+/// JetStream already held the id) and this node's applying of the message are in, whichever
+/// comes last.
+#[derive(Default)]
+struct Waiting {
+    acks: Vec<Ack>,
+    /// The PubAck's word, once it arrived: whether the message was a duplicate.
+    duplicate: Option<bool>,
+    /// The message, when this node applied it before the PubAck arrived.
+    applied: Option<Arc<Message>>,
+}
+
+impl Shared {
+    /// The applier's side of [`Waiting`]: answers the publishers of `batch`'s messages whose
+    /// PubAck is in, and keeps the message for the others.
+    fn applied_for_waiting(&self, batch: &[Arc<Message>], ids: Vec<Option<String>>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        for (message, id) in batch.iter().zip(ids) {
+            let Some(id) = id else { continue };
+            let Some(entry) = waiting.get_mut(&id) else {
+                continue;
+            };
+            match entry.duplicate {
+                Some(duplicate) => {
+                    for ack in waiting.remove(&id).into_iter().flat_map(|w| w.acks) {
+                        let _ = ack.send(Ok(Stored {
+                            message: message.clone(),
+                            duplicate,
+                        }));
+                    }
+                }
+                None => entry.applied = Some(message.clone()),
+            }
+        }
+    }
+
+    /// The PubAck's side of [`Waiting`]: answers the publishers of `id` if this node applied the
+    /// message already, else records the PubAck's word for the applier. Whether anyone is
+    /// still waiting.
+    fn acknowledged(&self, id: &str, duplicate: bool) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = waiting.get_mut(id) else {
+            return false;
+        };
+        let Some(message) = entry.applied.take() else {
+            entry.duplicate = Some(duplicate);
+            return true;
+        };
+        for ack in waiting.remove(id).into_iter().flat_map(|w| w.acks) {
+            let _ = ack.send(Ok(Stored {
+                message: message.clone(),
+                duplicate,
+            }));
+        }
+        false
+    }
+
+    /// Whether the stream's message at `seq` was sent by the publish `token` names: then a
+    /// "duplicate" PubAck to a retry of it is that publish's own first attempt, stored after all.
+    async fn stored_by(&self, seq: u64, token: Option<&async_nats::HeaderValue>) -> bool {
+        let Some(token) = token else { return false };
+        match self.stream.get_raw_message(seq).await {
+            Ok(raw) => raw.headers.get(PUBLISH_HEADER) == Some(token),
+            // Unknown: the retry was this node's, so the likelier author is this publish.
+            Err(_) => true,
         }
     }
 }
@@ -1066,7 +1152,7 @@ mod tests {
         )
     }
 
-    async fn append(log: &JetStreamLog, message: Arc<Message>) -> Arc<Message> {
+    async fn append(log: &JetStreamLog, message: Arc<Message>) -> Stored {
         let (ack, acked) = oneshot::channel();
         log.append(message, ack);
         tokio::time::timeout(Duration::from_secs(10), acked)
@@ -1088,8 +1174,11 @@ mod tests {
 
         let first = append(&log, message(Some("order-7"))).await;
         let again = append(&log, message(Some("order-7"))).await;
-        let other = append(&log, message(None)).await;
-        let another = append(&log, message(None)).await;
+        assert!(!first.duplicate, "the original is no duplicate");
+        assert!(again.duplicate, "JetStream's word reaches the publisher");
+        let (first, again) = (first.message, again.message);
+        let other = append(&log, message(None)).await.message;
+        let another = append(&log, message(None)).await.message;
         assert_eq!((first.seq, again.seq), (1, 1), "the retry is the original");
         assert_eq!(again.idempotency_key.as_deref(), Some("order-7"));
         assert_eq!(

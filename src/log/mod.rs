@@ -30,7 +30,28 @@ use crate::message::Message;
 use crate::topic::Topic;
 
 /// Tells one publisher how its message ended: durable and delivered, or refused by the log.
-pub type Ack = oneshot::Sender<Result<Arc<Message>, Error>>;
+pub type Ack = oneshot::Sender<Result<Stored, Error>>;
+
+/// A message the log holds, as its publisher is told.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// The message as stored (with the log's seq).
+    pub message: Arc<Message>,
+    /// The log already held a message under the same idempotency key, stored by an earlier
+    /// publish this hub's window no longer (or never) knew of, e.g. one that reached another
+    /// node of a cluster: `message` is that original, and nothing new was stored.
+    pub duplicate: bool,
+}
+
+impl From<Arc<Message>> for Stored {
+    /// A message stored by this very publish.
+    fn from(message: Arc<Message>) -> Stored {
+        Stored {
+            message,
+            duplicate: false,
+        }
+    }
+}
 
 /// Called by the log with each batch once it is durable, in seq order, before the batch's
 /// publishers are acknowledged: the hub retains the messages and delivers them.

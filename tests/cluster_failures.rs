@@ -1,0 +1,135 @@
+//! Cluster mode (`--nats`) when things go wrong, as clients see it: a retry that only JetStream
+//! recognises as a duplicate, a node that loses NATS while subscribers are open, and the gaps a
+//! node started after evictions reports. Real `nats-server -js` processes, real topichub
+//! processes, SIGKILL for failures.
+//!
+//! Needs `/usr/sbin/nats-server` (Debian's `nats-server`, installed by `scripts/deps-nats.sh`).
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
+
+use support::{BrokerProcess, NatsCluster, Sse, SseEvent, wait_serving, within};
+
+/// Bound for a topichub node to serve after start: a cold NATS cluster elects its JetStream
+/// leaders first.
+const START: Duration = Duration::from_secs(30);
+
+/// A topichub node on `nats` (urls), serving.
+async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
+    // The stream's size limit must fit the servers' storage, whatever the machine's memory.
+    let mut args = vec!["--nats", urls, "--max-retained-bytes", "67108864"];
+    args.extend_from_slice(extra);
+    let node = BrokerProcess::start(&args, "info,topichub::log::jetstream=debug").await;
+    wait_serving(node.addr, START).await;
+    node
+}
+
+fn url(node: &BrokerProcess) -> String {
+    format!("http://{}", node.addr)
+}
+
+async fn grpc(node: &BrokerProcess) -> PubSubClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Channel::from_shared(url(node))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    PubSubClient::new(channel)
+}
+
+/// `POST /publish` of `payload` to `topic` under the idempotency `key`: the JSON answer.
+async fn keyed_publish(node: &BrokerProcess, topic: &str, payload: &str, key: &str) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}/publish", url(node)))
+        .header("Idempotency-Key", key)
+        .json(&json!({ "topic": topic, "payload": payload }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// The next `message` event (seq, payload), failing on anything else.
+async fn next_message(sse: &mut Sse) -> (u64, String) {
+    let event: SseEvent = sse.next().await.expect("the stream goes on");
+    assert_eq!(event.event, "message", "{event:?}");
+    let json = event.json();
+    (
+        json["seq"].as_u64().unwrap(),
+        json["payload"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A keyed publish that reached node A, retried on node B after B's own window forgot the key
+/// (B remembers one key): only JetStream's de-duplication recognises it, and every door of B
+/// says `duplicate` with A's cursor; nothing is stored twice.
+#[tokio::test]
+async fn a_retry_only_jetstream_recognises_is_a_duplicate_on_every_door() {
+    let nats = NatsCluster::start(1).await;
+    let urls = nats.urls();
+    let (a, b) = tokio::join!(node(&urls, &[]), node(&urls, &["--idempotency-keys", "1"]));
+    let mut on_b = Sse::open(&url(&b), "/subscribe?topic=orders", &[]).await;
+    on_b.expect("subscribed").await;
+
+    let mut originals = Vec::new();
+    for key in ["k-http", "k-grpc", "k-ws", "k-last"] {
+        originals.push(keyed_publish(&a, "orders", key, key).await);
+    }
+    // B applied all four, so its window (one key) holds only the last.
+    for (i, key) in ["k-http", "k-grpc", "k-ws", "k-last"].iter().enumerate() {
+        assert_eq!(
+            next_message(&mut on_b).await,
+            (i as u64 + 1, key.to_string())
+        );
+    }
+
+    let retry = keyed_publish(&b, "orders", "k-http", "k-http").await;
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    assert_eq!(retry["cursor"], originals[0]["cursor"]);
+
+    let retry = grpc(&b)
+        .await
+        .publish(v1::PublishRequest {
+            topic: "orders".into(),
+            payload: b"k-grpc".to_vec().into(),
+            idempotency_key: "k-grpc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retry.duplicate);
+    let cursor = retry.cursor.unwrap();
+    assert_eq!(
+        format!("{}-{}", cursor.epoch, cursor.seq),
+        originals[1]["cursor"].as_str().unwrap()
+    );
+
+    let (mut ws, _) = within(
+        "WebSocket handshake",
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", b.addr)),
+    )
+    .await
+    .unwrap();
+    support::ws_send(
+        &mut ws,
+        json!({ "request_id": 1, "publish":
+            { "topic": "orders", "payload": "k-ws", "idempotency_key": "k-ws" } }),
+    )
+    .await;
+    let answer = support::ws_recv(&mut ws).await;
+    assert_eq!(answer["ack"]["duplicate"], true, "{answer}");
+    assert_eq!(answer["ack"]["cursor"], originals[2]["cursor"], "{answer}");
+
+    // Nothing was stored twice: the next message B delivers is the next one published.
+    let next = keyed_publish(&a, "orders", "next", "k-next").await;
+    assert_eq!(next["seq"], 5, "{next}");
+    assert_eq!(next_message(&mut on_b).await, (5, "next".into()));
+    let page = support::get_json(&format!("{}/topics/orders/messages", url(&b))).await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 5, "{page}");
+}
