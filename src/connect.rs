@@ -471,6 +471,9 @@ async fn forward(
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
             Some(Ok(hub::Event::Presence(p))) => event(Event::Presence(wire::presence_event(p))),
+            Some(Ok(hub::Event::Cluster { reachable })) => {
+                event(Event::Cluster(wire::cluster_status(reachable)))
+            }
             Some(Err(Error::ShuttingDown)) => {
                 // The door reports it once for the whole stream.
                 return;

@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
 use futures_util::future::Shared as SharedFuture;
 use indexmap::IndexSet;
 use tokio::sync::oneshot;
@@ -253,6 +254,12 @@ pub enum Event {
     Lag(Lag),
     /// Subscriptions joined or left topics this one follows (only when asked for).
     Presence(Vec<PresenceChange>),
+    /// The log's servers (a cluster's NATS) became unreachable, so delivery pauses, or
+    /// reachable again, so it resumes where it paused (see [`Log::reachable`]).
+    Cluster {
+        /// Whether this hub reaches them now.
+        reachable: bool,
+    },
 }
 
 /// How the live subscriptions of one topic or pattern changed since the previous presence event.
@@ -304,7 +311,7 @@ impl Event {
             Event::Message(m) => metrics.delivered(door, m.published_at),
             Event::Gap(_) => metrics.gapped(door),
             Event::Lag(_) => metrics.lagged(door),
-            Event::Presence(_) => {}
+            Event::Presence(_) | Event::Cluster { .. } => {}
         }
     }
 }
@@ -372,6 +379,8 @@ struct Shared {
     metrics: Metrics,
     /// The durable log, if any; without one the topics' in-memory logs are the whole history.
     log: Option<Box<dyn Log>>,
+    /// Whether a remote log's servers are reachable, when the log says.
+    reachable: Option<tokio::sync::watch::Receiver<bool>>,
     state: Mutex<State>,
 }
 
@@ -525,6 +534,38 @@ pub struct Subscription {
     head_at_start: u64,
     /// Presence events, when asked for.
     presence: Option<Box<PresenceWatch>>,
+    /// Reachability of a remote log's servers, on a log that reports it.
+    reachability: Option<Box<ReachabilityWatch>>,
+}
+
+/// What a subscription has told its subscriber about the log's reachability.
+struct ReachabilityWatch {
+    /// Yields the current value first, then every change.
+    changes: tokio_stream::wrappers::WatchStream<bool>,
+    /// What the subscriber was last told (a subscription starts out assuming reachable).
+    told: bool,
+}
+
+impl ReachabilityWatch {
+    /// The event to hand out, if the reachability changed since the subscriber was told; ends
+    /// the watch (`None` in `slot`) when the log stops reporting.
+    fn poll_change(slot: &mut Option<Box<Self>>, cx: &mut Context<'_>) -> Option<Event> {
+        let watch = slot.as_mut()?;
+        loop {
+            match watch.changes.poll_next_unpin(cx) {
+                Poll::Ready(Some(reachable)) if reachable != watch.told => {
+                    watch.told = reachable;
+                    return Some(Event::Cluster { reachable });
+                }
+                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) => {
+                    *slot = None;
+                    return None;
+                }
+                Poll::Pending => return None,
+            }
+        }
+    }
 }
 
 /// What a subscription watching presence has reported so far, per topic or pattern it named.
@@ -641,11 +682,13 @@ impl Hub {
             idempotency: idempotency::Window::new(config.idempotency),
             ..State::default()
         };
+        let reachable = log.as_ref().and_then(|log| log.reachable());
         Hub {
             shared: Arc::new(Shared {
                 epoch,
                 config,
                 metrics,
+                reachable,
                 log,
                 state: Mutex::new(state),
             }),
@@ -987,6 +1030,12 @@ impl Hub {
             .presence
             .then(|| state.presence_watch(&patterns, config.presence_interval));
         drop(guard);
+        let reachability = self.shared.reachable.clone().map(|reachable| {
+            Box::new(ReachabilityWatch {
+                changes: tokio_stream::wrappers::WatchStream::new(reachable),
+                told: true,
+            })
+        });
         Ok(Subscription {
             hub: self.clone(),
             id,
@@ -997,6 +1046,7 @@ impl Hub {
             last_seq: from,
             head_at_start,
             presence,
+            reachability,
         })
     }
 
@@ -1688,6 +1738,9 @@ impl Subscription {
                     return Poll::Ready(Some(Ok(Event::Presence(changes))));
                 }
             }
+        }
+        if let Some(event) = ReachabilityWatch::poll_change(&mut self.reachability, cx) {
+            return Poll::Ready(Some(Ok(event)));
         }
         loop {
             if let Some(event) = self.pending.pop_front() {

@@ -133,3 +133,136 @@ async fn a_retry_only_jetstream_recognises_is_a_duplicate_on_every_door() {
     let page = support::get_json(&format!("{}/topics/orders/messages", url(&b))).await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 5, "{page}");
 }
+
+/// The next `cluster` event of an SSE stream: whether it says the cluster is reachable.
+async fn next_cluster_sse(sse: &mut Sse) -> bool {
+    let event = sse.expect("cluster").await;
+    let json = event.json();
+    assert!(
+        json["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{json}"
+    );
+    json["reachable"].as_bool().unwrap()
+}
+
+/// The next event of a gRPC `Subscribe` stream.
+async fn next_grpc(
+    stream: &mut tonic::Streaming<v1::SubscribeResponse>,
+) -> v1::subscribe_response::Event {
+    within("a gRPC event", stream.message())
+        .await
+        .expect("the stream goes on")
+        .expect("open")
+        .event
+        .expect("an event")
+}
+
+/// The next event of a WebSocket subscription.
+async fn next_ws(ws: &mut support::Ws) -> Value {
+    let frame = support::ws_recv(ws).await;
+    assert!(frame["subscription_id"].is_string(), "{frame}");
+    frame
+}
+
+/// A node whose NATS server is SIGKILLed tells every open subscription (SSE, gRPC `Subscribe`,
+/// WebSocket, which shares `Connect`'s code) that delivery is paused, and that it resumed once
+/// NATS is back; then the messages follow with no gap and no duplicate.
+#[tokio::test]
+async fn subscribers_are_told_when_their_node_loses_and_regains_nats() {
+    let mut nats = NatsCluster::start(1).await;
+    let a = node(&nats.urls(), &[]).await;
+
+    let mut sse = Sse::open(&url(&a), "/subscribe?topic=t", &[]).await;
+    sse.expect("subscribed").await;
+    let mut grpc_stream = grpc(&a)
+        .await
+        .subscribe(v1::SubscribeRequest {
+            topics: vec!["t".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_grpc(&mut grpc_stream).await,
+        v1::subscribe_response::Event::Subscribed(_)
+    ));
+    let (mut ws, _) = within(
+        "WebSocket handshake",
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", a.addr)),
+    )
+    .await
+    .unwrap();
+    support::ws_subscribe(&mut ws, 1, json!({ "topics": ["t"] })).await;
+
+    let first = support::http_publish(&url(&a), "t", "before").await;
+    assert_eq!(first["seq"], 1);
+    assert_eq!(next_message(&mut sse).await, (1, "before".into()));
+    assert!(matches!(
+        next_grpc(&mut grpc_stream).await,
+        v1::subscribe_response::Event::Message(m) if m.cursor.as_ref().unwrap().seq == 1
+    ));
+    assert_eq!(next_ws(&mut ws).await["message"]["seq"], 1);
+
+    nats.kill(0);
+    assert!(!next_cluster_sse(&mut sse).await, "paused");
+    let v1::subscribe_response::Event::Cluster(paused) = next_grpc(&mut grpc_stream).await else {
+        panic!("a cluster event");
+    };
+    assert!(!paused.reachable, "{paused:?}");
+    assert_eq!(next_ws(&mut ws).await["cluster"]["reachable"], false);
+
+    nats.restart(0).await;
+    assert!(next_cluster_sse(&mut sse).await, "resumed");
+    let v1::subscribe_response::Event::Cluster(resumed) = next_grpc(&mut grpc_stream).await else {
+        panic!("a cluster event");
+    };
+    assert!(resumed.reachable, "{resumed:?}");
+    assert_eq!(next_ws(&mut ws).await["cluster"]["reachable"], true);
+
+    // Published once NATS is back (retried while the node reconnects its stream).
+    let client = reqwest::Client::new();
+    let mut last = 0;
+    for i in 0..3 {
+        last = within("a publish once NATS is back", async {
+            loop {
+                let response = client
+                    .post(format!("{}/publish", url(&a)))
+                    .json(&json!({ "topic": "t", "payload": format!("after-{i}") }))
+                    .send()
+                    .await
+                    .unwrap();
+                if response.status() == 200 {
+                    let answer: Value = response.json().await.unwrap();
+                    return answer["seq"].as_u64().unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+    // Whatever was stored while the connection went down comes first; no gap, nothing twice.
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&last) {
+        seqs.push(next_message(&mut sse).await.0);
+    }
+    assert_eq!(seqs, (2..=last).collect::<Vec<_>>(), "SSE");
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&last) {
+        match next_grpc(&mut grpc_stream).await {
+            v1::subscribe_response::Event::Message(m) => seqs.push(m.cursor.unwrap().seq),
+            other => panic!("only messages: {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (2..=last).collect::<Vec<_>>(), "gRPC");
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&last) {
+        let frame = next_ws(&mut ws).await;
+        seqs.push(
+            frame["message"]["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("only messages: {frame}")),
+        );
+    }
+    assert_eq!(seqs, (2..=last).collect::<Vec<_>>(), "WebSocket");
+}

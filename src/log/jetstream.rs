@@ -180,6 +180,8 @@ struct Shared {
     /// The stream was deleted and created again while this node ran (a new history): nothing
     /// more is published or applied here until a restart.
     recreated: std::sync::atomic::AtomicBool,
+    /// Whether NATS is reachable, as subscribers are told.
+    reachable: Arc<Reachability>,
     stop: CancellationToken,
 }
 
@@ -188,7 +190,14 @@ impl JetStreamLog {
     pub async fn open(config: &NatsConfig) -> Result<(JetStreamLog, Recovered), OpenError> {
         let failing = Arc::new(Mutex::new(None::<String>));
         let reconnected = Arc::new(tokio::sync::Notify::new());
-        let client = connect(config, failing.clone(), reconnected.clone()).await?;
+        let reachable = Arc::new(Reachability::default());
+        let client = connect(
+            config,
+            failing.clone(),
+            reconnected.clone(),
+            reachable.clone(),
+        )
+        .await?;
         let max_payload = client.server_info().max_payload;
         if max_payload < config.limits.max_message_bytes {
             tracing::warn!(
@@ -291,6 +300,7 @@ impl JetStreamLog {
             bytes: AtomicU64::new(info.state.bytes),
             reconnected,
             recreated: std::sync::atomic::AtomicBool::new(false),
+            reachable,
             stop: CancellationToken::new(),
         });
         Ok((
@@ -365,6 +375,10 @@ impl Log for JetStreamLog {
 
     fn numbers_messages(&self) -> bool {
         true
+    }
+
+    fn reachable(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.shared.reachable.state.subscribe())
     }
 
     fn until_applied(&self, seq: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -814,6 +828,7 @@ async fn connect(
     config: &NatsConfig,
     failing: Arc<Mutex<Option<String>>>,
     reconnected: Arc<tokio::sync::Notify>,
+    reachable: Arc<Reachability>,
 ) -> Result<async_nats::Client, OpenError> {
     // The first connection is no reconnection.
     let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -824,7 +839,9 @@ async fn connect(
             let failing = failing.clone();
             let reconnected = reconnected.clone();
             let connected_before = connected_before.clone();
+            let reachable = reachable.clone();
             async move {
+                reachable.connection_event(&event);
                 let mut failing = failing.lock().unwrap_or_else(|p| p.into_inner());
                 match event {
                     async_nats::Event::Disconnected => {
@@ -891,6 +908,49 @@ async fn connect(
             _ => OpenError::retry(message),
         }
     })
+}
+
+/// Whether this node reaches NATS, as subscribers are told: unreachable once the connection has
+/// been lost for [`RECONNECT_GRACE`] (a failover to another server of the cluster takes less,
+/// and is no news to subscribers), reachable again as soon as it is back.
+struct Reachability {
+    state: watch::Sender<bool>,
+    /// Counts connections, so that a check after the grace knows whether the connection it was
+    /// started for is still the lost one.
+    connections: AtomicU64,
+}
+
+impl Default for Reachability {
+    fn default() -> Reachability {
+        Reachability {
+            state: watch::Sender::new(true),
+            connections: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Reachability {
+    fn connection_event(self: &Arc<Self>, event: &async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => {
+                self.connections.fetch_add(1, Ordering::Relaxed);
+                self.state
+                    .send_if_modified(|reachable| !std::mem::replace(reachable, true));
+            }
+            async_nats::Event::Disconnected => {
+                let lost = self.connections.load(Ordering::Relaxed);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RECONNECT_GRACE).await;
+                    if this.connections.load(Ordering::Relaxed) == lost {
+                        this.state
+                            .send_if_modified(|reachable| std::mem::replace(reachable, false));
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The epoch of a stream created at `nanos` (Unix time): lowercase hex, 1-32 alphanumerics as

@@ -23,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::Error;
 use crate::message::Message;
@@ -93,6 +93,13 @@ pub trait Log: Send + Sync {
     fn until_applied(&self, seq: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let _ = seq;
         Box::pin(std::future::ready(()))
+    }
+
+    /// Whether the servers holding a remote log are reachable (false while this hub cannot
+    /// apply what others publish): the hub tells every subscription when it changes. `None` for
+    /// a log on this machine.
+    fn reachable(&self) -> Option<watch::Receiver<bool>> {
+        None
     }
 }
 
