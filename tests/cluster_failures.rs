@@ -266,3 +266,105 @@ async fn subscribers_are_told_when_their_node_loses_and_regains_nats() {
     }
     assert_eq!(seqs, (2..=last).collect::<Vec<_>>(), "WebSocket");
 }
+
+/// What exact per-topic gaps on a node started later would cost. JetStream keeps nothing of an
+/// evicted message (`deleted_details` lists interior holes without subjects, a subject whose
+/// messages are all gone leaves no state, and messages below the first sequence are anyone's),
+/// so the only exact source would be each message naming the previous stream sequence of its
+/// topic. JetStream assigns sequences, so a publisher can know that previous sequence only by
+/// making JetStream check it (`Nats-Expected-Last-Subject-Sequence`): each publish to a topic
+/// then waits for the previous one's PubAck, and publishers on several nodes conflict and retry.
+/// This measures both against today's pipelined publishes, on one local nats-server.
+#[tokio::test]
+#[ignore = "a measurement: cargo test --test cluster_failures measure -- --ignored --nocapture"]
+async fn measure_what_an_exact_previous_seq_per_topic_costs() {
+    use async_nats::jetstream::{self, stream};
+    const N: usize = 4000;
+    let nats = NatsCluster::start(1).await;
+    let client = async_nats::connect(nats.urls()).await.unwrap();
+    let js = jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: "M".into(),
+        subjects: vec!["m.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    let mut acks = Vec::with_capacity(N);
+    for _ in 0..N {
+        acks.push(js.publish("m.pipelined", "x".into()).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let pipelined = N as f64 / started.elapsed().as_secs_f64();
+
+    // One publisher that knows the previous sequence: one round trip per message.
+    let started = std::time::Instant::now();
+    let mut last = 0;
+    for _ in 0..N {
+        last = publish_after(&js, "m.exact", last).await.unwrap();
+    }
+    let serial = N as f64 / started.elapsed().as_secs_f64();
+
+    // Two publishers (two nodes) on one topic: each learns the other's writes from refusals.
+    let started = std::time::Instant::now();
+    let conflicts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publishers = (0..2).map(|_| {
+        let (js, conflicts) = (js.clone(), conflicts.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            for _ in 0..N / 2 {
+                loop {
+                    match publish_after(&js, "m.shared", last).await {
+                        Ok(seq) => {
+                            last = seq;
+                            break;
+                        }
+                        Err(()) => {
+                            conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let stream = js.get_stream("M").await.unwrap();
+                            last = stream
+                                .get_last_raw_message_by_subject("m.shared")
+                                .await
+                                .map_or(0, |m| m.sequence);
+                        }
+                    }
+                }
+            }
+        })
+    });
+    for publisher in publishers.collect::<Vec<_>>() {
+        publisher.await.unwrap();
+    }
+    let shared = N as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "publishes/s to one topic: pipelined {pipelined:.0}; naming the previous seq {serial:.0} ({:.0}%); two publishers naming it {shared:.0} ({:.0}%), {} refused and retried",
+        100.0 * serial / pipelined,
+        100.0 * shared / pipelined,
+        conflicts.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+/// Publishes to `subject` only if its last message is `last` (naming it in a header, as an exact
+/// previous-seq header would): the new sequence, or `Err` when another publisher came first.
+async fn publish_after(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    last: u64,
+) -> Result<u64, ()> {
+    let mut headers = async_nats::HeaderMap::new();
+    let last = last.to_string();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        last.as_str(),
+    );
+    headers.insert("Topichub-Previous", last.as_str());
+    let ack = js
+        .publish_with_headers(subject.to_owned(), headers, "x".into())
+        .await
+        .map_err(|_| ())?;
+    ack.await.map(|ack| ack.sequence).map_err(|_| ())
+}
