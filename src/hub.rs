@@ -43,7 +43,7 @@ use crate::cursor::Cursor;
 use crate::error::{Behind, Error};
 use crate::idempotency::{self, Earlier, Fingerprint};
 use crate::log::memory::{Retention, TopicLog};
-use crate::log::{Log, Recovered, Stored};
+use crate::log::{Known, Log, Recovered, Stored};
 pub use crate::message::{Headers, Message};
 use crate::metrics::{Door, Metrics, Snapshot};
 use crate::pattern_index::PatternIndex;
@@ -406,8 +406,12 @@ struct State {
     /// presence is its subscriber list).
     patterns: HashMap<Pattern, PatternMembers>,
     /// Highest seq evicted from a topic that has since been forgotten entirely; a resume from
-    /// before it may have missed messages there, so it is reported as a gap.
+    /// before it may have missed messages there, so it is reported as a gap to subscriptions
+    /// that may name such a topic: wildcards, and topics created since (which inherit it).
     forgotten_through: u64,
+    /// Seqs up to here may be missing from any topic, known or not: a shared log skipped them
+    /// (evicted before this hub read them).
+    lost_through: u64,
     /// Which topics may have aged messages, soonest first.
     expiry: ExpiryIndex,
     /// Recent idempotency keys, and keyed publishes waiting for the durable log.
@@ -664,7 +668,7 @@ impl Hub {
                 let mut state = hub.lock();
                 for message in batch {
                     if numbered && message.seq > state.head + 1 {
-                        state.forgotten_through = state.forgotten_through.max(message.seq - 1);
+                        state.lost_through = state.lost_through.max(message.seq - 1);
                     }
                     state.deliver(message, &hub.shared.config, log, None);
                 }
@@ -879,7 +883,8 @@ impl Hub {
             Some(log) => {
                 // Handed over under the lock, so the log receives messages in seq order.
                 let (ack, acked) = oneshot::channel();
-                log.append(message, ack);
+                let known = state.known(&message.topic);
+                log.append_known(message, known, ack);
                 let (Some(key), Some(fingerprint)) = (key, fingerprint) else {
                     return Publishing {
                         outcome: Outcome::Waiting(acked),
@@ -1477,6 +1482,20 @@ impl State {
         }
     }
 
+    /// What this hub knows of `topic` now (see [`Known`]).
+    fn known(&self, topic: &Topic) -> Known {
+        let previous = match self.topics.get(topic) {
+            Some(t) => t.log.last_seq().max(t.log.evicted_through()),
+            // It may have been forgotten.
+            None => self.forgotten_through,
+        };
+        Known {
+            // A skipped seq may have been the topic's.
+            previous: previous.max(self.lost_through),
+            head: self.head,
+        }
+    }
+
     /// Forgets `name` if nothing is retained there and nobody subscribes to it; a resume from
     /// before what it evicted is still told of the gap (`forgotten_through`).
     fn forget_if_unused(&mut self, name: &Topic) {
@@ -1507,7 +1526,11 @@ impl State {
         if self.topics.contains_key(topic) {
             return;
         }
-        self.add_topic(topic, TopicState::default());
+        let topic_state = TopicState {
+            log: TopicLog::inheriting(self.forgotten_through),
+            ..TopicState::default()
+        };
+        self.add_topic(topic, topic_state);
         let mut matching = Vec::new();
         self.wildcard_subs
             .matches(topic.as_str(), &mut |id| matching.push(id));
@@ -1545,10 +1568,16 @@ impl State {
 
     /// The range after `from` that matching topics have evicted, if any.
     fn retention_gap(&self, patterns: &[Pattern], from: u64, epoch: &str) -> Option<Gap> {
+        // Topics known here were created after (and inherited) every forgetting that could
+        // concern them; only a pattern or an unknown topic may name a forgotten one.
+        let known = patterns
+            .iter()
+            .all(|p| p.as_topic().is_some() && self.topics.contains_key(p.as_str()));
+        let forgotten = if known { 0 } else { self.forgotten_through };
         let evicted = self
             .matching_topics(patterns)
             .map(|(_, t)| t.log.evicted_through())
-            .chain(std::iter::once(self.forgotten_through))
+            .chain([forgotten, self.lost_through])
             .max()
             .unwrap_or(0);
         (evicted > from).then(|| Gap {
@@ -1925,6 +1954,56 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A forgotten topic's range concerns only subscriptions that may name it: a topic known all
+    /// along is told of nothing, a topic created since inherits it, and so does a pattern.
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_topic_s_gap_is_reported_only_where_it_may_concern() {
+        let hub = hub(HubConfig {
+            retain_age: Duration::from_secs(60),
+            clock: Clock::tokio(),
+            ..Default::default()
+        });
+        publish(&hub, "old", 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        publish(&hub, "kept", 1);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        hub.expire();
+        publish(&hub, "new", 1);
+        let first_event = |pattern: &str| {
+            let mut sub = hub
+                .subscribe(SubscribeOptions {
+                    patterns: vec![Pattern::parse(pattern).unwrap()],
+                    start: Start::After(Cursor {
+                        epoch: hub.epoch().to_owned(),
+                        seq: 0,
+                    }),
+                    ..Default::default()
+                })
+                .unwrap();
+            futures_util::FutureExt::now_or_never(sub.next())
+                .flatten()
+                .unwrap()
+                .unwrap()
+        };
+        assert!(
+            matches!(first_event("kept"), Event::Message(m) if m.seq == 2),
+            "known all along"
+        );
+        for pattern in ["new", "old", ">"] {
+            assert!(
+                matches!(
+                    first_event(pattern),
+                    Event::Gap(Gap {
+                        from_seq: 1,
+                        to_seq: Some(1),
+                        ..
+                    })
+                ),
+                "{pattern}"
+            );
+        }
     }
 
     #[test]

@@ -368,3 +368,51 @@ async fn publish_after(
         .map_err(|_| ())?;
     ack.await.map(|ack| ack.sequence).map_err(|_| ())
 }
+
+/// The `gap` of a history read of `topic` after `EPOCH-0` on `node`: its `to_seq`, if any.
+async fn gap_to(node: &BrokerProcess, epoch: &str, topic: &str) -> Option<u64> {
+    let page = support::get_json(&format!(
+        "{}/topics/{topic}/messages?after={epoch}-0",
+        url(node)
+    ))
+    .await;
+    page["gap"]["to_seq"].as_u64()
+}
+
+/// A node started after JetStream evicted the stream's first messages (here by the per-subject
+/// limit) tells each topic exactly what it lost, as the node that saw it: every message names
+/// what its publisher knew of its topic, so a topic with nothing evicted reports no gap even
+/// though the stream's first sequence is above 1.
+#[tokio::test]
+async fn a_node_started_later_reports_exact_gaps_below_the_stream_s_first_sequence() {
+    let nats = NatsCluster::start(1).await;
+    let urls = nats.urls();
+    let limit = ["--retain-messages", "2"];
+    let a = node(&urls, &limit).await;
+    // x = seqs 1, 2, 3 (1 evicted), y = seqs 4, 5: the stream holds 2..=5.
+    for (topic, payload) in [("x", "1"), ("x", "2"), ("x", "3"), ("y", "4"), ("y", "5")] {
+        support::http_publish(&url(&a), topic, payload).await;
+    }
+    let later = node(&urls, &limit).await;
+    let epoch = support::get_json(&format!("{}/healthz", url(&a))).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for n in [&a, &later] {
+        assert_eq!(gap_to(n, &epoch, "x").await, Some(1), "x on {}", n.addr);
+        assert_eq!(gap_to(n, &epoch, "y").await, None, "y on {}", n.addr);
+    }
+    // A resume on the later node: no gap event, every message of y.
+    let mut sse = Sse::open(
+        &url(&later),
+        &format!("/subscribe?topic=y&last_event_id={epoch}-0"),
+        &[],
+    )
+    .await;
+    sse.expect("subscribed").await;
+    assert_eq!(next_message(&mut sse).await, (4, "4".into()));
+    assert_eq!(next_message(&mut sse).await, (5, "5".into()));
+    // A topic the stream holds nothing of may have been evicted entirely: the later node cannot
+    // tell, and reports everything below the stream's first sequence.
+    assert_eq!(gap_to(&later, &epoch, "z").await, Some(1));
+}

@@ -13,13 +13,18 @@
 //! - **Epoch.** The stream's creation time: stable across leader changes, restarts and purges;
 //!   a deleted and recreated stream is a new history.
 //! - **Gaps.** The hub mirrors JetStream's per-subject eviction with its own retention while it
-//!   runs (same limits). At start, what the stream no longer holds is derived from its state:
-//!   everything below its first sequence is forgotten (age and size limits evict stream-wide),
-//!   and each interior hole (left by the per-subject limit) is charged to every topic at that
-//!   limit whose oldest message is above it, since the stream does not say which subject the
-//!   hole belonged to. That is conservative: a resume may be told of a gap that held nothing of
-//!   its topics, never the reverse. A hole met while running (a message evicted before this node
-//!   read it) is forgotten by the hub (see [`Log::numbers_messages`]).
+//!   runs (same limits). At start, what the stream no longer holds is derived from its state and
+//!   from what each topic's oldest message says: every message carries what its publishing node
+//!   knew of its topic ([`Known`]: the topic's newest seq, and the head it had applied), so a
+//!   topic whose oldest message's publisher had applied everything before it has an exact
+//!   watermark. Otherwise what it may have lost is bounded by the stream's state: any sequence
+//!   below the first (age and size limits evict stream-wide) and, for a topic at the per-subject
+//!   limit, the holes below its oldest message (the stream does not say which subject a hole
+//!   belonged to). A topic the stream holds nothing of may have been evicted entirely: a resume
+//!   on it is told of everything below the first sequence. Conservative, never the reverse: a
+//!   resume may be told of a gap that held nothing of its topics, never miss one. A hole met
+//!   while running (a message evicted before this node read it) may have been any topic's (see
+//!   [`Log::numbers_messages`]).
 //!
 //! Topics map to subjects under a prefix (`topichub.orders.eu`); topichub's `*` and `>` are
 //! NATS's own. Headers travel as one JSON header, so any header name topichub accepts survives.
@@ -39,7 +44,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, Apply, Log, LogStats, Recovered, Stored};
+use super::{Ack, Apply, Known, Log, LogStats, Recovered, Stored};
 use crate::error::Error;
 use crate::message::{Headers, Message};
 use crate::topic::Topic;
@@ -76,6 +81,10 @@ const STREAM_RECREATED: &str = "the JetStream stream was deleted and created aga
 const HEADERS_HEADER: &str = "Topichub-Headers";
 /// `Nats-Msg-Id`s that topichub made up (no idempotency key given) start with this.
 const OWN_ID_PREFIX: &str = "topichub~";
+/// Header carrying what the publishing node knew of the message's topic ([`Known`]) as
+/// `PREVIOUS/HEAD`: a node started after the topic's older messages were evicted reads from it how
+/// far the topic's gap reaches.
+const KNOWN_HEADER: &str = "Topichub-Known";
 /// Header naming the one publish (node and number) that sent a keyed message: a PubAck saying
 /// "duplicate" to a retry of that very publish is its own message, not another's.
 const PUBLISH_HEADER: &str = "Topichub-Publish";
@@ -146,14 +155,14 @@ impl OpenError {
 /// The JetStream log. See the module documentation.
 pub struct JetStreamLog {
     shared: Arc<Shared>,
-    publishes: mpsc::UnboundedSender<(Arc<Message>, Ack)>,
+    publishes: mpsc::UnboundedSender<(Arc<Message>, Option<Known>, Ack)>,
     /// Taken by `start`.
     startup: Mutex<Option<Startup>>,
 }
 
 struct Startup {
     messages: consumer::pull::Ordered,
-    publishes: mpsc::UnboundedReceiver<(Arc<Message>, Ack)>,
+    publishes: mpsc::UnboundedReceiver<(Arc<Message>, Option<Known>, Ack)>,
 }
 
 /// What the log's tasks share. The std mutexes are never held across an `.await`, and `append`
@@ -332,7 +341,17 @@ impl Log for JetStreamLog {
     }
 
     fn append(&self, message: Arc<Message>, ack: Ack) {
-        if let Err(mpsc::error::SendError((_, ack))) = self.publishes.send((message, ack)) {
+        if let Err(mpsc::error::SendError((_, _, ack))) = self.publishes.send((message, None, ack))
+        {
+            let _ = ack.send(Err(Error::Unavailable(
+                "the log is closed; topichub is shutting down".into(),
+            )));
+        }
+    }
+
+    fn append_known(&self, message: Arc<Message>, known: Known, ack: Ack) {
+        let sent = self.publishes.send((message, Some(known), ack));
+        if let Err(mpsc::error::SendError((_, _, ack))) = sent {
             let _ = ack.send(Err(Error::Unavailable(
                 "the log is closed; topichub is shutting down".into(),
             )));
@@ -561,10 +580,10 @@ impl Shared {
     /// its own so that publishes pipeline.
     async fn publish_all(
         self: Arc<Self>,
-        mut publishes: mpsc::UnboundedReceiver<(Arc<Message>, Ack)>,
+        mut publishes: mpsc::UnboundedReceiver<(Arc<Message>, Option<Known>, Ack)>,
     ) {
         loop {
-            let (message, ack) = tokio::select! {
+            let (message, known, ack) = tokio::select! {
                 () = self.stop.cancelled() => return,
                 next = publishes.recv() => match next {
                     Some(next) => next,
@@ -612,6 +631,9 @@ impl Shared {
             if !message.headers.is_empty() {
                 let json = serde_json::to_string(&message.headers).unwrap_or_default();
                 headers.insert(HEADERS_HEADER, json.as_str());
+            }
+            if let Some(known) = known {
+                headers.insert(KNOWN_HEADER, encode_known(known).as_str());
             }
             let sent = self
                 .context
@@ -972,9 +994,9 @@ async fn load(
     // Ends of the runs of sequences the stream no longer holds, ascending.
     let mut holes: Vec<u64> = Vec::new();
     let mut previous = first.saturating_sub(1).min(last);
-    let forgotten_through = previous;
-    // Per topic: its oldest message's seq and how many it has.
-    let mut first_of: HashMap<Topic, (u64, u64)> = HashMap::new();
+    let below_first = previous;
+    // Per topic: its oldest message's seq, what its publisher knew then, and how many it has.
+    let mut first_of: HashMap<Topic, (u64, Option<Known>, u64)> = HashMap::new();
     while previous < last {
         let next = tokio::time::timeout(LOAD_STALL, messages.next())
             .await
@@ -998,7 +1020,10 @@ async fn load(
         previous = seq;
         let published = info.published.unix_timestamp_nanos();
         if let Some((decoded, _)) = decode(prefix, epoch, seq, published, &message) {
-            first_of.entry(decoded.topic.clone()).or_insert((seq, 0)).1 += 1;
+            first_of
+                .entry(decoded.topic.clone())
+                .or_insert_with(|| (seq, decode_known(&message), 0))
+                .2 += 1;
             loaded.push(Arc::new(decoded));
         }
         if info.pending == 0 {
@@ -1010,36 +1035,74 @@ async fn load(
         holes.push(last);
     }
     // Below the first sequence, anything may have been anyone's (age and byte limits evict
-    // stream-wide): forgotten. Above it, holes are left by the per-subject limit, so they belong
-    // to a topic that is at that limit and whose oldest message is above the hole; a hole no such
-    // topic explains (a deleted message) is forgotten too.
+    // stream-wide). Above it, holes are left by the per-subject limit, so they belong to a topic
+    // that is at that limit and whose oldest message is above the hole; a hole no such topic
+    // explains (a deleted message) may have been anyone's too.
     let full = |count: u64| per_subject.is_some_and(|limit| count >= limit);
-    let mut watermarks = Vec::new();
-    for (topic, &(oldest, count)) in &first_of {
-        let below = holes.partition_point(|&end| end < oldest);
-        if below > 0 && full(count) {
-            watermarks.push((topic.clone(), holes[below - 1]));
-        }
-    }
     let explained = first_of
         .values()
-        .filter(|(_, count)| full(*count))
-        .map(|(oldest, _)| *oldest)
+        .filter(|(_, _, count)| full(*count))
+        .map(|(oldest, _, _)| *oldest)
         .max()
         .unwrap_or(0);
-    let forgotten_through = holes
+    let unexplained = holes
         .iter()
         .copied()
         .filter(|&end| end > explained)
         .max()
-        .unwrap_or(0)
-        .max(forgotten_through);
+        .unwrap_or(0);
+    // Every topic gets its watermark (0 too): a topic without one would be taken for one that
+    // may have been forgotten.
+    let watermarks = first_of
+        .iter()
+        .map(|(topic, &(oldest, known, count))| {
+            // The highest sequence below `oldest` and above `after` that the stream no longer
+            // holds and that may have been this topic's.
+            let missing_above = |after: u64| {
+                let below = holes.partition_point(|&end| end < oldest);
+                let hole = if below > 0 && full(count) {
+                    holes[below - 1]
+                } else {
+                    0
+                };
+                [below_first, hole]
+                    .into_iter()
+                    .filter(|&seq| seq > after)
+                    .max()
+                    .unwrap_or(0)
+            };
+            let through = match known {
+                // Its publisher knew every message below `head` and the topic's newest of them.
+                Some(known) if known.previous < oldest && known.head < oldest => {
+                    known.previous.max(missing_above(known.head))
+                }
+                _ => missing_above(0),
+            };
+            (topic.clone(), through.max(unexplained))
+        })
+        .collect();
+    let forgotten_through = below_first.max(unexplained);
     Ok(Recovered {
         epoch: epoch.clone(),
         head: last.max(previous),
         forgotten_through,
         watermarks,
         messages: loaded,
+    })
+}
+
+/// [`KNOWN_HEADER`]'s value.
+fn encode_known(known: Known) -> String {
+    format!("{}/{}", known.previous, known.head)
+}
+
+/// [`KNOWN_HEADER`] of a stream message, if it carries a well-formed one.
+fn decode_known(message: &async_nats::Message) -> Option<Known> {
+    let value = message.headers.as_ref()?.get(KNOWN_HEADER)?.as_str();
+    let (previous, head) = value.split_once('/')?;
+    Some(Known {
+        previous: previous.parse().ok()?,
+        head: head.parse().ok()?,
     })
 }
 

@@ -71,6 +71,14 @@ pub trait Log: Send + Sync {
     /// with its own seq, and applies other nodes' messages through the same [`Apply`].
     fn append(&self, message: Arc<Message>, ack: Ack);
 
+    /// [`Log::append`], told what the hub knows of the message's topic (see [`Known`]). A log
+    /// shared by several hubs records it with the message, so that a hub started after the
+    /// topic's older messages were evicted can tell how far its gap reaches.
+    fn append_known(&self, message: Arc<Message>, known: Known, ack: Ack) {
+        let _ = known;
+        self.append(message, ack);
+    }
+
     /// Retention evicted `seq` of `topic`: the log may drop it. Also called under the hub's lock.
     fn evict(&self, topic: &Topic, seq: u64);
 
@@ -101,6 +109,19 @@ pub trait Log: Send + Sync {
     fn reachable(&self) -> Option<watch::Receiver<bool>> {
         None
     }
+}
+
+/// What a hub knew of a message's topic when it handed the message to the log: no message of
+/// the topic has a seq in `(previous, head]`. `previous` is the topic's newest seq the hub knew
+/// of (or a bound above it, when the hub forgot the topic or skipped seqs); `head` is the highest
+/// seq the hub had applied. When `head` is just below the message's seq, `previous` is exactly
+/// the topic's previous message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Known {
+    /// The topic's newest seq as the hub knew it (0: none).
+    pub previous: u64,
+    /// The highest seq the hub had applied.
+    pub head: u64,
 }
 
 /// What a log reports about itself.
