@@ -414,8 +414,8 @@ async fn grpc_subscriber(
             Some(Event::Gap(_)) => {
                 ctx.subs[i].gaps.fetch_add(1, Relaxed);
             }
-            // Not asked for.
-            Some(Event::Presence(_)) | None => {}
+            // Not asked for; not in cluster mode.
+            Some(Event::Presence(_) | Event::Cluster(_)) | None => {}
         }
     }
     Err("gRPC stream ended".into())

@@ -425,6 +425,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
                             lag.from_seq, lag.to_seq
                         );
                     }
+                    Some(Event::Cluster(status)) => eprintln!("topichub: {}", status.message),
                     // Not asked for.
                     Some(Event::Presence(_)) | None => {}
                 }

@@ -107,7 +107,7 @@ pub fn start_publish(
 }
 
 /// Publishes a `PublishRequest` through `door` and waits until it is acknowledged: its cursor,
-/// and whether it was a retry of a message already published (see [`Publishing::is_duplicate`]).
+/// and whether it was a retry of a message already published (see [`Publishing::settled`]).
 pub async fn publish(
     hub: &Hub,
     access: &Access,
@@ -115,8 +115,7 @@ pub async fn publish(
     request: v1::PublishRequest,
 ) -> Result<(v1::Cursor, bool), Error> {
     let publishing = start_publish(hub, access, request)?;
-    let duplicate = publishing.is_duplicate();
-    let message = publishing.await?;
+    let (message, duplicate) = publishing.settled().await?;
     // A retry is answered, not published again.
     if !duplicate {
         hub.metrics().published(door);
@@ -472,6 +471,9 @@ async fn forward(
             Some(Ok(hub::Event::Gap(g))) => event(Event::Gap(wire::gap(g))),
             Some(Ok(hub::Event::Lag(l))) => event(Event::Lag(wire::lag(l))),
             Some(Ok(hub::Event::Presence(p))) => event(Event::Presence(wire::presence_event(p))),
+            Some(Ok(hub::Event::Cluster { reachable })) => {
+                event(Event::Cluster(wire::cluster_status(reachable)))
+            }
             Some(Err(Error::ShuttingDown)) => {
                 // The door reports it once for the whole stream.
                 return;

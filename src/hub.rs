@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
 use futures_util::future::Shared as SharedFuture;
 use indexmap::IndexSet;
 use tokio::sync::oneshot;
@@ -42,7 +43,7 @@ use crate::cursor::Cursor;
 use crate::error::{Behind, Error};
 use crate::idempotency::{self, Earlier, Fingerprint};
 use crate::log::memory::{Retention, TopicLog};
-use crate::log::{Log, Purged, Recovered};
+use crate::log::{Known, Log, Purged, Recovered, Stored};
 pub use crate::message::{Headers, Message};
 use crate::metrics::{Door, Metrics, Snapshot};
 use crate::pattern_index::PatternIndex;
@@ -253,6 +254,12 @@ pub enum Event {
     Lag(Lag),
     /// Subscriptions joined or left topics this one follows (only when asked for).
     Presence(Vec<PresenceChange>),
+    /// The log's servers (a cluster's NATS) became unreachable, so delivery pauses, or
+    /// reachable again, so it resumes where it paused (see [`Log::reachable`]).
+    Cluster {
+        /// Whether this hub reaches them now.
+        reachable: bool,
+    },
 }
 
 /// How the live subscriptions of one topic or pattern changed since the previous presence event.
@@ -330,7 +337,7 @@ impl Event {
             Event::Message(m) => metrics.delivered(door, m.published_at),
             Event::Gap(_) => metrics.gapped(door),
             Event::Lag(_) => metrics.lagged(door),
-            Event::Presence(_) => {}
+            Event::Presence(_) | Event::Cluster { .. } => {}
         }
     }
 }
@@ -398,6 +405,8 @@ struct Shared {
     metrics: Metrics,
     /// The durable log, if any; without one the topics' in-memory logs are the whole history.
     log: Option<Box<dyn Log>>,
+    /// Whether a remote log's servers are reachable, when the log says.
+    reachable: Option<tokio::sync::watch::Receiver<bool>>,
     state: Mutex<State>,
     /// The other hubs on the same log, once known (cluster mode).
     peers: OnceLock<Arc<dyn Peers>>,
@@ -425,8 +434,12 @@ struct State {
     /// presence is its subscriber list).
     patterns: HashMap<Pattern, PatternMembers>,
     /// Highest seq evicted from a topic that has since been forgotten entirely; a resume from
-    /// before it may have missed messages there, so it is reported as a gap.
+    /// before it may have missed messages there, so it is reported as a gap to subscriptions
+    /// that may name such a topic: wildcards, and topics created since (which inherit it).
     forgotten_through: u64,
+    /// Seqs up to here may be missing from any topic, known or not: a shared log skipped them
+    /// (evicted before this hub read them).
+    lost_through: u64,
     /// Which topics may have aged messages, soonest first.
     expiry: ExpiryIndex,
     /// Recent idempotency keys, and keyed publishes waiting for the durable log.
@@ -467,7 +480,7 @@ impl ExpiryIndex {
 }
 
 /// A publish waiting for the durable log, shared by its publisher and any retry under its key.
-type InFlight = SharedFuture<oneshot::Receiver<Result<Arc<Message>, Error>>>;
+type InFlight = SharedFuture<oneshot::Receiver<Result<Stored, Error>>>;
 
 #[derive(Default)]
 struct TopicState {
@@ -553,6 +566,38 @@ pub struct Subscription {
     head_at_start: u64,
     /// Presence events, when asked for.
     presence: Option<Box<PresenceWatch>>,
+    /// Reachability of a remote log's servers, on a log that reports it.
+    reachability: Option<Box<ReachabilityWatch>>,
+}
+
+/// What a subscription has told its subscriber about the log's reachability.
+struct ReachabilityWatch {
+    /// Yields the current value first, then every change.
+    changes: tokio_stream::wrappers::WatchStream<bool>,
+    /// What the subscriber was last told (a subscription starts out assuming reachable).
+    told: bool,
+}
+
+impl ReachabilityWatch {
+    /// The event to hand out, if the reachability changed since the subscriber was told; ends
+    /// the watch (`None` in `slot`) when the log stops reporting.
+    fn poll_change(slot: &mut Option<Box<Self>>, cx: &mut Context<'_>) -> Option<Event> {
+        let watch = slot.as_mut()?;
+        loop {
+            match watch.changes.poll_next_unpin(cx) {
+                Poll::Ready(Some(reachable)) if reachable != watch.told => {
+                    watch.told = reachable;
+                    return Some(Event::Cluster { reachable });
+                }
+                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) => {
+                    *slot = None;
+                    return None;
+                }
+                Poll::Pending => return None,
+            }
+        }
+    }
 }
 
 /// What a subscription watching presence has reported so far, per topic or pattern it named.
@@ -656,7 +701,7 @@ impl Hub {
                 let mut state = hub.lock();
                 for message in batch {
                     if numbered && message.seq > state.head + 1 {
-                        state.forgotten_through = state.forgotten_through.max(message.seq - 1);
+                        state.lost_through = state.lost_through.max(message.seq - 1);
                     }
                     state.deliver(message, &hub.shared.config, log, None);
                 }
@@ -694,11 +739,13 @@ impl Hub {
             idempotency: idempotency::Window::new(config.idempotency),
             ..State::default()
         };
+        let reachable = log.as_ref().and_then(|log| log.reachable());
         Hub {
             shared: Arc::new(Shared {
                 epoch,
                 config,
                 metrics,
+                reachable,
                 log,
                 state: Mutex::new(state),
                 peers: OnceLock::new(),
@@ -890,7 +937,8 @@ impl Hub {
             Some(log) => {
                 // Handed over under the lock, so the log receives messages in seq order.
                 let (ack, acked) = oneshot::channel();
-                log.append(message, ack);
+                let known = state.known(&message.topic);
+                log.append_known(message, known, ack);
                 let (Some(key), Some(fingerprint)) = (key, fingerprint) else {
                     return Publishing {
                         outcome: Outcome::Waiting(acked),
@@ -1041,6 +1089,12 @@ impl Hub {
             .presence
             .then(|| state.presence_watch(&patterns, config.presence_interval));
         drop(guard);
+        let reachability = self.shared.reachable.clone().map(|reachable| {
+            Box::new(ReachabilityWatch {
+                changes: tokio_stream::wrappers::WatchStream::new(reachable),
+                told: true,
+            })
+        });
         Ok(Subscription {
             hub: self.clone(),
             id,
@@ -1051,6 +1105,7 @@ impl Hub {
             last_seq: from,
             head_at_start,
             presence,
+            reachability,
         })
     }
 
@@ -1489,6 +1544,20 @@ impl State {
         }
     }
 
+    /// What this hub knows of `topic` now (see [`Known`]).
+    fn known(&self, topic: &Topic) -> Known {
+        let previous = match self.topics.get(topic) {
+            Some(t) => t.log.last_seq().max(t.log.evicted_through()),
+            // It may have been forgotten.
+            None => self.forgotten_through,
+        };
+        Known {
+            // A skipped seq may have been the topic's.
+            previous: previous.max(self.lost_through),
+            head: self.head,
+        }
+    }
+
     /// Forgets `name` if nothing is retained there and nobody subscribes to it; a resume from
     /// before what it evicted is still told of the gap (`forgotten_through`).
     fn forget_if_unused(&mut self, name: &Topic) {
@@ -1519,7 +1588,11 @@ impl State {
         if self.topics.contains_key(topic) {
             return;
         }
-        self.add_topic(topic, TopicState::default());
+        let topic_state = TopicState {
+            log: TopicLog::inheriting(self.forgotten_through),
+            ..TopicState::default()
+        };
+        self.add_topic(topic, topic_state);
         let mut matching = Vec::new();
         self.wildcard_subs
             .matches(topic.as_str(), &mut |id| matching.push(id));
@@ -1557,10 +1630,16 @@ impl State {
 
     /// The range after `from` that matching topics have evicted, if any.
     fn retention_gap(&self, patterns: &[Pattern], from: u64, epoch: &str) -> Option<Gap> {
+        // Topics known here were created after (and inherited) every forgetting that could
+        // concern them; only a pattern or an unknown topic may name a forgotten one.
+        let known = patterns
+            .iter()
+            .all(|p| p.as_topic().is_some() && self.topics.contains_key(p.as_str()));
+        let forgotten = if known { 0 } else { self.forgotten_through };
         let evicted = self
             .matching_topics(patterns)
             .map(|(_, t)| t.log.evicted_through())
-            .chain(std::iter::once(self.forgotten_through))
+            .chain([forgotten, self.lost_through])
             .max()
             .unwrap_or(0);
         (evicted > from).then(|| Gap {
@@ -1690,7 +1769,7 @@ pub struct Publishing {
 
 enum Outcome {
     Done(Option<Result<Arc<Message>, Error>>),
-    Waiting(oneshot::Receiver<Result<Arc<Message>, Error>>),
+    Waiting(oneshot::Receiver<Result<Stored, Error>>),
     /// A keyed publish waiting for the log, which a retry may be waiting on too.
     Shared(InFlight),
 }
@@ -1717,6 +1796,30 @@ impl Publishing {
     pub fn is_duplicate(&self) -> bool {
         self.duplicate
     }
+
+    /// The outcome, and whether the publish was a duplicate: a retry [`Publishing::is_duplicate`]
+    /// recognised at once, or one only the log recognised once it answered (a shared log that
+    /// already held the key, stored through another node).
+    pub async fn settled(mut self) -> Result<(Arc<Message>, bool), Error> {
+        let stored = std::future::poll_fn(|cx| self.poll_stored(cx)).await?;
+        Ok((stored.message, self.duplicate || stored.duplicate))
+    }
+
+    fn poll_stored(&mut self, cx: &mut Context<'_>) -> Poll<Result<Stored, Error>> {
+        match &mut self.outcome {
+            Outcome::Done(done) => Poll::Ready(
+                done.take()
+                    .expect("polled after completion")
+                    .map(Stored::from),
+            ),
+            Outcome::Waiting(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
+            Outcome::Shared(acked) => Pin::new(acked)
+                .poll(cx)
+                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
+        }
+    }
 }
 
 /// The answer of a log that went away without answering.
@@ -1730,15 +1833,8 @@ impl Future for Publishing {
     type Output = Result<Arc<Message>, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.outcome {
-            Outcome::Done(done) => Poll::Ready(done.take().expect("polled after completion")),
-            Outcome::Waiting(acked) => Pin::new(acked)
-                .poll(cx)
-                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
-            Outcome::Shared(acked) => Pin::new(acked)
-                .poll(cx)
-                .map(|answer| answer.unwrap_or_else(|_| Err(log_stopped()))),
-        }
+        self.poll_stored(cx)
+            .map(|stored| stored.map(|stored| stored.message))
     }
 }
 
@@ -1771,6 +1867,9 @@ impl Subscription {
                     return Poll::Ready(Some(Ok(Event::Presence(changes))));
                 }
             }
+        }
+        if let Some(event) = ReachabilityWatch::poll_change(&mut self.reachability, cx) {
+            return Poll::Ready(Some(Ok(event)));
         }
         loop {
             if let Some(event) = self.pending.pop_front() {
@@ -1955,6 +2054,56 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A forgotten topic's range concerns only subscriptions that may name it: a topic known all
+    /// along is told of nothing, a topic created since inherits it, and so does a pattern.
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_topic_s_gap_is_reported_only_where_it_may_concern() {
+        let hub = hub(HubConfig {
+            retain_age: Duration::from_secs(60),
+            clock: Clock::tokio(),
+            ..Default::default()
+        });
+        publish(&hub, "old", 1);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        publish(&hub, "kept", 1);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        hub.expire();
+        publish(&hub, "new", 1);
+        let first_event = |pattern: &str| {
+            let mut sub = hub
+                .subscribe(SubscribeOptions {
+                    patterns: vec![Pattern::parse(pattern).unwrap()],
+                    start: Start::After(Cursor {
+                        epoch: hub.epoch().to_owned(),
+                        seq: 0,
+                    }),
+                    ..Default::default()
+                })
+                .unwrap();
+            futures_util::FutureExt::now_or_never(sub.next())
+                .flatten()
+                .unwrap()
+                .unwrap()
+        };
+        assert!(
+            matches!(first_event("kept"), Event::Message(m) if m.seq == 2),
+            "known all along"
+        );
+        for pattern in ["new", "old", ">"] {
+            assert!(
+                matches!(
+                    first_event(pattern),
+                    Event::Gap(Gap {
+                        from_seq: 1,
+                        to_seq: Some(1),
+                        ..
+                    })
+                ),
+                "{pattern}"
+            );
+        }
     }
 
     #[test]

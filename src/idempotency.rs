@@ -394,7 +394,7 @@ mod tests {
             let batch: Vec<_> = held.iter().map(|(m, _)| m.clone()).collect();
             (self.apply.get().unwrap())(&batch);
             for (message, ack) in held {
-                let _ = ack.send(Ok(message));
+                let _ = ack.send(Ok(message.into()));
             }
         }
 

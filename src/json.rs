@@ -241,6 +241,27 @@ impl From<v1::TopicDeleted> for TopicDeletedJson {
     }
 }
 
+/// `data` of the SSE `cluster` event (and the WebSocket `cluster` field), in cluster mode: the
+/// node serving the stream lost the NATS cluster (`reachable: false`; delivery pauses, nothing is
+/// lost) or regained it (`reachable: true`; delivery continues where it paused, with no gap and
+/// no duplicate).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClusterStatusJson {
+    /// false: delivery is paused, the node cannot reach the cluster; true: it resumed.
+    pub reachable: bool,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl From<v1::ClusterStatus> for ClusterStatusJson {
+    fn from(status: v1::ClusterStatus) -> ClusterStatusJson {
+        ClusterStatusJson {
+            reachable: status.reachable,
+            message: status.message,
+        }
+    }
+}
+
 /// The JSON body of every error response.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {

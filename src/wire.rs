@@ -218,6 +218,19 @@ pub fn presence_page(page: hub::PresencePage) -> v1::PresenceResponse {
     }
 }
 
+/// What a subscriber is told when this node loses or regains the NATS cluster (cluster mode).
+pub fn cluster_status(reachable: bool) -> v1::ClusterStatus {
+    let message = if reachable {
+        "this node reaches the NATS cluster again; delivery continues where it paused, with nothing missed"
+    } else {
+        "this node cannot reach the NATS cluster; delivery is paused (nothing is lost: it continues where it paused once the cluster is back, or resume from your last cursor on another node)"
+    };
+    v1::ClusterStatus {
+        reachable,
+        message: message.into(),
+    }
+}
+
 /// A subscription's holder as (client, door) names; empty when it was opened without one.
 pub fn holder(holder: Option<&hub::Holder>) -> (String, String) {
     holder.map_or_else(Default::default, |h| {
@@ -233,6 +246,7 @@ pub fn subscribe_event(event: hub::Event) -> v1::SubscribeResponse {
         hub::Event::Gap(g) => Event::Gap(gap(g)),
         hub::Event::Lag(l) => Event::Lag(lag(l)),
         hub::Event::Presence(p) => Event::Presence(presence_event(p)),
+        hub::Event::Cluster { reachable } => Event::Cluster(cluster_status(reachable)),
     };
     v1::SubscribeResponse { event: Some(event) }
 }

@@ -50,9 +50,13 @@ fn url(node: &BrokerProcess) -> String {
     format!("http://{}", node.addr)
 }
 
-/// The next `message` event (seq, cursor), failing on anything else.
+/// The next `message` event (seq, cursor), failing on anything else but `cluster` events (a
+/// node that lost NATS for a while says so; tests/cluster_failures.rs covers them).
 async fn next_message(sse: &mut Sse) -> (u64, String) {
-    let event: SseEvent = sse.next().await.expect("the stream goes on");
+    let mut event: SseEvent = sse.next().await.expect("the stream goes on");
+    while event.event == "cluster" {
+        event = sse.next().await.expect("the stream goes on");
+    }
     assert_eq!(event.event, "message", "{event:?}");
     let json = event.json();
     (

@@ -202,6 +202,7 @@ async fn a_queue_over_its_byte_budget_lags_and_catches_up() {
             Event::Lag(_) => lags += 1,
             Event::Gap(gap) => panic!("everything is retained, so no {gap:?}"),
             Event::Presence(p) => panic!("not asked for: {p:?}"),
+            Event::Cluster(c) => panic!("not in cluster mode: {c:?}"),
         }
     }
     assert!(

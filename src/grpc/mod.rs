@@ -112,8 +112,7 @@ impl Pipeline {
     async fn settle(&mut self, keep: usize) -> Result<(), Error> {
         while self.in_flight.len() > keep {
             let publishing = self.in_flight.pop_front().expect("more than keep");
-            let duplicate = publishing.is_duplicate();
-            let message = publishing.await?;
+            let (message, duplicate) = publishing.settled().await?;
             // A retry is answered, not published again.
             if !duplicate {
                 self.hub.metrics().published(self.door);

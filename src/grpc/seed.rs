@@ -127,6 +127,15 @@ impl server::pub_sub_service_server::PubSubService for SeedService {
                 }
                 // Never asked for by the seed service.
                 hub::Event::Presence(_) => None,
+                // The seed's messages carry only a payload: its subscribers see a pause, then
+                // the messages, and nothing twice.
+                hub::Event::Cluster { reachable } => {
+                    tracing::debug!(
+                        reachable,
+                        "seed subscriber not told of the NATS cluster's reachability"
+                    );
+                    None
+                }
             });
         // Seed clients have no cursors, so the generic "resume from your cursor" advice is
         // replaced.

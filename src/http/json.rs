@@ -11,8 +11,8 @@ use crate::hub::{self, Headers, Message};
 use crate::json::rfc3339;
 // The shapes the WebSocket door shares live below both doors.
 pub use crate::json::{
-    CursorText, GapJson, HeaderName, LagJson, MessageJson, PresenceJson, PublishBody,
-    SubscribedJson, TopicDeletedJson, TopicName, TopicPattern,
+    ClusterStatusJson, CursorText, GapJson, HeaderName, LagJson, MessageJson, PresenceJson,
+    PublishBody, SubscribedJson, TopicDeletedJson, TopicName, TopicPattern,
 };
 use crate::topic::Topic;
 
@@ -414,6 +414,12 @@ impl utoipa::PartialSchema for SseEvent {
                 "A topic this stream named was deleted; the last event, the stream ends after it",
             ))
             .item(event(
+                "cluster",
+                "ClusterStatusJson",
+                Id::Repeated,
+                "Cluster mode: the node lost the NATS cluster (`reachable: false`: delivery pauses, nothing is lost) or regained it (`reachable: true`: delivery continues where it paused, with no gap and no duplicate)",
+            ))
+            .item(event(
                 "end",
                 "ErrorBody",
                 Id::Repeated,
@@ -441,6 +447,10 @@ impl ToSchema for SseEvent {
             (LagJson::name().into(), LagJson::schema()),
             (PresenceJson::name().into(), PresenceJson::schema()),
             (TopicDeletedJson::name().into(), TopicDeletedJson::schema()),
+            (
+                ClusterStatusJson::name().into(),
+                ClusterStatusJson::schema(),
+            ),
             (ErrorBody::name().into(), ErrorBody::schema()),
             (CursorText::name().into(), CursorText::schema()),
         ]);

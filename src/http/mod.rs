@@ -308,8 +308,7 @@ async fn publish_once(
     key: Option<Arc<str>>,
 ) -> Result<Json<Published>, ApiError> {
     let publishing = state.hub.publish_once(topic, payload, headers, key);
-    let duplicate = publishing.is_duplicate();
-    let message = publishing.await?;
+    let (message, duplicate) = publishing.settled().await?;
     // A retry is answered, not published again.
     if !duplicate {
         state.hub.metrics().published(Door::Http);

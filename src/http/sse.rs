@@ -19,7 +19,10 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::AppState;
 use super::error::ApiError;
-use super::json::{GapJson, LagJson, MessageJson, PresenceJson, SubscribedJson, TopicDeletedJson};
+use super::json::{
+    ClusterStatusJson, GapJson, LagJson, MessageJson, PresenceJson, SubscribedJson,
+    TopicDeletedJson,
+};
 use crate::auth::Access;
 use crate::cursor::Cursor;
 use crate::error::Error;
@@ -71,7 +74,7 @@ pub(crate) const PARAMS: [&str; 8] = [
         ("Last-Event-ID" = Option<String>, Header, description = "Cursor to resume after (sent by EventSource on reconnect; empty: none)", nullable = false, pattern = "^([A-Za-z0-9]{1,32}-(0|[1-9][0-9]{0,19}))?$"),
     ),
     responses(
-        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `end` (data: ErrorBody saying why the server ends the stream: UNAVAILABLE on shutdown, UNAUTHENTICATED when the token expires, RESOURCE_EXHAUSTED for a slow consumer; the last event), with `presence=true` also `presence` (data: PresenceJson), and `deleted` (data: TopicDeletedJson; the last event) when a topic the stream names exactly is deleted. Only `subscribed` and `message` carry an id (a cursor), and never one ahead of a message not yet delivered: resuming from the last id seen loses nothing.", content_type = "text/event-stream", body = super::json::SseEvent),
+        (status = 200, description = "An SSE stream. Events: `subscribed` (data: SubscribedJson), `message` (data: MessageJson), `gap` (data: GapJson), `lag` (data: LagJson), `end` (data: ErrorBody saying why the server ends the stream: UNAVAILABLE on shutdown, UNAUTHENTICATED when the token expires, RESOURCE_EXHAUSTED for a slow consumer; the last event), with `presence=true` also `presence` (data: PresenceJson), `deleted` (data: TopicDeletedJson; the last event) when a topic the stream names exactly is deleted, and in cluster mode `cluster` (data: ClusterStatusJson) when the node loses the NATS cluster (`reachable: false`: delivery pauses, nothing is lost) and when it is back (`reachable: true`: delivery continues where it paused, no gap, no duplicate). Only `subscribed` and `message` carry an id (a cursor), and never one ahead of a message not yet delivered: resuming from the last id seen loses nothing.", content_type = "text/event-stream", body = super::json::SseEvent),
         (status = 400, description = "Invalid topic, pattern, cursor or parameter; or a cursor ahead of the hub", body = super::error::ErrorBody),
     )
 )]
@@ -224,6 +227,10 @@ fn event_frame(event: Event) -> Bytes {
         Event::Presence(changes) => {
             let data = PresenceJson::from(crate::wire::presence_event(changes));
             frame("presence", None, &data, false)
+        }
+        Event::Cluster { reachable } => {
+            let data = ClusterStatusJson::from(crate::wire::cluster_status(reachable));
+            frame("cluster", None, &data, false)
         }
     }
 }

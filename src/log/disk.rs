@@ -346,7 +346,7 @@ impl Writer {
                             appends.iter().map(|(m, _)| m.clone()).collect();
                         apply(&messages);
                         for (message, ack) in appends {
-                            let _ = ack.send(Ok(message));
+                            let _ = ack.send(Ok(message.into()));
                         }
                     }
                     // After the acknowledgements: the marker's fsync is not theirs to wait for.

@@ -13,13 +13,18 @@
 //! - **Epoch.** The stream's creation time: stable across leader changes, restarts and purges;
 //!   a deleted and recreated stream is a new history.
 //! - **Gaps.** The hub mirrors JetStream's per-subject eviction with its own retention while it
-//!   runs (same limits). At start, what the stream no longer holds is derived from its state:
-//!   everything below its first sequence is forgotten (age and size limits evict stream-wide),
-//!   and each interior hole (left by the per-subject limit) is charged to every topic at that
-//!   limit whose oldest message is above it, since the stream does not say which subject the
-//!   hole belonged to. That is conservative: a resume may be told of a gap that held nothing of
-//!   its topics, never the reverse. A hole met while running (a message evicted before this node
-//!   read it) is forgotten by the hub (see [`Log::numbers_messages`]).
+//!   runs (same limits). At start, what the stream no longer holds is derived from its state and
+//!   from what each topic's oldest message says: every message carries what its publishing node
+//!   knew of its topic ([`Known`]: the topic's newest seq, and the head it had applied), so a
+//!   topic whose oldest message's publisher had applied everything before it has an exact
+//!   watermark. Otherwise what it may have lost is bounded by the stream's state: any sequence
+//!   below the first (age and size limits evict stream-wide) and, for a topic at the per-subject
+//!   limit, the holes below its oldest message (the stream does not say which subject a hole
+//!   belonged to). A topic the stream holds nothing of may have been evicted entirely: a resume
+//!   on it is told of everything below the first sequence. Conservative, never the reverse: a
+//!   resume may be told of a gap that held nothing of its topics, never miss one. A hole met
+//!   while running (a message evicted before this node read it) may have been any topic's (see
+//!   [`Log::numbers_messages`]).
 //!
 //! Topics map to subjects under a prefix (`topichub.orders.eu`); topichub's `*` and `>` are
 //! NATS's own. Headers travel as one JSON header, so any header name topichub accepts survives.
@@ -39,7 +44,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, Apply, ApplyDelete, Log, LogStats, Purged, Recovered};
+use super::{Ack, Apply, ApplyDelete, Known, Log, LogStats, Purged, Recovered, Stored};
 use crate::error::Error;
 use crate::message::{Headers, Message};
 use crate::topic::Topic;
@@ -76,6 +81,13 @@ const STREAM_RECREATED: &str = "the JetStream stream was deleted and created aga
 const HEADERS_HEADER: &str = "Topichub-Headers";
 /// `Nats-Msg-Id`s that topichub made up (no idempotency key given) start with this.
 const OWN_ID_PREFIX: &str = "topichub~";
+/// Header carrying what the publishing node knew of the message's topic ([`Known`]) as
+/// `PREVIOUS/HEAD`: a node started after the topic's older messages were evicted reads from it how
+/// far the topic's gap reaches.
+const KNOWN_HEADER: &str = "Topichub-Known";
+/// Header naming the one publish (node and number) that sent a keyed message: a PubAck saying
+/// "duplicate" to a retry of that very publish is its own message, not another's.
+const PUBLISH_HEADER: &str = "Topichub-Publish";
 
 /// How to reach NATS and which stream to use. Built from the `--nats*` options.
 #[derive(Clone, Debug)]
@@ -143,14 +155,14 @@ impl OpenError {
 /// The JetStream log. See the module documentation.
 pub struct JetStreamLog {
     shared: Arc<Shared>,
-    publishes: mpsc::UnboundedSender<(Arc<Message>, Ack)>,
+    publishes: mpsc::UnboundedSender<(Arc<Message>, Option<Known>, Ack)>,
     /// Taken by `start`.
     startup: Mutex<Option<Startup>>,
 }
 
 struct Startup {
     messages: consumer::pull::Ordered,
-    publishes: mpsc::UnboundedReceiver<(Arc<Message>, Ack)>,
+    publishes: mpsc::UnboundedReceiver<(Arc<Message>, Option<Known>, Ack)>,
 }
 
 /// What the log's tasks share. The std mutexes are never held across an `.await`, and `append`
@@ -166,8 +178,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Highest stream seq applied (through the hub) by this node.
     applied: watch::Sender<u64>,
-    /// Publishers waiting for the message with this `Nats-Msg-Id` to be applied.
-    waiting: Mutex<HashMap<String, Vec<Ack>>>,
+    /// Publishers waiting for the message with this `Nats-Msg-Id` to be acknowledged and applied.
+    waiting: Mutex<HashMap<String, Waiting>>,
     /// Why publishes are refused right now, if they are; also set by the connection's events.
     failing: Arc<Mutex<Option<String>>>,
     bytes: AtomicU64,
@@ -177,6 +189,8 @@ struct Shared {
     /// The stream was deleted and created again while this node ran (a new history): nothing
     /// more is published or applied here until a restart.
     recreated: std::sync::atomic::AtomicBool,
+    /// Whether NATS is reachable, as subscribers are told.
+    reachable: Arc<Reachability>,
     stop: CancellationToken,
     /// Topic deletions: how the hub applies them, and who waits for theirs.
     deletions: Deletions,
@@ -187,7 +201,14 @@ impl JetStreamLog {
     pub async fn open(config: &NatsConfig) -> Result<(JetStreamLog, Recovered), OpenError> {
         let failing = Arc::new(Mutex::new(None::<String>));
         let reconnected = Arc::new(tokio::sync::Notify::new());
-        let client = connect(config, failing.clone(), reconnected.clone()).await?;
+        let reachable = Arc::new(Reachability::default());
+        let client = connect(
+            config,
+            failing.clone(),
+            reconnected.clone(),
+            reachable.clone(),
+        )
+        .await?;
         let max_payload = client.server_info().max_payload;
         if max_payload < config.limits.max_message_bytes {
             tracing::warn!(
@@ -290,6 +311,7 @@ impl JetStreamLog {
             bytes: AtomicU64::new(info.state.bytes),
             reconnected,
             recreated: std::sync::atomic::AtomicBool::new(false),
+            reachable,
             stop: CancellationToken::new(),
             deletions: Deletions::default(),
         });
@@ -330,7 +352,17 @@ impl Log for JetStreamLog {
     }
 
     fn append(&self, message: Arc<Message>, ack: Ack) {
-        if let Err(mpsc::error::SendError((_, ack))) = self.publishes.send((message, ack)) {
+        if let Err(mpsc::error::SendError((_, _, ack))) = self.publishes.send((message, None, ack))
+        {
+            let _ = ack.send(Err(Error::Unavailable(
+                "the log is closed; topichub is shutting down".into(),
+            )));
+        }
+    }
+
+    fn append_known(&self, message: Arc<Message>, known: Known, ack: Ack) {
+        let sent = self.publishes.send((message, Some(known), ack));
+        if let Err(mpsc::error::SendError((_, _, ack))) = sent {
             let _ = ack.send(Err(Error::Unavailable(
                 "the log is closed; topichub is shutting down".into(),
             )));
@@ -349,7 +381,7 @@ impl Log for JetStreamLog {
             let _ = shared.client.flush().await;
             let waiting =
                 std::mem::take(&mut *shared.waiting.lock().unwrap_or_else(|p| p.into_inner()));
-            for ack in waiting.into_values().flatten() {
+            for ack in waiting.into_values().flat_map(|w| w.acks) {
                 let _ = ack.send(Err(Error::Unavailable(
                     "topichub is shutting down; the message may have been published, retry with the same idempotency key".into(),
                 )));
@@ -373,6 +405,10 @@ impl Log for JetStreamLog {
 
     fn numbers_messages(&self) -> bool {
         true
+    }
+
+    fn reachable(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.shared.reachable.state.subscribe())
     }
 
     fn until_applied(&self, seq: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -409,6 +445,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
+            .map(|w| w.acks)
     }
 
     /// Answers every publisher waiting for the message with `id` with `error`.
@@ -537,14 +574,7 @@ impl Shared {
             return;
         }
         apply(&batch);
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        for (message, id) in batch.iter().zip(ids) {
-            if let Some(acks) = id.and_then(|id| waiting.remove(&id)) {
-                for ack in acks {
-                    let _ = ack.send(Ok(message.clone()));
-                }
-            }
-        }
+        self.applied_for_waiting(&batch, ids);
     }
 
     /// Whether the stream holds sequences this node has not applied.
@@ -585,10 +615,10 @@ impl Shared {
     /// its own so that publishes pipeline.
     async fn publish_all(
         self: Arc<Self>,
-        mut publishes: mpsc::UnboundedReceiver<(Arc<Message>, Ack)>,
+        mut publishes: mpsc::UnboundedReceiver<(Arc<Message>, Option<Known>, Ack)>,
     ) {
         loop {
-            let (message, ack) = tokio::select! {
+            let (message, known, ack) = tokio::select! {
                 () = self.stop.cancelled() => return,
                 next = publishes.recv() => match next {
                     Some(next) => next,
@@ -620,13 +650,25 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(id.clone())
                 .or_default()
+                .acks
                 .push(ack);
             let subject = format!("{}.{}", self.subject_prefix, message.topic.as_str());
             let mut headers = HeaderMap::new();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            if message.idempotency_key.is_some() {
+                let publish = format!(
+                    "{}-{}",
+                    self.node,
+                    self.next_id.fetch_add(1, Ordering::Relaxed)
+                );
+                headers.insert(PUBLISH_HEADER, publish.as_str());
+            }
             if !message.headers.is_empty() {
                 let json = serde_json::to_string(&message.headers).unwrap_or_default();
                 headers.insert(HEADERS_HEADER, json.as_str());
+            }
+            if let Some(known) = known {
+                headers.insert(KNOWN_HEADER, encode_known(known).as_str());
             }
             let sent = self
                 .context
@@ -651,7 +693,9 @@ impl Shared {
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
         let mut disconnected_since = None;
+        let mut attempts = 0;
         let acked = loop {
+            attempts += 1;
             let result = match sent {
                 Ok(future) => future.await,
                 Err(error) => Err(error),
@@ -719,6 +763,14 @@ impl Shared {
         if self.client.connection_state() == Connection::Connected {
             self.set_failing(None);
         }
+        let duplicate = ack.duplicate
+            && !(attempts > 1
+                && self
+                    .stored_by(ack.sequence, headers.get(PUBLISH_HEADER))
+                    .await);
+        if !self.acknowledged(&id, duplicate) {
+            return;
+        }
         // Read-your-writes: answered once this node applied the sequence (normally by the
         // applier itself, which answers everyone waiting for the id).
         let mut applied = self.applied.subscribe();
@@ -734,7 +786,7 @@ impl Shared {
                 Ok(raw) => decode_raw(&self.subject_prefix, &self.epoch, &raw).map(|(m, _)| m),
                 Err(_) => None,
             };
-            Ok(Arc::new(original.unwrap_or_else(|| {
+            let message = Arc::new(original.unwrap_or_else(|| {
                 Message::new(
                     message.topic.clone(),
                     message.payload.clone(),
@@ -744,7 +796,8 @@ impl Shared {
                     message.headers.clone(),
                 )
                 .with_idempotency_key(message.idempotency_key.clone())
-            })))
+            }));
+            Ok(Stored { message, duplicate })
         } else {
             Err(Error::Unavailable(format!(
                 "the message was stored as seq {} but this node has not caught up with the stream yet; retry with the same idempotency key",
@@ -757,12 +810,82 @@ impl Shared {
     }
 }
 
+/// Publishers of one `Nats-Msg-Id`: answered once both its PubAck (which says whether
+/// JetStream already held the id) and this node's applying of the message are in, whichever
+/// comes last.
+#[derive(Default)]
+struct Waiting {
+    acks: Vec<Ack>,
+    /// The PubAck's word, once it arrived: whether the message was a duplicate.
+    duplicate: Option<bool>,
+    /// The message, when this node applied it before the PubAck arrived.
+    applied: Option<Arc<Message>>,
+}
+
+impl Shared {
+    /// The applier's side of [`Waiting`]: answers the publishers of `batch`'s messages whose
+    /// PubAck is in, and keeps the message for the others.
+    fn applied_for_waiting(&self, batch: &[Arc<Message>], ids: Vec<Option<String>>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        for (message, id) in batch.iter().zip(ids) {
+            let Some(id) = id else { continue };
+            let Some(entry) = waiting.get_mut(&id) else {
+                continue;
+            };
+            match entry.duplicate {
+                Some(duplicate) => {
+                    for ack in waiting.remove(&id).into_iter().flat_map(|w| w.acks) {
+                        let _ = ack.send(Ok(Stored {
+                            message: message.clone(),
+                            duplicate,
+                        }));
+                    }
+                }
+                None => entry.applied = Some(message.clone()),
+            }
+        }
+    }
+
+    /// The PubAck's side of [`Waiting`]: answers the publishers of `id` if this node applied the
+    /// message already, else records the PubAck's word for the applier. Whether anyone is
+    /// still waiting.
+    fn acknowledged(&self, id: &str, duplicate: bool) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = waiting.get_mut(id) else {
+            return false;
+        };
+        let Some(message) = entry.applied.take() else {
+            entry.duplicate = Some(duplicate);
+            return true;
+        };
+        for ack in waiting.remove(id).into_iter().flat_map(|w| w.acks) {
+            let _ = ack.send(Ok(Stored {
+                message: message.clone(),
+                duplicate,
+            }));
+        }
+        false
+    }
+
+    /// Whether the stream's message at `seq` was sent by the publish `token` names: then a
+    /// "duplicate" PubAck to a retry of it is that publish's own first attempt, stored after all.
+    async fn stored_by(&self, seq: u64, token: Option<&async_nats::HeaderValue>) -> bool {
+        let Some(token) = token else { return false };
+        match self.stream.get_raw_message(seq).await {
+            Ok(raw) => raw.headers.get(PUBLISH_HEADER) == Some(token),
+            // Unknown: the retry was this node's, so the likelier author is this publish.
+            Err(_) => true,
+        }
+    }
+}
+
 /// Connects to NATS with the configured credentials and TLS. The connection's state is mirrored
 /// into `failing` (set while disconnected).
 async fn connect(
     config: &NatsConfig,
     failing: Arc<Mutex<Option<String>>>,
     reconnected: Arc<tokio::sync::Notify>,
+    reachable: Arc<Reachability>,
 ) -> Result<async_nats::Client, OpenError> {
     // The first connection is no reconnection.
     let connected_before = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -773,7 +896,9 @@ async fn connect(
             let failing = failing.clone();
             let reconnected = reconnected.clone();
             let connected_before = connected_before.clone();
+            let reachable = reachable.clone();
             async move {
+                reachable.connection_event(&event);
                 let mut failing = failing.lock().unwrap_or_else(|p| p.into_inner());
                 match event {
                     async_nats::Event::Disconnected => {
@@ -842,6 +967,49 @@ async fn connect(
     })
 }
 
+/// Whether this node reaches NATS, as subscribers are told: unreachable once the connection has
+/// been lost for [`RECONNECT_GRACE`] (a failover to another server of the cluster takes less,
+/// and is no news to subscribers), reachable again as soon as it is back.
+struct Reachability {
+    state: watch::Sender<bool>,
+    /// Counts connections, so that a check after the grace knows whether the connection it was
+    /// started for is still the lost one.
+    connections: AtomicU64,
+}
+
+impl Default for Reachability {
+    fn default() -> Reachability {
+        Reachability {
+            state: watch::Sender::new(true),
+            connections: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Reachability {
+    fn connection_event(self: &Arc<Self>, event: &async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => {
+                self.connections.fetch_add(1, Ordering::Relaxed);
+                self.state
+                    .send_if_modified(|reachable| !std::mem::replace(reachable, true));
+            }
+            async_nats::Event::Disconnected => {
+                let lost = self.connections.load(Ordering::Relaxed);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RECONNECT_GRACE).await;
+                    if this.connections.load(Ordering::Relaxed) == lost {
+                        this.state
+                            .send_if_modified(|reachable| std::mem::replace(reachable, false));
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The epoch of a stream created at `nanos` (Unix time): lowercase hex, 1-32 alphanumerics as
 /// cursors require.
 fn epoch_of(nanos: i128) -> Arc<str> {
@@ -861,9 +1029,9 @@ async fn load(
     // Ends of the runs of sequences the stream no longer holds, ascending.
     let mut holes: Vec<u64> = Vec::new();
     let mut previous = first.saturating_sub(1).min(last);
-    let forgotten_through = previous;
-    // Per topic: its oldest message's seq and how many it has.
-    let mut first_of: HashMap<Topic, (u64, u64)> = HashMap::new();
+    let below_first = previous;
+    // Per topic: its oldest message's seq, what its publisher knew then, and how many it has.
+    let mut first_of: HashMap<Topic, (u64, Option<Known>, u64)> = HashMap::new();
     // Per deleted topic: the seq of its latest tombstone.
     let mut deleted: HashMap<Topic, u64> = HashMap::new();
     while previous < last {
@@ -891,7 +1059,10 @@ async fn load(
         if let Some((topic, _)) = tombstone(prefix, &message) {
             forget_deleted(&mut loaded, &mut first_of, &mut deleted, topic, seq);
         } else if let Some((decoded, _)) = decode(prefix, epoch, seq, published, &message) {
-            first_of.entry(decoded.topic.clone()).or_insert((seq, 0)).1 += 1;
+            first_of
+                .entry(decoded.topic.clone())
+                .or_insert_with(|| (seq, decode_known(&message), 0))
+                .2 += 1;
             loaded.push(Arc::new(decoded));
         }
         if info.pending == 0 {
@@ -903,30 +1074,53 @@ async fn load(
         holes.push(last);
     }
     // Below the first sequence, anything may have been anyone's (age and byte limits evict
-    // stream-wide): forgotten. Above it, holes are left by the per-subject limit, so they belong
-    // to a topic that is at that limit and whose oldest message is above the hole; a hole no such
-    // topic explains (a deleted message) is forgotten too.
+    // stream-wide). Above it, holes are left by the per-subject limit, so they belong to a topic
+    // that is at that limit and whose oldest message is above the hole; a hole no such topic
+    // explains (a deleted message) may have been anyone's too.
     let full = |count: u64| per_subject.is_some_and(|limit| count >= limit);
-    let mut watermarks = Vec::new();
-    for (topic, &(oldest, count)) in &first_of {
-        let below = holes.partition_point(|&end| end < oldest);
-        if below > 0 && full(count) {
-            watermarks.push((topic.clone(), holes[below - 1]));
-        }
-    }
     let explained = first_of
         .values()
-        .filter(|(_, count)| full(*count))
-        .map(|(oldest, _)| *oldest)
+        .filter(|(_, _, count)| full(*count))
+        .map(|(oldest, _, _)| *oldest)
         .max()
         .unwrap_or(0);
-    let forgotten_through = holes
+    let unexplained = holes
         .iter()
         .copied()
         .filter(|&end| end > explained)
         .max()
-        .unwrap_or(0)
-        .max(forgotten_through);
+        .unwrap_or(0);
+    // Every topic gets its watermark (0 too): a topic without one would be taken for one that
+    // may have been forgotten.
+    let mut watermarks: Vec<(Topic, u64)> = first_of
+        .iter()
+        .map(|(topic, &(oldest, known, count))| {
+            // The highest sequence below `oldest` and above `after` that the stream no longer
+            // holds and that may have been this topic's.
+            let missing_above = |after: u64| {
+                let below = holes.partition_point(|&end| end < oldest);
+                let hole = if below > 0 && full(count) {
+                    holes[below - 1]
+                } else {
+                    0
+                };
+                [below_first, hole]
+                    .into_iter()
+                    .filter(|&seq| seq > after)
+                    .max()
+                    .unwrap_or(0)
+            };
+            let through = match known {
+                // Its publisher knew every message below `head` and the topic's newest of them.
+                Some(known) if known.previous < oldest && known.head < oldest => {
+                    known.previous.max(missing_above(known.head))
+                }
+                _ => missing_above(0),
+            };
+            (topic.clone(), through.max(unexplained))
+        })
+        .collect();
+    let forgotten_through = below_first.max(unexplained);
     merge_deleted(&mut watermarks, deleted);
     Ok(Recovered {
         epoch: epoch.clone(),
@@ -934,6 +1128,21 @@ async fn load(
         forgotten_through,
         watermarks,
         messages: loaded,
+    })
+}
+
+/// [`KNOWN_HEADER`]'s value.
+fn encode_known(known: Known) -> String {
+    format!("{}/{}", known.previous, known.head)
+}
+
+/// [`KNOWN_HEADER`] of a stream message, if it carries a well-formed one.
+fn decode_known(message: &async_nats::Message) -> Option<Known> {
+    let value = message.headers.as_ref()?.get(KNOWN_HEADER)?.as_str();
+    let (previous, head) = value.split_once('/')?;
+    Some(Known {
+        previous: previous.parse().ok()?,
+        head: head.parse().ok()?,
     })
 }
 
@@ -1153,7 +1362,7 @@ fn tombstone(prefix: &str, message: &async_nats::Message) -> Option<(Topic, Opti
 /// purge had not removed yet) and starts its count afresh.
 fn forget_deleted(
     loaded: &mut Vec<Arc<Message>>,
-    first_of: &mut HashMap<Topic, (u64, u64)>,
+    first_of: &mut HashMap<Topic, (u64, Option<Known>, u64)>,
     deleted: &mut HashMap<Topic, u64>,
     topic: Topic,
     seq: u64,
@@ -1269,7 +1478,7 @@ mod tests {
         )
     }
 
-    async fn append(log: &JetStreamLog, message: Arc<Message>) -> Arc<Message> {
+    async fn append(log: &JetStreamLog, message: Arc<Message>) -> Stored {
         let (ack, acked) = oneshot::channel();
         log.append(message, ack);
         tokio::time::timeout(Duration::from_secs(10), acked)
@@ -1291,8 +1500,11 @@ mod tests {
 
         let first = append(&log, message(Some("order-7"))).await;
         let again = append(&log, message(Some("order-7"))).await;
-        let other = append(&log, message(None)).await;
-        let another = append(&log, message(None)).await;
+        assert!(!first.duplicate, "the original is no duplicate");
+        assert!(again.duplicate, "JetStream's word reaches the publisher");
+        let (first, again) = (first.message, again.message);
+        let other = append(&log, message(None)).await.message;
+        let another = append(&log, message(None)).await.message;
         assert_eq!((first.seq, again.seq), (1, 1), "the retry is the original");
         assert_eq!(again.idempotency_key.as_deref(), Some("order-7"));
         assert_eq!(

@@ -50,6 +50,15 @@ impl TopicLog {
         }
     }
 
+    /// A new topic that may have had messages up to `evicted_through` before (a topic of that
+    /// name may have been forgotten): a resume from before it is told of the gap.
+    pub fn inheriting(evicted_through: u64) -> TopicLog {
+        TopicLog {
+            evicted_through,
+            ..TopicLog::default()
+        }
+    }
+
     /// Appends `message` (its seq above every retained one) and evicts what the limits no
     /// longer allow, reporting each evicted seq to `evicted`. Returns the bytes evicted.
     pub fn append(

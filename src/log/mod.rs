@@ -23,14 +23,35 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::Error;
 use crate::message::Message;
 use crate::topic::Topic;
 
 /// Tells one publisher how its message ended: durable and delivered, or refused by the log.
-pub type Ack = oneshot::Sender<Result<Arc<Message>, Error>>;
+pub type Ack = oneshot::Sender<Result<Stored, Error>>;
+
+/// A message the log holds, as its publisher is told.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// The message as stored (with the log's seq).
+    pub message: Arc<Message>,
+    /// The log already held a message under the same idempotency key, stored by an earlier
+    /// publish this hub's window no longer (or never) knew of, e.g. one that reached another
+    /// node of a cluster: `message` is that original, and nothing new was stored.
+    pub duplicate: bool,
+}
+
+impl From<Arc<Message>> for Stored {
+    /// A message stored by this very publish.
+    fn from(message: Arc<Message>) -> Stored {
+        Stored {
+            message,
+            duplicate: false,
+        }
+    }
+}
 
 /// Called by the log with each batch once it is durable, in seq order, before the batch's
 /// publishers are acknowledged: the hub retains the messages and delivers them.
@@ -63,6 +84,14 @@ pub trait Log: Send + Sync {
     /// the hub's seq as a local order only: it applies and acknowledges the message re-stamped
     /// with its own seq, and applies other nodes' messages through the same [`Apply`].
     fn append(&self, message: Arc<Message>, ack: Ack);
+
+    /// [`Log::append`], told what the hub knows of the message's topic (see [`Known`]). A log
+    /// shared by several hubs records it with the message, so that a hub started after the
+    /// topic's older messages were evicted can tell how far its gap reaches.
+    fn append_known(&self, message: Arc<Message>, known: Known, ack: Ack) {
+        let _ = known;
+        self.append(message, ack);
+    }
 
     /// Retention evicted `seq` of `topic`: the log may drop it. Also called under the hub's lock.
     fn evict(&self, topic: &Topic, seq: u64);
@@ -104,6 +133,26 @@ pub trait Log: Send + Sync {
             "this log does not carry deletions; {topic} was not deleted"
         ))));
     }
+
+    /// Whether the servers holding a remote log are reachable (false while this hub cannot
+    /// apply what others publish): the hub tells every subscription when it changes. `None` for
+    /// a log on this machine.
+    fn reachable(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
+}
+
+/// What a hub knew of a message's topic when it handed the message to the log: no message of
+/// the topic has a seq in `(previous, head]`. `previous` is the topic's newest seq the hub knew
+/// of (or a bound above it, when the hub forgot the topic or skipped seqs); `head` is the highest
+/// seq the hub had applied. When `head` is just below the message's seq, `previous` is exactly
+/// the topic's previous message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Known {
+    /// The topic's newest seq as the hub knew it (0: none).
+    pub previous: u64,
+    /// The highest seq the hub had applied.
+    pub head: u64,
 }
 
 /// What a log reports about itself.

@@ -9,8 +9,8 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::hub::LagPolicy;
 use crate::json::{
-    CursorText, ErrorDetail, GapJson, IdempotencyKey, LagJson, MessageJson, PresenceJson,
-    PublishBody, SubscribedJson, TopicDeletedJson, TopicPattern,
+    ClusterStatusJson, CursorText, ErrorDetail, GapJson, IdempotencyKey, LagJson, MessageJson,
+    PresenceJson, PublishBody, SubscribedJson, TopicDeletedJson, TopicPattern,
 };
 use crate::wire::v1;
 
@@ -117,6 +117,10 @@ pub struct WsResponse {
     /// A topic the subscription named was deleted; `unsubscribed` (reason `deleted`) follows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deleted: Option<TopicDeletedJson>,
+    /// Cluster mode: the node lost (or regained) the NATS cluster; the subscription's delivery
+    /// pauses meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatusJson>,
     /// A request failed; the socket stays open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
@@ -311,6 +315,7 @@ pub fn encode(response: v1::ConnectResponse) -> String {
         }
         Some(Event::Presence(p)) => frame.presence = Some(PresenceJson::from(p)),
         Some(Event::Deleted(d)) => frame.deleted = Some(TopicDeletedJson::from(d)),
+        Some(Event::Cluster(c)) => frame.cluster = Some(ClusterStatusJson::from(c)),
         None => {}
     }
     serde_json::to_string(&frame).expect("JSON shapes serialize")
