@@ -449,6 +449,14 @@ export declare type SubscribeResponse = Message$1<"topichub.v1.SubscribeResponse
      */
     value: PresenceEvent;
     case: "presence";
+  } | {
+    /**
+     * Cluster mode: this node lost (or regained) the NATS cluster; delivery pauses meanwhile.
+     *
+     * @generated from field: topichub.v1.ClusterStatus cluster = 6;
+     */
+    value: ClusterStatus;
+    case: "cluster";
   } | { case: undefined; value?: undefined };
 };
 
@@ -457,6 +465,37 @@ export declare type SubscribeResponse = Message$1<"topichub.v1.SubscribeResponse
  * Use `create(SubscribeResponseSchema)` to create a new message.
  */
 export declare const SubscribeResponseSchema: GenMessage<SubscribeResponse>;
+
+/**
+ * Cluster mode (`serve --nats`): whether the node serving this stream reaches the NATS cluster
+ * that holds the hub's history. Sent when the node has lost it for a moment (delivery pauses;
+ * publishes to this node fail with UNAVAILABLE) and again when it is back. Nothing is lost
+ * meanwhile: once reachable, delivery continues where it paused, with no gap and no duplicate.
+ * A client may also move to another node and resume there from its last cursor.
+ *
+ * @generated from message topichub.v1.ClusterStatus
+ */
+export declare type ClusterStatus = Message$1<"topichub.v1.ClusterStatus"> & {
+  /**
+   * false: delivery is paused, the node cannot reach the cluster; true: it resumed.
+   *
+   * @generated from field: bool reachable = 1;
+   */
+  reachable: boolean;
+
+  /**
+   * What happened, for people.
+   *
+   * @generated from field: string message = 2;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message topichub.v1.ClusterStatus.
+ * Use `create(ClusterStatusSchema)` to create a new message.
+ */
+export declare const ClusterStatusSchema: GenMessage<ClusterStatus>;
 
 /**
  * Subscriptions joined or left topics or patterns a subscription follows, since its previous
@@ -724,6 +763,15 @@ export declare type ConnectResponse = Message$1<"topichub.v1.ConnectResponse"> &
      */
     value: TopicDeleted;
     case: "deleted";
+  } | {
+    /**
+     * Cluster mode: the node lost (or regained) the NATS cluster; the subscription's delivery
+     * pauses meanwhile (`subscription_id` says which; every subscription of the stream gets one).
+     *
+     * @generated from field: topichub.v1.ClusterStatus cluster = 12;
+     */
+    value: ClusterStatus;
+    case: "cluster";
   } | { case: undefined; value?: undefined };
 };
 
