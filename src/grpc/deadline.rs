@@ -2,7 +2,7 @@
 //!
 //! hyper and tonic wait for a request body as long as the peer keeps the connection open, so a
 //! client announcing a 1000-byte message and sending 8 would hold its call (and the message
-//! buffer) indefinitely. [`guard`] wraps each gRPC request body in a [`DeadlineBody`] that follows
+//! buffer) indefinitely. [`bound`] wraps each gRPC request body in a [`DeadlineBody`] that follows
 //! the gRPC message framing (a 5-byte prefix: flag and length) and ends the call with
 //! DEADLINE_EXCEEDED when a request message that has begun is not whole within the timeout.
 //! Calls whose request is one message (everything but the client-streaming publish calls) must
@@ -15,9 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::Request;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
@@ -31,11 +29,11 @@ const STREAMING_REQUESTS: [&str; 2] = [
 /// The length of a gRPC message prefix: a compression flag and a big-endian u32 length.
 const PREFIX: usize = 5;
 
-/// Middleware: bounds the time the request's messages take to arrive (see the module docs).
-pub async fn guard(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+/// `request` with its body bounded in time (see the module docs); applied by
+/// [`super::guard::Gate`].
+pub fn bound(request: Request, timeout: Duration) -> Request {
     let streaming = STREAMING_REQUESTS.contains(&request.uri().path());
-    let request = request.map(|body| Body::new(DeadlineBody::new(body, timeout, !streaming)));
-    next.run(request).await
+    request.map(|body| Body::new(DeadlineBody::new(body, timeout, !streaming)))
 }
 
 /// A gRPC request body whose messages must arrive within a timeout once begun.
