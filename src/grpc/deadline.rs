@@ -40,9 +40,11 @@ pub fn bound(request: Request, timeout: Duration) -> Request {
 pub struct DeadlineBody {
     inner: Body,
     timeout: Duration,
-    /// Armed while a message is due.
-    deadline: Pin<Box<Sleep>>,
-    armed: bool,
+    /// When the message being waited for is due; `None` while none is.
+    due: Option<Instant>,
+    /// The timer, made the first time the body has to wait for a message that is due: a unary
+    /// request arrives whole with its headers nearly always, and then costs no timer.
+    deadline: Option<Pin<Box<Sleep>>>,
     /// Prefix bytes of the current message seen so far.
     prefix: [u8; PREFIX],
     prefix_len: usize,
@@ -58,8 +60,8 @@ impl DeadlineBody {
         DeadlineBody {
             inner,
             timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-            armed: first_message_due,
+            due: first_message_due.then(|| Instant::now() + timeout),
+            deadline: None,
             prefix: [0; PREFIX],
             prefix_len: 0,
             payload_left: 0,
@@ -78,9 +80,8 @@ impl DeadlineBody {
                 self.payload_left -= n as u64;
                 data = &data[n..];
             } else {
-                if self.prefix_len == 0 && !self.armed {
-                    self.armed = true;
-                    self.deadline.as_mut().reset(Instant::now() + self.timeout);
+                if self.prefix_len == 0 && self.due.is_none() {
+                    self.due = Some(Instant::now() + self.timeout);
                 }
                 let n = (PREFIX - self.prefix_len).min(data.len());
                 self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
@@ -93,9 +94,25 @@ impl DeadlineBody {
                 }
             }
             if self.prefix_len == 0 && self.payload_left == 0 {
-                self.armed = false;
+                self.due = None;
             }
         }
+    }
+}
+
+impl DeadlineBody {
+    /// Whether a message is due and its time is up; if not, the timer wakes the task then.
+    fn waited_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(due) = self.due else {
+            return false;
+        };
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if deadline.deadline() != due {
+            deadline.as_mut().reset(due);
+        }
+        deadline.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -118,7 +135,7 @@ impl http_body::Body for DeadlineBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Pending if this.armed && this.deadline.as_mut().poll(cx).is_ready() => {
+            Poll::Pending if this.waited_too_long(cx) => {
                 this.expired = true;
                 tracing::debug!(timeout = ?this.timeout, "gRPC request message did not arrive in time");
                 // tonic finds the status in the error's source chain and answers with it.
@@ -167,13 +184,14 @@ mod tests {
                 seen += piece.len();
                 let whole = [10, 15, 25].contains(&seen);
                 assert_eq!(
-                    body.armed, !whole,
+                    body.due.is_some(),
+                    !whole,
                     "after {seen} bytes in pieces of {chunk}"
                 );
             }
         }
         let mut body = body();
         body.saw(&framed(&[7; 1000])[..13]);
-        assert!(body.armed, "1000 bytes announced, 8 sent");
+        assert!(body.due.is_some(), "1000 bytes announced, 8 sent");
     }
 }
