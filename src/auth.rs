@@ -15,7 +15,7 @@
 //! subscription ends with UNAUTHENTICATED when its token expires.
 //!
 //! The transports authenticate each request once, in a middleware ([`http_guard`],
-//! [`grpc_guard`]), which leaves an [`Access`] in the request's extensions; handlers then ask it
+//! [`crate::grpc::guard::Gate`]), which leaves an [`Access`] in the request's extensions; handlers then ask it
 //! whether a topic or pattern is allowed.
 
 use std::path::{Path, PathBuf};

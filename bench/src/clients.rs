@@ -31,8 +31,12 @@ pub enum Target {
     Sse,
     /// topichub SSE with many streams per HTTP/2 connection (idle memory and holding).
     SseH2,
-    /// topichub gRPC `Subscribe` streams, many per HTTP/2 connection (idle memory and holding).
+    /// topichub gRPC `Subscribe` streams, many per HTTP/2 connection (idle memory, holding,
+    /// fan-out).
     GrpcMux,
+    /// The seed's `proto.PubSubService` `Subscribe` streams, many per HTTP/2 connection
+    /// (fan-out).
+    SeedMux,
     /// nats-server, async-nats client (publish + flush where an acknowledgement is needed).
     Nats,
     /// nginx + nchan: `POST /pub?id=` and EventSource `GET /sub?id=`.
@@ -53,9 +57,12 @@ pub enum Target {
 impl Target {
     pub fn kind(self) -> Kind {
         match self {
-            Target::Grpc | Target::Seed | Target::Sse | Target::SseH2 | Target::GrpcMux => {
-                Kind::Topichub
-            }
+            Target::Grpc
+            | Target::Seed
+            | Target::Sse
+            | Target::SseH2
+            | Target::GrpcMux
+            | Target::SeedMux => Kind::Topichub,
             Target::GrpcDisk => Kind::TopichubDisk,
             Target::GrpcDiskEvery => Kind::TopichubDiskEvery,
             Target::Jetstream => Kind::Jetstream,
@@ -73,6 +80,7 @@ impl Target {
             Target::Sse => "topichub-sse",
             Target::SseH2 => "topichub-sse-h2",
             Target::GrpcMux => "topichub-grpc-mux",
+            Target::SeedMux => "topichub-seed-mux",
             Target::Nats => "nats",
             Target::Nchan => "nchan",
             Target::Mqtt => "mosquitto",
@@ -108,7 +116,9 @@ pub async fn subscriber(target: Target, addr: SocketAddr, topic: String, sink: A
                 Err(e) => Err(e),
             }
         }
-        Target::SseH2 | Target::GrpcMux => Err(anyhow::anyhow!("use multiplexed() for {target:?}")),
+        Target::SseH2 | Target::GrpcMux | Target::SeedMux => {
+            Err(anyhow::anyhow!("use multiplexed() for {target:?}"))
+        }
         Target::Nats => nats_subscriber(addr, &topic, &sink).await,
         Target::Mqtt => mqtt_subscriber(addr, &topic, &sink).await,
     };
@@ -163,7 +173,15 @@ async fn grpc_stream(
 }
 
 async fn seed_subscriber(addr: SocketAddr, topic: &str, sink: &Sink) -> anyhow::Result<()> {
-    let mut client = PubSubServiceClient::new(endpoint(addr)?.connect().await?);
+    let client = PubSubServiceClient::new(endpoint(addr)?.connect().await?);
+    seed_stream(client, topic, sink).await
+}
+
+async fn seed_stream(
+    mut client: PubSubServiceClient<Channel>,
+    topic: &str,
+    sink: &Sink,
+) -> anyhow::Result<()> {
     let request = topichub::proto::seed::SubscribeRequest {
         topic: topic.to_owned(),
     };
@@ -281,7 +299,7 @@ async fn read_sse(
 }
 
 /// `count` subscribers of `topic` multiplexed over one HTTP/2 connection: SSE streams
-/// (`SseH2`, h2c with prior knowledge) or gRPC streams (`GrpcMux`).
+/// (`SseH2`, h2c with prior knowledge) or gRPC streams (`GrpcMux`, `SeedMux`).
 pub async fn multiplexed(
     target: Target,
     addr: SocketAddr,
@@ -292,6 +310,7 @@ pub async fn multiplexed(
     let result = match target {
         Target::SseH2 => sse_h2_subscribers(addr, topic, count, &sink).await,
         Target::GrpcMux => grpc_mux_subscribers(addr, topic, count, &sink).await,
+        Target::SeedMux => seed_mux_subscribers(addr, topic, count, &sink).await,
         other => Err(anyhow::anyhow!("{other:?} is not multiplexed")),
     };
     match result {
@@ -311,6 +330,24 @@ async fn grpc_mux_subscribers(
     for _ in 0..count {
         let (client, topic, sink) = (client.clone(), topic.clone(), sink.clone());
         streams.spawn(async move { grpc_stream(client, &topic, &sink).await });
+    }
+    while let Some(done) = streams.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+async fn seed_mux_subscribers(
+    addr: SocketAddr,
+    topic: String,
+    count: usize,
+    sink: &Arc<Sink>,
+) -> anyhow::Result<()> {
+    let client = PubSubServiceClient::new(endpoint(addr)?.connect().await?);
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let (client, topic, sink) = (client.clone(), topic.clone(), sink.clone());
+        streams.spawn(async move { seed_stream(client, &topic, &sink).await });
     }
     while let Some(done) = streams.join_next().await {
         done??;
@@ -453,7 +490,7 @@ impl Publisher {
                 Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?))
             }
             Target::Jetstream => Publisher::Jetstream(jetstream(addr).await?),
-            Target::Seed => {
+            Target::Seed | Target::SeedMux => {
                 Publisher::Seed(PubSubServiceClient::new(endpoint(addr)?.connect().await?))
             }
             Target::GrpcMux => Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?)),

@@ -167,7 +167,7 @@ impl SuiteScenario {
             SuiteScenario::Publish | SuiteScenario::E2e => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt],
             SuiteScenario::Rate => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
             SuiteScenario::PublishTool => &[Grpc, Sse, Nchan, Raw],
-            SuiteScenario::Fanout => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
+            SuiteScenario::Fanout => &[Grpc, GrpcMux, Seed, SeedMux, Sse, Nats, Nchan, Mqtt, Raw],
             SuiteScenario::Idle => &[Grpc, Sse, SseH2, GrpcMux, Nats, Nchan, Mqtt],
             SuiteScenario::MaxIdle => &[Sse, SseH2, GrpcMux],
             SuiteScenario::Durable => &[Grpc, GrpcDisk, GrpcDiskEvery, Jetstream],

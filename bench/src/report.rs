@@ -233,7 +233,13 @@ impl Results {
 
     fn compare(&self) -> Vec<Comparison> {
         let mut out = Vec::new();
-        let doors = ["topichub-sse", "topichub-grpc", "topichub-seed"];
+        let doors = [
+            "topichub-sse",
+            "topichub-grpc",
+            "topichub-grpc-mux",
+            "topichub-seed",
+            "topichub-seed-mux",
+        ];
         let versus = |what: &str,
                       scenario: &str,
                       key: &str,

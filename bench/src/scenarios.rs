@@ -144,7 +144,7 @@ impl Subscribers {
         p: &Params,
     ) -> anyhow::Result<()> {
         let want = self.opened + n;
-        if matches!(target, Target::SseH2 | Target::GrpcMux) {
+        if matches!(target, Target::SseH2 | Target::GrpcMux | Target::SeedMux) {
             let mut left = n;
             while left > 0 {
                 let count = left.min(p.streams_per_connection);
@@ -435,7 +435,7 @@ async fn max_idle(
     // One socket per subscriber in this process too: stop short of its open-file limit, or it
     // could no longer read the server's memory from /proc.
     let limit = rlimit_nofile();
-    let budget = if matches!(target, Target::SseH2 | Target::GrpcMux) {
+    let budget = if matches!(target, Target::SseH2 | Target::GrpcMux | Target::SeedMux) {
         p.max_idle
     } else {
         p.max_idle.min((limit as usize).saturating_sub(200))

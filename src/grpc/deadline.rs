@@ -2,7 +2,7 @@
 //!
 //! hyper and tonic wait for a request body as long as the peer keeps the connection open, so a
 //! client announcing a 1000-byte message and sending 8 would hold its call (and the message
-//! buffer) indefinitely. [`guard`] wraps each gRPC request body in a [`DeadlineBody`] that follows
+//! buffer) indefinitely. [`bound`] wraps each gRPC request body in a [`DeadlineBody`] that follows
 //! the gRPC message framing (a 5-byte prefix: flag and length) and ends the call with
 //! DEADLINE_EXCEEDED when a request message that has begun is not whole within the timeout.
 //! Calls whose request is one message (everything but the client-streaming publish calls) must
@@ -15,9 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::Request;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
@@ -31,20 +29,22 @@ const STREAMING_REQUESTS: [&str; 2] = [
 /// The length of a gRPC message prefix: a compression flag and a big-endian u32 length.
 const PREFIX: usize = 5;
 
-/// Middleware: bounds the time the request's messages take to arrive (see the module docs).
-pub async fn guard(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+/// `request` with its body bounded in time (see the module docs); applied by
+/// [`super::guard::Gate`].
+pub fn bound(request: Request, timeout: Duration) -> Request {
     let streaming = STREAMING_REQUESTS.contains(&request.uri().path());
-    let request = request.map(|body| Body::new(DeadlineBody::new(body, timeout, !streaming)));
-    next.run(request).await
+    request.map(|body| Body::new(DeadlineBody::new(body, timeout, !streaming)))
 }
 
 /// A gRPC request body whose messages must arrive within a timeout once begun.
 pub struct DeadlineBody {
     inner: Body,
     timeout: Duration,
-    /// Armed while a message is due.
-    deadline: Pin<Box<Sleep>>,
-    armed: bool,
+    /// When the message being waited for is due; `None` while none is.
+    due: Option<Instant>,
+    /// The timer, made the first time the body has to wait for a message that is due: a unary
+    /// request arrives whole with its headers nearly always, and then costs no timer.
+    deadline: Option<Pin<Box<Sleep>>>,
     /// Prefix bytes of the current message seen so far.
     prefix: [u8; PREFIX],
     prefix_len: usize,
@@ -60,8 +60,8 @@ impl DeadlineBody {
         DeadlineBody {
             inner,
             timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-            armed: first_message_due,
+            due: first_message_due.then(|| Instant::now() + timeout),
+            deadline: None,
             prefix: [0; PREFIX],
             prefix_len: 0,
             payload_left: 0,
@@ -80,9 +80,8 @@ impl DeadlineBody {
                 self.payload_left -= n as u64;
                 data = &data[n..];
             } else {
-                if self.prefix_len == 0 && !self.armed {
-                    self.armed = true;
-                    self.deadline.as_mut().reset(Instant::now() + self.timeout);
+                if self.prefix_len == 0 && self.due.is_none() {
+                    self.due = Some(Instant::now() + self.timeout);
                 }
                 let n = (PREFIX - self.prefix_len).min(data.len());
                 self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
@@ -95,9 +94,25 @@ impl DeadlineBody {
                 }
             }
             if self.prefix_len == 0 && self.payload_left == 0 {
-                self.armed = false;
+                self.due = None;
             }
         }
+    }
+}
+
+impl DeadlineBody {
+    /// Whether a message is due and its time is up; if not, the timer wakes the task then.
+    fn waited_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(due) = self.due else {
+            return false;
+        };
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if deadline.deadline() != due {
+            deadline.as_mut().reset(due);
+        }
+        deadline.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -120,7 +135,7 @@ impl http_body::Body for DeadlineBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Pending if this.armed && this.deadline.as_mut().poll(cx).is_ready() => {
+            Poll::Pending if this.waited_too_long(cx) => {
                 this.expired = true;
                 tracing::debug!(timeout = ?this.timeout, "gRPC request message did not arrive in time");
                 // tonic finds the status in the error's source chain and answers with it.
@@ -169,13 +184,14 @@ mod tests {
                 seen += piece.len();
                 let whole = [10, 15, 25].contains(&seen);
                 assert_eq!(
-                    body.armed, !whole,
+                    body.due.is_some(),
+                    !whole,
                     "after {seen} bytes in pieces of {chunk}"
                 );
             }
         }
         let mut body = body();
         body.saw(&framed(&[7; 1000])[..13]);
-        assert!(body.armed, "1000 bytes announced, 8 sent");
+        assert!(body.due.is_some(), "1000 bytes announced, 8 sent");
     }
 }

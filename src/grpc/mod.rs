@@ -68,7 +68,7 @@ impl PubSubService {
     }
 }
 
-/// Who is calling: what the token allows (from `guard::grpc_guard`) and the connection (from the
+/// Who is calling: what the token allows (from `guard::Gate`) and the connection (from the
 /// server's per-connection layer).
 #[derive(Clone)]
 pub(crate) struct Caller {

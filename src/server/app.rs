@@ -71,42 +71,52 @@ pub fn app(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
 
+    // The gRPC services' names, for the routes that lead to them.
+    fn name<S: tonic::server::NamedService>(_: &S) -> &'static str {
+        S::NAME
+    }
+    let pubsub = PubSubServer::new(PubSubService::new(
+        hub.clone(),
+        limits.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(max_decoding);
+    let seed = PubSubServiceServer::new(SeedService::new(
+        hub.clone(),
+        limits.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(max_decoding);
+    let names = [
+        name(&pubsub),
+        name(&seed),
+        name(&health_service),
+        name(&reflection_v1),
+        name(&reflection_v1alpha),
+    ];
     let mut services = tonic::service::Routes::builder();
     services
-        .add_service(
-            PubSubServer::new(PubSubService::new(
-                hub.clone(),
-                limits.clone(),
-                shutdown.clone(),
-            ))
-            .max_decoding_message_size(max_decoding),
-        )
-        .add_service(
-            PubSubServiceServer::new(SeedService::new(
-                hub.clone(),
-                limits.clone(),
-                shutdown.clone(),
-            ))
-            .max_decoding_message_size(max_decoding),
-        )
+        .add_service(pubsub)
+        .add_service(seed)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let grpc = services
-        .routes()
-        .into_axum_router()
-        // Inside gRPC-Web's translation: the body is gRPC-framed by then, for both kinds.
-        .layer(axum::middleware::from_fn_with_state(
-            config.http_body_timeout,
-            grpc::deadline::guard,
-        ))
-        // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400.
-        .layer(axum::middleware::from_fn_with_state(
-            (auth.clone(), hub.metrics().clone()),
-            crate::grpc::guard::grpc_guard,
-        ))
+    // The layers every gRPC call passes, composed as one service (outermost first): a
+    // router's `layer` would box each of them per route and clone the boxes on every call.
+    // gRPC-Web only on the gRPC routes: on plain HTTP/1 routes it would answer 400. The gate
+    // runs inside gRPC-Web's translation: the body is gRPC-framed by then, for both kinds.
+    let grpc_calls = tower::ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(grpc_panic as fn(_) -> _))
         .layer(tonic_web::GrpcWebLayer::new())
-        .layer(CatchPanicLayer::custom(grpc_panic));
+        .layer(grpc::guard::GateLayer::new(
+            auth.clone(),
+            hub.metrics().clone(),
+            config.http_body_timeout,
+        ))
+        .service(services.routes().into_axum_router());
+    let grpc = names.into_iter().fold(Router::new(), |router, name| {
+        router.route_service(&format!("/{name}/{{*method}}"), grpc_calls.clone())
+    });
 
     let state = AppState {
         hub,
@@ -130,13 +140,18 @@ pub fn app(
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(CatchPanicLayer::custom(http_panic));
 
-    grpc.merge(rest)
+    let routes = grpc
+        .merge(rest)
         // `Routes` brings a gRPC fallback; ours answers both kinds of client.
-        .fallback(fallback)
+        .fallback(fallback);
+    // Around the whole router as one service, for the same reason as the gRPC layers.
+    let layers = tower::ServiceBuilder::new()
+        .layer(TraceLayer::new_for_http().make_span_with(request_span as fn(&Request) -> _))
+        .layer(http::cors::layer())
         // Inside CORS: a preflight is not a request of any door.
         .layer(tower::util::MapRequestLayer::new(mark_door))
-        .layer(http::cors::layer())
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .service(routes);
+    Router::new().fallback_service(layers)
 }
 
 /// The span of a request, as tower-http's default one but with any `access_token` in the URI
