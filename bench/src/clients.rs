@@ -48,6 +48,9 @@ pub enum Target {
     /// nats-server with JetStream file storage: async-nats JetStream publish awaiting each
     /// PubAck, an ordered push consumer per subscriber.
     Jetstream,
+    /// Three topichub nodes `serve --nats` on a three-node JetStream cluster, reached over
+    /// gRPC as `topichub-grpc` is (cluster scenario).
+    GrpcCluster,
 }
 
 impl Target {
@@ -59,6 +62,7 @@ impl Target {
             Target::GrpcDisk => Kind::TopichubDisk,
             Target::GrpcDiskEvery => Kind::TopichubDiskEvery,
             Target::Jetstream => Kind::Jetstream,
+            Target::GrpcCluster => Kind::ClusterTopichub,
             Target::Nats => Kind::Nats,
             Target::Nchan => Kind::Nchan,
             Target::Mqtt => Kind::Mosquitto,
@@ -80,13 +84,14 @@ impl Target {
             Target::GrpcDisk => "topichub-grpc-disk",
             Target::GrpcDiskEvery => "topichub-grpc-disk-every",
             Target::Jetstream => "nats-jetstream",
+            Target::GrpcCluster => "topichub-grpc-cluster",
         }
     }
 
     pub fn is_topichub(self) -> bool {
         matches!(
             self.kind(),
-            Kind::Topichub | Kind::TopichubDisk | Kind::TopichubDiskEvery
+            Kind::Topichub | Kind::TopichubDisk | Kind::TopichubDiskEvery | Kind::ClusterTopichub
         )
     }
 }
@@ -95,7 +100,7 @@ impl Target {
 /// `sink.mark_ready()` once the server has it registered, and `sink.deliver` per message.
 pub async fn subscriber(target: Target, addr: SocketAddr, topic: String, sink: Arc<Sink>) {
     let result = match target {
-        Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery => {
+        Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery | Target::GrpcCluster => {
             grpc_subscriber(addr, &topic, &sink).await
         }
         Target::Jetstream => jetstream_subscriber(addr, &topic, &sink).await,
@@ -449,7 +454,7 @@ pub enum Publisher {
 impl Publisher {
     pub async fn connect(target: Target, addr: SocketAddr) -> anyhow::Result<Publisher> {
         Ok(match target {
-            Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery => {
+            Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery | Target::GrpcCluster => {
                 Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?))
             }
             Target::Jetstream => Publisher::Jetstream(jetstream(addr).await?),

@@ -5,6 +5,7 @@
 //! for the scenarios and what each figure means.
 
 mod clients;
+mod cluster;
 mod durable;
 mod raw;
 mod report;
@@ -142,10 +143,13 @@ pub enum SuiteScenario {
     /// `--topic-counts` topics with one 64-byte message each: RSS per topic, publish latency
     /// while they are held and while they expire.
     Topics,
+    /// Three topichub nodes on a three-node JetStream cluster (publish on one, subscribe on the
+    /// two others) against that JetStream cluster alone.
+    Cluster,
 }
 
 impl SuiteScenario {
-    const ALL: [SuiteScenario; 12] = [
+    const ALL: [SuiteScenario; 13] = [
         SuiteScenario::Publish,
         SuiteScenario::PublishTool,
         SuiteScenario::E2e,
@@ -158,6 +162,7 @@ impl SuiteScenario {
         SuiteScenario::Storm,
         SuiteScenario::Wildcards,
         SuiteScenario::Topics,
+        SuiteScenario::Cluster,
     ];
 
     /// The targets this scenario is measured on.
@@ -175,6 +180,7 @@ impl SuiteScenario {
             SuiteScenario::Storm => &[GrpcMux],
             SuiteScenario::Wildcards => &[Grpc],
             SuiteScenario::Topics => &[Sse],
+            SuiteScenario::Cluster => &[GrpcCluster],
         }
     }
 
@@ -205,6 +211,7 @@ impl SuiteScenario {
             SuiteScenario::Storm => "storm",
             SuiteScenario::Wildcards => "wildcards",
             SuiteScenario::Topics => "topics",
+            SuiteScenario::Cluster => "cluster",
         }
     }
 }
@@ -225,6 +232,7 @@ fn run_once(
         SuiteScenario::Storm => return scale::storm(target, launch, params),
         SuiteScenario::Wildcards => return scale::wildcards(target, launch, params),
         SuiteScenario::Topics => return scale::topics(target, launch, params),
+        SuiteScenario::Cluster => return cluster::cluster(target, launch, params),
         _ => {}
     }
     let server = Server::start(target.kind(), launch)?;
@@ -265,7 +273,8 @@ async fn measure(
         SuiteScenario::Restart
         | SuiteScenario::Storm
         | SuiteScenario::Wildcards
-        | SuiteScenario::Topics => {
+        | SuiteScenario::Topics
+        | SuiteScenario::Cluster => {
             anyhow::bail!(
                 "the {} scenario starts its own servers (not with --attach)",
                 scenario.name()
@@ -284,7 +293,8 @@ async fn measure(
                 | SuiteScenario::Restart
                 | SuiteScenario::Storm
                 | SuiteScenario::Wildcards
-                | SuiteScenario::Topics => unreachable!(),
+                | SuiteScenario::Topics
+                | SuiteScenario::Cluster => unreachable!(),
             };
             scenarios::run(scenario, target, addr, pid, params).await
         }
