@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::{JoinHandle, JoinSet};
@@ -25,7 +25,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep};
 use topichub::proto::v1::pub_sub_client::PubSubClient;
 use topichub::proto::v1::subscribe_response::Event;
 
-use crate::clients::{Publisher, Target};
+use crate::clients::{Publisher, Target, grpc_frame, subscribe_stream};
 use crate::scenarios::{Figures, Params};
 use crate::servers::{Launch, Server};
 use crate::stats::{
@@ -364,17 +364,6 @@ impl Http {
     }
 }
 
-/// A gRPC request message with its 5-byte length prefix (uncompressed).
-fn grpc_frame(message: &impl prost::Message) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + message.encoded_len());
-    out.put_u8(0);
-    out.put_u32(message.encoded_len() as u32);
-    message
-        .encode(&mut out)
-        .expect("a BytesMut grows as needed");
-    out.freeze()
-}
-
 /// `--storm-streams` Subscribe streams on one topic over `--storm-connections` HTTP/2
 /// connections, per point on a fresh server: the time until each has its first response
 /// (the `subscribed` event), then the time until the broker holds none of them after the
@@ -422,7 +411,7 @@ impl StormConnection {
         let uri = format!("http://{addr}/topichub.v1.PubSub/Subscribe");
         let streams = tokio::spawn(async move {
             let mut opening: FuturesUnordered<_> = (0..count)
-                .map(|_| storm_stream(sender.clone(), &uri, request.clone()))
+                .map(|_| subscribe_stream(sender.clone(), &uri, request.clone()))
                 .collect();
             let mut held = Vec::with_capacity(count);
             while let Some(result) = opening.next().await {
@@ -442,44 +431,6 @@ impl StormConnection {
             connection,
             streams,
         })
-    }
-}
-
-/// Opens one Subscribe stream and returns its body once the first response message (the
-/// `subscribed` event) has arrived.
-async fn storm_stream(
-    mut sender: http2::SendRequest<Full<Bytes>>,
-    uri: &str,
-    request: Bytes,
-) -> anyhow::Result<hyper::body::Incoming> {
-    let request = http::Request::post(uri)
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(request))?;
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
-    ensure!(
-        response.status().is_success(),
-        "Subscribe answered HTTP {}",
-        response.status()
-    );
-    if let Some(status) = response.headers().get("grpc-status") {
-        bail!(
-            "Subscribe answered grpc-status {status:?}: {:?}",
-            response.headers().get("grpc-message")
-        );
-    }
-    let mut body = response.into_body();
-    match body.frame().await {
-        Some(frame) => {
-            let frame = frame?;
-            ensure!(
-                frame.is_data(),
-                "Subscribe ended before its first response: {frame:?}"
-            );
-            Ok(body)
-        }
-        None => bail!("Subscribe ended before its first response"),
     }
 }
 
