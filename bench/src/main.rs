@@ -185,11 +185,15 @@ impl SuiteScenario {
     }
 
     /// Runs of this scenario: max-idle is slow and its answer is a count, so it runs once; so
-    /// does topics, which waits for a million topics to expire.
+    /// do topics, which waits for a million topics to expire, and cluster, which starts two
+    /// clusters.
     fn runs(self, runs: usize) -> usize {
         if matches!(
             self,
-            SuiteScenario::MaxIdle | SuiteScenario::Restart | SuiteScenario::Topics
+            SuiteScenario::MaxIdle
+                | SuiteScenario::Restart
+                | SuiteScenario::Topics
+                | SuiteScenario::Cluster
         ) {
             1
         } else {
