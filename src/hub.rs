@@ -1201,11 +1201,17 @@ impl Hub {
         })
     }
 
-    /// Evicts messages older than the retention age and forgets topics with nothing left.
-    /// Called periodically by the server. Visits only the topics whose oldest message may have
-    /// aged, a bounded number per hold of the hub's lock, so that publishers wait for at most
-    /// one batch however many topics there are.
+    /// Evicts messages older than the retention age and forgets topics with nothing left, all
+    /// of them ([`Hub::expire_some`] until it is done).
     pub fn expire(&self) {
+        while self.expire_some() {}
+    }
+
+    /// Evicts aged messages from a bounded number of topics under one hold of the hub's lock,
+    /// so that publishers wait for at most one batch however many topics there are; true if
+    /// more may be due. Called periodically by the server, which lets other tasks run between
+    /// batches. Visits only the topics whose oldest message may have aged.
+    pub fn expire_some(&self) -> bool {
         const TOPICS_PER_LOCK: usize = 1024;
         let retention = self.shared.config.retention();
         let log = self.shared.log.as_deref();
@@ -1214,31 +1220,30 @@ impl Hub {
             now.duration_since(published_at)
                 .is_ok_and(|age| age > retention.age)
         };
-        loop {
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            for _ in 0..TOPICS_PER_LOCK {
-                let Some((generation, name)) = state.expiry.pop_due(due) else {
-                    return;
-                };
-                let Some(topic) = state.topics.get_mut(&name) else {
-                    continue;
-                };
-                if topic.expiry_entry != Some(generation) {
-                    continue;
-                }
-                topic.expiry_entry = None;
-                state.retained.change(&mut topic.log, |topic_log| {
-                    topic_log.evict(&retention, now, &mut |seq| {
-                        if let Some(log) = log {
-                            log.evict(&name, seq);
-                        }
-                    })
-                });
-                state.expiry.schedule(&name, topic);
-                state.forget_if_unused(&name);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        for _ in 0..TOPICS_PER_LOCK {
+            let Some((generation, name)) = state.expiry.pop_due(due) else {
+                return false;
+            };
+            let Some(topic) = state.topics.get_mut(&name) else {
+                continue;
+            };
+            if topic.expiry_entry != Some(generation) {
+                continue;
             }
+            topic.expiry_entry = None;
+            state.retained.change(&mut topic.log, |topic_log| {
+                topic_log.evict(&retention, now, &mut |seq| {
+                    if let Some(log) = log {
+                        log.evict(&name, seq);
+                    }
+                })
+            });
+            state.expiry.schedule(&name, topic);
+            state.forget_if_unused(&name);
         }
+        true
     }
 
     /// The live subscriptions of `key`, at most `limit` from position `from` (0: the first; a

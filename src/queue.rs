@@ -280,7 +280,11 @@ mod tests {
         tx.try_send(3).unwrap();
         assert_eq!(gauge.depth(), Some((1, 3)));
         drop(tx);
-        assert_eq!(gauge.depth(), None, "a lagged or ended subscription's queue");
+        assert_eq!(
+            gauge.depth(),
+            None,
+            "a lagged or ended subscription's queue"
+        );
         drop(rx);
         assert!(gauge.shared.upgrade().is_none(), "the queue is freed");
     }
