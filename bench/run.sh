@@ -77,13 +77,15 @@ else
 fi
 
 if $smoke; then
-    # The scale scenarios at a hundredth of their size or less (about 15 s together).
+    # The scale scenarios at a hundredth of their size or less (about 15 s together); the
+    # cluster scenario with 20 subscribers (two 3-node NATS clusters, about 20 s).
     args=(--runs 1 --seconds 1 --warmup 0.3 --subscribers 100 --idle-subscribers 300
           --max-idle 2000 --streams-per-connection 50
           --storm-streams 1000,2000 --storm-connections 10 --probe-rate 200
           --wildcard-subscriptions 0,100,1000 --wildcard-topics 2000
           --topic-counts 0,2000,20000 --topics-retain-age 6
-          --targets grpc,grpc-mux,seed,sse,sse-h2,nats,raw
+          --cluster-subscribers 20
+          --targets grpc,grpc-mux,grpc-cluster,seed,sse,sse-h2,nats,raw
           --out "$target/bench-smoke" --check "${args[@]}")
 elif [[ " ${args[*]} " != *" --out "* && " ${args[*]} " != *" --out="* ]]; then
     args=(--out "$target/bench" "${args[@]}")

@@ -16,7 +16,7 @@
 //! what is actually queued.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 /// Slots an empty queue keeps; a larger allocation is given back once the queue drains.
@@ -118,10 +118,26 @@ impl<T: Weigh> Sender<T> {
         Ok(())
     }
 
-    /// Items queued and not yet received, and their weight.
-    pub(crate) fn depth(&self) -> (usize, usize) {
-        let state = lock(&self.shared);
-        (state.items.len(), state.bytes)
+    /// A view of this queue's depth for metrics, readable without the hub's lock.
+    pub(crate) fn gauge(&self) -> Gauge<T> {
+        Gauge {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+}
+
+/// Reads a queue's depth. It neither keeps the queue alive nor counts as its sender: a queue
+/// whose sender is gone (its subscription ended, or lagged and not yet re-armed) reads as none.
+pub(crate) struct Gauge<T> {
+    shared: Weak<Mutex<State<T>>>,
+}
+
+impl<T> Gauge<T> {
+    /// Items queued and not yet received, and their weight, while the sender lives.
+    pub(crate) fn depth(&self) -> Option<(usize, usize)> {
+        let shared = self.shared.upgrade()?;
+        let state = lock(&shared);
+        (!state.sender_dropped).then_some((state.items.len(), state.bytes))
     }
 }
 
@@ -206,7 +222,7 @@ mod tests {
         let (tx, mut rx) = bounded(4, usize::MAX);
         tx.try_send(1).unwrap();
         tx.try_send(2).unwrap();
-        assert_eq!(tx.depth(), (2, 2));
+        assert_eq!(tx.gauge().depth().unwrap(), (2, 2));
         drop(tx);
         assert_eq!(poll_fn(|cx| rx.poll_recv(cx)).await, Some(1));
         assert_eq!(poll_fn(|cx| rx.poll_recv(cx)).await, Some(2));
@@ -232,10 +248,14 @@ mod tests {
         tx.try_send(4).unwrap();
         tx.try_send(6).unwrap();
         assert_eq!(tx.try_send(1), Err(TrySendError::Full(Bound::Bytes)));
-        assert_eq!(tx.depth(), (2, 10));
+        assert_eq!(tx.gauge().depth().unwrap(), (2, 10));
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(4)));
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(6)));
-        assert_eq!(tx.depth(), (0, 0), "received items free their bytes");
+        assert_eq!(
+            tx.gauge().depth().unwrap(),
+            (0, 0),
+            "received items free their bytes"
+        );
         tx.try_send(50).unwrap();
         assert_eq!(
             tx.try_send(1),
@@ -251,6 +271,22 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn a_gauge_reads_nothing_once_the_sender_is_gone_and_keeps_nothing_alive() {
+        let (tx, rx) = bounded::<u32>(4, 100);
+        let gauge = tx.gauge();
+        tx.try_send(3).unwrap();
+        assert_eq!(gauge.depth(), Some((1, 3)));
+        drop(tx);
+        assert_eq!(
+            gauge.depth(),
+            None,
+            "a lagged or ended subscription's queue"
+        );
+        drop(rx);
+        assert!(gauge.shared.upgrade().is_none(), "the queue is freed");
     }
 
     #[test]

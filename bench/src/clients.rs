@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use bytes::Bytes;
+use anyhow::{Context, bail, ensure};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::client::conn::{http1, http2};
@@ -52,6 +52,9 @@ pub enum Target {
     /// nats-server with JetStream file storage: async-nats JetStream publish awaiting each
     /// PubAck, an ordered push consumer per subscriber.
     Jetstream,
+    /// Three topichub nodes `serve --nats` on a three-node JetStream cluster, reached over
+    /// gRPC as `topichub-grpc` is (cluster scenario).
+    GrpcCluster,
 }
 
 impl Target {
@@ -66,6 +69,7 @@ impl Target {
             Target::GrpcDisk => Kind::TopichubDisk,
             Target::GrpcDiskEvery => Kind::TopichubDiskEvery,
             Target::Jetstream => Kind::Jetstream,
+            Target::GrpcCluster => Kind::ClusterTopichub,
             Target::Nats => Kind::Nats,
             Target::Nchan => Kind::Nchan,
             Target::Mqtt => Kind::Mosquitto,
@@ -88,13 +92,14 @@ impl Target {
             Target::GrpcDisk => "topichub-grpc-disk",
             Target::GrpcDiskEvery => "topichub-grpc-disk-every",
             Target::Jetstream => "nats-jetstream",
+            Target::GrpcCluster => "topichub-grpc-cluster",
         }
     }
 
     pub fn is_topichub(self) -> bool {
         matches!(
             self.kind(),
-            Kind::Topichub | Kind::TopichubDisk | Kind::TopichubDiskEvery
+            Kind::Topichub | Kind::TopichubDisk | Kind::TopichubDiskEvery | Kind::ClusterTopichub
         )
     }
 }
@@ -103,7 +108,7 @@ impl Target {
 /// `sink.mark_ready()` once the server has it registered, and `sink.deliver` per message.
 pub async fn subscriber(target: Target, addr: SocketAddr, topic: String, sink: Arc<Sink>) {
     let result = match target {
-        Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery => {
+        Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery | Target::GrpcCluster => {
             grpc_subscriber(addr, &topic, &sink).await
         }
         Target::Jetstream => jetstream_subscriber(addr, &topic, &sink).await,
@@ -319,22 +324,166 @@ pub async fn multiplexed(
     }
 }
 
+/// `count` `Subscribe` streams on one HTTP/2 connection, as cheap for this process as they can
+/// be, so that a million of them fit beside the broker: one task for the connection and all its
+/// streams (no task, tonic decoder or 8 KiB read buffer per stream), each stream's body polled
+/// only when the connection has data for it. Aborting the task closes the connection.
 async fn grpc_mux_subscribers(
     addr: SocketAddr,
     topic: String,
     count: usize,
     sink: &Arc<Sink>,
 ) -> anyhow::Result<()> {
-    let client = PubSubClient::new(endpoint(addr)?.connect().await?);
-    let mut streams = tokio::task::JoinSet::new();
-    for _ in 0..count {
-        let (client, topic, sink) = (client.clone(), topic.clone(), sink.clone());
-        streams.spawn(async move { grpc_stream(client, &topic, &sink).await });
+    let stream = connect(addr).await?;
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await?;
+    let request = grpc_frame(&topichub::proto::v1::SubscribeRequest {
+        topics: vec![topic],
+        ..Default::default()
+    });
+    let uri = format!("http://{addr}/topichub.v1.PubSub/Subscribe");
+    let streams = async {
+        let mut opening: futures_util::stream::FuturesUnordered<_> = (0..count)
+            .map(|_| subscribe_stream(sender.clone(), &uri, request.clone()))
+            .collect();
+        let mut events = futures_util::stream::SelectAll::new();
+        // The first response (the `subscribed` event) has been read: the stream is live.
+        while let Some(body) = opening.next().await {
+            events.push(GrpcEvents::new(body?));
+            sink.mark_ready();
+        }
+        while let Some(event) = events.next().await {
+            match event?.event {
+                Some(Event::Message(m)) => sink.deliver(&m.payload),
+                Some(other) => bail!("unexpected event {other:?}"),
+                None => {}
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        result = streams => result,
+        result = connection => Err(match result {
+            Ok(()) => anyhow::anyhow!("the connection closed"),
+            Err(e) => e.into(),
+        }),
     }
-    while let Some(done) = streams.join_next().await {
-        done??;
+}
+
+/// The `SubscribeResponse` messages of one gRPC response body.
+struct GrpcEvents {
+    body: hyper::body::Incoming,
+    /// Bytes of a message whose frame has not all arrived (empty, unallocated, when idle).
+    pending: bytes::BytesMut,
+}
+
+impl GrpcEvents {
+    fn new(body: hyper::body::Incoming) -> Self {
+        GrpcEvents {
+            body,
+            pending: bytes::BytesMut::new(),
+        }
     }
-    Ok(())
+
+    fn next_message(&mut self) -> anyhow::Result<Option<topichub::proto::v1::SubscribeResponse>> {
+        use bytes::Buf as _;
+        if self.pending.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(self.pending[1..5].try_into().expect("4 bytes")) as usize;
+        if self.pending.len() < 5 + len {
+            return Ok(None);
+        }
+        anyhow::ensure!(self.pending[0] == 0, "compressed gRPC message");
+        self.pending.advance(5);
+        let message = self.pending.split_to(len);
+        if self.pending.is_empty() {
+            // Give the buffer back: an idle stream holds none.
+            self.pending = bytes::BytesMut::new();
+        }
+        Ok(Some(prost::Message::decode(message.freeze())?))
+    }
+}
+
+impl futures_util::Stream for GrpcEvents {
+    type Item = anyhow::Result<topichub::proto::v1::SubscribeResponse>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use hyper::body::Body as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            match this.next_message() {
+                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(e))),
+            }
+            match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.pending.extend_from_slice(&data),
+                    // Trailers: the stream ended (with its status).
+                    Err(_) => return Poll::Ready(None),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// A gRPC request message with its 5-byte length prefix (uncompressed).
+pub fn grpc_frame(message: &impl prost::Message) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + message.encoded_len());
+    out.put_u8(0);
+    out.put_u32(message.encoded_len() as u32);
+    message
+        .encode(&mut out)
+        .expect("a BytesMut grows as needed");
+    out.freeze()
+}
+
+/// Opens one Subscribe stream and returns its body once the first response message (the
+/// `subscribed` event) has arrived.
+pub async fn subscribe_stream(
+    mut sender: http2::SendRequest<Full<Bytes>>,
+    uri: &str,
+    request: Bytes,
+) -> anyhow::Result<hyper::body::Incoming> {
+    let request = http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(request))?;
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    ensure!(
+        response.status().is_success(),
+        "Subscribe answered HTTP {}",
+        response.status()
+    );
+    if let Some(status) = response.headers().get("grpc-status") {
+        bail!(
+            "Subscribe answered grpc-status {status:?}: {:?}",
+            response.headers().get("grpc-message")
+        );
+    }
+    let mut body = response.into_body();
+    match body.frame().await {
+        Some(frame) => {
+            let frame = frame?;
+            ensure!(
+                frame.is_data(),
+                "Subscribe ended before its first response: {frame:?}"
+            );
+            Ok(body)
+        }
+        None => bail!("Subscribe ended before its first response"),
+    }
 }
 
 async fn seed_mux_subscribers(
@@ -486,7 +635,7 @@ pub enum Publisher {
 impl Publisher {
     pub async fn connect(target: Target, addr: SocketAddr) -> anyhow::Result<Publisher> {
         Ok(match target {
-            Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery => {
+            Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery | Target::GrpcCluster => {
                 Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?))
             }
             Target::Jetstream => Publisher::Jetstream(jetstream(addr).await?),

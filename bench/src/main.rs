@@ -5,6 +5,7 @@
 //! for the scenarios and what each figure means.
 
 mod clients;
+mod cluster;
 mod durable;
 mod raw;
 mod report;
@@ -142,10 +143,13 @@ pub enum SuiteScenario {
     /// `--topic-counts` topics with one 64-byte message each: RSS per topic, publish latency
     /// while they are held and while they expire.
     Topics,
+    /// Three topichub nodes on a three-node JetStream cluster (publish on one, subscribe on the
+    /// two others) against that JetStream cluster alone.
+    Cluster,
 }
 
 impl SuiteScenario {
-    const ALL: [SuiteScenario; 12] = [
+    const ALL: [SuiteScenario; 13] = [
         SuiteScenario::Publish,
         SuiteScenario::PublishTool,
         SuiteScenario::E2e,
@@ -158,6 +162,7 @@ impl SuiteScenario {
         SuiteScenario::Storm,
         SuiteScenario::Wildcards,
         SuiteScenario::Topics,
+        SuiteScenario::Cluster,
     ];
 
     /// The targets this scenario is measured on.
@@ -175,15 +180,20 @@ impl SuiteScenario {
             SuiteScenario::Storm => &[GrpcMux],
             SuiteScenario::Wildcards => &[Grpc],
             SuiteScenario::Topics => &[Sse],
+            SuiteScenario::Cluster => &[GrpcCluster],
         }
     }
 
     /// Runs of this scenario: max-idle is slow and its answer is a count, so it runs once; so
-    /// does topics, which waits for a million topics to expire.
+    /// do topics, which waits for a million topics to expire, and cluster, which starts two
+    /// clusters.
     fn runs(self, runs: usize) -> usize {
         if matches!(
             self,
-            SuiteScenario::MaxIdle | SuiteScenario::Restart | SuiteScenario::Topics
+            SuiteScenario::MaxIdle
+                | SuiteScenario::Restart
+                | SuiteScenario::Topics
+                | SuiteScenario::Cluster
         ) {
             1
         } else {
@@ -205,6 +215,7 @@ impl SuiteScenario {
             SuiteScenario::Storm => "storm",
             SuiteScenario::Wildcards => "wildcards",
             SuiteScenario::Topics => "topics",
+            SuiteScenario::Cluster => "cluster",
         }
     }
 }
@@ -225,6 +236,7 @@ fn run_once(
         SuiteScenario::Storm => return scale::storm(target, launch, params),
         SuiteScenario::Wildcards => return scale::wildcards(target, launch, params),
         SuiteScenario::Topics => return scale::topics(target, launch, params),
+        SuiteScenario::Cluster => return cluster::cluster(target, launch, params),
         _ => {}
     }
     let server = Server::start(target.kind(), launch)?;
@@ -265,7 +277,8 @@ async fn measure(
         SuiteScenario::Restart
         | SuiteScenario::Storm
         | SuiteScenario::Wildcards
-        | SuiteScenario::Topics => {
+        | SuiteScenario::Topics
+        | SuiteScenario::Cluster => {
             anyhow::bail!(
                 "the {} scenario starts its own servers (not with --attach)",
                 scenario.name()
@@ -284,7 +297,8 @@ async fn measure(
                 | SuiteScenario::Restart
                 | SuiteScenario::Storm
                 | SuiteScenario::Wildcards
-                | SuiteScenario::Topics => unreachable!(),
+                | SuiteScenario::Topics
+                | SuiteScenario::Cluster => unreachable!(),
             };
             scenarios::run(scenario, target, addr, pid, params).await
         }

@@ -626,6 +626,65 @@ impl Results {
             false,
             &mut out,
         );
+        // Cluster mode against JetStream alone, same run, same client.
+        let cluster = "topichub-grpc-cluster";
+        for (what, key, higher, goal) in [
+            (
+                "cluster: publish -> deliver p99 across nodes, over JetStream's own",
+                "p99_ms",
+                false,
+                2.0,
+            ),
+            (
+                "cluster: publishes/s (acknowledged), over JetStream's own",
+                "publish_per_s",
+                true,
+                0.5,
+            ),
+        ] {
+            if let (Some(value), Some(peer_value)) = (
+                self.figure("cluster", cluster, &format!("topichub_{key}")),
+                self.figure("cluster", cluster, &format!("jetstream_{key}")),
+            ) && peer_value > 0.0
+            {
+                let ratio = value / peer_value;
+                out.push(Comparison {
+                    what: what.into(),
+                    topichub: cluster.into(),
+                    value,
+                    peer: "nats-jetstream (3 nodes)".into(),
+                    peer_value,
+                    ratio,
+                    goal: format!("{} {goal}", if higher { ">=" } else { "<=" }),
+                    met: Some(if higher { ratio >= goal } else { ratio <= goal }),
+                    versus_peer: true,
+                    higher_is_better: higher,
+                });
+            }
+        }
+        // What a subscribing node spends per delivery against one node alone (the fanout
+        // scenario's topichub-grpc): with every server process on one core, the cluster's
+        // deliveries/s share that core, but a node's cost per delivery must stay the same
+        // (within the run-to-run noise).
+        if let (Some(value), Some(single)) = (
+            self.figure("cluster", cluster, "topichub_server_cpu_us_per_delivery"),
+            self.figure("fanout", "topichub-grpc", "server_cpu_us_per_delivery"),
+        ) && single > 0.0
+        {
+            out.push(Comparison {
+                what: "cluster: server CPU per delivery of a subscribing node, over one node's"
+                    .into(),
+                topichub: cluster.into(),
+                value,
+                peer: "topichub-grpc (fanout)".into(),
+                peer_value: single,
+                ratio: value / single,
+                goal: "<= 1.15".into(),
+                met: Some(value / single <= 1.15),
+                versus_peer: false,
+                higher_is_better: false,
+            });
+        }
         // The same figures against the raw-loopback program: how far from the least any server
         // can do each scenario's writes with. (wrk drives only the SSE door's HTTP POST.)
         let all = &doors[..];
@@ -1058,6 +1117,17 @@ pub fn check(results: &Results) -> anyhow::Result<()> {
             }
             "restart" => positive("restart_ready_s")?,
             "max-idle" => positive("held_live")?,
+            "cluster" => {
+                for system in ["topichub", "jetstream"] {
+                    for key in ["publish_per_s", "p50_ms", "deliveries_per_s"] {
+                        positive(&format!("{system}_{key}"))?;
+                    }
+                    let lost = format!("{system}_lost");
+                    if r.median.get(&lost) != Some(&0.0) {
+                        bail!("{name}: messages lost: {:?}", r.median.get(&lost));
+                    }
+                }
+            }
             "storm" | "wildcards" | "topics" => {
                 let bases: &[&str] = match r.scenario.as_str() {
                     "storm" => &["subscribe_s", "unsubscribe_s"],

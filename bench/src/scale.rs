@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::{JoinHandle, JoinSet};
@@ -25,7 +25,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep};
 use topichub::proto::v1::pub_sub_client::PubSubClient;
 use topichub::proto::v1::subscribe_response::Event;
 
-use crate::clients::{Publisher, Target};
+use crate::clients::{Publisher, Target, grpc_frame, subscribe_stream};
 use crate::scenarios::{Figures, Params};
 use crate::servers::{Launch, Server};
 use crate::stats::{
@@ -277,27 +277,45 @@ impl Drop for Probe {
     }
 }
 
-/// GET requests on one HTTP/1.1 keep-alive connection: `/healthz` and `/metrics`.
-struct Http {
+/// GET requests on one HTTP/1.1 keep-alive connection: `/healthz` and `/metrics`. The broker
+/// closes a keep-alive connection idle for `--http-header-timeout` (10 s), as while a million
+/// topics are filled; the next request then opens a new one.
+pub struct Http {
     sender: http1::SendRequest<Empty<Bytes>>,
-    authority: String,
+    addr: SocketAddr,
 }
 
 impl Http {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<Http> {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Http> {
+        Ok(Http {
+            sender: Self::open(addr).await?,
+            addr,
+        })
+    }
+
+    async fn open(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>> {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        Ok(Http {
-            sender,
-            authority: addr.to_string(),
-        })
+        Ok(sender)
     }
 
-    async fn get(&mut self, path: &str) -> anyhow::Result<Bytes> {
+    pub async fn get(&mut self, path: &str) -> anyhow::Result<Bytes> {
+        match self.try_get(path).await {
+            Ok(body) => Ok(body),
+            // The broker closed the idle connection (perhaps just as the request went out):
+            // a GET is safe to send again, on a new connection.
+            Err(_) => {
+                self.sender = Self::open(self.addr).await?;
+                self.try_get(path).await
+            }
+        }
+    }
+
+    async fn try_get(&mut self, path: &str) -> anyhow::Result<Bytes> {
         let request = http::Request::get(path)
-            .header("host", self.authority.as_str())
+            .header("host", self.addr.to_string())
             .body(Empty::new())?;
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
@@ -344,17 +362,6 @@ impl Http {
             .and_then(|value| value.trim().parse().ok())
             .with_context(|| format!("no {name} in /metrics"))
     }
-}
-
-/// A gRPC request message with its 5-byte length prefix (uncompressed).
-fn grpc_frame(message: &impl prost::Message) -> Bytes {
-    let mut out = BytesMut::with_capacity(5 + message.encoded_len());
-    out.put_u8(0);
-    out.put_u32(message.encoded_len() as u32);
-    message
-        .encode(&mut out)
-        .expect("a BytesMut grows as needed");
-    out.freeze()
 }
 
 /// `--storm-streams` Subscribe streams on one topic over `--storm-connections` HTTP/2
@@ -404,7 +411,7 @@ impl StormConnection {
         let uri = format!("http://{addr}/topichub.v1.PubSub/Subscribe");
         let streams = tokio::spawn(async move {
             let mut opening: FuturesUnordered<_> = (0..count)
-                .map(|_| storm_stream(sender.clone(), &uri, request.clone()))
+                .map(|_| subscribe_stream(sender.clone(), &uri, request.clone()))
                 .collect();
             let mut held = Vec::with_capacity(count);
             while let Some(result) = opening.next().await {
@@ -424,44 +431,6 @@ impl StormConnection {
             connection,
             streams,
         })
-    }
-}
-
-/// Opens one Subscribe stream and returns its body once the first response message (the
-/// `subscribed` event) has arrived.
-async fn storm_stream(
-    mut sender: http2::SendRequest<Full<Bytes>>,
-    uri: &str,
-    request: Bytes,
-) -> anyhow::Result<hyper::body::Incoming> {
-    let request = http::Request::post(uri)
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(request))?;
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
-    ensure!(
-        response.status().is_success(),
-        "Subscribe answered HTTP {}",
-        response.status()
-    );
-    if let Some(status) = response.headers().get("grpc-status") {
-        bail!(
-            "Subscribe answered grpc-status {status:?}: {:?}",
-            response.headers().get("grpc-message")
-        );
-    }
-    let mut body = response.into_body();
-    match body.frame().await {
-        Some(frame) => {
-            let frame = frame?;
-            ensure!(
-                frame.is_data(),
-                "Subscribe ended before its first response: {frame:?}"
-            );
-            Ok(body)
-        }
-        None => bail!("Subscribe ended before its first response"),
     }
 }
 
@@ -692,10 +661,6 @@ async fn topics_run(
     let mut figures = Figures::new();
     let mut http = Http::connect(addr).await?;
     let probe = Probe::start(Target::Sse, addr, p.probe_rate, p.payload, counts.len() + 1)?;
-    let mut publishers = Vec::new();
-    for _ in 0..p.concurrency.max(1) {
-        publishers.push(Publisher::connect(Target::Sse, addr).await?);
-    }
     // The probe's own topic exists before the baseline.
     settle().await;
     let (mut filled, mut fill_seconds) = (0usize, 0.0);
@@ -704,7 +669,7 @@ async fn topics_run(
     for (i, &n) in counts.iter().enumerate() {
         if n > filled {
             let window = CpuWindow::start(pid);
-            publishers = fill(publishers, filled, n).await?;
+            fill(addr, p.concurrency, filled, n).await?;
             let used = window.finish();
             fill_seconds += used.seconds;
             fill_client += used.client_share * used.seconds;
@@ -791,21 +756,20 @@ async fn topics_run(
     Ok(figures)
 }
 
-/// Publishes one 64-byte message to each of topics `from..to` over the publishers' connections.
-async fn fill(
-    publishers: Vec<Publisher>,
-    from: usize,
-    to: usize,
-) -> anyhow::Result<Vec<Publisher>> {
+/// Publishes one 64-byte message to each of topics `from..to` over `concurrency` connections,
+/// opened for this step: kept from the last one, they would have sat idle while the probe
+/// recorded, and the broker closes a keep-alive connection idle for `--http-header-timeout`.
+async fn fill(addr: SocketAddr, concurrency: usize, from: usize, to: usize) -> anyhow::Result<()> {
     let next = Arc::new(AtomicUsize::new(from));
     let mut workers = JoinSet::new();
-    for mut publisher in publishers {
+    for _ in 0..concurrency.max(1) {
+        let mut publisher = Publisher::connect(Target::Sse, addr).await?;
         let next = next.clone();
         workers.spawn(async move {
             loop {
                 let k = next.fetch_add(1, Relaxed);
                 if k >= to {
-                    return anyhow::Ok(publisher);
+                    return anyhow::Ok(());
                 }
                 publisher
                     .publish(&topic_name(k), stamped_payload(TOPIC_PAYLOAD), true)
@@ -813,11 +777,10 @@ async fn fill(
             }
         });
     }
-    let mut back = Vec::new();
     while let Some(result) = workers.join_next().await {
-        back.push(result??);
+        result??;
     }
-    Ok(back)
+    Ok(())
 }
 
 fn topic_name(k: usize) -> String {

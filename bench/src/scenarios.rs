@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, sleep, timeout};
 
 use crate::clients::{Publisher, Target, multiplexed, subscriber};
-use crate::stats::{Histogram, Sink, cpu_seconds, pss_kib, stamped_payload};
+use crate::stats::{CpuSeconds, Histogram, Sink, cpu_seconds, pss_kib, stamped_payload};
 
 /// Named figures of one run, e.g. `deliveries_per_s`.
 pub type Figures = BTreeMap<String, f64>;
@@ -92,6 +92,13 @@ pub struct Params {
     /// measure every step, after which the topics expire while the probe publishes.
     #[arg(long, default_value_t = 60.0)]
     pub topics_retain_age: f64,
+    /// Subscribers of the cluster scenario, spread over the nodes that do not publish.
+    #[arg(long, default_value_t = 1000)]
+    pub cluster_subscribers: usize,
+    /// Replicas of the JetStream stream in the cluster scenario (topichub's `--nats-replicas`
+    /// and the JetStream-alone stream's alike).
+    #[arg(long, default_value_t = 1)]
+    pub cluster_replicas: usize,
     /// Publishes per second of the latency probe (storm and topics scenarios), each to a topic
     /// of its own, from a thread of its own.
     #[arg(long, default_value_t = 1000.0)]
@@ -113,7 +120,7 @@ pub async fn run(
         Scenario::Publish => publish(target, addr, p).await,
         Scenario::E2e => latency(target, addr, 1, p.e2e_rate, p).await,
         Scenario::Rate => latency(target, addr, p.subscribers, p.rate, p).await,
-        Scenario::Fanout => fanout(target, addr, pid, p).await,
+        Scenario::Fanout => fanout(target, addr, &[addr], &[pid], p).await,
         Scenario::Idle => idle(target, addr, pid, p.idle_subscribers, p).await,
         Scenario::MaxIdle => max_idle(target, addr, pid, p).await,
     }
@@ -143,6 +150,19 @@ impl Subscribers {
         n: usize,
         p: &Params,
     ) -> anyhow::Result<()> {
+        self.open_across(target, &[addr], n, p).await
+    }
+
+    /// Opens `n` more subscribers, each at the next of `addrs` in turn (the nodes of a
+    /// cluster), and waits until they are live.
+    async fn open_across(
+        &mut self,
+        target: Target,
+        addrs: &[SocketAddr],
+        n: usize,
+        p: &Params,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(!addrs.is_empty(), "no server to subscribe at");
         let want = self.opened + n;
         if matches!(target, Target::SseH2 | Target::GrpcMux | Target::SeedMux) {
             let mut left = n;
@@ -150,7 +170,7 @@ impl Subscribers {
                 let count = left.min(p.streams_per_connection);
                 self.tasks.spawn(multiplexed(
                     target,
-                    addr,
+                    addrs[self.tasks.len() % addrs.len()],
                     TOPIC.into(),
                     count,
                     self.sink.clone(),
@@ -165,6 +185,7 @@ impl Subscribers {
             }
         } else {
             for _ in 0..n {
+                let addr = addrs[self.opened % addrs.len()];
                 self.tasks
                     .spawn(subscriber(target, addr, TOPIC.into(), self.sink.clone()));
                 self.opened += 1;
@@ -212,7 +233,7 @@ async fn deliver_one(
     Ok(())
 }
 
-async fn publish(target: Target, addr: SocketAddr, p: &Params) -> anyhow::Result<Figures> {
+pub async fn publish(target: Target, addr: SocketAddr, p: &Params) -> anyhow::Result<Figures> {
     let latency = Arc::new(Histogram::new());
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -262,9 +283,21 @@ async fn latency(
     rate: f64,
     p: &Params,
 ) -> anyhow::Result<Figures> {
+    latency_across(target, addr, &[addr], subscribers, rate, p).await
+}
+
+/// [`latency`] with the publisher at `publish` and the subscribers spread over `subscribe`.
+pub async fn latency_across(
+    target: Target,
+    publish: SocketAddr,
+    subscribe: &[SocketAddr],
+    subscribers: usize,
+    rate: f64,
+    p: &Params,
+) -> anyhow::Result<Figures> {
     let mut subs = Subscribers::new();
-    subs.open(target, addr, subscribers, p).await?;
-    let mut publisher = Publisher::connect(target, addr).await?;
+    subs.open_across(target, subscribe, subscribers, p).await?;
+    let mut publisher = Publisher::connect(target, publish).await?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let warmup_end = Instant::now() + Duration::from_secs_f64(p.warmup);
@@ -320,11 +353,25 @@ async fn latency(
     ]))
 }
 
-async fn fanout(target: Target, addr: SocketAddr, pid: u32, p: &Params) -> anyhow::Result<Figures> {
+/// The fan-out closed loop, publishing at `publish` to subscribers spread over `subscribe`; the
+/// server CPU is that of every process in `pids` (the nodes of a cluster).
+pub async fn fanout(
+    target: Target,
+    publish: SocketAddr,
+    subscribe: &[SocketAddr],
+    pids: &[u32],
+    p: &Params,
+) -> anyhow::Result<Figures> {
+    let cpu = || {
+        pids.iter()
+            .map(|&pid| cpu_seconds(pid))
+            .fold(CpuSeconds::default(), |a, b| a + b)
+    };
     let mut subs = Subscribers::new();
     subs.sink.per_message.store(p.subscribers as u64, Relaxed);
-    subs.open(target, addr, p.subscribers, p).await?;
-    let mut publisher = Publisher::connect(target, addr).await?;
+    subs.open_across(target, subscribe, p.subscribers, p)
+        .await?;
+    let mut publisher = Publisher::connect(target, publish).await?;
     let sink = subs.sink.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
@@ -357,14 +404,14 @@ async fn fanout(target: Target, addr: SocketAddr, pid: u32, p: &Params) -> anyho
     let (start, delivered0, cpu0, published0) = (
         Instant::now(),
         subs.sink.delivered.load(Relaxed),
-        cpu_seconds(pid),
+        cpu(),
         published.load(Relaxed),
     );
     sleep(Duration::from_secs_f64(p.seconds)).await;
     let (elapsed, delivered1, cpu1, published1) = (
         start.elapsed().as_secs_f64(),
         subs.sink.delivered.load(Relaxed),
-        cpu_seconds(pid),
+        cpu(),
         published.load(Relaxed),
     );
     stop.store(true, Relaxed);

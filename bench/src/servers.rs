@@ -22,6 +22,10 @@ pub enum Kind {
     Nchan,
     Mosquitto,
     Raw,
+    /// One nats-server of a three-node JetStream cluster (cluster scenario).
+    ClusterNats,
+    /// One topichub node of a cluster, `serve --nats` (cluster scenario).
+    ClusterTopichub,
 }
 
 /// Where to find the programs and how to pin them.
@@ -129,19 +133,36 @@ impl Server {
                 launch.self_bin.clone(),
                 vec!["raw-server".into(), "--listen".into(), addr.to_string()],
             ),
+            Kind::ClusterNats | Kind::ClusterTopichub => {
+                bail!("{kind:?} is started by the cluster scenario (Server::spawn)")
+            }
         };
         args.extend(extra.iter().cloned());
+        Self::spawn(kind, addr, &dir, &program, &args, launch)
+    }
+
+    /// Starts `program` with `args`, pinned as `launch` says, logging to `dir/server.log`, and
+    /// waits until it accepts connections at `addr`.
+    pub fn spawn(
+        kind: Kind,
+        addr: SocketAddr,
+        dir: &Path,
+        program: &Path,
+        args: &[String],
+        launch: &Launch,
+    ) -> anyhow::Result<Server> {
+        std::fs::create_dir_all(dir)?;
         let log = std::fs::File::create(dir.join("server.log"))?;
         let mut command = match &launch.server_cpus {
             Some(cpus) => {
                 let mut c = Command::new("taskset");
-                c.args(["-c", cpus]).arg(&program);
+                c.args(["-c", cpus]).arg(program);
                 c
             }
-            None => Command::new(&program),
+            None => Command::new(program),
         };
         command
-            .args(&args)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -150,7 +171,7 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
         let mut server = Server { kind, addr, child };
-        server.wait_listening(&dir)?;
+        server.wait_listening(dir)?;
         Ok(server)
     }
 
@@ -205,11 +226,11 @@ impl Drop for Server {
     }
 }
 
-fn path(p: &Path) -> String {
+pub fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

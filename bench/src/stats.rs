@@ -242,6 +242,16 @@ impl CpuSeconds {
     }
 }
 
+impl std::ops::Add for CpuSeconds {
+    type Output = CpuSeconds;
+    fn add(self, other: CpuSeconds) -> CpuSeconds {
+        CpuSeconds {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+}
+
 impl std::ops::Sub for CpuSeconds {
     type Output = CpuSeconds;
     fn sub(self, earlier: CpuSeconds) -> CpuSeconds {

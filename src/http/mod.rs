@@ -619,7 +619,7 @@ async fn healthz(State(state): State<AppState>) -> Json<Health> {
         epoch: state.hub.epoch().to_owned(),
         head: state.hub.head().seq,
         subscribers: state.hub.subscriber_count(),
-        oldest_seq: state.hub.snapshot().oldest_retained_seq,
+        oldest_seq: state.hub.oldest_retained_seq(),
         log: state.hub.log_stats().map(|stats| json::LogHealth {
             bytes_on_disk: stats.bytes_on_disk,
             failing: stats.failing,
