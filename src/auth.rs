@@ -14,9 +14,9 @@
 //! every client may do everything. `exp` (and `nbf`) are honoured, also during a stream: a
 //! subscription ends with UNAUTHENTICATED when its token expires.
 //!
-//! The transports authenticate each request once, in a middleware ([`http_guard`],
-//! [`crate::grpc::guard::Gate`]), which leaves an [`Access`] in the request's extensions; handlers then ask it
-//! whether a topic or pattern is allowed.
+//! The transports authenticate each request once, in a middleware ([`http_guard`] here, the
+//! gRPC door's gate layer there), which leaves an [`Access`] in the request's extensions;
+//! handlers then ask it whether a topic or pattern is allowed.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

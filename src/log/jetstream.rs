@@ -329,7 +329,7 @@ impl JetStreamLog {
     }
 }
 
-// Cluster-wide presence (`crate::peers`) talks over this log's NATS connection.
+// Cluster-wide presence (the peers module, above the hub) talks over this log's NATS connection.
 impl JetStreamLog {
     /// The connection to NATS, for requests between nodes outside the stream.
     pub fn client(&self) -> async_nats::Client {
