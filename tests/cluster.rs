@@ -12,9 +12,9 @@ use futures_util::StreamExt as _;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
+use topichub::proto::v1;
 
-use support::{BrokerProcess, NatsCluster, Sse, SseEvent, http_publish, wait_serving, within};
+use support::{BrokerProcess, NatsCluster, Sse, http_publish, wait_serving, within};
 
 /// A topichub node on `nats` (urls), serving.
 async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
@@ -23,7 +23,7 @@ async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
 
 /// The gRPC health status of the server as a whole.
 async fn grpc_health(node: &BrokerProcess) -> ServingStatus {
-    let channel = tonic::transport::Channel::from_shared(url(node))
+    let channel = tonic::transport::Channel::from_shared(node.url())
         .unwrap()
         .connect()
         .await
@@ -46,19 +46,10 @@ async fn wait_health(node: &BrokerProcess, status: ServingStatus) {
     .await;
 }
 
-fn url(node: &BrokerProcess) -> String {
-    format!("http://{}", node.addr)
-}
-
 /// The next `message` event (seq, cursor), failing on anything else but `cluster` events (a
 /// node that lost NATS for a while says so; tests/cluster_failures.rs covers them).
 async fn next_message(sse: &mut Sse) -> (u64, String) {
-    let mut event: SseEvent = sse.next().await.expect("the stream goes on");
-    while event.event == "cluster" {
-        event = sse.next().await.expect("the stream goes on");
-    }
-    assert_eq!(event.event, "message", "{event:?}");
-    let json = event.json();
+    let json = sse.next_message().await.json();
     (
         json["seq"].as_u64().unwrap(),
         json["cursor"].as_str().unwrap().to_owned(),
@@ -95,14 +86,14 @@ async fn a_message_published_on_one_node_has_the_same_seq_and_cursor_on_every_no
         node(&urls, &replicas),
         node(&urls, &replicas)
     );
-    let mut on_b = Sse::open(&url(&b), "/subscribe?topic=orders.%3E", &[]).await;
+    let mut on_b = Sse::open(&b.url(), "/subscribe?topic=orders.%3E", &[]).await;
     on_b.expect("subscribed").await;
-    let mut on_c = Sse::open(&url(&c), "/subscribe?topic=orders.%3E", &[]).await;
+    let mut on_c = Sse::open(&c.url(), "/subscribe?topic=orders.%3E", &[]).await;
     on_c.expect("subscribed").await;
 
     let mut published = Vec::new();
     for i in 0..20 {
-        let answer = http_publish(&url(&a), &format!("orders.{}", i % 3), &i.to_string()).await;
+        let answer = http_publish(&a.url(), &format!("orders.{}", i % 3), &i.to_string()).await;
         published.push((
             answer["seq"].as_u64().unwrap(),
             answer["cursor"].as_str().unwrap().to_owned(),
@@ -119,7 +110,7 @@ async fn a_message_published_on_one_node_has_the_same_seq_and_cursor_on_every_no
     // A cursor from B resumes on C with nothing missing and nothing twice.
     let (_, cursor) = &published[9];
     let mut resumed = Sse::open(
-        &url(&c),
+        &c.url(),
         &format!("/subscribe?topic=orders.%3E&last_event_id={cursor}"),
         &[],
     )
@@ -132,12 +123,12 @@ async fn a_message_published_on_one_node_has_the_same_seq_and_cursor_on_every_no
     // A cursor fresh from A is good on C at once: C waits until it applied it.
     let client = reqwest::Client::new();
     for i in 0..20 {
-        let answer = http_publish(&url(&a), "orders.fresh", &i.to_string()).await;
+        let answer = http_publish(&a.url(), "orders.fresh", &i.to_string()).await;
         let cursor = answer["cursor"].as_str().unwrap();
         let read = client
             .get(format!(
                 "{}/topics/orders.fresh/messages?after={cursor}",
-                url(&c)
+                c.url()
             ))
             .send()
             .await
@@ -149,7 +140,7 @@ async fn a_message_published_on_one_node_has_the_same_seq_and_cursor_on_every_no
     let epoch = cursor.split('-').next().unwrap();
     let ahead = reqwest::get(format!(
         "{}/topics/orders.1/messages?after={epoch}-999",
-        url(&c)
+        c.url()
     ))
     .await
     .unwrap();
@@ -162,7 +153,7 @@ async fn killing_the_stream_leader_mid_stream_loses_no_acknowledged_message() {
     let urls = nats.urls();
     let replicas = ["--nats-replicas", "3"];
     let (a, b) = tokio::join!(node(&urls, &replicas), node(&urls, &replicas));
-    let mut on_b = Sse::open(&url(&b), "/subscribe?topic=t", &[]).await;
+    let mut on_b = Sse::open(&b.url(), "/subscribe?topic=t", &[]).await;
     on_b.expect("subscribed").await;
 
     let client = reqwest::Client::new();
@@ -173,7 +164,7 @@ async fn killing_the_stream_leader_mid_stream_loses_no_acknowledged_message() {
             let leader = nats.stream_leader("TOPICHUB").await;
             nats.kill(leader);
         }
-        if let Some(answer) = try_publish(&client, &url(&a), "t", &i.to_string()).await {
+        if let Some(answer) = try_publish(&client, &a.url(), "t", &i.to_string()).await {
             acked.push(answer["seq"].as_u64().unwrap());
         }
     }
@@ -203,10 +194,10 @@ async fn a_killed_node_s_subscriber_resumes_on_another_node_without_loss() {
     let nats = NatsCluster::start(1).await;
     let urls = nats.urls();
     let (a, mut b, c) = tokio::join!(node(&urls, &[]), node(&urls, &[]), node(&urls, &[]));
-    let mut on_b = Sse::open(&url(&b), "/subscribe?topic=t", &[]).await;
+    let mut on_b = Sse::open(&b.url(), "/subscribe?topic=t", &[]).await;
     on_b.expect("subscribed").await;
     for i in 0..5 {
-        http_publish(&url(&a), "t", &i.to_string()).await;
+        http_publish(&a.url(), "t", &i.to_string()).await;
     }
     let mut last = String::new();
     for seq in 1..=5 {
@@ -218,10 +209,10 @@ async fn a_killed_node_s_subscriber_resumes_on_another_node_without_loss() {
     b.child.wait().await.unwrap();
     // Published while the subscriber is away.
     for i in 5..10 {
-        http_publish(&url(&a), "t", &i.to_string()).await;
+        http_publish(&a.url(), "t", &i.to_string()).await;
     }
     let mut on_c = Sse::open(
-        &url(&c),
+        &c.url(),
         &format!("/subscribe?topic=t&last_event_id={last}"),
         &[],
     )
@@ -233,12 +224,9 @@ async fn a_killed_node_s_subscriber_resumes_on_another_node_without_loss() {
 
     // The same cursor through another door of C: gRPC.
     let (epoch, seq) = last.rsplit_once('-').unwrap();
-    let channel = tonic::transport::Channel::from_shared(url(&c))
-        .unwrap()
-        .connect()
+    let mut grpc = c
+        .grpc()
         .await
-        .unwrap();
-    let mut grpc = PubSubClient::new(channel)
         .subscribe(v1::SubscribeRequest {
             topics: vec!["t".into()],
             start: Some(v1::StartPosition {
@@ -267,12 +255,12 @@ async fn a_node_started_before_nats_says_not_serving_then_serves() {
     let mut nats = NatsCluster::start(1).await;
     nats.kill(0);
     let a = BrokerProcess::start(&["--nats", &nats.urls()], "info").await;
-    let health = reqwest::get(format!("{}/healthz", url(&a))).await.unwrap();
+    let health = reqwest::get(format!("{}/healthz", a.url())).await.unwrap();
     assert_eq!(health.status(), 503);
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["status"], "not_serving");
     let refused = reqwest::Client::new()
-        .post(format!("{}/publish", url(&a)))
+        .post(format!("{}/publish", a.url()))
         .json(&serde_json::json!({ "topic": "t", "payload": "x" }))
         .send()
         .await
@@ -284,7 +272,7 @@ async fn a_node_started_before_nats_says_not_serving_then_serves() {
     nats.restart(0).await;
     wait_serving(a.addr, support::CLUSTER_START).await;
     assert_eq!(grpc_health(&a).await, ServingStatus::Serving);
-    let answer = http_publish(&url(&a), "t", "x").await;
+    let answer = http_publish(&a.url(), "t", "x").await;
     assert_eq!(answer["seq"], 1);
 }
 
@@ -293,9 +281,9 @@ async fn losing_nats_fails_publishes_fast_and_delivery_resumes_without_gap() {
     let mut nats = NatsCluster::start(1).await;
     let urls = nats.urls();
     let (a, b) = tokio::join!(node(&urls, &[]), node(&urls, &[]));
-    let mut on_b = Sse::open(&url(&b), "/subscribe?topic=t", &[]).await;
+    let mut on_b = Sse::open(&b.url(), "/subscribe?topic=t", &[]).await;
     on_b.expect("subscribed").await;
-    http_publish(&url(&a), "t", "before").await;
+    http_publish(&a.url(), "t", "before").await;
     assert_eq!(next_message(&mut on_b).await.0, 1);
 
     nats.kill(0);
@@ -304,7 +292,7 @@ async fn losing_nats_fails_publishes_fast_and_delivery_resumes_without_gap() {
     let refused = within("a refused publish", async {
         loop {
             let response = client
-                .post(format!("{}/publish", url(&a)))
+                .post(format!("{}/publish", a.url()))
                 .json(&serde_json::json!({ "topic": "t", "payload": "lost" }))
                 .send()
                 .await
@@ -317,7 +305,7 @@ async fn losing_nats_fails_publishes_fast_and_delivery_resumes_without_gap() {
     .await;
     assert_eq!(refused.status(), 503);
     assert!(started.elapsed() < Duration::from_secs(5), "fails fast");
-    let health: serde_json::Value = reqwest::get(format!("{}/healthz", url(&a)))
+    let health: serde_json::Value = reqwest::get(format!("{}/healthz", a.url()))
         .await
         .unwrap()
         .json()
@@ -330,7 +318,7 @@ async fn losing_nats_fails_publishes_fast_and_delivery_resumes_without_gap() {
     wait_health(&a, ServingStatus::Serving).await;
     let after = within("a publish once NATS is back", async {
         loop {
-            if let Some(answer) = try_publish(&client, &url(&a), "t", "after").await {
+            if let Some(answer) = try_publish(&client, &a.url(), "t", "after").await {
                 return answer["seq"].as_u64().unwrap();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -354,7 +342,7 @@ async fn a_whole_cluster_restart_keeps_history_epoch_and_cursors() {
     let mut a = node(&urls, &replicas).await;
     let mut cursors = Vec::new();
     for i in 0..6 {
-        let answer = http_publish(&url(&a), "t", &i.to_string()).await;
+        let answer = http_publish(&a.url(), "t", &i.to_string()).await;
         cursors.push(answer["cursor"].as_str().unwrap().to_owned());
     }
     a.child.start_kill().unwrap();
@@ -367,7 +355,7 @@ async fn a_whole_cluster_restart_keeps_history_epoch_and_cursors() {
     }
     let b = node(&urls, &replicas).await;
     let mut resumed = Sse::open(
-        &url(&b),
+        &b.url(),
         &format!("/subscribe?topic=t&last_event_id={}", cursors[2]),
         &[],
     )
@@ -376,7 +364,7 @@ async fn a_whole_cluster_restart_keeps_history_epoch_and_cursors() {
     for cursor in &cursors[3..] {
         assert_eq!(&next_message(&mut resumed).await.1, cursor);
     }
-    let answer = http_publish(&url(&b), "t", "next").await;
+    let answer = http_publish(&b.url(), "t", "next").await;
     assert_eq!(answer["seq"], 7);
 }
 
@@ -389,13 +377,13 @@ async fn a_node_started_after_evictions_reports_the_same_gaps_as_one_that_saw_th
     let limit = ["--retain-messages", "3"];
     let a = node(&urls, &limit).await;
     // b.1 = seq 1, a.1..a.5 = seqs 2..6: the stream keeps 1, 4, 5, 6.
-    http_publish(&url(&a), "b", "1").await;
+    http_publish(&a.url(), "b", "1").await;
     for i in 1..=5 {
-        http_publish(&url(&a), "a", &i.to_string()).await;
+        http_publish(&a.url(), "a", &i.to_string()).await;
     }
     let fresh = node(&urls, &limit).await;
     for n in [&a, &fresh] {
-        let epoch = reqwest::get(format!("{}/healthz", url(n)))
+        let epoch = reqwest::get(format!("{}/healthz", n.url()))
             .await
             .unwrap()
             .json::<serde_json::Value>()
@@ -407,7 +395,7 @@ async fn a_node_started_after_evictions_reports_the_same_gaps_as_one_that_saw_th
         for (topic, gap_to) in [("a", Some(3)), ("b", None)] {
             let page: serde_json::Value = reqwest::get(format!(
                 "{}/topics/{topic}/messages?after={epoch}-0",
-                url(n)
+                n.url()
             ))
             .await
             .unwrap()
@@ -456,7 +444,7 @@ async fn a_node_reaches_nats_over_tls_with_a_token() {
     assert!(stderr.contains("--nats-token"), "{stderr}");
 
     let a = node(&urls, &["--nats-tls-ca", cert, "--nats-token", "s3cret"]).await;
-    let answer = http_publish(&url(&a), "t", "over TLS").await;
+    let answer = http_publish(&a.url(), "t", "over TLS").await;
     assert_eq!(answer["seq"], 1);
 }
 
@@ -473,7 +461,7 @@ async fn a_message_over_nats_max_payload_is_refused_and_nothing_else_suffers() {
     // At topichub's limit (1 MiB), so over NATS's once headers are added.
     let big = "x".repeat(1024 * 1024);
     let refused = reqwest::Client::new()
-        .post(format!("{}/topics/t", url(&a)))
+        .post(format!("{}/topics/t", a.url()))
         .header("content-type", "text/plain")
         .body(big)
         .send()
@@ -484,14 +472,14 @@ async fn a_message_over_nats_max_payload_is_refused_and_nothing_else_suffers() {
         refused.text().await.unwrap().contains("max_payload"),
         "says which limit"
     );
-    let health: serde_json::Value = reqwest::get(format!("{}/healthz", url(&a)))
+    let health: serde_json::Value = reqwest::get(format!("{}/healthz", a.url()))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
     assert!(health["log"]["failing"].is_null(), "{health}");
-    assert_eq!(http_publish(&url(&a), "t", "small").await["seq"], 1);
+    assert_eq!(http_publish(&a.url(), "t", "small").await["seq"], 1);
 }
 
 /// A stream deleted and created again is another history: a node still on the old one stops
@@ -500,7 +488,7 @@ async fn a_message_over_nats_max_payload_is_refused_and_nothing_else_suffers() {
 async fn a_node_whose_stream_is_recreated_refuses_to_mix_histories() {
     let nats = NatsCluster::start(1).await;
     let a = node(&nats.urls(), &[]).await;
-    http_publish(&url(&a), "t", "old history").await;
+    http_publish(&a.url(), "t", "old history").await;
     let client = async_nats::connect(nats.urls()).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
     jetstream.delete_stream("TOPICHUB").await.unwrap();
@@ -513,7 +501,7 @@ async fn a_node_whose_stream_is_recreated_refuses_to_mix_histories() {
         .await
         .unwrap();
     support::wait_for("the node to notice the new stream", || async {
-        let health: serde_json::Value = reqwest::get(format!("{}/healthz", url(&a)))
+        let health: serde_json::Value = reqwest::get(format!("{}/healthz", a.url()))
             .await
             .ok()?
             .json()
@@ -526,7 +514,7 @@ async fn a_node_whose_stream_is_recreated_refuses_to_mix_histories() {
     })
     .await;
     let refused = reqwest::Client::new()
-        .post(format!("{}/publish", url(&a)))
+        .post(format!("{}/publish", a.url()))
         .json(&serde_json::json!({ "topic": "t", "payload": "new" }))
         .send()
         .await
@@ -535,6 +523,6 @@ async fn a_node_whose_stream_is_recreated_refuses_to_mix_histories() {
 
     // A node started now follows the new history, in a new epoch.
     let b = node(&nats.urls(), &[]).await;
-    let answer = http_publish(&url(&b), "t", "new history").await;
+    let answer = http_publish(&b.url(), "t", "new history").await;
     assert_eq!(answer["seq"], 1);
 }

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
+use topichub::proto::v1;
 
 use support::{BrokerProcess, NatsCluster, Sse, SseEvent, wait_serving, within};
 
@@ -28,23 +28,10 @@ async fn node(urls: &str, extra: &[&str]) -> BrokerProcess {
     node
 }
 
-fn url(node: &BrokerProcess) -> String {
-    format!("http://{}", node.addr)
-}
-
-async fn grpc(node: &BrokerProcess) -> PubSubClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Channel::from_shared(url(node))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    PubSubClient::new(channel)
-}
-
 /// `POST /publish` of `payload` to `topic` under the idempotency `key`: the JSON answer.
 async fn keyed_publish(node: &BrokerProcess, topic: &str, payload: &str, key: &str) -> Value {
     let response = reqwest::Client::new()
-        .post(format!("{}/publish", url(node)))
+        .post(format!("{}/publish", node.url()))
         .header("Idempotency-Key", key)
         .json(&json!({ "topic": topic, "payload": payload }))
         .send()
@@ -73,7 +60,7 @@ async fn a_retry_only_jetstream_recognises_is_a_duplicate_on_every_door() {
     let nats = NatsCluster::start(1).await;
     let urls = nats.urls();
     let (a, b) = tokio::join!(node(&urls, &[]), node(&urls, &["--idempotency-keys", "1"]));
-    let mut on_b = Sse::open(&url(&b), "/subscribe?topic=orders", &[]).await;
+    let mut on_b = Sse::open(&b.url(), "/subscribe?topic=orders", &[]).await;
     on_b.expect("subscribed").await;
 
     let mut originals = Vec::new();
@@ -92,7 +79,8 @@ async fn a_retry_only_jetstream_recognises_is_a_duplicate_on_every_door() {
     assert_eq!(retry["duplicate"], true, "{retry}");
     assert_eq!(retry["cursor"], originals[0]["cursor"]);
 
-    let retry = grpc(&b)
+    let retry = b
+        .grpc()
         .await
         .publish(v1::PublishRequest {
             topic: "orders".into(),
@@ -130,7 +118,7 @@ async fn a_retry_only_jetstream_recognises_is_a_duplicate_on_every_door() {
     let next = keyed_publish(&a, "orders", "next", "k-next").await;
     assert_eq!(next["seq"], 5, "{next}");
     assert_eq!(next_message(&mut on_b).await, (5, "next".into()));
-    let page = support::get_json(&format!("{}/topics/orders/messages", url(&b))).await;
+    let page = support::get_json(&format!("{}/topics/orders/messages", b.url())).await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 5, "{page}");
 }
 
@@ -172,9 +160,10 @@ async fn subscribers_are_told_when_their_node_loses_and_regains_nats() {
     let mut nats = NatsCluster::start(1).await;
     let a = node(&nats.urls(), &[]).await;
 
-    let mut sse = Sse::open(&url(&a), "/subscribe?topic=t", &[]).await;
+    let mut sse = Sse::open(&a.url(), "/subscribe?topic=t", &[]).await;
     sse.expect("subscribed").await;
-    let mut grpc_stream = grpc(&a)
+    let mut grpc_stream = a
+        .grpc()
         .await
         .subscribe(v1::SubscribeRequest {
             topics: vec!["t".into()],
@@ -195,7 +184,7 @@ async fn subscribers_are_told_when_their_node_loses_and_regains_nats() {
     .unwrap();
     support::ws_subscribe(&mut ws, 1, json!({ "topics": ["t"] })).await;
 
-    let first = support::http_publish(&url(&a), "t", "before").await;
+    let first = support::http_publish(&a.url(), "t", "before").await;
     assert_eq!(first["seq"], 1);
     assert_eq!(next_message(&mut sse).await, (1, "before".into()));
     assert!(matches!(
@@ -227,7 +216,7 @@ async fn subscribers_are_told_when_their_node_loses_and_regains_nats() {
         last = within("a publish once NATS is back", async {
             loop {
                 let response = client
-                    .post(format!("{}/publish", url(&a)))
+                    .post(format!("{}/publish", a.url()))
                     .json(&json!({ "topic": "t", "payload": format!("after-{i}") }))
                     .send()
                     .await
@@ -373,7 +362,7 @@ async fn publish_after(
 async fn gap_to(node: &BrokerProcess, epoch: &str, topic: &str) -> Option<u64> {
     let page = support::get_json(&format!(
         "{}/topics/{topic}/messages?after={epoch}-0",
-        url(node)
+        node.url()
     ))
     .await;
     page["gap"]["to_seq"].as_u64()
@@ -391,10 +380,10 @@ async fn a_node_started_later_reports_exact_gaps_below_the_stream_s_first_sequen
     let a = node(&urls, &limit).await;
     // x = seqs 1, 2, 3 (1 evicted), y = seqs 4, 5: the stream holds 2..=5.
     for (topic, payload) in [("x", "1"), ("x", "2"), ("x", "3"), ("y", "4"), ("y", "5")] {
-        support::http_publish(&url(&a), topic, payload).await;
+        support::http_publish(&a.url(), topic, payload).await;
     }
     let later = node(&urls, &limit).await;
-    let epoch = support::get_json(&format!("{}/healthz", url(&a))).await["epoch"]
+    let epoch = support::get_json(&format!("{}/healthz", a.url())).await["epoch"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -404,7 +393,7 @@ async fn a_node_started_later_reports_exact_gaps_below_the_stream_s_first_sequen
     }
     // A resume on the later node: no gap event, every message of y.
     let mut sse = Sse::open(
-        &url(&later),
+        &later.url(),
         &format!("/subscribe?topic=y&last_event_id={epoch}-0"),
         &[],
     )

@@ -8,27 +8,14 @@ mod support;
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 use tonic::Code;
-use topichub::proto::v1::{self, pub_sub_client::PubSubClient};
+use topichub::proto::v1;
 
 use support::{BrokerProcess, NatsCluster, Sse, cluster_node, get_json, http_publish, within};
 
 const SECRET: &str = "cluster-topics-test-secret";
 
-fn url(node: &BrokerProcess) -> String {
-    format!("http://{}", node.addr)
-}
-
-async fn grpc(node: &BrokerProcess) -> PubSubClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Channel::from_shared(url(node))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    PubSubClient::new(channel)
-}
-
 async fn delete(node: &BrokerProcess, topic: &str, token: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().delete(format!("{}/topics/{topic}", url(node)));
+    let mut request = reqwest::Client::new().delete(format!("{}/topics/{topic}", node.url()));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -39,7 +26,7 @@ async fn delete(node: &BrokerProcess, topic: &str, token: Option<&str>) -> (u16,
 
 /// The payloads of `topic`'s retained history on `node`.
 async fn history(node: &BrokerProcess, topic: &str) -> Vec<String> {
-    let page = get_json(&format!("{}/topics/{topic}/messages", url(node))).await;
+    let page = get_json(&format!("{}/topics/{topic}/messages", node.url())).await;
     page["messages"]
         .as_array()
         .unwrap_or_else(|| panic!("{page}"))
@@ -50,9 +37,7 @@ async fn history(node: &BrokerProcess, topic: &str) -> Vec<String> {
 
 /// The next `message` event as (topic, seq), failing on anything else.
 async fn next_message(sse: &mut Sse) -> (String, u64) {
-    let event = sse.next().await.expect("the stream goes on");
-    assert_eq!(event.event, "message", "{event:?}");
-    let json = event.json();
+    let json = sse.next_message().await.json();
     (
         json["topic"].as_str().unwrap().to_owned(),
         json["seq"].as_u64().unwrap(),
@@ -84,17 +69,17 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
         cluster_node(&urls, &replicas),
         cluster_node(&urls, &replicas)
     );
-    let first = http_publish(&url(&a), "orders.doomed", "d1").await;
+    let first = http_publish(&a.url(), "orders.doomed", "d1").await;
     let first = first["cursor"].as_str().unwrap().to_owned();
-    http_publish(&url(&a), "orders.doomed", "d2").await;
-    http_publish(&url(&a), "orders.doomed", "d3").await;
-    let kept = http_publish(&url(&a), "orders.kept", "k1").await;
+    http_publish(&a.url(), "orders.doomed", "d2").await;
+    http_publish(&a.url(), "orders.doomed", "d3").await;
+    let kept = http_publish(&a.url(), "orders.kept", "k1").await;
     assert_eq!(kept["seq"], 4);
 
     // On B: an exact subscription (SSE and gRPC) and a pattern one, both caught up from A's
     // first cursor, so B has applied everything.
     let resume = |topic: &str| format!("/subscribe?topic={topic}&last_event_id={first}");
-    let mut exact = Sse::open(&url(&b), &resume("orders.doomed"), &[]).await;
+    let mut exact = Sse::open(&b.url(), &resume("orders.doomed"), &[]).await;
     exact.expect("subscribed").await;
     for seq in [2, 3] {
         assert_eq!(
@@ -102,7 +87,7 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
             ("orders.doomed".into(), seq)
         );
     }
-    let mut pattern = Sse::open(&url(&b), &resume("orders.%3E"), &[]).await;
+    let mut pattern = Sse::open(&b.url(), &resume("orders.%3E"), &[]).await;
     pattern.expect("subscribed").await;
     for expected in [
         ("orders.doomed", 2),
@@ -114,7 +99,8 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
             (expected.0.into(), expected.1)
         );
     }
-    let mut on_grpc = grpc(&b)
+    let mut on_grpc = b
+        .grpc()
         .await
         .subscribe(v1::SubscribeRequest {
             topics: vec!["orders.doomed".into()],
@@ -148,7 +134,7 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
     assert_eq!(history(&b, "orders.kept").await, ["k1"]);
 
     // The pattern subscription goes on; the tombstone (seq 5) is never a message.
-    let next = http_publish(&url(&a), "orders.kept", "k2").await;
+    let next = http_publish(&a.url(), "orders.kept", "k2").await;
     assert_eq!(next["seq"], 6);
     assert_eq!(next_message(&mut pattern).await, ("orders.kept".into(), 6));
 
@@ -160,7 +146,7 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
     assert_eq!(history(&c, "orders.doomed").await, Vec::<String>::new());
     assert_eq!(history(&c, "orders.kept").await, ["k1", "k2"]);
     for node in [&b, &c] {
-        let mut resumed = Sse::open(&url(node), &resume("orders.%3E"), &[]).await;
+        let mut resumed = Sse::open(&node.url(), &resume("orders.%3E"), &[]).await;
         resumed.expect("subscribed").await;
         let gap = resumed.expect("gap").await.json();
         assert_eq!(gap["from_seq"], 2, "{gap}");
@@ -169,7 +155,7 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
         assert_eq!(next_message(&mut resumed).await, ("orders.kept".into(), 6));
     }
     let mut from_start =
-        Sse::open(&url(&c), "/subscribe?topic=orders.%3E&from=earliest", &[]).await;
+        Sse::open(&c.url(), "/subscribe?topic=orders.%3E&from=earliest", &[]).await;
     from_start.expect("subscribed").await;
     assert_eq!(
         next_message(&mut from_start).await,
@@ -181,9 +167,9 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
     );
 
     // A deleted topic can be published to again, on every node.
-    let reborn = http_publish(&url(&c), "orders.doomed", "again").await;
+    let reborn = http_publish(&c.url(), "orders.doomed", "again").await;
     assert_eq!(reborn["seq"], 7);
-    let mut after = Sse::open(&url(&b), &resume("orders.doomed"), &[]).await;
+    let mut after = Sse::open(&b.url(), &resume("orders.doomed"), &[]).await;
     after.expect("subscribed").await;
     after.expect("gap").await;
     assert_eq!(next_message(&mut after).await, ("orders.doomed".into(), 7));
@@ -200,7 +186,7 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
     let (a, b) = tokio::join!(cluster_node(&urls, &auth), cluster_node(&urls, &auth));
     let (worker, operator) = (token(false), token(true));
     let published = reqwest::Client::new()
-        .post(format!("{}/topics/guarded", url(&a)))
+        .post(format!("{}/topics/guarded", a.url()))
         .bearer_auth(&worker)
         .body("x")
         .send()
@@ -216,7 +202,7 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
     request
         .metadata_mut()
         .insert("authorization", format!("Bearer {worker}").parse().unwrap());
-    let refused = grpc(&b).await.delete_topic(request).await.unwrap_err();
+    let refused = b.grpc().await.delete_topic(request).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     let (status, body) = delete(&a, "never.seen", Some(&operator)).await;
     assert_eq!(
@@ -233,7 +219,7 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
         "authorization",
         format!("Bearer {operator}").parse().unwrap(),
     );
-    let deleted = grpc(&b).await.delete_topic(request).await.unwrap();
+    let deleted = b.grpc().await.delete_topic(request).await.unwrap();
     assert_eq!(deleted.into_inner().purged_messages, 1);
     assert_eq!(
         stream_holds(&nats, "topichub.guarded").await,
@@ -246,7 +232,7 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
 async fn presence(node: &BrokerProcess, key: &str, after: &str, limit: usize) -> Value {
     get_json(&format!(
         "{}/topics/{key}/presence?after={after}&limit={limit}",
-        url(node)
+        node.url()
     ))
     .await
 }
@@ -287,7 +273,7 @@ async fn presence_counts_and_pages_the_subscriptions_of_every_node() {
         (&b, "/subscribe?topic=room.1"),
         (&b, "/subscribe?topic=room.%2A"),
     ] {
-        let mut sse = Sse::open(&url(node), path, &[]).await;
+        let mut sse = Sse::open(&node.url(), path, &[]).await;
         sse.expect("subscribed").await;
         streams.push(sse);
     }
@@ -317,7 +303,8 @@ async fn presence_counts_and_pages_the_subscriptions_of_every_node() {
         let pattern = presence(node, "room.%2A", "0", 100).await;
         assert_eq!(pattern["subscribers"], 1, "{pattern}");
     }
-    let answer = grpc(&a)
+    let answer = a
+        .grpc()
         .await
         .presence(v1::PresenceRequest {
             topic: "room.1".into(),
@@ -336,7 +323,7 @@ async fn presence_counts_and_pages_the_subscriptions_of_every_node() {
 
     // A third node joins the count, and leaves it when it shuts down (it says goodbye).
     let c = cluster_node(&urls, &[]).await;
-    let mut on_c = Sse::open(&url(&c), "/subscribe?topic=room.1", &[]).await;
+    let mut on_c = Sse::open(&c.url(), "/subscribe?topic=room.1", &[]).await;
     on_c.expect("subscribed").await;
     support::wait_for("three nodes in the presence count", || async {
         let page = presence(&b, "room.1", "0", 100).await;

@@ -291,6 +291,19 @@ impl Sse {
         Sse::open_with(&reqwest::Client::new(), url, path_and_query, headers).await
     }
 
+    /// The next `message` event, skipping `cluster` events (a node under load may briefly lose
+    /// NATS, which its subscribers are told of); panics on any other event.
+    pub async fn next_message(&mut self) -> SseEvent {
+        loop {
+            let event = self.next().await.expect("the stream goes on");
+            match event.event.as_str() {
+                "cluster" => continue,
+                "message" => return event,
+                _ => panic!("expected a message event: {event:?}"),
+            }
+        }
+    }
+
     /// The next event (skipping keep-alive comments), or `None` when the stream ends.
     pub async fn next(&mut self) -> Option<SseEvent> {
         within("next SSE event", async {
@@ -490,6 +503,21 @@ pub struct BrokerProcess {
 }
 
 impl BrokerProcess {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A gRPC client (HTTP/2, h2c) on a connection of its own.
+    pub async fn grpc(&self) -> PubSubClient<Channel> {
+        let channel = Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("gRPC connect");
+        PubSubClient::new(channel)
+    }
+
     /// Starts the broker with `args` after `serve --listen ADDR` and `RUST_LOG=rust_log`; ready
     /// once it logs that it is listening.
     pub async fn start(args: &[&str], rust_log: &str) -> BrokerProcess {
