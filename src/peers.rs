@@ -10,6 +10,14 @@
 //!   which live under the stream's prefix); the asking node answers for itself directly and waits
 //!   for the others until all expected have answered or [`ANSWER_WAIT`] has passed. A node that
 //!   did not answer makes the page `partial`, never makes it hang.
+//! - **Presence events.** Once per presence interval each node publishes on
+//!   `_topichub.STREAM.presence.changes` the topics and patterns whose subscriptions changed
+//!   there since its previous report (each once, with its live count and the joins and leaves
+//!   since; [`MOST_KEYS_SENT`] a message), nothing when none did. Every node folds the others'
+//!   reports into remote totals that its presence watchers add to its own counts, so 10,000
+//!   joins anywhere are one report a node and one event a watcher. A node answers a hello with
+//!   all its live counts, so one that has just started knows them; a node that says goodbye or
+//!   is not heard of for [`NODE_EXPIRY`] has its subscriptions counted as left.
 //! - **Order and pages.** Each node draws a number (1 to 32767); members are ordered by node
 //!   number, then by their position on their node (oldest first there). A page's `next` is
 //!   `number << 48 | position`, so it is one `u64` as in single-node mode and continues across
@@ -28,7 +36,7 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Coverage, Holder, Hub, Member, Peers, PresencePage};
+use crate::hub::{Coverage, Holder, Hub, LocalPresence, Member, Peers, PresencePage};
 use crate::metrics::Door;
 use crate::topic::Pattern;
 
@@ -41,6 +49,9 @@ pub const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Most members one node sends for a request: far above what the doors let a page ask
 /// for, it bounds what a malformed request on the NATS subject can cost.
 const MOST_MEMBERS_SENT: usize = 10_000;
+/// Most topics and patterns in one presence report: a busy node's report is cut into messages
+/// well below NATS's default 1 MiB payload limit.
+const MOST_KEYS_SENT: usize = 1000;
 /// Bits of a page token that hold the position on one node; the bits above hold its number.
 const POSITION_BITS: u32 = 48;
 
@@ -79,6 +90,30 @@ struct Part {
     knows: Vec<String>,
 }
 
+/// A node's report of its subscriptions' changes (or, answering a hello, all its counts).
+#[derive(Serialize, Deserialize)]
+struct Counts {
+    node: String,
+    keys: Vec<KeyCount>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyCount {
+    key: String,
+    live: u64,
+    #[serde(default)]
+    joined: u64,
+    #[serde(default)]
+    left: u64,
+}
+
+/// What this node counts of another node's subscriptions.
+struct RemoteNode {
+    /// Live subscriptions per topic or pattern, as last reported (none at 0).
+    live: HashMap<String, u64>,
+    heard: Instant,
+}
+
 #[derive(Serialize, Deserialize)]
 struct RemoteMember {
     position: u64,
@@ -98,6 +133,7 @@ struct Inner {
     number: AtomicU16,
     nodes_subject: String,
     ask_subject: String,
+    counts_subject: String,
     /// Other nodes heard of: their number and when last heard. A std mutex: held for map
     /// operations only, never across an `.await`.
     known: Mutex<HashMap<String, (u16, Instant)>>,
@@ -120,14 +156,17 @@ impl NatsPeers {
             number: AtomicU16::new(draw_number()),
             nodes_subject: format!("_topichub.{stream}.nodes"),
             ask_subject: format!("_topichub.{stream}.presence"),
+            counts_subject: format!("_topichub.{stream}.presence.changes"),
             known: Mutex::new(HashMap::new()),
         });
         let beats = inner.client.subscribe(inner.nodes_subject.clone()).await?;
         let asks = inner.client.subscribe(inner.ask_subject.clone()).await?;
+        let counts = inner.client.subscribe(inner.counts_subject.clone()).await?;
+        hub.share_presence();
         hub.set_peers(Arc::new(NatsPeers {
             inner: inner.clone(),
         }));
-        tokio::spawn(inner.run(hub, beats, asks, shutdown));
+        tokio::spawn(inner.run(hub, beats, asks, counts, shutdown));
         Ok(())
     }
 }
@@ -183,10 +222,18 @@ impl Inner {
         hub: Hub,
         mut beats: async_nats::Subscriber,
         mut asks: async_nats::Subscriber,
+        mut counts: async_nats::Subscriber,
         shutdown: CancellationToken,
     ) {
         self.announce(true, false).await;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut report = tokio::time::interval(
+            hub.config()
+                .presence_interval
+                .max(Duration::from_millis(10)),
+        );
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut remote: HashMap<String, RemoteNode> = HashMap::new();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -194,7 +241,25 @@ impl Inner {
                     let _ = self.client.flush().await;
                     return;
                 }
-                _ = heartbeat.tick() => self.announce(false, false).await,
+                _ = heartbeat.tick() => {
+                    self.announce(false, false).await;
+                    // Silent too long (killed, cut off): its subscriptions count as left.
+                    let silent: Vec<String> = remote
+                        .iter()
+                        .filter(|(_, n)| n.heard.elapsed() >= NODE_EXPIRY)
+                        .map(|(node, _)| node.clone())
+                        .collect();
+                    for node in silent {
+                        depart(&hub, &mut remote, &node);
+                    }
+                }
+                _ = report.tick() => self.report(hub.presence_changes()).await,
+                Some(message) = counts.next() => {
+                    let Ok(message) = serde_json::from_slice::<Counts>(&message.payload) else { continue };
+                    if message.node != self.node {
+                        fold(&hub, &mut remote, message);
+                    }
+                }
                 Some(beat) = beats.next() => {
                     let Ok(beat) = serde_json::from_slice::<Beat>(&beat.payload) else { continue };
                     if beat.node == self.node {
@@ -207,11 +272,17 @@ impl Inner {
                     }
                     if beat.leaving {
                         self.known().remove(&beat.node);
+                        depart(&hub, &mut remote, &beat.node);
                         continue;
+                    }
+                    if let Some(node) = remote.get_mut(&beat.node) {
+                        node.heard = Instant::now();
                     }
                     self.known().insert(beat.node, (beat.number, Instant::now()));
                     if beat.hello {
                         self.announce(false, false).await;
+                        // It has just started: it learns every node's counts from here.
+                        self.report(hub.presence_counts()).await;
                     }
                 }
                 Some(ask) = asks.next() => {
@@ -227,6 +298,32 @@ impl Inner {
                         tracing::debug!(%error, "cannot answer a presence request");
                     }
                 }
+            }
+        }
+    }
+
+    /// Tells the other nodes of `keys`, [`MOST_KEYS_SENT`] a message.
+    async fn report(&self, keys: Vec<LocalPresence>) {
+        for chunk in keys.chunks(MOST_KEYS_SENT) {
+            let counts = Counts {
+                node: self.node.clone(),
+                keys: chunk
+                    .iter()
+                    .map(|k| KeyCount {
+                        key: k.key.clone(),
+                        live: k.live,
+                        joined: k.joined,
+                        left: k.left,
+                    })
+                    .collect(),
+            };
+            let json = serde_json::to_vec(&counts).unwrap_or_default();
+            if let Err(error) = self
+                .client
+                .publish(self.counts_subject.clone(), json.into())
+                .await
+            {
+                tracing::debug!(%error, "cannot report presence changes to the other nodes");
             }
         }
     }
@@ -322,6 +419,37 @@ impl Inner {
             .await
             .map_err(|e| e.to_string())?;
         Ok(answers)
+    }
+}
+
+/// Folds another node's report into the remote totals. Live counts are absolute, so a report
+/// repeated or answering a hello never counts twice.
+fn fold(hub: &Hub, remote: &mut HashMap<String, RemoteNode>, counts: Counts) {
+    let node = remote.entry(counts.node).or_insert_with(|| RemoteNode {
+        live: HashMap::new(),
+        heard: Instant::now(),
+    });
+    node.heard = Instant::now();
+    for k in counts.keys {
+        let before = if k.live == 0 {
+            node.live.remove(&k.key)
+        } else {
+            node.live.insert(k.key.clone(), k.live)
+        }
+        .unwrap_or(0);
+        let change =
+            i64::try_from(k.live).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX);
+        hub.fold_remote_presence(&k.key, k.joined, k.left, change);
+    }
+}
+
+/// Counts every subscription of a node that left or fell silent as left.
+fn depart(hub: &Hub, remote: &mut HashMap<String, RemoteNode>, node: &str) {
+    let Some(gone) = remote.remove(node) else {
+        return;
+    };
+    for (key, live) in gone.live {
+        hub.fold_remote_presence(&key, 0, live, -i64::try_from(live).unwrap_or(i64::MAX));
     }
 }
 
