@@ -1496,6 +1496,20 @@ impl Hub {
         topics.chain(patterns).collect()
     }
 
+    /// The other hubs' (joined, left, live) for `key`, as folded in so far.
+    #[cfg(test)]
+    pub(crate) fn remote_presence_of(&self, key: &str) -> (u64, u64, u64) {
+        lock_remote(&self.shared.remote_presence)
+            .get(key)
+            .map_or((0, 0, 0), |r| {
+                (
+                    r.joined.load(Ordering::Acquire),
+                    r.left.load(Ordering::Acquire),
+                    r.live.load(Ordering::Acquire),
+                )
+            })
+    }
+
     /// Folds another hub's figures for `key` into the remote totals presence watchers read:
     /// `joined` and `left` since its previous report, and the change of its live count.
     pub fn fold_remote_presence(&self, key: &str, joined: u64, left: u64, live_change: i64) {
