@@ -1448,15 +1448,17 @@ impl Hub {
         }
     }
 
-    /// The topics and patterns whose subscriptions changed on this hub since the previous call,
-    /// each once with its live count and the joins and leaves since then. O(keys changed) under
-    /// the lock, whatever the number of joins.
-    pub fn presence_changes(&self) -> Vec<LocalPresence> {
+    /// Up to `most` of the topics and patterns whose subscriptions changed on this hub since
+    /// they were last returned, each once with its live count and the joins and leaves since
+    /// then (fewer than `most`: none are left). O(`most`) under the lock, whatever the number
+    /// of joins: at 100,000 changed keys call again rather than hold the lock for them all.
+    pub fn presence_changes(&self, most: usize) -> Vec<LocalPresence> {
         let mut state = self.lock();
         let Some(unsent) = state.presence_unsent.as_mut() else {
             return Vec::new();
         };
-        std::mem::take(unsent)
+        unsent
+            .split_off(unsent.len().saturating_sub(most))
             .into_iter()
             .filter_map(|(key, counter)| {
                 counter.unsent.store(false, Ordering::Relaxed);
@@ -2666,11 +2668,11 @@ mod tests {
         // Not shared yet (a single hub): nothing is noted.
         let _before = subscribe("t", false);
         hub.share_presence();
-        assert!(hub.presence_changes().is_empty());
+        assert!(hub.presence_changes(usize::MAX).is_empty());
         let mut watcher = subscribe("t", true);
         let crowd: Vec<Subscription> = (0..1000).map(|_| subscribe("t", false)).collect();
         let pattern = subscribe("t.*", false);
-        let mut report = hub.presence_changes();
+        let mut report = hub.presence_changes(usize::MAX);
         report.sort_by(|a, b| a.key.cmp(&b.key));
         let count = |key: &str, live, joined, left| LocalPresence {
             key: key.into(),
@@ -2683,10 +2685,13 @@ mod tests {
             [count("t", 1002, 1002, 0), count("t.*", 1, 1, 0)],
             "1002 joins never told of (one before sharing began), one entry"
         );
-        assert!(hub.presence_changes().is_empty(), "nothing changed since");
+        assert!(
+            hub.presence_changes(usize::MAX).is_empty(),
+            "nothing changed since"
+        );
         drop(crowd);
         drop(pattern);
-        let mut report = hub.presence_changes();
+        let mut report = hub.presence_changes(usize::MAX);
         report.sort_by(|a, b| a.key.cmp(&b.key));
         assert_eq!(report, [count("t", 2, 0, 1000), count("t.*", 0, 0, 1)]);
         let mut counts = hub.presence_counts();

@@ -273,7 +273,15 @@ impl Inner {
                     self.announce(false, false).await;
                     remote.silence(&hub, NODE_EXPIRY);
                 }
-                _ = report.tick() => self.report(hub.presence_changes(), false).await,
+                _ = report.tick() => loop {
+                    // A part at a time: the hub's lock is held for one message's keys at most.
+                    let changes = hub.presence_changes(MOST_KEYS_SENT);
+                    let done = changes.len() < MOST_KEYS_SENT;
+                    self.report(changes, false).await;
+                    if done {
+                        break;
+                    }
+                },
                 Some(message) = counts.next() => {
                     let Ok(message) = serde_json::from_slice::<Counts>(&message.payload) else { continue };
                     if message.node != self.node && !remote.fold(&hub, message) {
