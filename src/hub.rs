@@ -413,7 +413,7 @@ struct Shared {
     /// The other hubs' subscriptions per topic and pattern (cluster mode), folded in by
     /// [`Hub::fold_remote_presence`] and read by presence watchers. Its own lock, never taken
     /// while holding it: the hub's may be held when taking it, not the other way round.
-    remote_presence: Mutex<HashMap<String, Arc<RemotePresence>>>,
+    remote_presence: Mutex<RemoteTotals>,
 }
 
 #[derive(Default)]
@@ -649,10 +649,38 @@ impl ReachabilityWatch {
 }
 
 /// The map of the other hubs' presence; a poisoned lock still holds consistent counters.
-fn lock_remote(
-    remote: &Mutex<HashMap<String, Arc<RemotePresence>>>,
-) -> MutexGuard<'_, HashMap<String, Arc<RemotePresence>>> {
+fn lock_remote(remote: &Mutex<RemoteTotals>) -> MutexGuard<'_, RemoteTotals> {
     remote.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The other hubs' presence per topic or pattern: those they have subscriptions of, and those
+/// watched here.
+#[derive(Default)]
+struct RemoteTotals {
+    keys: HashMap<String, Arc<RemotePresence>>,
+    /// Size above which keys neither counted elsewhere nor watched any more are dropped.
+    prune_at: usize,
+}
+
+impl RemoteTotals {
+    /// Fewest keys before the first pruning.
+    const PRUNE_FROM: usize = 1024;
+
+    /// The totals of `key`, for a presence watcher. Keys watched once and then left alone are
+    /// dropped when the map has doubled since it was last pruned: memory follows the keys
+    /// counted and watched, at O(1) amortised per watch.
+    fn watch(&mut self, key: &str) -> Arc<RemotePresence> {
+        if let Some(totals) = self.keys.get(key) {
+            return totals.clone();
+        }
+        if self.keys.len() >= self.prune_at.max(Self::PRUNE_FROM) {
+            self.keys.retain(|_, totals| {
+                totals.live.load(Ordering::Acquire) > 0 || Arc::strong_count(totals) > 1
+            });
+            self.prune_at = 2 * self.keys.len();
+        }
+        self.keys.entry(key.to_owned()).or_default().clone()
+    }
 }
 
 /// What a subscription watching presence has reported so far, per topic or pattern it named.
@@ -830,7 +858,7 @@ impl Hub {
                 log,
                 state: Mutex::new(state),
                 peers: OnceLock::new(),
-                remote_presence: Mutex::new(HashMap::new()),
+                remote_presence: Mutex::new(RemoteTotals::default()),
             }),
         }
     }
@@ -1502,6 +1530,7 @@ impl Hub {
     #[cfg(test)]
     pub(crate) fn remote_presence_of(&self, key: &str) -> (u64, u64, u64) {
         lock_remote(&self.shared.remote_presence)
+            .keys
             .get(key)
             .map_or((0, 0, 0), |r| {
                 (
@@ -1516,7 +1545,7 @@ impl Hub {
     /// `joined` and `left` since its previous report, and the change of its live count.
     pub fn fold_remote_presence(&self, key: &str, joined: u64, left: u64, live_change: i64) {
         let mut remote = lock_remote(&self.shared.remote_presence);
-        let entry = remote.entry(key.to_owned()).or_default();
+        let entry = remote.keys.entry(key.to_owned()).or_default();
         entry.joined.fetch_add(joined, Ordering::Release);
         entry.left.fetch_add(left, Ordering::Release);
         let live = entry
@@ -1527,7 +1556,7 @@ impl Hub {
         // Nobody watches it here and no other hub has any: forget it, so memory follows the
         // cluster's live keys.
         if live == 0 && Arc::strong_count(entry) == 1 {
-            remote.remove(key);
+            remote.keys.remove(key);
         }
     }
 
@@ -1866,7 +1895,7 @@ impl State {
         &self,
         patterns: &[Pattern],
         interval: Duration,
-        remote: &Mutex<HashMap<String, Arc<RemotePresence>>>,
+        remote: &Mutex<RemoteTotals>,
     ) -> Box<PresenceWatch> {
         let keys = patterns
             .iter()
@@ -1875,12 +1904,10 @@ impl State {
                     Some(_) => self.topics.get(p.as_str())?.presence.clone(),
                     None => self.patterns.get(p)?.presence.clone(),
                 };
-                let remote = self.presence_unsent.is_some().then(|| {
-                    lock_remote(remote)
-                        .entry(p.as_str().to_owned())
-                        .or_default()
-                        .clone()
-                });
+                let remote = self
+                    .presence_unsent
+                    .is_some()
+                    .then(|| lock_remote(remote).watch(p.as_str()));
                 let mut watched = WatchedKey {
                     key: p.clone(),
                     local,
@@ -2720,7 +2747,23 @@ mod tests {
         // A key nobody here watches is forgotten once no other hub has any.
         hub.fold_remote_presence("u", 2, 0, 2);
         hub.fold_remote_presence("u", 0, 2, -2);
-        assert!(!hub.shared.remote_presence.lock().unwrap().contains_key("u"));
-        assert!(hub.shared.remote_presence.lock().unwrap().contains_key("t"));
+        assert!(
+            !lock_remote(&hub.shared.remote_presence)
+                .keys
+                .contains_key("u")
+        );
+        assert!(
+            lock_remote(&hub.shared.remote_presence)
+                .keys
+                .contains_key("t")
+        );
+
+        // Keys watched once and left alone do not pile up.
+        drop(watcher);
+        for n in 0..10_000 {
+            drop(subscribe(&format!("w.{n}"), true));
+        }
+        let kept = lock_remote(&hub.shared.remote_presence).keys.len();
+        assert!(kept <= 2 * RemoteTotals::PRUNE_FROM, "{kept} keys kept");
     }
 }
