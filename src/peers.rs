@@ -262,6 +262,9 @@ impl Inner {
         );
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut remote = Remote::default();
+        // Some node's counts must be sent anew: the next heartbeat is a hello (at most one a
+        // heartbeat, however many reports were missed).
+        let mut resync = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -270,7 +273,7 @@ impl Inner {
                     return;
                 }
                 _ = heartbeat.tick() => {
-                    self.announce(false, false).await;
+                    self.announce(std::mem::take(&mut resync), false).await;
                     remote.silence(&hub, NODE_EXPIRY);
                 }
                 _ = report.tick() => loop {
@@ -287,8 +290,8 @@ impl Inner {
                     if message.node != self.node && !remote.fold(&hub, message) {
                         // A report was missed: every node sends all its counts again, as to a
                         // node that has just started (rare: core NATS loses messages only when
-                        // a connection does).
-                        self.announce(true, false).await;
+                        // a connection or a slow subscriber does).
+                        resync = true;
                     }
                 }
                 Some(beat) = beats.next() => {
@@ -315,7 +318,7 @@ impl Inner {
                     } else if back {
                         // Heard again after its subscriptions were counted as left: a hello
                         // has every node, that one included, send all its counts.
-                        self.announce(true, false).await;
+                        resync = true;
                     }
                 }
                 Some(ask) = asks.next() => {
