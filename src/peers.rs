@@ -472,8 +472,8 @@ impl Inner {
 impl Remote {
     /// Folds another node's report into the remote totals; `false` when a report of that node
     /// was missed before this one, or its subscriptions had been counted as left for its
-    /// silence: it should send all its counts. Live counts are absolute, so a report repeated or answering
-    /// a hello never counts twice.
+    /// silence: it should send all its counts. Live counts are absolute, so a report repeated
+    /// or answering a hello never counts twice.
     fn fold(&mut self, hub: &Hub, counts: Counts) -> bool {
         let revived = self.silenced.remove(&counts.node);
         let node = self.nodes.entry(counts.node).or_insert_with(|| RemoteNode {
