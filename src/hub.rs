@@ -26,7 +26,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
 use std::ops;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -410,6 +410,10 @@ struct Shared {
     state: Mutex<State>,
     /// The other hubs on the same log, once known (cluster mode).
     peers: OnceLock<Arc<dyn Peers>>,
+    /// The other hubs' subscriptions per topic and pattern (cluster mode), folded in by
+    /// [`Hub::fold_remote_presence`] and read by presence watchers. Its own lock, never taken
+    /// while holding it: the hub's may be held when taking it, not the other way round.
+    remote_presence: Mutex<RemoteTotals>,
     /// The same registry as [`State::queues`], read by a scrape without the hub's lock.
     queues: Queues,
 }
@@ -498,6 +502,9 @@ struct State {
     expiry: ExpiryIndex,
     /// Recent idempotency keys, and keyed publishes waiting for the durable log.
     idempotency: idempotency::Window<InFlight>,
+    /// In cluster mode, the topics and patterns whose joins or leaves the other hubs have not
+    /// been told of yet (each once, however many joins); `None` on a single hub.
+    presence_unsent: Option<Vec<(String, Arc<PresenceCounter>)>>,
 }
 
 /// When each topic's oldest message was published (or earlier: entries are not moved when other
@@ -568,6 +575,47 @@ struct PatternMembers {
 struct PresenceCounter {
     joined: AtomicU64,
     left: AtomicU64,
+    /// Listed in [`State::presence_unsent`] (cluster mode). Written under the hub's lock.
+    unsent: AtomicBool,
+    /// (joined, left) as last told to the other hubs. Written under the hub's lock.
+    sent: (AtomicU64, AtomicU64),
+}
+
+/// Marks `counter` (of topic or pattern `key`) as changed since the other hubs were last told,
+/// when there are other hubs; O(1), each key listed once however many joins.
+fn mark_unsent(
+    unsent: &mut Option<Vec<(String, Arc<PresenceCounter>)>>,
+    key: &str,
+    counter: &Arc<PresenceCounter>,
+) {
+    if let Some(unsent) = unsent
+        && !counter.unsent.swap(true, Ordering::Relaxed)
+    {
+        unsent.push((key.to_owned(), counter.clone()));
+    }
+}
+
+/// The other hubs' subscriptions of one topic or pattern (cluster mode): their joins and
+/// leaves so far, and how many are live. Written by the task that hears the other hubs, read
+/// by presence watchers; neither takes the hub's lock.
+#[derive(Default)]
+pub struct RemotePresence {
+    joined: AtomicU64,
+    left: AtomicU64,
+    live: AtomicU64,
+}
+
+/// One topic's or pattern's subscriptions on this hub, as told to the other hubs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPresence {
+    /// The topic or pattern.
+    pub key: String,
+    /// Live subscriptions now.
+    pub live: u64,
+    /// Joins since the previous report (0 in a full report).
+    pub joined: u64,
+    /// Leaves since the previous report (0 in a full report).
+    pub left: u64,
 }
 
 impl PresenceCounter {
@@ -654,9 +702,44 @@ impl ReachabilityWatch {
     }
 }
 
+/// The map of the other hubs' presence; a poisoned lock still holds consistent counters.
+fn lock_remote(remote: &Mutex<RemoteTotals>) -> MutexGuard<'_, RemoteTotals> {
+    remote.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The other hubs' presence per topic or pattern: those they have subscriptions of, and those
+/// watched here.
+#[derive(Default)]
+struct RemoteTotals {
+    keys: HashMap<String, Arc<RemotePresence>>,
+    /// Size above which keys neither counted elsewhere nor watched any more are dropped.
+    prune_at: usize,
+}
+
+impl RemoteTotals {
+    /// Fewest keys before the first pruning.
+    const PRUNE_FROM: usize = 1024;
+
+    /// The totals of `key`, for a presence watcher. Keys watched once and then left alone are
+    /// dropped when the map has doubled since it was last pruned: memory follows the keys
+    /// counted and watched, at O(1) amortised per watch.
+    fn watch(&mut self, key: &str) -> Arc<RemotePresence> {
+        if let Some(totals) = self.keys.get(key) {
+            return totals.clone();
+        }
+        if self.keys.len() >= self.prune_at.max(Self::PRUNE_FROM) {
+            self.keys.retain(|_, totals| {
+                totals.live.load(Ordering::Acquire) > 0 || Arc::strong_count(totals) > 1
+            });
+            self.prune_at = 2 * self.keys.len();
+        }
+        self.keys.entry(key.to_owned()).or_default().clone()
+    }
+}
+
 /// What a subscription watching presence has reported so far, per topic or pattern it named.
 struct PresenceWatch {
-    keys: Vec<(Pattern, Arc<PresenceCounter>, (u64, u64))>,
+    keys: Vec<WatchedKey>,
     /// At most one presence event per tick.
     tick: tokio::time::Interval,
 }
@@ -665,19 +748,45 @@ impl PresenceWatch {
     /// What changed since the last call, if anything.
     fn changes(&mut self) -> Vec<PresenceChange> {
         let mut changes = Vec::new();
-        for (key, counter, seen) in &mut self.keys {
-            let now = counter.read();
-            if now != *seen {
+        for watched in &mut self.keys {
+            let now = watched.read();
+            let seen = watched.seen;
+            if now != seen {
                 changes.push(PresenceChange {
-                    topic: key.as_str().to_owned(),
-                    subscribers: now.0 - now.1,
-                    joined: now.0 - seen.0,
-                    left: now.1 - seen.1,
+                    topic: watched.key.as_str().to_owned(),
+                    subscribers: now.2,
+                    joined: now.0.saturating_sub(seen.0),
+                    left: now.1.saturating_sub(seen.1),
                 });
-                *seen = now;
+                watched.seen = now;
             }
         }
         changes
+    }
+}
+
+/// One topic or pattern a presence watcher follows.
+struct WatchedKey {
+    key: Pattern,
+    local: Arc<PresenceCounter>,
+    /// The other hubs' subscriptions of it, in cluster mode.
+    remote: Option<Arc<RemotePresence>>,
+    /// (joined, left, live) at the previous event.
+    seen: (u64, u64, u64),
+}
+
+impl WatchedKey {
+    /// (joined, left, live) over this hub and, in cluster mode, the others.
+    fn read(&self) -> (u64, u64, u64) {
+        let (joined, left) = self.local.read();
+        let mut now = (joined, left, joined - left);
+        if let Some(remote) = &self.remote {
+            let remote_left = remote.left.load(Ordering::Acquire);
+            now.0 += remote.joined.load(Ordering::Acquire);
+            now.1 += remote_left;
+            now.2 += remote.live.load(Ordering::Acquire);
+        }
+        now
     }
 }
 
@@ -806,6 +915,7 @@ impl Hub {
                 state: Mutex::new(state),
                 peers: OnceLock::new(),
                 queues,
+                remote_presence: Mutex::new(RemoteTotals::default()),
             }),
         }
     }
@@ -1123,6 +1233,11 @@ impl Hub {
             let members = state.patterns.entry(pattern.clone()).or_default();
             members.members.insert(id);
             members.presence.join();
+            mark_unsent(
+                &mut state.presence_unsent,
+                pattern.as_str(),
+                &members.presence,
+            );
         }
         for pattern in &patterns {
             match pattern.as_topic() {
@@ -1145,9 +1260,13 @@ impl Hub {
             }
         }
         let head_at_start = state.head;
-        let presence = options
-            .presence
-            .then(|| state.presence_watch(&patterns, config.presence_interval));
+        let presence = options.presence.then(|| {
+            state.presence_watch(
+                &patterns,
+                config.presence_interval,
+                &self.shared.remote_presence,
+            )
+        });
         drop(guard);
         let reachability = self.shared.reachable.clone().map(|reachable| {
             Box::new(ReachabilityWatch {
@@ -1413,6 +1532,99 @@ impl Hub {
     /// Lets presence pages cover the other hubs on the same log (cluster mode).
     pub fn set_peers(&self, peers: Arc<dyn Peers>) {
         let _ = self.shared.peers.set(peers);
+    }
+
+    /// Starts noting which topics' and patterns' subscriptions change, for
+    /// [`Hub::presence_changes`] (cluster mode); until then joins and leaves cost nothing more.
+    pub fn share_presence(&self) {
+        let mut state = self.lock();
+        if state.presence_unsent.is_none() {
+            state.presence_unsent = Some(Vec::new());
+        }
+    }
+
+    /// Up to `most` of the topics and patterns whose subscriptions changed on this hub since
+    /// they were last returned, each once with its live count and the joins and leaves since
+    /// then (fewer than `most`: none are left). O(`most`) under the lock, whatever the number
+    /// of joins: at 100,000 changed keys call again rather than hold the lock for them all.
+    pub fn presence_changes(&self, most: usize) -> Vec<LocalPresence> {
+        let mut state = self.lock();
+        let Some(unsent) = state.presence_unsent.as_mut() else {
+            return Vec::new();
+        };
+        unsent
+            .split_off(unsent.len().saturating_sub(most))
+            .into_iter()
+            .filter_map(|(key, counter)| {
+                counter.unsent.store(false, Ordering::Relaxed);
+                let (joined, left) = counter.read();
+                let sent_joined = counter.sent.0.swap(joined, Ordering::Relaxed);
+                let sent_left = counter.sent.1.swap(left, Ordering::Relaxed);
+                ((joined, left) != (sent_joined, sent_left)).then(|| LocalPresence {
+                    key,
+                    live: joined - left,
+                    joined: joined - sent_joined,
+                    left: left - sent_left,
+                })
+            })
+            .collect()
+    }
+
+    /// Every topic and pattern with live subscriptions on this hub and their count, for a hub
+    /// that has just joined (joins and leaves 0: it counts from here).
+    pub fn presence_counts(&self) -> Vec<LocalPresence> {
+        let state = self.lock();
+        let count = |key: &str, members: &BTreeSet<u64>| LocalPresence {
+            key: key.to_owned(),
+            live: members.len() as u64,
+            joined: 0,
+            left: 0,
+        };
+        let topics = state
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.members.is_empty())
+            .map(|(name, t)| count(name.as_str(), &t.members));
+        let patterns = state
+            .patterns
+            .iter()
+            .filter(|(_, p)| !p.members.is_empty())
+            .map(|(pattern, p)| count(pattern.as_str(), &p.members));
+        topics.chain(patterns).collect()
+    }
+
+    /// The other hubs' (joined, left, live) for `key`, as folded in so far.
+    #[cfg(test)]
+    pub(crate) fn remote_presence_of(&self, key: &str) -> (u64, u64, u64) {
+        lock_remote(&self.shared.remote_presence)
+            .keys
+            .get(key)
+            .map_or((0, 0, 0), |r| {
+                (
+                    r.joined.load(Ordering::Acquire),
+                    r.left.load(Ordering::Acquire),
+                    r.live.load(Ordering::Acquire),
+                )
+            })
+    }
+
+    /// Folds another hub's figures for `key` into the remote totals presence watchers read:
+    /// `joined` and `left` since its previous report, and the change of its live count.
+    pub fn fold_remote_presence(&self, key: &str, joined: u64, left: u64, live_change: i64) {
+        let mut remote = lock_remote(&self.shared.remote_presence);
+        let entry = remote.keys.entry(key.to_owned()).or_default();
+        entry.joined.fetch_add(joined, Ordering::Release);
+        entry.left.fetch_add(left, Ordering::Release);
+        let live = entry
+            .live
+            .load(Ordering::Acquire)
+            .saturating_add_signed(live_change);
+        entry.live.store(live, Ordering::Release);
+        // Nobody watches it here and no other hub has any: forget it, so memory follows the
+        // cluster's live keys.
+        if live == 0 && Arc::strong_count(entry) == 1 {
+            remote.keys.remove(key);
+        }
     }
 
     /// [`Hub::presence`] over every hub on the same log in cluster mode (the others asked, within
@@ -1681,6 +1893,11 @@ impl State {
         if topic_state.members.insert(id) {
             topic_state.subscribers.insert(id);
             topic_state.presence.join();
+            mark_unsent(
+                &mut self.presence_unsent,
+                topic.as_str(),
+                &topic_state.presence,
+            );
             self.subs
                 .get_mut(&id)
                 .expect("attach a live subscription")
@@ -1745,16 +1962,31 @@ impl State {
     }
 
     /// What a new subscription naming `patterns` watches for presence events.
-    fn presence_watch(&self, patterns: &[Pattern], interval: Duration) -> Box<PresenceWatch> {
+    fn presence_watch(
+        &self,
+        patterns: &[Pattern],
+        interval: Duration,
+        remote: &Mutex<RemoteTotals>,
+    ) -> Box<PresenceWatch> {
         let keys = patterns
             .iter()
             .filter_map(|p| {
-                let counter = match p.as_topic() {
+                let local = match p.as_topic() {
                     Some(_) => self.topics.get(p.as_str())?.presence.clone(),
                     None => self.patterns.get(p)?.presence.clone(),
                 };
-                let seen = counter.read();
-                Some((p.clone(), counter, seen))
+                let remote = self
+                    .presence_unsent
+                    .is_some()
+                    .then(|| lock_remote(remote).watch(p.as_str()));
+                let mut watched = WatchedKey {
+                    key: p.clone(),
+                    local,
+                    remote,
+                    seen: (0, 0, 0),
+                };
+                watched.seen = watched.read();
+                Some(watched)
             })
             .collect();
         let period = interval.max(Duration::from_millis(1));
@@ -1814,6 +2046,11 @@ impl State {
             if let Some(members) = self.patterns.get_mut(pattern) {
                 members.members.remove(&id);
                 members.presence.leave();
+                mark_unsent(
+                    &mut self.presence_unsent,
+                    pattern.as_str(),
+                    &members.presence,
+                );
                 if members.members.is_empty() {
                     self.patterns.remove(pattern);
                 }
@@ -1826,6 +2063,7 @@ impl State {
             topic.subscribers.swap_remove(&id);
             topic.members.remove(&id);
             topic.presence.leave();
+            mark_unsent(&mut self.presence_unsent, name.as_str(), &topic.presence);
             self.forget_if_unused(name);
         }
         // Dropping `entry.tx` here wakes the subscriber, which then finds `ended` set.
@@ -2645,5 +2883,94 @@ mod tests {
             fastest < Duration::from_millis(2),
             "a scrape over 200,000 topics took {fastest:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_reports_list_each_changed_key_once_and_remote_figures_reach_watchers() {
+        let hub = hub(HubConfig {
+            presence_interval: Duration::from_secs(1),
+            ..Default::default()
+        });
+        let subscribe = |topic: &str, presence: bool| {
+            hub.subscribe(SubscribeOptions {
+                patterns: vec![Pattern::parse(topic).unwrap()],
+                presence,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        // Not shared yet (a single hub): nothing is noted.
+        let _before = subscribe("t", false);
+        hub.share_presence();
+        assert!(hub.presence_changes(usize::MAX).is_empty());
+        let mut watcher = subscribe("t", true);
+        let crowd: Vec<Subscription> = (0..1000).map(|_| subscribe("t", false)).collect();
+        let pattern = subscribe("t.*", false);
+        let mut report = hub.presence_changes(usize::MAX);
+        report.sort_by(|a, b| a.key.cmp(&b.key));
+        let count = |key: &str, live, joined, left| LocalPresence {
+            key: key.into(),
+            live,
+            joined,
+            left,
+        };
+        assert_eq!(
+            report,
+            [count("t", 1002, 1002, 0), count("t.*", 1, 1, 0)],
+            "1002 joins never told of (one before sharing began), one entry"
+        );
+        assert!(
+            hub.presence_changes(usize::MAX).is_empty(),
+            "nothing changed since"
+        );
+        drop(crowd);
+        drop(pattern);
+        let mut report = hub.presence_changes(usize::MAX);
+        report.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(report, [count("t", 2, 0, 1000), count("t.*", 0, 0, 1)]);
+        let mut counts = hub.presence_counts();
+        counts.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(counts, [count("t", 2, 0, 0)]);
+
+        // Another hub's figures: added to this hub's in the watcher's next event.
+        hub.fold_remote_presence("t", 5, 1, 4);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let event = futures_util::FutureExt::now_or_never(watcher.next())
+            .flatten()
+            .unwrap()
+            .unwrap();
+        let Event::Presence(changes) = event else {
+            panic!("{event:?}")
+        };
+        assert_eq!(
+            changes,
+            [PresenceChange {
+                topic: "t".into(),
+                subscribers: 6,
+                joined: 1005,
+                left: 1001,
+            }]
+        );
+        // A key nobody here watches is forgotten once no other hub has any.
+        hub.fold_remote_presence("u", 2, 0, 2);
+        hub.fold_remote_presence("u", 0, 2, -2);
+        assert!(
+            !lock_remote(&hub.shared.remote_presence)
+                .keys
+                .contains_key("u")
+        );
+        assert!(
+            lock_remote(&hub.shared.remote_presence)
+                .keys
+                .contains_key("t")
+        );
+
+        // Keys watched once and left alone do not pile up.
+        drop(watcher);
+        for n in 0..10_000 {
+            drop(subscribe(&format!("w.{n}"), true));
+        }
+        let kept = lock_remote(&hub.shared.remote_presence).keys.len();
+        assert!(kept <= 2 * RemoteTotals::PRUNE_FROM, "{kept} keys kept");
     }
 }

@@ -10,6 +10,16 @@
 //!   which live under the stream's prefix); the asking node answers for itself directly and waits
 //!   for the others until all expected have answered or [`ANSWER_WAIT`] has passed. A node that
 //!   did not answer makes the page `partial`, never makes it hang.
+//! - **Presence events.** Once per presence interval each node publishes on
+//!   `_topichub.STREAM.presence.changes` the topics and patterns whose subscriptions changed
+//!   there since its previous report (each once, with its live count and the joins and leaves
+//!   since; [`MOST_KEYS_SENT`] a message), nothing when none did. Every node folds the others'
+//!   reports into remote totals that its presence watchers add to its own counts, so 10,000
+//!   joins anywhere are one report a node and one event a watcher. A node answers a hello with
+//!   all its live counts, so one that has just started knows them; a node that says goodbye or
+//!   is not heard of for [`NODE_EXPIRY`] has its subscriptions counted as left. Reports are
+//!   numbered: a node that misses one, or hears again of a node it counted as gone, says hello
+//!   again so that all counts are sent anew (and counts no longer listed are dropped).
 //! - **Order and pages.** Each node draws a number (1 to 32767); members are ordered by node
 //!   number, then by their position on their node (oldest first there). A page's `next` is
 //!   `number << 48 | position`, so it is one `u64` as in single-node mode and continues across
@@ -20,7 +30,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -28,7 +38,7 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Coverage, Holder, Hub, Member, Peers, PresencePage};
+use crate::hub::{Coverage, Holder, Hub, LocalPresence, Member, Peers, PresencePage};
 use crate::metrics::Door;
 use crate::topic::Pattern;
 
@@ -41,6 +51,9 @@ pub const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Most members one node sends for a request: far above what the doors let a page ask
 /// for, it bounds what a malformed request on the NATS subject can cost.
 const MOST_MEMBERS_SENT: usize = 10_000;
+/// Most topics and patterns in one presence report: a busy node's report is cut into messages
+/// well below NATS's default 1 MiB payload limit.
+const MOST_KEYS_SENT: usize = 1000;
 /// Bits of a page token that hold the position on one node; the bits above hold its number.
 const POSITION_BITS: u32 = 48;
 
@@ -79,6 +92,53 @@ struct Part {
     knows: Vec<String>,
 }
 
+/// A node's report of its subscriptions' changes (or, answering a hello, all its counts).
+#[derive(Serialize, Deserialize)]
+struct Counts {
+    node: String,
+    /// Numbers the sender's reports one by one, so that a receiver notices one it missed.
+    seq: u64,
+    keys: Vec<KeyCount>,
+    /// Part of all the sender's live counts: keys it does not list between the part marked
+    /// `first` and the one marked `last` have none there.
+    #[serde(default)]
+    full: bool,
+    #[serde(default)]
+    first: bool,
+    #[serde(default)]
+    last: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyCount {
+    key: String,
+    live: u64,
+    #[serde(default)]
+    joined: u64,
+    #[serde(default)]
+    left: u64,
+}
+
+/// What this node counts of another node's subscriptions.
+struct RemoteNode {
+    /// Live subscriptions per topic or pattern, as last reported (none at 0).
+    live: HashMap<String, u64>,
+    heard: Instant,
+    /// Its last report's number.
+    seq: u64,
+    /// The keys listed so far by the full report under way.
+    listed: Option<HashSet<String>>,
+}
+
+/// The other nodes' subscriptions, as this node folded them into its hub's remote totals.
+#[derive(Default)]
+struct Remote {
+    nodes: HashMap<String, RemoteNode>,
+    /// Nodes whose subscriptions were counted as left because they fell silent: one heard of
+    /// again (after a network partition) must send all its counts again.
+    silenced: HashSet<String>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct RemoteMember {
     position: u64,
@@ -98,6 +158,9 @@ struct Inner {
     number: AtomicU16,
     nodes_subject: String,
     ask_subject: String,
+    counts_subject: String,
+    /// Number of this node's latest presence report.
+    reports: AtomicU64,
     /// Other nodes heard of: their number and when last heard. A std mutex: held for map
     /// operations only, never across an `.await`.
     known: Mutex<HashMap<String, (u16, Instant)>>,
@@ -120,14 +183,18 @@ impl NatsPeers {
             number: AtomicU16::new(draw_number()),
             nodes_subject: format!("_topichub.{stream}.nodes"),
             ask_subject: format!("_topichub.{stream}.presence"),
+            counts_subject: format!("_topichub.{stream}.presence.changes"),
+            reports: AtomicU64::new(0),
             known: Mutex::new(HashMap::new()),
         });
         let beats = inner.client.subscribe(inner.nodes_subject.clone()).await?;
         let asks = inner.client.subscribe(inner.ask_subject.clone()).await?;
+        let counts = inner.client.subscribe(inner.counts_subject.clone()).await?;
+        hub.share_presence();
         hub.set_peers(Arc::new(NatsPeers {
             inner: inner.clone(),
         }));
-        tokio::spawn(inner.run(hub, beats, asks, shutdown));
+        tokio::spawn(inner.run(hub, beats, asks, counts, shutdown));
         Ok(())
     }
 }
@@ -183,10 +250,21 @@ impl Inner {
         hub: Hub,
         mut beats: async_nats::Subscriber,
         mut asks: async_nats::Subscriber,
+        mut counts: async_nats::Subscriber,
         shutdown: CancellationToken,
     ) {
         self.announce(true, false).await;
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut report = tokio::time::interval(
+            hub.config()
+                .presence_interval
+                .max(Duration::from_millis(10)),
+        );
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut remote = Remote::default();
+        // Some node's counts must be sent anew: the next heartbeat is a hello (at most one a
+        // heartbeat, however many reports were missed).
+        let mut resync = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -194,7 +272,28 @@ impl Inner {
                     let _ = self.client.flush().await;
                     return;
                 }
-                _ = heartbeat.tick() => self.announce(false, false).await,
+                _ = heartbeat.tick() => {
+                    self.announce(std::mem::take(&mut resync), false).await;
+                    remote.silence(&hub, NODE_EXPIRY);
+                }
+                _ = report.tick() => loop {
+                    // A part at a time: the hub's lock is held for one message's keys at most.
+                    let changes = hub.presence_changes(MOST_KEYS_SENT);
+                    let done = changes.len() < MOST_KEYS_SENT;
+                    self.report(changes, false).await;
+                    if done {
+                        break;
+                    }
+                },
+                Some(message) = counts.next() => {
+                    let Ok(message) = serde_json::from_slice::<Counts>(&message.payload) else { continue };
+                    if message.node != self.node && !remote.fold(&hub, message) {
+                        // A report was missed: every node sends all its counts again, as to a
+                        // node that has just started (rare: core NATS loses messages only when
+                        // a connection or a slow subscriber does).
+                        resync = true;
+                    }
+                }
                 Some(beat) = beats.next() => {
                     let Ok(beat) = serde_json::from_slice::<Beat>(&beat.payload) else { continue };
                     if beat.node == self.node {
@@ -207,11 +306,19 @@ impl Inner {
                     }
                     if beat.leaving {
                         self.known().remove(&beat.node);
+                        remote.depart(&hub, &beat.node);
                         continue;
                     }
+                    let back = remote.heard(&beat.node);
                     self.known().insert(beat.node, (beat.number, Instant::now()));
                     if beat.hello {
                         self.announce(false, false).await;
+                        // It has just started: it learns every node's counts from here.
+                        self.report(hub.presence_counts(), true).await;
+                    } else if back {
+                        // Heard again after its subscriptions were counted as left: a hello
+                        // has every node, that one included, send all its counts.
+                        resync = true;
                     }
                 }
                 Some(ask) = asks.next() => {
@@ -227,6 +334,43 @@ impl Inner {
                         tracing::debug!(%error, "cannot answer a presence request");
                     }
                 }
+            }
+        }
+    }
+
+    /// Tells the other nodes of `keys`, [`MOST_KEYS_SENT`] a message; `full`: all this node's
+    /// live counts (sent even when there are none, so that stale ones are dropped).
+    async fn report(&self, keys: Vec<LocalPresence>, full: bool) {
+        let chunks: Vec<&[LocalPresence]> = if keys.is_empty() && full {
+            vec![&[]]
+        } else {
+            keys.chunks(MOST_KEYS_SENT).collect()
+        };
+        let parts = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let counts = Counts {
+                node: self.node.clone(),
+                seq: self.reports.fetch_add(1, Ordering::Relaxed) + 1,
+                full,
+                first: full && i == 0,
+                last: full && i + 1 == parts,
+                keys: chunk
+                    .iter()
+                    .map(|k| KeyCount {
+                        key: k.key.clone(),
+                        live: k.live,
+                        joined: k.joined,
+                        left: k.left,
+                    })
+                    .collect(),
+            };
+            let json = serde_json::to_vec(&counts).unwrap_or_default();
+            if let Err(error) = self
+                .client
+                .publish(self.counts_subject.clone(), json.into())
+                .await
+            {
+                tracing::debug!(%error, "cannot report presence changes to the other nodes");
             }
         }
     }
@@ -323,6 +467,95 @@ impl Inner {
             .map_err(|e| e.to_string())?;
         Ok(answers)
     }
+}
+
+impl Remote {
+    /// Folds another node's report into the remote totals; `false` when a report of that node
+    /// was missed before this one, or its subscriptions had been counted as left for its
+    /// silence: it should send all its counts. Live counts are absolute, so a report repeated
+    /// or answering a hello never counts twice.
+    fn fold(&mut self, hub: &Hub, counts: Counts) -> bool {
+        let revived = self.silenced.remove(&counts.node);
+        let node = self.nodes.entry(counts.node).or_insert_with(|| RemoteNode {
+            live: HashMap::new(),
+            heard: Instant::now(),
+            seq: counts.seq.saturating_sub(1),
+            listed: None,
+        });
+        node.heard = Instant::now();
+        let in_order = counts.seq == node.seq + 1;
+        node.seq = counts.seq;
+        if counts.first {
+            node.listed = Some(HashSet::new());
+        }
+        for k in counts.keys {
+            if let Some(listed) = node.listed.as_mut().filter(|_| counts.full) {
+                listed.insert(k.key.clone());
+            }
+            set_live(hub, node, &k.key, k.live, k.joined, k.left);
+        }
+        if counts.last
+            && let Some(listed) = node.listed.take()
+        {
+            // Not listed in all its counts: they left (a report saying so was missed).
+            let stale: Vec<(String, u64)> = node
+                .live
+                .iter()
+                .filter(|(key, _)| !listed.contains(*key))
+                .map(|(key, live)| (key.clone(), *live))
+                .collect();
+            for (key, live) in stale {
+                set_live(hub, node, &key, 0, 0, live);
+            }
+        }
+        in_order && !revived
+    }
+
+    /// Notes that `node` was heard of; `true` when its subscriptions had been counted as left
+    /// for its silence.
+    fn heard(&mut self, node: &str) -> bool {
+        if let Some(known) = self.nodes.get_mut(node) {
+            known.heard = Instant::now();
+        }
+        self.silenced.remove(node)
+    }
+
+    /// Counts the subscriptions of the nodes not heard of for `expiry` as left.
+    fn silence(&mut self, hub: &Hub, expiry: Duration) {
+        let silent: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.heard.elapsed() >= expiry)
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in silent {
+            self.depart(hub, &node);
+            self.silenced.insert(node);
+        }
+    }
+
+    /// Counts every subscription of a node that left or fell silent as left.
+    fn depart(&mut self, hub: &Hub, node: &str) {
+        let Some(gone) = self.nodes.remove(node) else {
+            return;
+        };
+        for (key, live) in gone.live {
+            hub.fold_remote_presence(&key, 0, live, -i64::try_from(live).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Sets `node`'s live count of `key` and folds the change into the hub's remote totals.
+fn set_live(hub: &Hub, node: &mut RemoteNode, key: &str, live: u64, joined: u64, left: u64) {
+    let before = if live == 0 {
+        node.live.remove(key)
+    } else {
+        node.live.insert(key.to_owned(), live)
+    }
+    .unwrap_or(0);
+    let change =
+        i64::try_from(live).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX);
+    hub.fold_remote_presence(key, joined, left, change);
 }
 
 /// One page out of every node's part: members by node number, then position; `next` after the
@@ -437,5 +670,56 @@ mod tests {
         assert!(token(i16::MAX as u16, u64::MAX) <= i64::MAX as u64);
         assert_eq!(split(token(7, 42)), (7, 42));
         assert_eq!(split(18), (0, 18));
+    }
+
+    fn counts(node: &str, seq: u64, keys: &[(&str, u64, u64, u64)]) -> Counts {
+        Counts {
+            node: node.into(),
+            seq,
+            keys: keys
+                .iter()
+                .map(|&(key, live, joined, left)| KeyCount {
+                    key: key.into(),
+                    live,
+                    joined,
+                    left,
+                })
+                .collect(),
+            full: false,
+            first: false,
+            last: false,
+        }
+    }
+
+    #[test]
+    fn reports_fold_into_remote_totals_and_a_missed_one_is_noticed_and_mended() {
+        let hub = Hub::new(crate::hub::HubConfig::default());
+        hub.share_presence();
+        let mut remote = Remote::default();
+        assert!(remote.fold(&hub, counts("b", 1, &[("t", 3, 3, 0), ("u", 1, 1, 0)])));
+        assert!(remote.fold(&hub, counts("c", 7, &[("t", 2, 2, 0)])));
+        assert_eq!(hub.remote_presence_of("t"), (5, 0, 5));
+        assert!(remote.fold(&hub, counts("b", 2, &[("t", 1, 0, 2)])));
+        assert_eq!(hub.remote_presence_of("t"), (5, 2, 3));
+
+        // b's report 3 (u: none left) is lost: report 4 is out of order, and b's full report
+        // drops the count it no longer lists, as leaves.
+        assert!(!remote.fold(&hub, counts("b", 4, &[("t", 2, 1, 0)])));
+        assert_eq!(hub.remote_presence_of("u"), (1, 0, 1));
+        let mut full = counts("b", 5, &[("t", 2, 0, 0)]);
+        (full.full, full.first, full.last) = (true, true, true);
+        assert!(remote.fold(&hub, full));
+        assert_eq!(hub.remote_presence_of("u"), (0, 0, 0), "forgotten");
+        assert_eq!(hub.remote_presence_of("t"), (6, 2, 4));
+
+        // A node gone: its subscriptions leave; heard of again, it must send all its counts.
+        remote.depart(&hub, "c");
+        assert_eq!(hub.remote_presence_of("t"), (6, 4, 2));
+        remote.silence(&hub, Duration::ZERO);
+        assert_eq!(hub.remote_presence_of("t"), (0, 0, 0));
+        assert!(remote.heard("b"), "b was silenced");
+        assert!(!remote.heard("b"));
+        remote.silence(&hub, Duration::ZERO);
+        assert!(!remote.heard("c"), "c said goodbye");
     }
 }
