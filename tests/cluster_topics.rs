@@ -14,16 +14,6 @@ use support::{BrokerProcess, NatsCluster, Sse, cluster_node, get_json, http_publ
 
 const SECRET: &str = "cluster-topics-test-secret";
 
-async fn delete(node: &BrokerProcess, topic: &str, token: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().delete(format!("{}/topics/{topic}", node.url()));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.expect("DELETE");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("a JSON answer"))
-}
-
 /// The payloads of `topic`'s retained history on `node`.
 async fn history(node: &BrokerProcess, topic: &str) -> Vec<String> {
     let page = get_json(&format!("{}/topics/{topic}/messages", node.url())).await;
@@ -117,7 +107,7 @@ async fn deleting_a_topic_on_one_node_ends_it_on_every_node_and_later_nodes_neve
 
     // Deleted on A: answered once A applied it; B's exact subscriptions end as single-node
     // ones do.
-    let (status, body) = delete(&a, "orders.doomed", None).await;
+    let (status, body) = support::delete_topic(&a.url(), "orders.doomed", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["purged_messages"], 3, "{body}");
     assert_eq!(history(&a, "orders.doomed").await, Vec::<String>::new());
@@ -194,7 +184,7 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
         .unwrap();
     assert_eq!(published.status(), 200);
 
-    let (status, body) = delete(&a, "guarded", Some(&worker)).await;
+    let (status, body) = support::delete_topic(&a.url(), "guarded", Some(&worker)).await;
     assert_eq!(status, 403, "{body}");
     let mut request = tonic::Request::new(v1::DeleteTopicRequest {
         topic: "guarded".into(),
@@ -204,7 +194,7 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
         .insert("authorization", format!("Bearer {worker}").parse().unwrap());
     let refused = b.grpc().await.delete_topic(request).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    let (status, body) = delete(&a, "never.seen", Some(&operator)).await;
+    let (status, body) = support::delete_topic(&a.url(), "never.seen", Some(&operator)).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("NOT_FOUND")),

@@ -16,16 +16,6 @@ use topichub::proto::v1;
 
 const SECRET: &str = "delete-topic-test-secret";
 
-async fn delete(broker: &Broker, topic: &str, token: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().delete(format!("{}/topics/{topic}", broker.url()));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.expect("DELETE");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("a JSON answer"))
-}
-
 async fn history(broker: &Broker, topic: &str, query: &str) -> Value {
     get_json(&format!("{}/topics/{topic}/messages{query}", broker.url())).await
 }
@@ -58,7 +48,7 @@ async fn deleting_a_topic_purges_it_and_ends_exact_subscribers_on_every_door() {
         let mut ws = ws_subscribed(&broker, &["orders.doomed"]).await;
         broker.wait_for_subscribers(4).await;
 
-        let (status, body) = delete(&broker, "orders.doomed", None).await;
+        let (status, body) = support::delete_topic(&broker.url(), "orders.doomed", None).await;
         assert_eq!(status, 200, "{backend:?}: {body}");
         assert_eq!(body["topic"], "orders.doomed");
         assert_eq!(body["purged_messages"], 3, "{backend:?}: {body}");
@@ -199,7 +189,7 @@ async fn delete_topic_rpc_and_unknown_topics() {
         .await
         .unwrap_err();
     assert_eq!(wildcard.code(), Code::InvalidArgument, "{wildcard:?}");
-    let (status, body) = delete(&broker, "never.seen", None).await;
+    let (status, body) = support::delete_topic(&broker.url(), "never.seen", None).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("NOT_FOUND"))
@@ -224,9 +214,9 @@ async fn deleting_takes_the_admin_claim_when_authentication_is_on() {
         .unwrap();
     assert_eq!(published.status(), 200);
 
-    let (status, body) = delete(&broker, "guarded", None).await;
+    let (status, body) = support::delete_topic(&broker.url(), "guarded", None).await;
     assert_eq!(status, 401, "{body}");
-    let (status, body) = delete(&broker, "guarded", Some(&worker)).await;
+    let (status, body) = support::delete_topic(&broker.url(), "guarded", Some(&worker)).await;
     assert_eq!(status, 403, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("\"admin\": true"), "{message}");
@@ -241,7 +231,7 @@ async fn deleting_takes_the_admin_claim_when_authentication_is_on() {
     let refused = client.delete_topic(request).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 
-    let (status, body) = delete(&broker, "guarded", Some(&operator)).await;
+    let (status, body) = support::delete_topic(&broker.url(), "guarded", Some(&operator)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["purged_messages"], 1);
     broker.stop().await;

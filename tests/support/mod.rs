@@ -80,12 +80,7 @@ impl Broker {
 
     /// A gRPC client (HTTP/2, h2c).
     pub async fn grpc(&self) -> PubSubClient<Channel> {
-        let channel = Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("gRPC connect");
-        PubSubClient::new(channel)
+        grpc_client(self.url()).await
     }
 
     /// A gRPC `Subscribe` stream on its own connection to `topics` (a topic or pattern each),
@@ -510,12 +505,7 @@ impl BrokerProcess {
 
     /// A gRPC client (HTTP/2, h2c) on a connection of its own.
     pub async fn grpc(&self) -> PubSubClient<Channel> {
-        let channel = Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("gRPC connect");
-        PubSubClient::new(channel)
+        grpc_client(self.url()).await
     }
 
     /// Starts the broker with `args` after `serve --listen ADDR` and `RUST_LOG=rust_log`; ready
@@ -1034,4 +1024,25 @@ pub fn operator_or_worker_token(secret: &str, admin: bool) -> String {
         "topichub": {"publish": [">"], "subscribe": [">"], "admin": admin},
     });
     hs256_token(secret, claims)
+}
+
+/// A gRPC client (HTTP/2, h2c) of the broker at `url`, on a connection of its own.
+pub async fn grpc_client(url: String) -> PubSubClient<Channel> {
+    let channel = Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .expect("gRPC connect");
+    PubSubClient::new(channel)
+}
+
+/// `DELETE {url}/topics/{topic}`, with a bearer `token` if given: the status and the JSON answer.
+pub async fn delete_topic(url: &str, topic: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut request = reqwest::Client::new().delete(format!("{url}/topics/{topic}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("DELETE");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON answer"))
 }
