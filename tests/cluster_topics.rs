@@ -175,14 +175,8 @@ async fn deleting_in_cluster_mode_takes_the_admin_claim_and_unknown_topics_are_n
     let (urls, auth) = (nats.urls(), ["--jwt-secret", SECRET]);
     let (a, b) = tokio::join!(cluster_node(&urls, &auth), cluster_node(&urls, &auth));
     let (worker, operator) = (token(false), token(true));
-    let published = reqwest::Client::new()
-        .post(format!("{}/topics/guarded", a.url()))
-        .bearer_auth(&worker)
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(published.status(), 200);
+    let published = support::publish_as(&a.url(), "guarded", "x", &worker).await;
+    assert_eq!(published, 200);
 
     let (status, body) = support::delete_topic(&a.url(), "guarded", Some(&worker)).await;
     assert_eq!(status, 403, "{body}");

@@ -205,14 +205,8 @@ fn token(admin: bool) -> String {
 async fn deleting_takes_the_admin_claim_when_authentication_is_on() {
     let broker = spawn_broker_with(|c| c.jwt_secret = Some(SECRET.into())).await;
     let (worker, operator) = (token(false), token(true));
-    let published = reqwest::Client::new()
-        .post(format!("{}/topics/guarded", broker.url()))
-        .bearer_auth(&worker)
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(published.status(), 200);
+    let published = support::publish_as(&broker.url(), "guarded", "x", &worker).await;
+    assert_eq!(published, 200);
 
     let (status, body) = support::delete_topic(&broker.url(), "guarded", None).await;
     assert_eq!(status, 401, "{body}");

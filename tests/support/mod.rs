@@ -1046,3 +1046,16 @@ pub async fn delete_topic(url: &str, topic: &str, token: Option<&str>) -> (u16, 
     let status = response.status().as_u16();
     (status, response.json().await.expect("a JSON answer"))
 }
+
+/// `POST {url}/topics/{topic}` of `payload` with the bearer `token`: the answer's status.
+pub async fn publish_as(url: &str, topic: &str, payload: &str, token: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{url}/topics/{topic}"))
+        .bearer_auth(token)
+        .body(payload.to_owned())
+        .send()
+        .await
+        .expect("POST /topics/{topic}")
+        .status()
+        .as_u16()
+}
