@@ -25,7 +25,7 @@
 
   function setStatus(state) {
     const badge = $('status');
-    badge.textContent = state; // exactly: connecting | live | reconnecting | closed
+    badge.textContent = state; // exactly: connecting | live | paused | reconnecting | closed
     badge.className = 'badge ' + state;
   }
 
@@ -155,6 +155,20 @@
     es.addEventListener('lag', mine((event) => {
       const l = parse(event) || {};
       addNotice('lag', `Fell behind at seq ${l.from_seq}; catching up to seq ${l.to_seq}`);
+    }));
+    // A topic the stream names exactly was deleted: the server's last event on this stream.
+    es.addEventListener('deleted', mine((event) => {
+      const d = parse(event) || {};
+      addNotice('error', `Deleted: ${d.message || d.topic || event.data}`);
+      es.close();
+      setStatus('closed');
+    }));
+    // Cluster mode: the node lost (or regained) the NATS cluster; delivery pauses meanwhile and
+    // continues where it paused, so the stream stays open.
+    es.addEventListener('cluster', mine((event) => {
+      const c = parse(event) || {};
+      addNotice('cluster', `Cluster: ${c.message || event.data}`);
+      setStatus(c.reachable ? 'live' : 'paused');
     }));
     // The server's last word before it closes the stream (shutdown, token expiry, slow
     // consumer). EventSource reconnects by itself after a shutdown and resumes from the last id.

@@ -96,6 +96,10 @@
       notice('gap', `gap: seq ${frame.gap.from_seq}–${frame.gap.to_seq ?? '…'} (${frame.gap.reason})`);
     } else if (frame.lag) {
       notice('lag', `lagged from seq ${frame.lag.from_seq}; catching up`);
+    } else if (frame.deleted) {
+      notice('error', `deleted: ${frame.deleted.message}`);
+    } else if (frame.cluster) {
+      notice('cluster', `cluster: ${frame.cluster.message}`);
     } else if (frame.unsubscribed) {
       removeSubscription(frame.subscription_id);
     } else if (frame.error) {

@@ -21,13 +21,17 @@
 //   f. with authentication on, both pages (`/` and `/grpc-web.html`) use the token typed into
 //      their field: refused without it, served with it.
 //   g. the WebSocket mode of `/` holds several subscriptions on one socket and publishes with acks.
+//   h. a deleted topic ends the page's subscription with the server's notice; in cluster mode
+//      (a real `nats-server -js`, killed and restarted) both pages say when the node loses NATS
+//      and when it is back, and delivery continues.
 //
 // Every wait is bounded (WAIT_MS), and the whole run is bounded (TOTAL_MS). Exit status 0 = pass.
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { createWriteStream, mkdirSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { createWriteStream, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import net from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -234,6 +238,8 @@ class Broker {
 let browser = null;
 let broker = null;
 let authBroker = null; // step f
+let clusterBroker = null; // step h
+let nats = null; // step h: the nats-server child
 const pages = new Set();
 const pageErrors = [];
 let shotIndex = 0;
@@ -583,8 +589,122 @@ async function main() {
     });
   }
 
+  await step("h: a deleted topic ends the subscription; cluster mode shows NATS lost and back", async () => {
+    const page = await newPage(context, consoleLog);
+    await page.goto(`${baseUrl}/?topic=browser.deleted`);
+    await waitForText(page, "#status", "live");
+    const deleted = await fetch(`${baseUrl}/topics/browser.deleted`, { method: "DELETE" });
+    assert.ok(deleted.ok || deleted.status === 404, `DELETE answered ${deleted.status}`);
+    await page.locator("#messages .notice.error", { hasText: "Deleted" }).first().waitFor();
+    await waitForText(page, "#status", "closed");
+    await shot(page, "h-deleted");
+    await page.close();
+    pages.delete(page);
+
+    if (!broker) {
+      log("step h: cluster part skipped: needs TOPICHUB_BIN to start a broker in cluster mode");
+      return;
+    }
+    assert.ok(existsSync(NATS_SERVER), `${NATS_SERVER} not found: run scripts/deps-nats.sh`);
+    nats = new NatsServer(await freePort(), join(ARTIFACTS, "nats.log"));
+    await nats.start();
+    clusterBroker = new Broker(broker.bin, await freePort(), join(ARTIFACTS, "broker-cluster.log"),
+      ["--nats", nats.url]);
+    await clusterBroker.start();
+    const sse = await newPage(context, consoleLog);
+    await sse.goto(`${clusterBroker.url}/?topic=cluster.test`);
+    await waitForText(sse, "#status", "live");
+    const gwPage = await newPage(context, consoleLog);
+    await gwPage.goto(`${clusterBroker.url}/grpc-web.html?topic=cluster.test`);
+    await waitForText(gwPage, "#gw-status", "live");
+    await httpPublish(clusterBroker.url, "cluster.test", `before ${run}`);
+    await waitForRow(sse, "#messages", "cluster.test", `before ${run}`);
+    await waitForRow(gwPage, "#gw-messages", "cluster.test", `before ${run}`);
+
+    await nats.kill();
+    await waitForText(sse, "#status", "paused");
+    await sse.locator("#messages .notice.cluster", { hasText: "cannot reach" }).first().waitFor();
+    await waitForText(gwPage, "#gw-status", "paused");
+    await gwPage.locator("#gw-messages .notice.cluster", { hasText: "cannot reach" }).first().waitFor();
+    await shot(sse, "h-cluster-lost");
+
+    await nats.start(); // same port and store
+    await within("the node back on NATS", (async () => {
+      await waitForText(sse, "#status", "live");
+      await sse.locator("#messages .notice.cluster", { hasText: "again" }).first().waitFor();
+      await waitForText(gwPage, "#gw-status", "live");
+    })(), 30_000);
+    const after = `after NATS came back ${run}`;
+    await within("a publish once NATS is back", (async () => {
+      for (;;) {
+        try {
+          return await httpPublish(clusterBroker.url, "cluster.test", after);
+        } catch { await new Promise((r) => setTimeout(r, 100)); }
+      }
+    })());
+    await waitForRow(sse, "#messages", "cluster.test", after);
+    await waitForRow(gwPage, "#gw-messages", "cluster.test", after);
+    await shot(gwPage, "h-cluster-back");
+    for (const p of [sse, gwPage]) {
+      await p.close();
+      pages.delete(p);
+    }
+    await clusterBroker.stop();
+    clusterBroker = null;
+    await nats.kill();
+    rmSync(nats.store, { recursive: true, force: true });
+    nats = null;
+  });
+
   assert.deepEqual(pageErrors, [], "uncaught exceptions in the pages");
   await context.close();
+}
+
+/** Debian's nats-server (installed by scripts/deps-nats.sh). */
+const NATS_SERVER = process.env.NATS_SERVER || "/usr/sbin/nats-server";
+
+/** One `nats-server -js` on a fixed port and store, so it can be killed and started again. */
+class NatsServer {
+  constructor(port, logFile) {
+    this.port = port;
+    this.url = `nats://127.0.0.1:${port}`;
+    this.store = mkdtempSync(join(tmpdir(), "topichub-browser-nats-"));
+    this.log = createWriteStream(logFile, { flags: "a" });
+    this.child = null;
+  }
+
+  async start() {
+    const child = spawn(NATS_SERVER, ["-js", "-sd", this.store, "-a", "127.0.0.1", "-p", String(this.port)], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    this.child = child;
+    child.stdout.pipe(this.log, { end: false });
+    child.stderr.pipe(this.log, { end: false });
+    child.exited = new Promise((r) => child.once("exit", r));
+    await within("nats-server accepting clients", (async () => {
+      for (;;) {
+        if (child.exitCode !== null) throw new Error("nats-server exited; see nats.log");
+        const open = await new Promise((r) => {
+          const socket = net.connect(this.port, "127.0.0.1", () => { socket.destroy(); r(true); });
+          socket.on("error", () => r(false));
+        });
+        if (open) return;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    })());
+  }
+
+  /** SIGKILL, as when a server dies. */
+  async kill() {
+    const child = this.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    child.kill("SIGKILL");
+    await child.exited;
+  }
+
+  killSync() {
+    if (this.child && this.child.exitCode === null && this.child.signalCode === null) this.child.kill("SIGKILL");
+  }
 }
 
 /** An HS256 JWT, as an identity provider would issue it. */
@@ -600,11 +720,16 @@ async function cleanup() {
   await browser?.close().catch(() => {});
   if (broker) await broker.stop().catch(() => broker.kill());
   if (authBroker) await authBroker.stop().catch(() => authBroker.kill());
+  if (clusterBroker) await clusterBroker.stop().catch(() => clusterBroker.kill());
+  nats?.killSync();
+  if (nats) rmSync(nats.store, { recursive: true, force: true });
 }
 
 process.on("exit", () => {
   broker?.kill();
   authBroker?.kill();
+  clusterBroker?.kill();
+  nats?.killSync();
 });
 for (const signal of ["SIGINT", "SIGTERM"]) {
   process.on(signal, () => {

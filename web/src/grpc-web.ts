@@ -70,7 +70,7 @@ function el(tag: string, className?: string, text?: string): HTMLElement {
 
 const parseTopics = (text: string): string[] => text.split(/[\s,]+/).filter(Boolean);
 
-type Status = "connecting" | "live" | "reconnecting" | "closed";
+type Status = "connecting" | "live" | "paused" | "reconnecting" | "closed";
 
 function setStatus(state: Status, detail = ""): void {
   const badge = $("gw-status");
@@ -87,7 +87,7 @@ function addRow(row: HTMLElement): void {
   while (list.childElementCount > MAX_ROWS) list.lastElementChild?.remove();
 }
 
-function addNotice(kind: "gap" | "lag" | "error", text: string): void {
+function addNotice(kind: "gap" | "lag" | "cluster" | "error", text: string): void {
   addRow(el("div", "notice " + kind, text));
 }
 
@@ -214,6 +214,12 @@ async function subscribe(topics: string[]): Promise<void> {
           }
           case "lag":
             addNotice("lag", `Fell behind at seq ${event.value.fromSeq}; catching up to seq ${event.value.toSeq}`);
+            break;
+          case "cluster":
+            // Cluster mode: delivery pauses while the node cannot reach NATS, and continues
+            // where it paused; the stream stays open.
+            addNotice("cluster", `Cluster: ${event.value.message}`);
+            setStatus(event.value.reachable ? "live" : "paused", event.value.message);
             break;
         }
       }
