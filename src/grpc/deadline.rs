@@ -29,8 +29,8 @@ const STREAMING_REQUESTS: [&str; 2] = [
 /// The length of a gRPC message prefix: a compression flag and a big-endian u32 length.
 const PREFIX: usize = 5;
 
-/// `request` with its body bounded in time (see the module docs); applied by
-/// [`super::guard::Gate`].
+/// `request` with its body bounded in time (see the module docs); applied by the gRPC door's
+/// gate, before the service.
 pub fn bound(request: Request, timeout: Duration) -> Request {
     let streaming = STREAMING_REQUESTS.contains(&request.uri().path());
     request.map(|body| Body::new(DeadlineBody::new(body, timeout, !streaming)))
