@@ -541,6 +541,13 @@ impl ExpiryIndex {
     }
 }
 
+/// How long one batch of the expiry pass holds the hub's lock (and, on a one-core server, its
+/// only thread), at most: see [`Hub::expire_some`].
+const EXPIRY_HOLD: Duration = Duration::from_micros(200);
+
+/// The expiry pass reads the time once per this many topics.
+const EXPIRY_CLOCK_EVERY: usize = 16;
+
 /// A publish waiting for the durable log, shared by its publisher and any retry under its key.
 type InFlight = SharedFuture<oneshot::Receiver<Result<Stored, Error>>>;
 
@@ -1472,8 +1479,21 @@ impl Hub {
     /// more may be due. Called periodically by the server, which lets other tasks run between
     /// batches. Visits only the topics whose oldest message may have aged.
     ///
+    /// A batch ends after [`EXPIRY_HOLD`] as well as after 1024 topics: the server runs its
+    /// tasks on one thread when it has one core, and a client waiting for an answer gets one
+    /// turn per batch. Bounded by count alone, a batch took 2-8 ms at 200,000 topics (more at a
+    /// million, each topic a few cache misses), so a publisher sending one request at a time
+    /// got one answer per batch and fell behind by most of the pass (bench README, "`topics` at
+    /// full size").
     pub fn expire_some(&self) -> bool {
+        self.expire_within(EXPIRY_HOLD)
+    }
+
+    /// [`Hub::expire_some`] with a batch ending after `hold` (checked every
+    /// [`EXPIRY_CLOCK_EVERY`] topics, so a batch visits at least that many).
+    fn expire_within(&self, hold: Duration) -> bool {
         const TOPICS_PER_LOCK: usize = 1024;
+        let started = std::time::Instant::now();
         let retention = self.shared.config.retention();
         let log = self.shared.log.as_deref();
         let now = self.shared.config.clock.now();
@@ -1483,7 +1503,10 @@ impl Hub {
         };
         let mut guard = self.lock();
         let state = &mut *guard;
-        for _ in 0..TOPICS_PER_LOCK {
+        for visited in 1..=TOPICS_PER_LOCK {
+            if visited % EXPIRY_CLOCK_EVERY == 0 && started.elapsed() >= hold {
+                return true;
+            }
             let Some((generation, name)) = state.expiry.pop_due(due) else {
                 return false;
             };
@@ -2694,6 +2717,37 @@ mod tests {
         keys.sort();
         let names: Vec<&Topic> = state.names.iter().collect();
         assert_eq!(keys, names);
+    }
+
+    /// A batch of the expiry pass ends when its time is up, not only after 1024 topics: with no
+    /// time at all it still expires the topics visited before it first reads the clock, says
+    /// more are due, and the batches together expire them all.
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_batch_ends_when_its_time_is_up() {
+        let hub = hub(HubConfig {
+            retain_age: Duration::from_secs(1),
+            clock: Clock::tokio(),
+            ..HubConfig::default()
+        });
+        for i in 0..100 {
+            publish(&hub, &format!("aging.{i}"), 8);
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(hub.expire_within(Duration::ZERO), "more are due");
+        assert_eq!(hub.topics(None).len(), 100 - (EXPIRY_CLOCK_EVERY - 1));
+        let mut batches = 1;
+        while hub.expire_within(Duration::ZERO) {
+            batches += 1;
+        }
+        assert!(hub.topics(None).is_empty());
+        assert!(batches >= 100 / EXPIRY_CLOCK_EVERY, "{batches} batches");
+        // With time to spare, one batch takes them all.
+        for i in 0..100 {
+            publish(&hub, &format!("aging.{i}"), 8);
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!hub.expire_within(Duration::from_secs(60)));
+        assert!(hub.topics(None).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
