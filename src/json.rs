@@ -64,7 +64,7 @@ impl PublishBody {
                 .into(),
             (None, None) => Bytes::new(),
         };
-        Ok((payload, headers))
+        Ok((payload, headers.into_iter().collect()))
     }
 }
 
@@ -124,7 +124,11 @@ impl MessageJson {
             seq: message.seq,
             cursor: message.cursor().to_string(),
             published_at: rfc3339(message),
-            headers: message.headers.clone(),
+            headers: message
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
             payload,
             payload_base64,
         }

@@ -111,7 +111,7 @@ pub enum V1Message {}
 
 impl Encoding for V1Message {
     fn cache(message: &hub::Message) -> &OnceLock<Bytes> {
-        &message.encoded.proto
+        message.encoded.proto()
     }
 
     fn encode(message: &hub::Message) -> Bytes {

@@ -35,7 +35,7 @@ pub enum SeedResponse {}
 
 impl Encoding for SeedResponse {
     fn cache(message: &hub::Message) -> &OnceLock<Bytes> {
-        &message.encoded.seed
+        message.encoded.seed()
     }
 
     fn encode(message: &hub::Message) -> Bytes {

@@ -239,7 +239,7 @@ fn event_frame(event: Event) -> Bytes {
 fn message_frame(message: &Message) -> Bytes {
     message
         .encoded
-        .sse
+        .sse()
         .get_or_init(|| {
             frame(
                 "message",

@@ -1208,6 +1208,7 @@ fn build(
     };
     let headers: Headers = header(HEADERS_HEADER)
         .and_then(|json| serde_json::from_str::<BTreeMap<String, String>>(&json).ok())
+        .map(|map| map.into_iter().collect())
         .unwrap_or_default();
     let id = header(async_nats::header::NATS_MESSAGE_ID.as_ref());
     let key = id

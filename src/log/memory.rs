@@ -69,6 +69,11 @@ impl TopicLog {
         evicted: &mut impl FnMut(u64),
     ) -> (usize, usize) {
         let size = message.retained_size();
+        // A topic's first message gets room for itself alone, not the four a `VecDeque` grows
+        // to: most topics of a broker with many hold one or a few (128 bytes a topic less).
+        if self.retained.capacity() == 0 {
+            self.retained.reserve_exact(1);
+        }
         self.retained_bytes += size;
         self.last_seq = message.seq;
         self.retained.push_back(Retained {
