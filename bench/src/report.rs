@@ -361,7 +361,7 @@ impl Results {
         };
         for door in ["topichub-grpc-disk", "topichub-grpc-disk-every"] {
             pair(
-                "durable unary publish/s (16 in flight)",
+                "durable unary publish/s (16 connections, 1 in flight each)",
                 "publish_per_s",
                 door,
                 "nats-jetstream",
@@ -378,7 +378,34 @@ impl Results {
                 0.5,
                 &mut out,
             );
+            pair(
+                "durable stream publish/s (1 connection, 16 in flight)",
+                "stream_publish_per_s",
+                door,
+                "nats-jetstream",
+                true,
+                1.0,
+                &mut out,
+            );
+            pair(
+                "durable stream publish/s, against in-memory topichub",
+                "stream_publish_per_s",
+                door,
+                "topichub-grpc",
+                true,
+                0.5,
+                &mut out,
+            );
         }
+        pair(
+            "in-memory stream publish/s (1 connection, 16 in flight)",
+            "stream_publish_per_s",
+            "topichub-grpc",
+            "nats-jetstream",
+            true,
+            1.0,
+            &mut out,
+        );
         pair(
             "durable publish -> deliver p99, against in-memory topichub",
             "e2e_p99_ms",
