@@ -114,7 +114,16 @@ pub async fn publish(
     door: Door,
     request: v1::PublishRequest,
 ) -> Result<(v1::Cursor, bool), Error> {
-    let publishing = start_publish(hub, access, request)?;
+    acknowledged(hub, door, start_publish(hub, access, request)?).await
+}
+
+/// Waits for a started publish's outcome: its cursor, and whether it was a retry of a message
+/// already published.
+async fn acknowledged(
+    hub: &Hub,
+    door: Door,
+    publishing: Publishing,
+) -> Result<(v1::Cursor, bool), Error> {
     let (message, duplicate) = publishing.settled().await?;
     // A retry is answered, not published again.
     if !duplicate {
@@ -122,6 +131,12 @@ pub async fn publish(
     }
     Ok((wire::cursor(&message.cursor()), duplicate))
 }
+
+/// Publishes of one Connect stream waiting for a durable log at once, at most. Each is answered
+/// by a task of its own, so that a client with many publishes in flight on one stream gets them
+/// into the same commit (group commit) instead of paying a commit each in turn; the next publish
+/// is read off the stream once one of these is answered.
+pub const MAX_PENDING_PUBLISHES: usize = 1024;
 
 /// Most subscriptions one presence page lists.
 pub const MAX_PRESENCE_LIMIT: usize = 1000;
@@ -291,6 +306,8 @@ pub struct Session {
     outbox: Outbox,
     /// Subscriptions opened on this stream, by id.
     subscriptions: HashMap<String, tokio::task::AbortHandle>,
+    /// Room for publishes waiting for a durable log ([`MAX_PENDING_PUBLISHES`]).
+    pending: Arc<Semaphore>,
 }
 
 impl Session {
@@ -310,6 +327,7 @@ impl Session {
             door,
             outbox,
             subscriptions: HashMap::new(),
+            pending: Arc::new(Semaphore::new(MAX_PENDING_PUBLISHES)),
         }
     }
 
@@ -350,19 +368,34 @@ impl Session {
         };
         let response = match request.request {
             Some(Req::Publish(publish_request)) => {
-                let published = match self.limits.check_publish(&self.access, &self.connection) {
-                    Ok(()) => publish(&self.hub, &self.access, self.door, publish_request).await,
-                    Err(error) => Err(error),
+                // Taken before the publish starts, so a client that never reads its acks is held
+                // back here rather than queueing without bound; never closed.
+                let permit = if self.hub.is_durable() {
+                    self.pending.clone().acquire_owned().await.ok()
+                } else {
+                    None
                 };
-                match published {
-                    Ok((cursor, duplicate)) => reply(
-                        String::new(),
-                        Event::Ack(v1::PublishAck {
-                            cursor: Some(cursor),
-                            duplicate,
-                        }),
+                let started = self
+                    .limits
+                    .check_publish(&self.access, &self.connection)
+                    .and_then(|()| start_publish(&self.hub, &self.access, publish_request));
+                match (started, permit) {
+                    // Waiting for the log: answered by a task while the next requests are read.
+                    (Ok(publishing), Some(permit)) => {
+                        let (hub, door, outbox) =
+                            (self.hub.clone(), self.door, self.outbox.clone());
+                        tokio::spawn(async move {
+                            let published = acknowledged(&hub, door, publishing).await;
+                            let _ = outbox.send(Ok(publish_answer(request_id, published))).await;
+                            drop(permit);
+                        });
+                        return Ok(());
+                    }
+                    (Ok(publishing), None) => publish_answer(
+                        request_id,
+                        acknowledged(&self.hub, self.door, publishing).await,
                     ),
-                    Err(error) => reply(String::new(), request_error(&error)),
+                    (Err(error), _) => publish_answer(request_id, Err(error)),
                 }
             }
             Some(Req::Subscribe(subscribe)) => {
@@ -417,6 +450,25 @@ impl Session {
             ),
         };
         self.outbox.send(Ok(response)).await
+    }
+}
+
+/// The answer to publish `request_id` of a Connect stream: its ack, or why it failed.
+fn publish_answer(
+    request_id: u64,
+    published: Result<(v1::Cursor, bool), Error>,
+) -> v1::ConnectResponse {
+    let event = match published {
+        Ok((cursor, duplicate)) => v1::connect_response::Event::Ack(v1::PublishAck {
+            cursor: Some(cursor),
+            duplicate,
+        }),
+        Err(error) => request_error(&error),
+    };
+    v1::ConnectResponse {
+        request_id,
+        subscription_id: String::new(),
+        event: Some(event),
     }
 }
 

@@ -630,6 +630,8 @@ pub enum Publisher {
         client: rumqttc::AsyncClient,
         acks: tokio::sync::mpsc::Receiver<anyhow::Result<()>>,
     },
+    /// A share of one connection other publishers use too; always acknowledged.
+    Shared(SharedPublisher),
 }
 
 impl Publisher {
@@ -754,7 +756,109 @@ impl Publisher {
                     }
                 }
             }
+            Publisher::Shared(shared) => shared.publish(topic, payload).await?,
         }
         Ok(())
+    }
+}
+
+/// Publishers sharing one connection, each awaiting its own acknowledgement while the others'
+/// publishes are in flight: a topichub `Connect` stream (request ids match acks to publishes)
+/// or one async-nats client's JetStream context (PubAcks matched by inbox).
+#[derive(Clone)]
+pub enum SharedPublisher {
+    Connect(ConnectStream),
+    Jetstream(async_nats::jetstream::Context),
+}
+
+impl SharedPublisher {
+    pub async fn connect(target: Target, addr: SocketAddr) -> anyhow::Result<SharedPublisher> {
+        Ok(match target {
+            Target::Jetstream => SharedPublisher::Jetstream(jetstream(addr).await?),
+            Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery | Target::GrpcCluster => {
+                SharedPublisher::Connect(ConnectStream::open(addr).await?)
+            }
+            other => bail!("{} has no shared-connection publisher", other.name()),
+        })
+    }
+
+    /// Publishes one message and returns once the server has acknowledged it.
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        match self {
+            SharedPublisher::Connect(stream) => stream.publish(topic, payload).await,
+            SharedPublisher::Jetstream(context) => {
+                context.publish(topic.to_owned(), payload).await?.await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Waiting publishes of a [`ConnectStream`], by request id.
+type Waiting = std::sync::Mutex<
+    std::collections::HashMap<u64, tokio::sync::oneshot::Sender<anyhow::Result<()>>>,
+>;
+
+/// One `topichub.v1.PubSub/Connect` stream used for publishing only.
+#[derive(Clone)]
+pub struct ConnectStream {
+    requests: tokio::sync::mpsc::Sender<topichub::proto::v1::ConnectRequest>,
+    waiting: Arc<Waiting>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ConnectStream {
+    async fn open(addr: SocketAddr) -> anyhow::Result<ConnectStream> {
+        use topichub::proto::v1::connect_response::Event;
+        let mut client = PubSubClient::new(endpoint(addr)?.connect().await?);
+        let (requests, mut rx) = tokio::sync::mpsc::channel(1024);
+        let outgoing = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut responses = client.connect(outgoing).await?.into_inner();
+        let waiting = Arc::new(Waiting::default());
+        let answers = waiting.clone();
+        tokio::spawn(async move {
+            // Ends with the stream; the waiting publishers' senders are dropped with `answers`.
+            while let Ok(Some(response)) = responses.message().await {
+                let outcome = match response.event {
+                    Some(Event::Ack(_)) => Ok(()),
+                    Some(Event::Error(e)) => Err(anyhow::anyhow!("{}: {}", e.code, e.message)),
+                    _ => continue,
+                };
+                let waiter = answers.lock().unwrap().remove(&response.request_id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(outcome);
+                }
+            }
+            answers.lock().unwrap().clear();
+        });
+        Ok(ConnectStream {
+            requests,
+            waiting,
+            next_id: Arc::default(),
+        })
+    }
+
+    async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        use topichub::proto::v1::{ConnectRequest, PublishRequest, connect_request::Request};
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.waiting.lock().unwrap().insert(id, answer);
+        self.requests
+            .send(ConnectRequest {
+                request_id: id,
+                request: Some(Request::Publish(PublishRequest {
+                    topic: topic.to_owned(),
+                    payload,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .context("the Connect stream is closed")?;
+        answered
+            .await
+            .context("the Connect stream ended before the ack")?
     }
 }

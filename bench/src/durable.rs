@@ -12,7 +12,7 @@ use topichub::proto::v1::start_position::Position;
 use topichub::proto::v1::subscribe_response::Event;
 use topichub::proto::v1::{PublishRequest, StartPosition, SubscribeRequest};
 
-use crate::clients::Target;
+use crate::clients::{Publisher, SharedPublisher, Target};
 use crate::scenarios::{self, Figures, Params, Scenario};
 use crate::servers::{Launch, Server};
 use crate::stats::stamped_payload;
@@ -23,8 +23,10 @@ const RESTART_TOPICS: usize = 100;
 /// PublishBatch streams filling the log at once.
 const FILL_STREAMS: usize = 4;
 
-/// Unary publish throughput (`--concurrency` publishers, each awaiting its acknowledgement),
-/// then publish -> deliver latency at `--e2e-rate`, on one server.
+/// Unary publish throughput (`--concurrency` publishers, each awaiting its acknowledgement,
+/// each on a connection of its own), the same publishers sharing one connection (`stream_`
+/// figures: a topichub `Connect` stream, or one NATS connection for JetStream), then publish ->
+/// deliver latency at `--e2e-rate`, on one server.
 pub async fn publish_and_deliver(
     target: Target,
     addr: std::net::SocketAddr,
@@ -32,6 +34,13 @@ pub async fn publish_and_deliver(
     p: &Params,
 ) -> anyhow::Result<Figures> {
     let mut figures = scenarios::run(Scenario::Publish, target, addr, pid, p).await?;
+    let shared = SharedPublisher::connect(target, addr).await?;
+    let publishers = (0..p.concurrency)
+        .map(|_| Publisher::Shared(shared.clone()))
+        .collect();
+    for (key, value) in scenarios::closed_loop(publishers, p).await? {
+        figures.insert(format!("stream_{key}"), value);
+    }
     let e2e = scenarios::run(Scenario::E2e, target, addr, pid, p).await?;
     for (key, value) in e2e {
         figures.insert(format!("e2e_{key}"), value);

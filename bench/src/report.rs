@@ -359,26 +359,45 @@ impl Results {
                 });
             }
         };
+        let shapes = [
+            ("unary", "16 connections, 1 in flight each", "publish_per_s"),
+            (
+                "stream",
+                "1 connection, 16 in flight",
+                "stream_publish_per_s",
+            ),
+        ];
         for door in ["topichub-grpc-disk", "topichub-grpc-disk-every"] {
-            pair(
-                "durable unary publish/s (16 in flight)",
-                "publish_per_s",
-                door,
-                "nats-jetstream",
-                true,
-                1.0,
-                &mut out,
-            );
-            pair(
-                "durable unary publish/s, against in-memory topichub",
-                "publish_per_s",
-                door,
-                "topichub-grpc",
-                true,
-                0.5,
-                &mut out,
-            );
+            for (shape, how, key) in shapes {
+                pair(
+                    &format!("durable {shape} publish/s ({how})"),
+                    key,
+                    door,
+                    "nats-jetstream",
+                    true,
+                    1.0,
+                    &mut out,
+                );
+                pair(
+                    &format!("durable {shape} publish/s, against in-memory topichub"),
+                    key,
+                    door,
+                    "topichub-grpc",
+                    true,
+                    0.5,
+                    &mut out,
+                );
+            }
         }
+        pair(
+            "in-memory stream publish/s (1 connection, 16 in flight)",
+            "stream_publish_per_s",
+            "topichub-grpc",
+            "nats-jetstream",
+            true,
+            1.0,
+            &mut out,
+        );
         pair(
             "durable publish -> deliver p99, against in-memory topichub",
             "e2e_p99_ms",

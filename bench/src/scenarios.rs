@@ -234,12 +234,21 @@ async fn deliver_one(
 }
 
 pub async fn publish(target: Target, addr: SocketAddr, p: &Params) -> anyhow::Result<Figures> {
+    let mut publishers = Vec::with_capacity(p.concurrency);
+    for _ in 0..p.concurrency {
+        publishers.push(Publisher::connect(target, addr).await?);
+    }
+    closed_loop(publishers, p).await
+}
+
+/// Each of `publishers` publishing in a loop, awaiting each acknowledgement: publishes/s and
+/// publish -> ack latency over the measured seconds.
+pub async fn closed_loop(publishers: Vec<Publisher>, p: &Params) -> anyhow::Result<Figures> {
     let latency = Arc::new(Histogram::new());
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = JoinSet::new();
-    for _ in 0..p.concurrency {
-        let mut publisher = Publisher::connect(target, addr).await?;
+    for mut publisher in publishers {
         let (latency, done, stop, size) = (latency.clone(), done.clone(), stop.clone(), p.payload);
         workers.spawn(async move {
             while !stop.load(Relaxed) {

@@ -106,6 +106,87 @@ enum Command {
     Close(oneshot::Sender<()>),
 }
 
+/// A durable batch on its way to the hub: applied, then its publishers acknowledged.
+struct Durable {
+    messages: Vec<Arc<Message>>,
+    acks: Vec<Ack>,
+}
+
+impl Durable {
+    fn settle(self, apply: &Apply) {
+        apply(&self.messages);
+        for (message, ack) in self.messages.into_iter().zip(self.acks) {
+            let _ = ack.send(Ok(message.into()));
+        }
+    }
+}
+
+/// What the writer hands on, in order: durable batches, then the answer to `close`.
+enum Settle {
+    Batch(Durable),
+    Closed(oneshot::Sender<()>),
+}
+
+/// Where durable batches are applied and acknowledged.
+enum Settler {
+    /// A task on the async runtime the log was started from. Acknowledging a publisher or
+    /// delivering to a subscriber from the writer's thread wakes one task each, and each such
+    /// wake-up from outside the runtime is a syscall and, with the runtime on the same core, often
+    /// a context switch; the task takes a whole batch with one wake-up, and the wake-ups it
+    /// causes are local to the runtime.
+    Task(tokio::sync::mpsc::UnboundedSender<Settle>),
+    /// Started outside a runtime: the writer applies and acknowledges itself.
+    Inline(Apply),
+}
+
+impl Settler {
+    /// Settles on a task of the current runtime if there is one.
+    fn new(apply: Apply) -> Settler {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Settler::Inline(apply);
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        runtime.spawn(async move {
+            while let Some(step) = rx.recv().await {
+                match step {
+                    Settle::Batch(durable) => durable.settle(&apply),
+                    Settle::Closed(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        Settler::Task(tx)
+    }
+
+    /// Applies and acknowledges `durable`, after every batch handed on before it. If the
+    /// runtime is gone, its publishers are told the log stopped (their acks are dropped).
+    fn batch(&self, durable: Durable) {
+        match self {
+            Settler::Task(tx) => {
+                let _ = tx.send(Settle::Batch(durable));
+            }
+            Settler::Inline(apply) => durable.settle(apply),
+        }
+    }
+
+    /// Answers `close` once every batch handed on before has been settled.
+    fn closed(&self, done: oneshot::Sender<()>) {
+        match self {
+            Settler::Task(tx) => {
+                if let Err(unsent) = tx.send(Settle::Closed(done))
+                    && let Settle::Closed(done) = unsent.0
+                {
+                    let _ = done.send(());
+                }
+            }
+            Settler::Inline(_) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
 /// The disk log. See the module documentation.
 pub struct DiskLog {
     dir: PathBuf,
@@ -194,9 +275,10 @@ impl Log for DiskLog {
         let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
+        let settler = Settler::new(apply);
         std::thread::Builder::new()
             .name("topichub-log".into())
-            .spawn(move || writer.run(apply))
+            .spawn(move || writer.run(settler))
             .expect("spawn the log writer thread");
     }
 
@@ -260,7 +342,7 @@ fn allocated(meta: &std::fs::Metadata) -> u64 {
 }
 
 impl Writer {
-    fn run(mut self, apply: Apply) {
+    fn run(mut self, settler: Settler) {
         let mut evictions: Vec<(Topic, u64)> = Vec::new();
         // Set while batches were written without fsync (`every=`): when the next sync is due.
         let mut sync_due: Option<Instant> = None;
@@ -287,23 +369,29 @@ impl Writer {
                     Err(_) => break,
                 },
             };
-            let mut appends: Vec<(Arc<Message>, Ack)> = Vec::new();
+            let mut appends = Durable {
+                messages: Vec::new(),
+                acks: Vec::new(),
+            };
             let mut close = None;
             let mut next = first;
             while let Some(command) = next.take() {
                 match command {
-                    Command::Append(message, ack) => appends.push((message, ack)),
+                    Command::Append(message, ack) => {
+                        appends.messages.push(message);
+                        appends.acks.push(ack);
+                    }
                     Command::Evict(topic, seq) => evictions.push((topic, seq)),
                     Command::Close(done) => {
                         close = Some(done);
                         break;
                     }
                 }
-                if appends.len() < MAX_BATCH {
+                if appends.messages.len() < MAX_BATCH {
                     next = self.rx.try_recv().ok();
                 }
             }
-            let last = appends.last().map_or(self.head, |(m, _)| m.seq);
+            let last = appends.messages.last().map_or(self.head, |m| m.seq);
             // Without fsync per batch, the seqs handed out must be reserved durably first (see
             // SEQ_RESERVATION); on a clean close nothing is lost, so the reservation is released.
             let reserve = match self.fsync {
@@ -317,15 +405,15 @@ impl Writer {
             let sync = close.is_some()
                 || reserve.is_some()
                 || match self.fsync {
-                    Fsync::Always => !appends.is_empty(),
+                    Fsync::Always => !appends.messages.is_empty(),
                     Fsync::Every(_) => sync_due.is_some_and(|due| due <= Instant::now()),
                 };
-            if appends.is_empty() && evictions.is_empty() && !sync {
+            if appends.messages.is_empty() && evictions.is_empty() && !sync {
                 self.mark_synced(false);
                 continue;
             }
             let started = Instant::now();
-            let written = self.commit(&appends, &evictions, last, reserve, sync);
+            let written = self.commit(&appends.messages, &evictions, last, reserve, sync);
             match written {
                 Ok(()) => {
                     self.metrics.log_committed(started.elapsed(), sync);
@@ -341,13 +429,8 @@ impl Writer {
                         }
                         _ => None,
                     };
-                    if !appends.is_empty() {
-                        let messages: Vec<Arc<Message>> =
-                            appends.iter().map(|(m, _)| m.clone()).collect();
-                        apply(&messages);
-                        for (message, ack) in appends {
-                            let _ = ack.send(Ok(message.into()));
-                        }
+                    if !appends.messages.is_empty() {
+                        settler.batch(appends);
                     }
                     // After the acknowledgements: the marker's fsync is not theirs to wait for.
                     if sync {
@@ -361,7 +444,7 @@ impl Writer {
                         "the message could not be stored ({why}); nothing was published, retry later"
                     ));
                     *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                    for (message, ack) in appends {
+                    for (message, ack) in appends.messages.iter().zip(appends.acks) {
                         self.refused.push(message.seq);
                         let _ = ack.send(Err(error.clone()));
                     }
@@ -372,7 +455,7 @@ impl Writer {
             if let Some(done) = close {
                 // Dropping the store waits for fjall's background threads.
                 self.store = None;
-                let _ = done.send(());
+                settler.closed(done);
                 return;
             }
         }
@@ -383,7 +466,7 @@ impl Writer {
     /// bytes are handed to the OS, which keeps them across a crash of this process.
     fn commit(
         &mut self,
-        appends: &[(Arc<Message>, Ack)],
+        appends: &[Arc<Message>],
         evictions: &[(Topic, u64)],
         head: u64,
         reserve: Option<u64>,
@@ -400,7 +483,7 @@ impl Writer {
         };
         let mut batch = store.db.batch().durability(Some(mode));
         let mut record = Vec::new();
-        for (message, _) in appends {
+        for message in appends {
             record.clear();
             encode(message, &mut record);
             batch.insert(
