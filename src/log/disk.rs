@@ -21,11 +21,11 @@
 //! the same way, silently taking acknowledged messages with it. The marker lives outside the
 //! journal: a store that ends before the seq it names lost synced data and is refused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -104,6 +104,83 @@ enum Command {
     Append(Arc<Message>, Ack),
     Evict(Topic, u64),
     Close(oneshot::Sender<()>),
+    /// Commands queued during one turn of the runtime, in order (see [`Outbox`]).
+    Many(Vec<Command>),
+}
+
+impl Command {
+    /// Answers a command the writer will never see: publishers are told the log is closed.
+    fn refuse(self) {
+        match self {
+            Command::Append(_, ack) => {
+                let _ = ack.send(Err(Error::Unavailable(
+                    "the log is closed; topichub is shutting down".into(),
+                )));
+            }
+            Command::Evict(..) => {}
+            Command::Close(done) => {
+                let _ = done.send(());
+            }
+            Command::Many(commands) => commands.into_iter().for_each(Command::refuse),
+        }
+    }
+}
+
+/// Commands from the async runtime, handed to the writer's thread once per turn of the runtime
+/// rather than one at a time. Waking the writer is a syscall and, with the runtime on the same
+/// core, a context switch that preempts the runtime before the other publishers of the same
+/// turn have appended: sent one by one, batches held about one record each (measured: 1.4
+/// context switches of the writer per publish with 16 concurrent publishers and
+/// `--fsync every=1s`).
+struct Outbox {
+    queue: Mutex<Vec<Command>>,
+    /// Wakes the hand-over task when the queue stops being empty, or when the log is dropped.
+    ready: tokio::sync::Notify,
+    /// Set when the log is dropped: the task hands over what is left and ends, and with it
+    /// its sender, so that the writer ends too.
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl Outbox {
+    /// Starts the hand-over task on `runtime`: it runs after the tasks woken before it, so
+    /// everything they append goes to the writer in one command.
+    fn start(runtime: &tokio::runtime::Handle, tx: mpsc::Sender<Command>) -> Arc<Outbox> {
+        let outbox = Arc::new(Outbox {
+            queue: Mutex::new(Vec::new()),
+            ready: tokio::sync::Notify::new(),
+            dropped: std::sync::atomic::AtomicBool::new(false),
+        });
+        let handing = outbox.clone();
+        runtime.spawn(async move {
+            loop {
+                handing.ready.notified().await;
+                let commands = std::mem::take(&mut *handing.lock());
+                if !commands.is_empty()
+                    && let Err(mpsc::SendError(unsent)) = tx.send(Command::Many(commands))
+                {
+                    unsent.refuse();
+                }
+                if handing.dropped.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+            }
+        });
+        outbox
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Command>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, command: Command) {
+        let mut queue = self.lock();
+        queue.push(command);
+        let first = queue.len() == 1;
+        drop(queue);
+        if first {
+            self.ready.notify_one();
+        }
+    }
 }
 
 /// A durable batch on its way to the hub: applied, then its publishers acknowledged.
@@ -191,6 +268,8 @@ impl Settler {
 pub struct DiskLog {
     dir: PathBuf,
     tx: mpsc::Sender<Command>,
+    /// Set by `start` when started on an async runtime: commands go through it, in order.
+    outbox: OnceLock<Arc<Outbox>>,
     /// Taken by `start`.
     writer: Mutex<Option<Writer>>,
     failing: Arc<Mutex<Option<String>>>,
@@ -262,11 +341,37 @@ impl DiskLog {
             DiskLog {
                 dir: dir.to_owned(),
                 tx,
+                outbox: OnceLock::new(),
                 writer: Mutex::new(Some(writer)),
                 failing,
             },
             recovered,
         ))
+    }
+}
+
+impl DiskLog {
+    /// Hands `command` to the writer, through the outbox once started on a runtime.
+    fn send(&self, command: Command) {
+        match self.outbox.get() {
+            Some(outbox) => outbox.push(command),
+            None => {
+                if let Err(mpsc::SendError(unsent)) = self.tx.send(command) {
+                    unsent.refuse();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DiskLog {
+    fn drop(&mut self) {
+        if let Some(outbox) = self.outbox.get() {
+            outbox
+                .dropped
+                .store(true, std::sync::atomic::Ordering::Release);
+            outbox.ready.notify_one();
+        }
     }
 }
 
@@ -276,6 +381,9 @@ impl Log for DiskLog {
             return;
         };
         let settler = Settler::new(apply);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let _ = self.outbox.set(Outbox::start(&runtime, self.tx.clone()));
+        }
         std::thread::Builder::new()
             .name("topichub-log".into())
             .spawn(move || writer.run(settler))
@@ -283,22 +391,16 @@ impl Log for DiskLog {
     }
 
     fn append(&self, message: Arc<Message>, ack: Ack) {
-        if let Err(mpsc::SendError(Command::Append(_, ack))) =
-            self.tx.send(Command::Append(message, ack))
-        {
-            let _ = ack.send(Err(Error::Unavailable(
-                "the log is closed; topichub is shutting down".into(),
-            )));
-        }
+        self.send(Command::Append(message, ack));
     }
 
     fn evict(&self, topic: &Topic, seq: u64) {
-        let _ = self.tx.send(Command::Evict(topic.clone(), seq));
+        self.send(Command::Evict(topic.clone(), seq));
     }
 
     fn close(&self) -> oneshot::Receiver<()> {
         let (done, closed) = oneshot::channel();
-        let _ = self.tx.send(Command::Close(done));
+        self.send(Command::Close(done));
         closed
     }
 
@@ -344,6 +446,8 @@ fn allocated(meta: &std::fs::Metadata) -> u64 {
 impl Writer {
     fn run(mut self, settler: Settler) {
         let mut evictions: Vec<(Topic, u64)> = Vec::new();
+        // Commands received in a `Many` and not yet taken, ahead of anything in the channel.
+        let mut backlog: VecDeque<Command> = VecDeque::new();
         // Set while batches were written without fsync (`every=`): when the next sync is due.
         let mut sync_due: Option<Instant> = None;
         loop {
@@ -355,18 +459,21 @@ impl Writer {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let first = match wake {
-                Some(due) => match self
-                    .rx
-                    .recv_timeout(due.saturating_duration_since(Instant::now()))
-                {
-                    Ok(command) => Some(command),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                },
-                None => match self.rx.recv() {
-                    Ok(command) => Some(command),
-                    Err(_) => break,
+            let first = match backlog.pop_front() {
+                Some(command) => Some(command),
+                None => match wake {
+                    Some(due) => match self
+                        .rx
+                        .recv_timeout(due.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(command) => Some(command),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    },
+                    None => match self.rx.recv() {
+                        Ok(command) => Some(command),
+                        Err(_) => break,
+                    },
                 },
             };
             let mut appends = Durable {
@@ -386,9 +493,10 @@ impl Writer {
                         close = Some(done);
                         break;
                     }
+                    Command::Many(commands) => backlog.extend(commands),
                 }
                 if appends.messages.len() < MAX_BATCH {
-                    next = self.rx.try_recv().ok();
+                    next = backlog.pop_front().or_else(|| self.rx.try_recv().ok());
                 }
             }
             let last = appends.messages.last().map_or(self.head, |m| m.seq);
@@ -456,6 +564,7 @@ impl Writer {
                 // Dropping the store waits for fjall's background threads.
                 self.store = None;
                 settler.closed(done);
+                backlog.into_iter().for_each(Command::refuse);
                 return;
             }
         }
