@@ -340,3 +340,36 @@ async fn presence_counts_and_pages_the_subscriptions_of_every_node() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_deletion_during_a_stream_leader_election_waits_for_the_new_leader() {
+    let mut nats = NatsCluster::start(3).await;
+    let replicas = ["--nats-replicas", "3"];
+    let creator = cluster_node(&nats.urls(), &replicas).await;
+    // A node connected only to the servers that will survive: losing its own server is another
+    // failure (deletions, like publishes, then fail fast with UNAVAILABLE).
+    let leader = nats.stream_leader("TOPICHUB").await;
+    let urls = nats.urls();
+    let survivors: Vec<&str> = (urls.split(',').enumerate())
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, url)| url)
+        .collect();
+    let a = cluster_node(&survivors.join(","), &replicas).await;
+    http_publish(&a.url(), "doomed", "d1").await;
+    http_publish(&a.url(), "doomed", "d2").await;
+
+    // Killed just before the deletion: it reaches a stream with no leader, as a publish may.
+    nats.kill(leader);
+    let (status, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        support::delete_topic(&a.url(), "doomed", None),
+    )
+    .await
+    .expect("answered within the retry window");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["purged_messages"], 2, "{body}");
+    assert_eq!(history(&a, "doomed").await, Vec::<String>::new());
+    let next = http_publish(&a.url(), "doomed", "again").await;
+    assert_eq!(next["seq"], 4, "the tombstone took seq 3: {next}");
+    drop(creator);
+}

@@ -681,38 +681,35 @@ impl Shared {
         }
     }
 
-    /// Waits for the PubAck (retrying with the same `Nats-Msg-Id` while JetStream elects a
-    /// leader), then for this node to apply the sequence, and answers whoever still waits.
-    async fn confirm(
+    /// Awaits the PubAck of `sent`, publishing again with the same headers (the same
+    /// `Nats-Msg-Id`, so JetStream stores it once) while the stream has no leader or the
+    /// connection fails over to another server, for at most [`PUBLISH_RETRY_WINDOW`]. Also says
+    /// how many attempts it took.
+    async fn until_acknowledged(
         &self,
         mut sent: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
-        (subject, headers): (String, HeaderMap),
-        message: Arc<Message>,
-        id: String,
+        subject: &str,
+        headers: &HeaderMap,
+        payload: &Bytes,
+    ) -> (
+        Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+        u32,
     ) {
+        use jetstream::context::PublishErrorKind as Kind;
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(50);
         let mut disconnected_since = None;
         let mut attempts = 0;
-        let acked = loop {
+        loop {
             attempts += 1;
             let result = match sent {
                 Ok(future) => future.await,
                 Err(error) => Err(error),
             };
             let error = match result {
-                Ok(ack) => break Ok(ack),
+                Ok(ack) => return (Ok(ack), attempts),
                 Err(error) => error,
             };
-            use jetstream::context::PublishErrorKind as Kind;
-            if error.kind() == Kind::MaxPayloadExceeded {
-                let limit = self.client.server_info().max_payload;
-                self.fail_waiting(&id, Error::LimitExceeded(format!(
-                    "the message ({} payload bytes plus headers) is over the NATS servers' max_payload of {limit} bytes; raise max_payload on the NATS servers to --max-payload-bytes plus 16 KiB of headers",
-                    message.payload.len()
-                )));
-                return;
-            }
             // A lost connection usually comes back within moments (another server of the
             // cluster); one that stays lost fails the publish rather than holding it.
             let connected = self.client.connection_state() == Connection::Connected;
@@ -734,16 +731,40 @@ impl Shared {
                 && lost_for < RECONNECT_GRACE
                 && !self.stop.is_cancelled();
             if !retry {
-                break Err(error);
+                return (Err(error), attempts);
             }
-            tracing::debug!(%error, id, "publish not acknowledged; retrying with the same id");
+            tracing::debug!(%error, subject, "not acknowledged by JetStream; publishing again with the same id");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
             sent = self
                 .context
-                .publish_with_headers(subject.clone(), headers.clone(), message.payload.clone())
+                .publish_with_headers(subject.to_owned(), headers.clone(), payload.clone())
                 .await;
-        };
+        }
+    }
+
+    /// Waits for the PubAck (retrying with the same `Nats-Msg-Id` while JetStream elects a
+    /// leader), then for this node to apply the sequence, and answers whoever still waits.
+    async fn confirm(
+        &self,
+        sent: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+        (subject, headers): (String, HeaderMap),
+        message: Arc<Message>,
+        id: String,
+    ) {
+        let (acked, attempts) = self
+            .until_acknowledged(sent, &subject, &headers, &message.payload)
+            .await;
+        if let Err(error) = &acked
+            && error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+        {
+            let limit = self.client.server_info().max_payload;
+            self.fail_waiting(&id, Error::LimitExceeded(format!(
+                "the message ({} payload bytes plus headers) is over the NATS servers' max_payload of {limit} bytes; raise max_payload on the NATS servers to --max-payload-bytes plus 16 KiB of headers",
+                message.payload.len()
+            )));
+            return;
+        }
         let ack = match acked {
             Ok(ack) => ack,
             Err(error) => {
@@ -1283,14 +1304,14 @@ impl Shared {
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         headers.insert(DELETE_HEADER, "1");
-        let acked = match self
+        // Like a publish, a deletion waits through a leader election rather than failing.
+        let sent = self
             .context
-            .publish_with_headers(subject.clone(), headers, Bytes::new())
-            .await
-        {
-            Ok(future) => future.await,
-            Err(error) => Err(error),
-        };
+            .publish_with_headers(subject.clone(), headers.clone(), Bytes::new())
+            .await;
+        let (acked, _) = self
+            .until_acknowledged(sent, &subject, &headers, &Bytes::new())
+            .await;
         let ack = match acked {
             Ok(ack) => ack,
             Err(error) => {
