@@ -1,6 +1,6 @@
 //! The delivery contract (docs/design.md, "Delivery contract"): order and no duplicates, exact
 //! resume across the replay -> live hand-over under concurrent publishing, explicit gaps, lag
-//! with catch-up, the disconnect policy, wildcards, Connect, PublishBatch, Unsubscribe, and a
+//! with catch-up, the disconnect policy, wildcards, Connect (pipelined publishes too), PublishBatch, Unsubscribe, and a
 //! randomized interleaving checked against a model.
 //!
 //! Which test proves which rule of the contract:
@@ -620,6 +620,89 @@ async fn unsubscribe_ends_exactly_that_stream_on_any_door(backend: Backend) {
     broker.stop().await;
 }
 
+/// Publishes pipelined on one Connect stream, more than may wait for a durable log at once:
+/// each is acknowledged once, in the order sent, and delivered once, in seq order.
+async fn pipelined_connect_publishes_are_each_acknowledged_once_and_delivered_in_seq_order(
+    backend: Backend,
+) {
+    use connect_request::Request as Req;
+    use connect_response::Event as Ev;
+    const PUBLISHES: u64 = 2 * topichub::connect::MAX_PENDING_PUBLISHES as u64 + 100;
+    // Room for every message in the subscription's queue: lagging is another test's subject.
+    let broker = spawn_broker_on(backend, |c| {
+        c.queue_size = PUBLISHES as usize;
+        c.max_queue_size = c.max_queue_size.max(c.queue_size);
+    })
+    .await;
+    let (tx, mut events) = broker.connect_stream(None).await;
+    tx.send(ConnectRequest {
+        request_id: 0,
+        request: Some(Req::Subscribe(SubscribeRequest {
+            topics: vec!["piped".into()],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let subscribed = within("subscribed", events.next()).await.unwrap().unwrap();
+    assert!(
+        matches!(subscribed.event, Some(Ev::Subscribed(_))),
+        "{subscribed:?}"
+    );
+
+    // Sent without waiting for any answer, while the answers are read.
+    let sender = tokio::spawn(async move {
+        for i in 1..=PUBLISHES {
+            let request = Req::Publish(publish_request("piped", i.to_string()));
+            tx.send(ConnectRequest {
+                request_id: i,
+                request: Some(request),
+            })
+            .await
+            .unwrap();
+        }
+        tx
+    });
+    let mut acks = std::collections::BTreeMap::new();
+    let mut delivered = Vec::new();
+    while acks.len() < PUBLISHES as usize || delivered.len() < PUBLISHES as usize {
+        let event = within("connect event", events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match event.event {
+            Some(Ev::Ack(ack)) => {
+                let seq = ack.cursor.expect("an ack carries its cursor").seq;
+                let first = acks.insert(event.request_id, seq);
+                assert!(
+                    first.is_none(),
+                    "request {} acknowledged twice",
+                    event.request_id
+                );
+            }
+            Some(Ev::Message(m)) => {
+                let payload = String::from_utf8(m.payload.to_vec()).unwrap();
+                delivered.push((m.cursor.unwrap().seq, payload));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let _tx = sender.await.unwrap();
+    let ids: Vec<u64> = acks.keys().copied().collect();
+    assert_eq!(ids, (1..=PUBLISHES).collect::<Vec<_>>());
+    let seqs: Vec<u64> = acks.values().copied().collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "stored in the order sent"
+    );
+    let expected: Vec<(u64, String)> = acks
+        .iter()
+        .map(|(id, seq)| (*seq, id.to_string()))
+        .collect();
+    assert_eq!(delivered, expected, "each delivered once, in seq order");
+    broker.stop().await;
+}
+
 async fn connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream(backend: Backend) {
     use connect_request::Request as Req;
     use connect_response::Event as Ev;
@@ -886,6 +969,7 @@ on_every_backend!(
     wildcards_match_on_every_door_and_resume_with_them,
     unsubscribe_ends_exactly_that_stream_on_any_door,
     connect_multiplexes_subscribe_publish_and_unsubscribe_on_one_stream,
+    pipelined_connect_publishes_are_each_acknowledged_once_and_delivered_in_seq_order,
     publish_batch_streams_many_messages_and_reports_counts,
     randomized_interleaving_matches_the_model,
 );
