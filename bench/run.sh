@@ -85,7 +85,7 @@ if $smoke; then
           --wildcard-subscriptions 0,100,1000 --wildcard-topics 2000
           --topic-counts 0,2000,20000 --topics-retain-age 6
           --cluster-subscribers 20
-          --targets grpc,grpc-mux,grpc-cluster,seed,sse,sse-h2,nats,raw
+          --targets grpc,grpc-mux,grpc-cluster,seed,sse,sse-h2,nats,raw,tonic-floor,h2-floor
           --out "$target/bench-smoke" --check "${args[@]}")
 elif [[ " ${args[*]} " != *" --out "* && " ${args[*]} " != *" --out="* ]]; then
     args=(--out "$target/bench" "${args[@]}")

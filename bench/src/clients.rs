@@ -16,6 +16,7 @@ use topichub::proto::seed::pub_sub_service_client::PubSubServiceClient;
 use topichub::proto::v1::pub_sub_client::PubSubClient;
 use topichub::proto::v1::subscribe_response::Event;
 
+use crate::floor::Layer;
 use crate::servers::Kind;
 use crate::stats::Sink;
 
@@ -55,6 +56,12 @@ pub enum Target {
     /// Three topichub nodes `serve --nats` on a three-node JetStream cluster, reached over
     /// gRPC as `topichub-grpc` is (cluster scenario).
     GrpcCluster,
+    /// The floor of unary `Publish`: tonic's unary path over hyper, no broker behind
+    /// (`floor-server --layer tonic`), reached as `topichub-grpc` is.
+    TonicFloor,
+    /// The floor of unary `Publish`: hyper's HTTP/2 server answering a fixed gRPC reply
+    /// (`floor-server --layer h2`), reached as `topichub-grpc` is.
+    H2Floor,
 }
 
 impl Target {
@@ -74,6 +81,8 @@ impl Target {
             Target::Nchan => Kind::Nchan,
             Target::Mqtt => Kind::Mosquitto,
             Target::Raw => Kind::Raw,
+            Target::TonicFloor => Kind::Floor(Layer::Tonic),
+            Target::H2Floor => Kind::Floor(Layer::H2),
         }
     }
 
@@ -93,6 +102,8 @@ impl Target {
             Target::GrpcDiskEvery => "topichub-grpc-disk-every",
             Target::Jetstream => "nats-jetstream",
             Target::GrpcCluster => "topichub-grpc-cluster",
+            Target::TonicFloor => "tonic-floor",
+            Target::H2Floor => "h2-floor",
         }
     }
 
@@ -123,6 +134,9 @@ pub async fn subscriber(target: Target, addr: SocketAddr, topic: String, sink: A
         }
         Target::SseH2 | Target::GrpcMux | Target::SeedMux => {
             Err(anyhow::anyhow!("use multiplexed() for {target:?}"))
+        }
+        Target::TonicFloor | Target::H2Floor => {
+            Err(anyhow::anyhow!("{} answers Publish alone", target.name()))
         }
         Target::Nats => nats_subscriber(addr, &topic, &sink).await,
         Target::Mqtt => mqtt_subscriber(addr, &topic, &sink).await,
@@ -637,7 +651,12 @@ pub enum Publisher {
 impl Publisher {
     pub async fn connect(target: Target, addr: SocketAddr) -> anyhow::Result<Publisher> {
         Ok(match target {
-            Target::Grpc | Target::GrpcDisk | Target::GrpcDiskEvery | Target::GrpcCluster => {
+            Target::Grpc
+            | Target::GrpcDisk
+            | Target::GrpcDiskEvery
+            | Target::GrpcCluster
+            | Target::TonicFloor
+            | Target::H2Floor => {
                 Publisher::Grpc(PubSubClient::new(endpoint(addr)?.connect().await?))
             }
             Target::Jetstream => Publisher::Jetstream(jetstream(addr).await?),

@@ -108,7 +108,7 @@ async fn measure(
 ) -> anyhow::Result<Figures> {
     let (publish, subscribe) = (addrs[0], &addrs[1..]);
     let mut figures = Figures::new();
-    let published = scenarios::publish(target, publish, p).await?;
+    let published = scenarios::publish(target, publish, None, p).await?;
     for key in ["publish_per_s", "publish_p50_ms", "publish_p99_ms"] {
         figures.insert(key.into(), published[key]);
     }

@@ -38,7 +38,7 @@ pub async fn publish_and_deliver(
     let publishers = (0..p.concurrency)
         .map(|_| Publisher::Shared(shared.clone()))
         .collect();
-    for (key, value) in scenarios::closed_loop(publishers, p).await? {
+    for (key, value) in scenarios::closed_loop(publishers, Some(pid), p).await? {
         figures.insert(format!("stream_{key}"), value);
     }
     let e2e = scenarios::run(Scenario::E2e, target, addr, pid, p).await?;

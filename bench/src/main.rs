@@ -7,6 +7,7 @@
 mod clients;
 mod cluster;
 mod durable;
+mod floor;
 mod raw;
 mod report;
 mod scale;
@@ -64,6 +65,15 @@ enum Command {
     RawServer {
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// A floor of unary gRPC `Publish` (started by the suite for `tonic-floor` and `h2-floor`):
+    /// answers `topichub.v1.PubSub/Publish` with a constant and does no broker work.
+    FloorServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Which layers answer: hyper's HTTP/2 server alone, or tonic over it.
+        #[arg(long, value_enum)]
+        layer: floor::Layer,
     },
 }
 
@@ -169,9 +179,10 @@ impl SuiteScenario {
     fn targets(self) -> &'static [Target] {
         use Target::*;
         match self {
-            SuiteScenario::Publish | SuiteScenario::E2e => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt],
+            SuiteScenario::Publish => &[Grpc, TonicFloor, H2Floor, Seed, Sse, Nats, Nchan, Mqtt],
+            SuiteScenario::E2e => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt],
             SuiteScenario::Rate => &[Grpc, Seed, Sse, Nats, Nchan, Mqtt, Raw],
-            SuiteScenario::PublishTool => &[Grpc, Sse, Nchan, Raw],
+            SuiteScenario::PublishTool => &[Grpc, TonicFloor, H2Floor, Sse, Nchan, Raw],
             SuiteScenario::Fanout => &[Grpc, GrpcMux, Seed, SeedMux, Sse, Nats, Nchan, Mqtt, Raw],
             SuiteScenario::Idle => &[Grpc, Sse, SseH2, GrpcMux, Nats, Nchan, Mqtt],
             SuiteScenario::MaxIdle => &[Sse, SseH2, GrpcMux],
@@ -271,7 +282,7 @@ async fn measure(
 ) -> anyhow::Result<Figures> {
     match scenario {
         SuiteScenario::PublishTool => {
-            tools::publish_tool(target, addr, params, &launch.work_dir.join("tools"))
+            tools::publish_tool(target, addr, pid, params, &launch.work_dir.join("tools"))
         }
         SuiteScenario::Durable => durable::publish_and_deliver(target, addr, pid, params).await,
         SuiteScenario::Restart
@@ -390,5 +401,6 @@ fn main() -> anyhow::Result<()> {
             report::render(&results, dir)
         }
         Command::RawServer { listen } => client_runtime()?.block_on(raw::serve(listen)),
+        Command::FloorServer { listen, layer } => floor::serve(listen, layer),
     }
 }

@@ -332,6 +332,28 @@ impl Results {
                 higher_is_better: true,
             });
         }
+        // Goal 2 of unary gRPC publish, and the same ratio for the floors (servers answering
+        // Publish with no broker behind): what hyper/h2 and tonic alone leave within reach.
+        if let Some(nats) = self.figure("publish", "nats", "publish_per_s") {
+            for door in ["topichub-grpc", "tonic-floor", "h2-floor"] {
+                let Some(value) = self.figure("publish", door, "publish_per_s") else {
+                    continue;
+                };
+                let goal = door == "topichub-grpc";
+                out.push(Comparison {
+                    what: "unary gRPC publish/s against nats (PUB + flush), 16 connections".into(),
+                    topichub: door.into(),
+                    value,
+                    peer: "nats".into(),
+                    peer_value: nats,
+                    ratio: value / nats,
+                    goal: if goal { ">= 0.5".into() } else { "-".into() },
+                    met: goal.then_some(value / nats >= 0.5),
+                    versus_peer: true,
+                    higher_is_better: true,
+                });
+            }
+        }
         // The durable log against JetStream's file store and against the in-memory hub.
         let pair = |what: &str,
                     key: &str,

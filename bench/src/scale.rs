@@ -28,9 +28,7 @@ use topichub::proto::v1::subscribe_response::Event;
 use crate::clients::{Publisher, Target, grpc_frame, subscribe_stream};
 use crate::scenarios::{Figures, Params};
 use crate::servers::{Launch, Server};
-use crate::stats::{
-    CpuSeconds, Histogram, Sink, client_cpu_seconds, cpu_seconds, now_us, rss_kib, stamped_payload,
-};
+use crate::stats::{CpuWindow, Histogram, Sink, now_us, rss_kib, stamped_payload};
 
 const STORM_TOPIC: &str = "bench.storm";
 const PROBE_TOPIC: &str = "bench.probe";
@@ -77,44 +75,6 @@ fn growth(figures: &mut Figures, name: &str, points: &[usize]) {
     {
         let ratio = b / a;
         figures.insert(format!("{name}_growth"), ratio);
-    }
-}
-
-/// CPU used by the client and the server over a stretch of wall time.
-struct CpuWindow {
-    started: Instant,
-    client: CpuSeconds,
-    server: CpuSeconds,
-    pid: u32,
-}
-
-struct CpuUse {
-    seconds: f64,
-    client_share: f64,
-    server_share: f64,
-    server_cpu: f64,
-}
-
-impl CpuWindow {
-    fn start(pid: u32) -> Self {
-        CpuWindow {
-            started: Instant::now(),
-            client: client_cpu_seconds(),
-            server: cpu_seconds(pid),
-            pid,
-        }
-    }
-
-    fn finish(&self) -> CpuUse {
-        let seconds = self.started.elapsed().as_secs_f64();
-        let client = (client_cpu_seconds() - self.client).total();
-        let server = (cpu_seconds(self.pid) - self.server).total();
-        CpuUse {
-            seconds,
-            client_share: client / seconds,
-            server_share: server / seconds,
-            server_cpu: server,
-        }
     }
 }
 
@@ -611,7 +571,7 @@ async fn wildcards_point(
         matched == 0,
         "{matched} messages reached wildcard subscriptions that match none of their topics"
     );
-    Ok(Figures::from([
+    let mut figures = Figures::from([
         (at("publish_per_s", n), topics as f64 / used.seconds),
         (
             at("publish_p50_ms", n),
@@ -621,13 +581,11 @@ async fn wildcards_point(
             at("publish_p99_ms", n),
             latency.quantile_ms(0.99).unwrap_or(0.0),
         ),
-        (
-            at("server_cpu_us_per_publish", n),
-            used.server_cpu * 1e6 / topics as f64,
-        ),
-        (at("client_cpu_share", n), used.client_share),
-        (at("server_cpu_share", n), used.server_share),
-    ]))
+    ]);
+    for (key, value) in used.figures("publish", topics as f64) {
+        figures.insert(at(&key, n), value);
+    }
+    Ok(figures)
 }
 
 /// One server with `--retain-age` `--topics-retain-age`, filled in steps to each of

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, sleep, timeout};
 
 use crate::clients::{Publisher, Target, multiplexed, subscriber};
-use crate::stats::{CpuSeconds, Histogram, Sink, cpu_seconds, pss_kib, stamped_payload};
+use crate::stats::{Client, CpuWindow, Histogram, Sink, pss_kib, stamped_payload};
 
 /// Named figures of one run, e.g. `deliveries_per_s`.
 pub type Figures = BTreeMap<String, f64>;
@@ -117,7 +117,7 @@ pub async fn run(
     p: &Params,
 ) -> anyhow::Result<Figures> {
     match scenario {
-        Scenario::Publish => publish(target, addr, p).await,
+        Scenario::Publish => publish(target, addr, Some(pid), p).await,
         Scenario::E2e => latency(target, addr, 1, p.e2e_rate, p).await,
         Scenario::Rate => latency(target, addr, p.subscribers, p.rate, p).await,
         Scenario::Fanout => fanout(target, addr, &[addr], &[pid], p).await,
@@ -233,17 +233,28 @@ async fn deliver_one(
     Ok(())
 }
 
-pub async fn publish(target: Target, addr: SocketAddr, p: &Params) -> anyhow::Result<Figures> {
+/// [`closed_loop`] with `--concurrency` publishers, a connection each; `pid` is the server's.
+pub async fn publish(
+    target: Target,
+    addr: SocketAddr,
+    pid: Option<u32>,
+    p: &Params,
+) -> anyhow::Result<Figures> {
     let mut publishers = Vec::with_capacity(p.concurrency);
     for _ in 0..p.concurrency {
         publishers.push(Publisher::connect(target, addr).await?);
     }
-    closed_loop(publishers, p).await
+    closed_loop(publishers, pid, p).await
 }
 
 /// Each of `publishers` publishing in a loop, awaiting each acknowledgement: publishes/s and
-/// publish -> ack latency over the measured seconds.
-pub async fn closed_loop(publishers: Vec<Publisher>, p: &Params) -> anyhow::Result<Figures> {
+/// publish -> ack latency over the measured seconds, and with the server's `pid` the CPU
+/// figures ([`crate::stats::CpuUse::figures`]) per publish.
+pub async fn closed_loop(
+    publishers: Vec<Publisher>,
+    pid: Option<u32>,
+    p: &Params,
+) -> anyhow::Result<Figures> {
     let latency = Arc::new(Histogram::new());
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -264,14 +275,16 @@ pub async fn closed_loop(publishers: Vec<Publisher>, p: &Params) -> anyhow::Resu
     }
     sleep(Duration::from_secs_f64(p.warmup)).await;
     latency.reset();
+    let window = CpuWindow::over(pid.as_slice(), Client::This);
     let (start, before) = (Instant::now(), done.load(Relaxed));
     sleep(Duration::from_secs_f64(p.seconds)).await;
     let (elapsed, after) = (start.elapsed().as_secs_f64(), done.load(Relaxed));
+    let used = window.finish();
     stop.store(true, Relaxed);
     while let Some(result) = workers.join_next().await {
         result??;
     }
-    Ok(Figures::from([
+    let mut figures = Figures::from([
         ("publish_per_s".into(), (after - before) as f64 / elapsed),
         (
             "publish_p50_ms".into(),
@@ -281,7 +294,11 @@ pub async fn closed_loop(publishers: Vec<Publisher>, p: &Params) -> anyhow::Resu
             "publish_p99_ms".into(),
             latency.quantile_ms(0.99).unwrap_or(0.0),
         ),
-    ]))
+    ]);
+    if pid.is_some() {
+        figures.extend(used.figures("publish", (after - before) as f64));
+    }
+    Ok(figures)
 }
 
 /// `subscribers` subscribers, messages at `rate`/s for the measured seconds: latency quantiles.
@@ -371,11 +388,6 @@ pub async fn fanout(
     pids: &[u32],
     p: &Params,
 ) -> anyhow::Result<Figures> {
-    let cpu = || {
-        pids.iter()
-            .map(|&pid| cpu_seconds(pid))
-            .fold(CpuSeconds::default(), |a, b| a + b)
-    };
     let mut subs = Subscribers::new();
     subs.sink.per_message.store(p.subscribers as u64, Relaxed);
     subs.open_across(target, subscribe, p.subscribers, p)
@@ -410,19 +422,19 @@ pub async fn fanout(
         }
     });
     sleep(Duration::from_secs_f64(p.warmup)).await;
-    let (start, delivered0, cpu0, published0) = (
+    let window = CpuWindow::over(pids, Client::This);
+    let (start, delivered0, published0) = (
         Instant::now(),
         subs.sink.delivered.load(Relaxed),
-        cpu(),
         published.load(Relaxed),
     );
     sleep(Duration::from_secs_f64(p.seconds)).await;
-    let (elapsed, delivered1, cpu1, published1) = (
+    let (elapsed, delivered1, published1) = (
         start.elapsed().as_secs_f64(),
         subs.sink.delivered.load(Relaxed),
-        cpu(),
         published.load(Relaxed),
     );
+    let used = window.finish();
     stop.store(true, Relaxed);
     if publishing.is_finished() {
         publishing.await??;
@@ -434,22 +446,15 @@ pub async fn fanout(
     if deliveries == 0.0 {
         bail!("no deliveries");
     }
-    Ok(Figures::from([
+    let mut figures = Figures::from([
         ("deliveries_per_s".into(), deliveries / elapsed),
         (
             "messages_per_s".into(),
             (published1 - published0) as f64 / elapsed,
         ),
-        (
-            "server_cpu_us_per_delivery".into(),
-            (cpu1 - cpu0).total() * 1e6 / deliveries,
-        ),
-        (
-            "server_kernel_us_per_delivery".into(),
-            (cpu1 - cpu0).system * 1e6 / deliveries,
-        ),
-        ("server_cpu_share".into(), (cpu1 - cpu0).total() / elapsed),
-    ]))
+    ]);
+    figures.extend(used.figures("delivery", deliveries));
+    Ok(figures)
 }
 
 async fn idle(

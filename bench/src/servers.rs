@@ -1,5 +1,5 @@
 //! Starting and stopping the servers under test: topichub, nats-server, nginx + nchan, mosquitto
-//! and the raw fan-out program, each on a free loopback port, pinned to its own core.
+//! the raw fan-out program and the unary-publish floors, each on a free loopback port, pinned to its own core.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,9 @@ pub enum Kind {
     Nchan,
     Mosquitto,
     Raw,
+    /// `topichub-bench floor-server`: unary `Publish` answered by hyper's HTTP/2 server alone
+    /// (`--layer h2`) or by tonic over it (`--layer tonic`), with no broker behind.
+    Floor(crate::floor::Layer),
     /// One nats-server of a three-node JetStream cluster (cluster scenario).
     ClusterNats,
     /// One topichub node of a cluster, `serve --nats` (cluster scenario).
@@ -61,7 +64,11 @@ impl Server {
 
     /// The scratch directory of a kind; durable kinds keep their data in `data/` below it.
     pub fn dir(kind: Kind, launch: &Launch) -> PathBuf {
-        launch.work_dir.join(format!("{kind:?}").to_lowercase())
+        let name = match kind {
+            Kind::Floor(layer) => format!("{}-floor", layer.name()),
+            other => format!("{other:?}").to_lowercase(),
+        };
+        launch.work_dir.join(name)
     }
 
     /// Starts a server on the data its kind's directory holds, with `extra` arguments.
@@ -132,6 +139,16 @@ impl Server {
             Kind::Raw => (
                 launch.self_bin.clone(),
                 vec!["raw-server".into(), "--listen".into(), addr.to_string()],
+            ),
+            Kind::Floor(layer) => (
+                launch.self_bin.clone(),
+                vec![
+                    "floor-server".into(),
+                    "--listen".into(),
+                    addr.to_string(),
+                    "--layer".into(),
+                    layer.name().into(),
+                ],
             ),
             Kind::ClusterNats | Kind::ClusterTopichub => {
                 bail!("{kind:?} is started by the cluster scenario (Server::spawn)")

@@ -279,18 +279,129 @@ pub fn client_cpu_seconds() -> CpuSeconds {
     stat_cpu("/proc/self/stat").unwrap_or_default()
 }
 
+/// CPU time used by the children of this process that have ended and been waited for: the
+/// load tools (`h2load`, `wrk`) once they finished, and servers once stopped.
+fn waited_children_cpu_seconds() -> CpuSeconds {
+    stat_fields("/proc/self/stat", 13).unwrap_or_default()
+}
+
 fn stat_cpu(path: &str) -> Option<CpuSeconds> {
+    stat_fields(path, 11)
+}
+
+/// Two clock-tick fields of a `/proc/.../stat` from `at` on, as user and system seconds. After
+/// the command: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14).
+fn stat_fields(path: &str, at: usize) -> Option<CpuSeconds> {
     let tick = ticks_per_second();
     let stat = std::fs::read_to_string(path).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after.split(' ').collect();
-    // After the command: state(0) ppid(1) ... utime(11) stime(12).
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
+    let user: u64 = fields.get(at)?.parse().ok()?;
+    let system: u64 = fields.get(at + 1)?.parse().ok()?;
     Some(CpuSeconds {
         user: user as f64 / tick,
         system: system as f64 / tick,
     })
+}
+
+/// Whose CPU time is the client's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// This process, every thread (the Rust clients).
+    This,
+    /// The load tools this process ran and waited for within the window (`h2load`, `wrk`).
+    Tools,
+}
+
+impl Client {
+    fn cpu_seconds(self) -> CpuSeconds {
+        match self {
+            Client::This => client_cpu_seconds(),
+            Client::Tools => waited_children_cpu_seconds(),
+        }
+    }
+}
+
+/// CPU used by the client and by the server's processes over a stretch of wall time.
+pub struct CpuWindow {
+    started: Instant,
+    whose: Client,
+    client: CpuSeconds,
+    pids: Vec<u32>,
+    server: CpuSeconds,
+}
+
+/// What a [`CpuWindow`] measured.
+pub struct CpuUse {
+    pub seconds: f64,
+    /// Fractions of one core.
+    pub client_share: f64,
+    pub server_share: f64,
+    /// Server CPU seconds in the window, all and the kernel's part.
+    pub server_cpu: f64,
+    pub server_kernel: f64,
+}
+
+impl CpuWindow {
+    /// This process as the client, the process tree at `pid` as the server.
+    pub fn start(pid: u32) -> Self {
+        Self::over(&[pid], Client::This)
+    }
+
+    /// `whose` CPU as the client's, the process trees at `pids` together as the server.
+    pub fn over(pids: &[u32], whose: Client) -> Self {
+        CpuWindow {
+            started: Instant::now(),
+            whose,
+            client: whose.cpu_seconds(),
+            pids: pids.to_vec(),
+            server: Self::servers(pids),
+        }
+    }
+
+    fn servers(pids: &[u32]) -> CpuSeconds {
+        pids.iter()
+            .map(|&pid| cpu_seconds(pid))
+            .fold(CpuSeconds::default(), |a, b| a + b)
+    }
+
+    pub fn finish(&self) -> CpuUse {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let client = (self.whose.cpu_seconds() - self.client).total();
+        let server = Self::servers(&self.pids) - self.server;
+        CpuUse {
+            seconds,
+            client_share: client / seconds,
+            server_share: server.total() / seconds,
+            server_cpu: server.total(),
+            server_kernel: server.system,
+        }
+    }
+}
+
+impl CpuUse {
+    /// The CPU figures of `count` operations (`what`: `publish`, `delivery`) done in the window,
+    /// as every scenario that reports CPU names them: `server_cpu_us_per_{what}` (user + system)
+    /// and `server_kernel_us_per_{what}`, and `client_cpu_share` and `server_cpu_share` (of one
+    /// core; a client near 1.0 was the limit, and the figures say little about the server).
+    pub fn figures(&self, what: &str, count: f64) -> Vec<(String, f64)> {
+        let per = |seconds: f64| {
+            if count > 0.0 {
+                seconds * 1e6 / count
+            } else {
+                0.0
+            }
+        };
+        vec![
+            (format!("server_cpu_us_per_{what}"), per(self.server_cpu)),
+            (
+                format!("server_kernel_us_per_{what}"),
+                per(self.server_kernel),
+            ),
+            ("client_cpu_share".into(), self.client_share),
+            ("server_cpu_share".into(), self.server_share),
+        ]
+    }
 }
 
 /// Resident set size of the process `pid` alone (`VmRSS` in /proc/PID/status), in KiB.

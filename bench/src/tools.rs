@@ -1,4 +1,8 @@
 //! Unary publish load from the C load generators: `h2load` for gRPC, `wrk` for HTTP POST.
+//!
+//! The CPU figures cover the tool's whole run (its warm-up too, at the same load): the server's
+//! process tree over that time, and the tool's own CPU, which this process reads once it has
+//! waited for the tool. Server CPU per publish divides by the tool's rate times that time.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,18 +13,20 @@ use prost::Message as _;
 
 use crate::clients::Target;
 use crate::scenarios::{Figures, Params};
-use crate::stats::stamped_payload;
+use crate::stats::{Client, CpuUse, CpuWindow, stamped_payload};
 
+/// Runs the load tool for `target` against the server at `addr`, whose process is `pid`.
 pub fn publish_tool(
     target: Target,
     addr: SocketAddr,
+    pid: u32,
     p: &Params,
     dir: &Path,
 ) -> anyhow::Result<Figures> {
     std::fs::create_dir_all(dir)?;
     let payload = stamped_payload(p.payload);
     match target {
-        Target::Grpc => {
+        Target::Grpc | Target::TonicFloor | Target::H2Floor => {
             let request = topichub::proto::v1::PublishRequest {
                 topic: "bench.tool".into(),
                 payload,
@@ -32,7 +38,8 @@ pub fn publish_tool(
             frame.extend_from_slice(&request);
             let body = dir.join("publish.grpc");
             std::fs::write(&body, frame)?;
-            let output = Command::new("h2load")
+            let mut h2load = Command::new("h2load");
+            h2load
                 .args(["-t", "1", "-m", "1"])
                 .args(["-c", &p.concurrency.to_string()])
                 .args(["-D", &format!("{}", p.seconds.ceil() as u64)])
@@ -40,17 +47,9 @@ pub fn publish_tool(
                 .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
                 .arg("-d")
                 .arg(&body)
-                .arg(format!("http://{addr}/topichub.v1.PubSub/Publish"))
-                .output()
-                .context("running h2load (apt-get install nghttp2-client)")?;
-            let text = String::from_utf8_lossy(&output.stdout);
-            if !output.status.success() {
-                bail!(
-                    "h2load failed: {text}{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            parse_h2load(&text)
+                .arg(format!("http://{addr}/topichub.v1.PubSub/Publish"));
+            let (text, cpu) = run(h2load, pid, "h2load (apt-get install nghttp2-client)")?;
+            with_cpu(parse_h2load(&text)?, &cpu)
         }
         Target::Sse | Target::Nchan | Target::Raw => {
             let path = match target {
@@ -66,26 +65,41 @@ pub fn publish_tool(
                     String::from_utf8_lossy(&payload)
                 ),
             )?;
-            let output = Command::new("wrk")
-                .args(["-t", "1", "--latency"])
+            let mut wrk = Command::new("wrk");
+            wrk.args(["-t", "1", "--latency"])
                 .args(["-c", &p.concurrency.to_string()])
                 .args(["-d", &format!("{}s", (p.seconds + p.warmup).ceil() as u64)])
                 .arg("-s")
                 .arg(&script)
-                .arg(format!("http://{addr}{path}"))
-                .output()
-                .context("running wrk (apt-get install wrk)")?;
-            let text = String::from_utf8_lossy(&output.stdout);
-            if !output.status.success() {
-                bail!(
-                    "wrk failed: {text}{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            parse_wrk(&text)
+                .arg(format!("http://{addr}{path}"));
+            let (text, cpu) = run(wrk, pid, "wrk (apt-get install wrk)")?;
+            with_cpu(parse_wrk(&text)?, &cpu)
         }
         other => bail!("no load tool for {}", other.name()),
     }
+}
+
+/// Runs a load tool to its end: its standard output, and the CPU it and the server at `pid`
+/// used meanwhile.
+fn run(mut tool: Command, pid: u32, what: &str) -> anyhow::Result<(String, CpuUse)> {
+    let window = CpuWindow::over(&[pid], Client::Tools);
+    let output = tool.output().with_context(|| format!("running {what}"))?;
+    let cpu = window.finish();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        bail!(
+            "{what} failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok((text, cpu))
+}
+
+/// The tool's figures and the CPU figures of its publishes.
+fn with_cpu(mut figures: Figures, cpu: &CpuUse) -> anyhow::Result<Figures> {
+    let publishes = figures["publish_per_s"] * cpu.seconds;
+    figures.extend(cpu.figures("publish", publishes));
+    Ok(figures)
 }
 
 /// `finished in 5.00s, 36001.20 req/s, ...`, `requests: ... 0 failed, 0 errored`, status codes.
