@@ -5,6 +5,10 @@ use clap::Parser as _;
 
 use topichub::config::{Cli, Command};
 
+/// mimalloc rather than the system allocator: see Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match runtime() {
