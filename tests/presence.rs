@@ -426,3 +426,113 @@ async fn presence_at_100k_subscribers() {
     std::mem::forget(exact);
     std::mem::forget(wild);
 }
+
+/// Opens `count` gRPC `Subscribe` streams to `topic` on one raw HTTP/2 connection and waits for
+/// each one's `subscribed` frame; returns the task of the connection (aborting it closes the
+/// socket with every stream open) and the open response bodies.
+async fn streams_on_one_connection(
+    broker: &Broker,
+    topic: &str,
+    count: usize,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Vec<http::Response<hyper::body::Incoming>>,
+) {
+    use http_body_util::BodyExt as _;
+    use prost::Message as _;
+    let socket = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(socket))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let message = v1::SubscribeRequest {
+        topics: vec![topic.into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let body = bytes::Bytes::from(body);
+    let mut responses = Vec::with_capacity(count);
+    for _ in 0..count {
+        let request = http::Request::post(format!(
+            "http://{}/topichub.v1.PubSub/Subscribe",
+            broker.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(body.clone()))
+        .unwrap();
+        let mut response = within("subscribe", sender.clone().send_request(request))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let first = within("subscribed", response.body_mut().frame()).await;
+        assert!(first.unwrap().unwrap().is_data(), "the subscribed event");
+        responses.push(response);
+    }
+    (connection, responses)
+}
+
+/// Connections closing with hundreds of streams open at once (a load balancer restarting):
+/// their streams are torn down after the connections end, in turns, and afterwards presence,
+/// the subscriber counts and the per-connection subscription limit are exact, while the
+/// subscriber on another connection keeps receiving.
+#[tokio::test]
+async fn a_mass_disconnect_leaves_the_counts_exact() {
+    const CONNECTIONS: usize = 4;
+    const PER_CONNECTION: usize = 250;
+    let broker = spawn_broker_with(|c| c.max_subscriptions_per_connection = PER_CONNECTION).await;
+    let mut survivor = grpc_subscribe(
+        &broker,
+        v1::SubscribeRequest {
+            topics: topics(&["mass.t"]),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut closing = Vec::new();
+    for _ in 0..CONNECTIONS {
+        closing.push(streams_on_one_connection(&broker, "mass.t", PER_CONNECTION).await);
+    }
+    let all = 1 + CONNECTIONS * PER_CONNECTION;
+    broker.wait_for_subscribers(all).await;
+    assert_eq!(presence(&broker, "mass.t", "").await["subscribers"], all);
+
+    for (connection, _) in &closing {
+        connection.abort();
+    }
+    drop(closing);
+    broker.wait_for_subscribers(1).await;
+    assert_eq!(presence(&broker, "mass.t", "").await["subscribers"], 1);
+    assert_eq!(
+        support::metric(&broker, r#"topichub_subscribers{door="grpc"}"#).await,
+        1.0
+    );
+    // A full connection's worth of streams is admitted again.
+    let (connection, again) = streams_on_one_connection(&broker, "mass.t", PER_CONNECTION).await;
+    broker.wait_for_subscribers(1 + PER_CONNECTION).await;
+    drop(again);
+    connection.abort();
+    broker.wait_for_subscribers(1).await;
+
+    let mut client = broker.grpc().await;
+    client
+        .publish(support::publish_request("mass.t", "after"))
+        .await
+        .unwrap();
+    let event = within("the survivor's message", survivor.message())
+        .await
+        .unwrap()
+        .unwrap();
+    match event.event {
+        Some(v1::subscribe_response::Event::Message(m)) => assert_eq!(&m.payload[..], b"after"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    broker.stop().await;
+}
