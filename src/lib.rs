@@ -55,6 +55,7 @@ mod pattern_index;
 pub mod peers;
 pub mod proto;
 mod queue;
+pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod tls;

@@ -11,7 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match runtime() {
+    let runtime = match topichub::runtime::build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("topichub: cannot start the async runtime: {error}");
@@ -25,21 +25,6 @@ fn main() -> std::process::ExitCode {
             eprintln!("topichub: {error:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// The async runtime: tokio's multi-threaded scheduler, one worker per CPU this process may run
-/// on; with a single CPU (a one-core container, or `taskset -c 0`), tokio's single-threaded
-/// scheduler, which does the same work without cross-thread queues and wake-ups.
-/// `TOKIO_WORKER_THREADS` overrides the worker count as usual.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Runtime::new()
     }
 }
 

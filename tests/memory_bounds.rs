@@ -503,9 +503,7 @@ async fn frozen_grpc(
         ..Default::default()
     }
     .encode_to_vec();
-    let mut body = vec![0];
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(&message);
+    let body = support::grpc_frame(&message);
     let request = http::Request::post(format!("http://{addr}/topichub.v1.PubSub/Subscribe"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")

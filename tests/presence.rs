@@ -454,10 +454,7 @@ async fn streams_on_one_connection(
         ..Default::default()
     }
     .encode_to_vec();
-    let mut body = vec![0];
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(&message);
-    let body = bytes::Bytes::from(body);
+    let body = bytes::Bytes::from(support::grpc_frame(&message));
     let mut responses = Vec::with_capacity(count);
     for _ in 0..count {
         let request = http::Request::post(format!(

@@ -61,20 +61,7 @@ fn reply() -> PublishResponse {
 
 /// Serves `layer` at `listen` until killed, on the runtime the broker would choose.
 pub fn serve(listen: SocketAddr, layer: Layer) -> anyhow::Result<()> {
-    runtime()?.block_on(accept(listen, layer))
-}
-
-/// The broker's choice (`runtime()` in its `main.rs`): one thread when the process may use one
-/// CPU (as when the harness pins it), else tokio's multi-thread default.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Runtime::new()
-    }
+    topichub::runtime::build()?.block_on(accept(listen, layer))
 }
 
 async fn accept(listen: SocketAddr, layer: Layer) -> anyhow::Result<()> {

@@ -1059,3 +1059,11 @@ pub async fn publish_as(url: &str, topic: &str, payload: &str, token: &str) -> u
         .status()
         .as_u16()
 }
+
+/// `message` as one gRPC length-prefixed message (uncompressed), as a raw HTTP/2 client sends it.
+pub fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut body = vec![0];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(message);
+    body
+}
