@@ -2,8 +2,8 @@
 # Benchmarks topichub against nats-server, nginx + nchan and mosquitto on loopback.
 #
 #   bench/run.sh                 the full suite: every scenario, every target, 3 runs each
-#                                (about 11 minutes on 2 cores before the storm, wildcards and topics
-#                                scenarios, which add several more, not yet timed); results in target/bench/
+#                                (about 22 minutes on 2 cores with the storm, wildcards, topics,
+#                                durable, restart and cluster scenarios); results in target/bench/
 #   bench/run.sh --smoke         the CI smoke run: topichub and nats-server only, 1 short run
 #                                each, fewer subscribers; fails unless every figure is sane
 #   bench/run.sh [OPTIONS]       any option of `topichub-bench suite --help`, e.g.

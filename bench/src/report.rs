@@ -332,6 +332,44 @@ impl Results {
                 higher_is_better: true,
             });
         }
+        // Goal 1 of the gRPC door: fan-out against nats-server (one connection per subscriber
+        // for `topichub-grpc` and `topichub-seed`; the `-mux` doors share connections).
+        for (key, higher, goal, what) in [
+            (
+                "deliveries_per_s",
+                true,
+                0.8,
+                "gRPC fan-out deliveries/s against nats-server",
+            ),
+            (
+                "server_cpu_us_per_delivery",
+                false,
+                1.25,
+                "gRPC fan-out server CPU per delivery against nats-server",
+            ),
+        ] {
+            let Some(nats) = self.figure("fanout", "nats", key) else {
+                continue;
+            };
+            for door in doors.iter().filter(|door| **door != "topichub-sse") {
+                let Some(value) = self.figure("fanout", door, key) else {
+                    continue;
+                };
+                let ratio = value / nats;
+                out.push(Comparison {
+                    what: what.into(),
+                    topichub: (*door).into(),
+                    value,
+                    peer: "nats".into(),
+                    peer_value: nats,
+                    ratio,
+                    goal: format!("{} {goal}", if higher { ">=" } else { "<=" }),
+                    met: Some(if higher { ratio >= goal } else { ratio <= goal }),
+                    versus_peer: true,
+                    higher_is_better: higher,
+                });
+            }
+        }
         // Goal 2 of unary gRPC publish, and the same ratio for the floors (servers answering
         // Publish with no broker behind): what hyper/h2 and tonic alone leave within reach.
         if let Some(nats) = self.figure("publish", "nats", "publish_per_s") {
