@@ -147,6 +147,41 @@ async fn a_message_published_on_one_node_has_the_same_seq_and_cursor_on_every_no
     assert_eq!(ahead.status(), 400);
 }
 
+/// Nodes that create a new stream at the same moment end up on one epoch. (A create request for
+/// a stream still electing its leader is applied again by nats-server, and the stream takes the
+/// later request's time: a node must not take the first time it reads as the epoch.)
+#[tokio::test]
+async fn nodes_creating_a_new_stream_at_once_agree_on_its_epoch() {
+    let nats = NatsCluster::start(3).await;
+    let urls = nats.urls();
+    for round in 0..3 {
+        let (name, prefix) = (format!("FRESH{round}"), format!("fresh{round}"));
+        let extra = [
+            "--nats-replicas",
+            "3",
+            "--nats-stream",
+            &name,
+            "--nats-subject-prefix",
+            &prefix,
+        ];
+        let nodes = tokio::join!(
+            node(&urls, &extra),
+            node(&urls, &extra),
+            node(&urls, &extra)
+        );
+        let mut epochs = Vec::new();
+        for node in [&nodes.0, &nodes.1, &nodes.2] {
+            let answer = http_publish(&node.url(), "fresh", "x").await;
+            let cursor = answer["cursor"].as_str().unwrap().to_owned();
+            epochs.push(cursor.rsplit_once('-').unwrap().0.to_owned());
+        }
+        assert!(
+            epochs.iter().all(|e| *e == epochs[0]),
+            "round {round}: {epochs:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn killing_the_stream_leader_mid_stream_loses_no_acknowledged_message() {
     let mut nats = NatsCluster::start(3).await;

@@ -75,6 +75,12 @@ const LOAD_STALL: Duration = Duration::from_secs(10);
 /// After this long without a message, the stream's last sequence is checked: a consumer that
 /// lost its server without noticing is replaced.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
+/// A new clustered stream's state is read this often until it has settled (see [`settled`]).
+const SETTLE_READS: Duration = Duration::from_millis(250);
+/// How long a new clustered stream must keep a leader and its creation time to have settled.
+const SETTLE_STABLE: Duration = Duration::from_secs(1);
+/// How long a new clustered stream may take to settle before the open is retried.
+const SETTLE_WAIT: Duration = Duration::from_secs(15);
 /// Why a node whose stream was recreated under it refuses publishes.
 const STREAM_RECREATED: &str = "the JetStream stream was deleted and created again; restart this node to follow the new history";
 /// Header carrying topichub's headers, as a JSON object.
@@ -255,14 +261,11 @@ impl JetStreamLog {
         // Asked again, not taken from the creation's answer: when several nodes create the stream
         // at once, each answer carries its own request's time, while the stream (as its leader
         // reports it) has one.
-        let read = |e: &dyn std::fmt::Display| {
-            OpenError::retry(format!("cannot read the stream's state: {e}"))
-        };
         let stream = context
             .get_stream(&config.stream)
             .await
-            .map_err(|e| read(&e))?;
-        let info = stream.get_info().await.map_err(|e| read(&e))?;
+            .map_err(|e| unreadable(&e))?;
+        let info = settled(&stream).await?;
         if !info.config.subjects.contains(&subjects) {
             return Err(OpenError::fatal(format!(
                 "the stream {:?} exists but does not hold the subjects {subjects:?} (it holds {:?}); choose another --nats-stream or --nats-subject-prefix",
@@ -1028,6 +1031,63 @@ impl Reachability {
             }
             _ => {}
         }
+    }
+}
+
+/// Why the stream's state could not be read at start (retried).
+fn unreadable(e: &dyn std::fmt::Display) -> OpenError {
+    OpenError::retry(format!("cannot read the stream's state: {e}"))
+}
+
+/// The stream's state once its creation time, the epoch, can no longer change.
+///
+/// In a NATS cluster, a create request for a stream that exists but has no leader yet (it was
+/// just created and is electing one) is applied again, and the stream takes that later request's
+/// time; once the stream has a leader, such requests are answered as info requests. So when
+/// several nodes create the stream at once, the time one of them reads first may not last. A
+/// new (empty) clustered stream is therefore read every [`SETTLE_READS`] until it has had a
+/// leader and the same time for [`SETTLE_STABLE`]: long enough for creates sent before the
+/// leader was elected to be applied. A stream holding messages has had a leader, and a
+/// standalone server answers creates one at a time: both are read once.
+async fn settled(stream: &stream::Stream) -> Result<stream::Info, OpenError> {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    let mut info = stream.get_info().await.map_err(|e| unreadable(&e))?;
+    let clustered = |info: &stream::Info| {
+        info.cluster
+            .as_ref()
+            .is_some_and(|c| c.name.as_deref().is_some_and(|n| !n.is_empty()))
+    };
+    if info.state.last_sequence > 0 || !clustered(&info) {
+        return Ok(info);
+    }
+    // Since when the stream has had a leader and its current creation time.
+    let mut stable_since = None;
+    loop {
+        let led = info.cluster.as_ref().is_some_and(|c| c.leader.is_some());
+        let now = tokio::time::Instant::now();
+        let since = if led {
+            *stable_since.get_or_insert(now)
+        } else {
+            now
+        };
+        if !led {
+            stable_since = None;
+        }
+        if led && now - since >= SETTLE_STABLE {
+            return Ok(info);
+        }
+        if now >= deadline {
+            return Err(OpenError::retry(format!(
+                "the new stream {:?} has not settled (no leader elected, or its creation time still changing) within {SETTLE_WAIT:?}",
+                info.config.name
+            )));
+        }
+        tokio::time::sleep(SETTLE_READS).await;
+        let again = stream.get_info().await.map_err(|e| unreadable(&e))?;
+        if again.created != info.created {
+            stable_since = None;
+        }
+        info = again;
     }
 }
 
