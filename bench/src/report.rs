@@ -240,16 +240,24 @@ impl Results {
             "topichub-seed",
             "topichub-seed-mux",
         ];
-        let versus = |what: &str,
-                      scenario: &str,
-                      key: &str,
-                      higher: bool,
-                      goal: f64,
-                      out: &mut Vec<Comparison>| {
-            let Some((peer, peer_value)) = self.best_peer(scenario, key, higher) else {
+        // Each door's figure against one peer's: `peer`, or the best peer when None.
+        let against = |what: &str,
+                       scenario: &str,
+                       key: &str,
+                       higher: bool,
+                       goal: f64,
+                       (peer, doors): (Option<&str>, &[&str]),
+                       out: &mut Vec<Comparison>| {
+            let peer = match peer {
+                Some(peer) => self
+                    .figure(scenario, peer, key)
+                    .map(|value| (peer.to_string(), value)),
+                None => self.best_peer(scenario, key, higher),
+            };
+            let Some((peer, peer_value)) = peer else {
                 return;
             };
-            for door in doors {
+            for &door in doors {
                 if let Some(value) = self.figure(scenario, door, key) {
                     let ratio = value / peer_value;
                     out.push(Comparison {
@@ -275,44 +283,49 @@ impl Results {
                 }
             }
         };
-        versus(
+        against(
             "fan-out deliveries/s",
             "fanout",
             "deliveries_per_s",
             true,
             1.5,
+            (None, &doors),
             &mut out,
         );
-        versus(
+        against(
             "server CPU per delivery",
             "fanout",
             "server_cpu_us_per_delivery",
             false,
             0.5,
+            (None, &doors),
             &mut out,
         );
-        versus(
+        against(
             "p99 latency, 1000 subscribers at 20 msg/s",
             "rate",
             "p99_ms",
             false,
             0.5,
+            (None, &doors),
             &mut out,
         );
-        versus(
+        against(
             "e2e p99 latency, 1 subscriber at 1000 msg/s",
             "e2e",
             "p99_ms",
             false,
             f64::NAN,
+            (None, &doors),
             &mut out,
         );
-        versus(
+        against(
             "unary publish, this harness's client",
             "publish",
             "publish_per_s",
             true,
             f64::NAN,
+            (None, &doors),
             &mut out,
         );
         if let (Some(value), Some(peer_value)) = (
@@ -334,42 +347,25 @@ impl Results {
         }
         // Goal 1 of the gRPC door: fan-out against nats-server (one connection per subscriber
         // for `topichub-grpc` and `topichub-seed`; the `-mux` doors share connections).
-        for (key, higher, goal, what) in [
-            (
-                "deliveries_per_s",
-                true,
-                0.8,
-                "gRPC fan-out deliveries/s against nats-server",
-            ),
-            (
-                "server_cpu_us_per_delivery",
-                false,
-                1.25,
-                "gRPC fan-out server CPU per delivery against nats-server",
-            ),
-        ] {
-            let Some(nats) = self.figure("fanout", "nats", key) else {
-                continue;
-            };
-            for door in doors.iter().filter(|door| **door != "topichub-sse") {
-                let Some(value) = self.figure("fanout", door, key) else {
-                    continue;
-                };
-                let ratio = value / nats;
-                out.push(Comparison {
-                    what: what.into(),
-                    topichub: (*door).into(),
-                    value,
-                    peer: "nats".into(),
-                    peer_value: nats,
-                    ratio,
-                    goal: format!("{} {goal}", if higher { ">=" } else { "<=" }),
-                    met: Some(if higher { ratio >= goal } else { ratio <= goal }),
-                    versus_peer: true,
-                    higher_is_better: higher,
-                });
-            }
-        }
+        let grpc_doors = (Some("nats"), &doors[1..]);
+        against(
+            "gRPC fan-out deliveries/s against nats-server",
+            "fanout",
+            "deliveries_per_s",
+            true,
+            0.8,
+            grpc_doors,
+            &mut out,
+        );
+        against(
+            "gRPC fan-out server CPU per delivery against nats-server",
+            "fanout",
+            "server_cpu_us_per_delivery",
+            false,
+            1.25,
+            grpc_doors,
+            &mut out,
+        );
         // Goal 2 of unary gRPC publish, and the same ratio for the floors (servers answering
         // Publish with no broker behind): what hyper/h2 and tonic alone leave within reach.
         if let Some(nats) = self.figure("publish", "nats", "publish_per_s") {

@@ -1052,28 +1052,21 @@ fn unreadable(e: &dyn std::fmt::Display) -> OpenError {
 async fn settled(stream: &stream::Stream) -> Result<stream::Info, OpenError> {
     let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
     let mut info = stream.get_info().await.map_err(|e| unreadable(&e))?;
-    let clustered = |info: &stream::Info| {
-        info.cluster
-            .as_ref()
-            .is_some_and(|c| c.name.as_deref().is_some_and(|n| !n.is_empty()))
-    };
-    if info.state.last_sequence > 0 || !clustered(&info) {
+    let clustered = info
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.name.as_deref().is_some_and(|n| !n.is_empty()));
+    if info.state.last_sequence > 0 || !clustered {
         return Ok(info);
     }
     // Since when the stream has had a leader and its current creation time.
     let mut stable_since = None;
     loop {
-        let led = info.cluster.as_ref().is_some_and(|c| c.leader.is_some());
         let now = tokio::time::Instant::now();
-        let since = if led {
-            *stable_since.get_or_insert(now)
-        } else {
-            now
-        };
+        let led = info.cluster.as_ref().is_some_and(|c| c.leader.is_some());
         if !led {
             stable_since = None;
-        }
-        if led && now - since >= SETTLE_STABLE {
+        } else if now - *stable_since.get_or_insert(now) >= SETTLE_STABLE {
             return Ok(info);
         }
         if now >= deadline {
