@@ -801,6 +801,11 @@ pub fn hs256_token(secret: &str, mut claims: serde_json::Value) -> String {
 /// Debian's `nats-server` (installed by `scripts/deps-nats.sh`), for the cluster-mode tests.
 pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
+/// How long three new servers get to form a JetStream cluster (they take about 0.3 s).
+const CLUSTER_FORMS: Duration = Duration::from_secs(15);
+/// How many times [`NatsCluster::start`] starts a cluster that does not form before failing.
+const CLUSTER_ATTEMPTS: usize = 3;
+
 /// One `nats-server -js` of a [`NatsCluster`]: its ports and store survive a kill, so it can be
 /// restarted as the same server.
 pub struct NatsNode {
@@ -827,11 +832,34 @@ impl NatsCluster {
     }
 
     /// [`NatsCluster::start`] with further `nats-server` arguments, e.g. `--auth TOKEN`.
+    ///
+    /// A cluster is returned only once JetStream can place a stream on all its servers: now and
+    /// then three servers started together do not form a JetStream cluster (every stream
+    /// request answers "no suitable peers for placement" for a long time). Such a cluster is
+    /// dropped, its servers' logs printed, and new servers are started on new ports, up to
+    /// [`CLUSTER_ATTEMPTS`] times, so that the tests exercise topichub, not that start-up race.
     pub async fn start_with(size: usize, extra: &[&str]) -> NatsCluster {
         assert!(
             std::path::Path::new(NATS_SERVER).exists(),
             "{NATS_SERVER} not found: run scripts/deps-nats.sh (installs Debian's nats-server)"
         );
+        for attempt in 1..=CLUSTER_ATTEMPTS {
+            let cluster = NatsCluster::spawn_all(size, extra).await;
+            if size == 1 || cluster.places_streams_on_every_server().await {
+                return cluster;
+            }
+            eprintln!(
+                "attempt {attempt}: {size} nats-server did not form a JetStream cluster within \
+                 {CLUSTER_FORMS:?}; their logs:\n{}",
+                cluster.logs()
+            );
+        }
+        panic!(
+            "{size} nats-server did not form a JetStream cluster in {CLUSTER_ATTEMPTS} attempts"
+        );
+    }
+
+    async fn spawn_all(size: usize, extra: &[&str]) -> NatsCluster {
         let dir = scratch_dir("nats");
         let mut nodes = Vec::new();
         for i in 0..size {
@@ -855,6 +883,52 @@ impl NatsCluster {
             cluster.wait_accepting(i).await;
         }
         cluster
+    }
+
+    /// Whether a memory stream with one replica per server can be created (and is deleted
+    /// again) within [`CLUSTER_FORMS`].
+    async fn places_streams_on_every_server(&self) -> bool {
+        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
+        let Ok(client) = async_nats::connect(urls).await else {
+            return false;
+        };
+        let mut jetstream = async_nats::jetstream::new(client);
+        // Requests sent before the servers have elected a JetStream leader go unanswered.
+        jetstream.set_timeout(Duration::from_millis(500));
+        let probe = async_nats::jetstream::stream::Config {
+            name: "READY_PROBE".into(),
+            subjects: vec!["ready-probe".into()],
+            num_replicas: self.nodes.len(),
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        };
+        let placed = tokio::time::timeout(CLUSTER_FORMS, async {
+            while jetstream.create_stream(probe.clone()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .is_ok();
+        placed && jetstream.delete_stream("READY_PROBE").await.is_ok()
+    }
+
+    /// The last lines each server wrote to its log.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let log = std::fs::read_to_string(self.dir.join(format!("{}.log", node.name)))
+                .unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str(&format!(
+                "--- {} (port {}, route port {})\n",
+                node.name, node.port, node.route_port
+            ));
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     fn spawn(&mut self, i: usize) {
@@ -945,6 +1019,9 @@ impl NatsCluster {
 
 impl Drop for NatsCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("nats-server logs of the failed test:\n{}", self.logs());
+        }
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
