@@ -188,7 +188,7 @@ impl SuiteScenario {
             SuiteScenario::MaxIdle => &[Sse, SseH2, GrpcMux],
             SuiteScenario::Durable => &[Grpc, GrpcDisk, GrpcDiskEvery, Jetstream],
             SuiteScenario::Restart => &[GrpcDisk],
-            SuiteScenario::Storm => &[GrpcMux],
+            SuiteScenario::Storm => &[GrpcMux, H2Floor],
             SuiteScenario::Wildcards => &[Grpc],
             SuiteScenario::Topics => &[Sse],
             SuiteScenario::Cluster => &[GrpcCluster],

@@ -635,6 +635,19 @@ impl Results {
                 false,
                 &mut out,
             );
+            // The same storm on hyper's HTTP/2 server alone: the part of the stall that is
+            // not the broker's.
+            against(
+                &format!(
+                    "publish p99 during the disconnect storm of {n} streams, against hyper and h2 alone"
+                ),
+                "storm",
+                &format!("unsubscribe_publish_p99_ms_at_{n}"),
+                false,
+                f64::NAN,
+                (Some("h2-floor"), &[storm]),
+                &mut out,
+            );
         }
         // Noise between runs on this machine is about 15 %: "does not grow" within that.
         grew(

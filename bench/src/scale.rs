@@ -330,12 +330,17 @@ impl Http {
 /// client closes every connection at once, with the probe's publish latency during both.
 pub fn storm(target: Target, launch: &Launch, p: &Params) -> anyhow::Result<Figures> {
     ensure!(
-        target == Target::GrpcMux,
-        "the storm runs on topichub-grpc-mux"
+        matches!(target, Target::GrpcMux | Target::H2Floor),
+        "the storm runs on topichub-grpc-mux (and on h2-floor, hyper and h2 alone)"
     );
     let points = &p.storm_streams;
     let mut figures = per_point(target, launch, points, async |addr, pid, n| {
-        storm_point(addr, pid, n, p).await
+        let held = if target == Target::H2Floor {
+            Held::Floor(FloorStreams::connect(addr).await?)
+        } else {
+            Held::Broker(Http::connect(addr).await?)
+        };
+        storm_point(addr, pid, n, held, p).await
     })?;
     growth(&mut figures, "subscribe_s", points);
     growth(&mut figures, "unsubscribe_s", points);
@@ -394,13 +399,65 @@ impl StormConnection {
     }
 }
 
-async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow::Result<Figures> {
+/// Who tells how many storm streams the server holds: the broker's presence page of the storm
+/// topic, or the h2 floor's count.
+enum Held {
+    Broker(Http),
+    Floor(FloorStreams),
+}
+
+impl Held {
+    async fn streams(&mut self) -> anyhow::Result<u64> {
+        match self {
+            Held::Broker(http) => http.subscribers(STORM_TOPIC).await,
+            Held::Floor(floor) => floor.held().await,
+        }
+    }
+}
+
+/// `GET /streams` of the h2 floor, which speaks HTTP/2 only.
+pub(crate) struct FloorStreams {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    uri: String,
+}
+
+impl FloorStreams {
+    pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<FloorStreams> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(connection);
+        Ok(FloorStreams {
+            sender,
+            uri: format!("http://{addr}{}", crate::floor::STREAMS),
+        })
+    }
+
+    pub(crate) async fn held(&mut self) -> anyhow::Result<u64> {
+        self.sender.ready().await?;
+        let response = self
+            .sender
+            .send_request(http::Request::get(&self.uri).body(Empty::new())?)
+            .await?;
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(std::str::from_utf8(&body)?.trim().parse()?)
+    }
+}
+
+async fn storm_point(
+    addr: SocketAddr,
+    pid: u32,
+    n: usize,
+    mut http: Held,
+    p: &Params,
+) -> anyhow::Result<Figures> {
     ensure!(n > 0, "--storm-streams must be positive");
     let request = grpc_frame(&topichub::proto::v1::SubscribeRequest {
         topics: vec![STORM_TOPIC.into()],
         ..Default::default()
     });
-    let mut http = Http::connect(addr).await?;
     let probe = Probe::start(Target::Grpc, addr, p.probe_rate, p.payload, 2)?;
     let sink = Arc::new(Sink::new());
     let connections = p.storm_connections.clamp(1, n);
@@ -416,11 +473,8 @@ async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow
     sink.wait_ready(n, limit).await?;
     let subscribe = window.finish();
     probe.pause();
-    let held = http.subscribers(STORM_TOPIC).await?;
-    ensure!(
-        held >= n as u64,
-        "the broker reports {held} subscribers of {n}"
-    );
+    let held = http.streams().await?;
+    ensure!(held >= n as u64, "the server reports {held} streams of {n}");
 
     // The disconnect storm: every connection closes at once, once the probe has caught up.
     probe.catch_up().await;
@@ -435,7 +489,7 @@ async fn storm_point(addr: SocketAddr, pid: u32, n: usize, p: &Params) -> anyhow
     drop(opened);
     let deadline = Instant::now() + limit;
     loop {
-        let left = http.subscribers(STORM_TOPIC).await?;
+        let left = http.streams().await?;
         if left == 0 {
             break;
         }
