@@ -12,7 +12,8 @@
 //! deliver latency at `--rate` messages/s, and the fan-out closed loop (deliveries/s, and the
 //! CPU per delivery of the two server processes the subscribers are connected to: for
 //! topichub, what a node costs per delivery, to hold against one node's in the fanout
-//! scenario).
+//! scenario). JetStream alone then publishes once more with an ordered pull consumer on each
+//! nats-server reading the whole stream, the reading every topichub node does in cluster mode.
 //!
 //! Every server process (three nats-server, three topichub) is pinned to the server CPUs (one
 //! core on a two-core machine, the client having the other): the cluster as a whole gets what
@@ -51,7 +52,9 @@ pub fn cluster(target: Target, launch: &Launch, p: &Params) -> anyhow::Result<Fi
     let runtime = crate::client_runtime()?;
     let alone = runtime.block_on(async {
         create_stream(nats.addrs()[0], p.cluster_replicas).await?;
-        measure(Target::Jetstream, &nats.addrs(), &nats.pids()[1..], &p).await
+        let mut figures = measure(Target::Jetstream, &nats.addrs(), &nats.pids()[1..], &p).await?;
+        figures.extend(publish_with_readers(&nats.addrs(), &p).await?);
+        anyhow::Ok(figures)
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
     drop(nats);
@@ -88,6 +91,14 @@ pub fn cluster(target: Target, launch: &Launch, p: &Params) -> anyhow::Result<Fi
         if let Some(r) = ratio(&figures, key) {
             figures.insert(format!("{key}_ratio"), r);
         }
+    }
+    // topichub's publishing against JetStream's while every nats-server also feeds a reader.
+    if let (Some(a), Some(b)) = (
+        figures.get("topichub_publish_per_s"),
+        figures.get("jetstream_readers_publish_per_s"),
+    ) && *b > 0.0
+    {
+        figures.insert("readers_publish_per_s_ratio".into(), a / b);
     }
     if let Some(&d) = figures.get("topichub_deliveries_per_s") {
         figures.insert(
@@ -193,6 +204,52 @@ impl NatsCluster {
     fn pids(&self) -> Vec<u32> {
         self.nodes.iter().map(Server::pid).collect()
     }
+}
+
+/// JetStream's publish throughput again, now with an ordered pull consumer on each
+/// nats-server reading the whole stream as it grows, as every topichub node does in cluster
+/// mode: what JetStream alone does under the reading a topichub cluster asks of it.
+/// `readers_publish_per_s` and `readers_read_per_s` (messages each reader got per second, the
+/// slowest's).
+async fn publish_with_readers(addrs: &[SocketAddr], p: &Params) -> anyhow::Result<Figures> {
+    use async_nats::jetstream::consumer;
+    use futures_util::StreamExt;
+    let mut readers = tokio::task::JoinSet::new();
+    let counts: Vec<_> = addrs
+        .iter()
+        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)))
+        .collect();
+    for (addr, count) in addrs.iter().zip(&counts) {
+        let context = async_nats::jetstream::new(async_nats::connect(addr.to_string()).await?);
+        let stream = context.get_stream(JETSTREAM_STREAM).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: "bench.>".into(),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let count = count.clone();
+        readers.spawn(async move {
+            while let Some(Ok(_)) = messages.next().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let started = Instant::now();
+    let published = scenarios::publish(Target::Jetstream, addrs[0], None, p).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    readers.abort_all();
+    let slowest = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .min()
+        .unwrap_or(0);
+    Ok(Figures::from([
+        ("readers_publish_per_s".into(), published["publish_per_s"]),
+        ("readers_read_per_s".into(), slowest as f64 / seconds),
+    ]))
 }
 
 /// The stream the JetStream-alone run publishes to, with `replicas`, once the new cluster has
