@@ -59,6 +59,36 @@ pub struct Comparison {
     pub higher_is_better: bool,
 }
 
+impl Comparison {
+    /// `value` against a peer's `peer_value` (charted); `goal` is the ratio to reach, or NaN
+    /// for a row with no goal.
+    fn versus_peer(
+        what: &str,
+        (topichub, value): (&str, f64),
+        (peer, peer_value): (&str, f64),
+        higher: bool,
+        goal: f64,
+    ) -> Comparison {
+        let ratio = value / peer_value;
+        Comparison {
+            what: what.into(),
+            topichub: topichub.into(),
+            value,
+            peer: peer.into(),
+            peer_value,
+            ratio,
+            goal: if goal.is_nan() {
+                "-".into()
+            } else {
+                format!("{} {goal}", if higher { ">=" } else { "<=" })
+            },
+            met: (!goal.is_nan()).then_some(if higher { ratio >= goal } else { ratio <= goal }),
+            versus_peer: true,
+            higher_is_better: higher,
+        }
+    }
+}
+
 /// What a peer-relative goal leaves a server per delivery, against the least kernel time any
 /// server spent per delivery in the same fan-out runs. Every server here makes one write per
 /// subscriber per message on one core, so a goal whose budget is below that kernel time is out
@@ -259,27 +289,13 @@ impl Results {
             };
             for &door in doors {
                 if let Some(value) = self.figure(scenario, door, key) {
-                    let ratio = value / peer_value;
-                    out.push(Comparison {
-                        what: what.into(),
-                        topichub: door.into(),
-                        value,
-                        peer: peer.clone(),
-                        peer_value,
-                        ratio,
-                        goal: if goal.is_nan() {
-                            "-".into()
-                        } else {
-                            format!("{} {goal}", if higher { ">=" } else { "<=" })
-                        },
-                        met: (!goal.is_nan()).then_some(if higher {
-                            ratio >= goal
-                        } else {
-                            ratio <= goal
-                        }),
-                        versus_peer: true,
-                        higher_is_better: higher,
-                    });
+                    out.push(Comparison::versus_peer(
+                        what,
+                        (door, value),
+                        (&peer, peer_value),
+                        higher,
+                        goal,
+                    ));
                 }
             }
         };
@@ -332,18 +348,13 @@ impl Results {
             self.figure("publish-tool", "topichub-sse", "publish_per_s"),
             self.figure("publish-tool", "nchan", "publish_per_s"),
         ) {
-            out.push(Comparison {
-                what: "unary POST /publish with wrk".into(),
-                topichub: "topichub-sse".into(),
-                value,
-                peer: "nchan".into(),
-                peer_value,
-                ratio: value / peer_value,
-                goal: ">= 1".into(),
-                met: Some(value >= peer_value),
-                versus_peer: true,
-                higher_is_better: true,
-            });
+            out.push(Comparison::versus_peer(
+                "unary POST /publish with wrk",
+                ("topichub-sse", value),
+                ("nchan", peer_value),
+                true,
+                1.0,
+            ));
         }
         // Goal 1 of the gRPC door: fan-out against nats-server (one connection per subscriber
         // for `topichub-grpc` and `topichub-seed`; the `-mux` doors share connections).
@@ -373,19 +384,17 @@ impl Results {
                 let Some(value) = self.figure("publish", door, "publish_per_s") else {
                     continue;
                 };
-                let goal = door == "topichub-grpc";
-                out.push(Comparison {
-                    what: "unary gRPC publish/s against nats (PUB + flush), 16 connections".into(),
-                    topichub: door.into(),
-                    value,
-                    peer: "nats".into(),
-                    peer_value: nats,
-                    ratio: value / nats,
-                    goal: if goal { ">= 0.5".into() } else { "-".into() },
-                    met: goal.then_some(value / nats >= 0.5),
-                    versus_peer: true,
-                    higher_is_better: true,
-                });
+                out.push(Comparison::versus_peer(
+                    "unary gRPC publish/s against nats (PUB + flush), 16 connections",
+                    (door, value),
+                    ("nats", nats),
+                    true,
+                    if door == "topichub-grpc" {
+                        0.5
+                    } else {
+                        f64::NAN
+                    },
+                ));
             }
         }
         // The durable log against JetStream's file store and against the in-memory hub.
@@ -400,19 +409,13 @@ impl Results {
                 self.figure("durable", door, key),
                 self.figure("durable", peer, key),
             ) {
-                let ratio = value / peer_value;
-                out.push(Comparison {
-                    what: what.into(),
-                    topichub: door.into(),
-                    value,
-                    peer: peer.into(),
-                    peer_value,
-                    ratio,
-                    goal: format!("{} {goal}", if higher { ">=" } else { "<=" }),
-                    met: Some(if higher { ratio >= goal } else { ratio <= goal }),
-                    versus_peer: true,
-                    higher_is_better: higher,
-                });
+                out.push(Comparison::versus_peer(
+                    what,
+                    (door, value),
+                    (peer, peer_value),
+                    higher,
+                    goal,
+                ));
             }
         };
         let shapes = [
@@ -746,27 +749,13 @@ impl Results {
                 self.figure("cluster", cluster, &format!("jetstream_{peer_key}")),
             ) && peer_value > 0.0
             {
-                let ratio = value / peer_value;
-                out.push(Comparison {
-                    what: what.into(),
-                    topichub: cluster.into(),
-                    value,
-                    peer: "nats-jetstream (3 nodes)".into(),
-                    peer_value,
-                    ratio,
-                    goal: if goal.is_nan() {
-                        "-".into()
-                    } else {
-                        format!("{} {goal}", if higher { ">=" } else { "<=" })
-                    },
-                    met: (!goal.is_nan()).then_some(if higher {
-                        ratio >= goal
-                    } else {
-                        ratio <= goal
-                    }),
-                    versus_peer: true,
-                    higher_is_better: higher,
-                });
+                out.push(Comparison::versus_peer(
+                    what,
+                    (cluster, value),
+                    ("nats-jetstream (3 nodes)", peer_value),
+                    higher,
+                    goal,
+                ));
             }
         }
         // What a subscribing node spends per delivery against one node alone (the fanout
@@ -831,18 +820,13 @@ impl Results {
             };
             for &door in doors {
                 if let Some(value) = self.figure(scenario, door, key) {
-                    out.push(Comparison {
-                        what: format!("{what}, against raw-loopback"),
-                        topichub: door.into(),
-                        value,
-                        peer: "raw-loopback".into(),
-                        peer_value: ceiling,
-                        ratio: value / ceiling,
-                        goal: "-".into(),
-                        met: None,
-                        versus_peer: true,
-                        higher_is_better: higher,
-                    });
+                    out.push(Comparison::versus_peer(
+                        &format!("{what}, against raw-loopback"),
+                        (door, value),
+                        ("raw-loopback", ceiling),
+                        higher,
+                        f64::NAN,
+                    ));
                 }
             }
         }

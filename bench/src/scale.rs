@@ -335,12 +335,12 @@ pub fn storm(target: Target, launch: &Launch, p: &Params) -> anyhow::Result<Figu
     );
     let points = &p.storm_streams;
     let mut figures = per_point(target, launch, points, async |addr, pid, n| {
-        let held = if target == Target::H2Floor {
-            Held::Floor(FloorStreams::connect(addr).await?)
+        let count = if target == Target::H2Floor {
+            StreamCount::Floor(FloorStreams::connect(addr).await?)
         } else {
-            Held::Broker(Http::connect(addr).await?)
+            StreamCount::Broker(Http::connect(addr).await?)
         };
-        storm_point(addr, pid, n, held, p).await
+        storm_point(addr, pid, n, count, p).await
     })?;
     growth(&mut figures, "subscribe_s", points);
     growth(&mut figures, "unsubscribe_s", points);
@@ -401,16 +401,16 @@ impl StormConnection {
 
 /// Who tells how many storm streams the server holds: the broker's presence page of the storm
 /// topic, or the h2 floor's count.
-enum Held {
+enum StreamCount {
     Broker(Http),
     Floor(FloorStreams),
 }
 
-impl Held {
+impl StreamCount {
     async fn streams(&mut self) -> anyhow::Result<u64> {
         match self {
-            Held::Broker(http) => http.subscribers(STORM_TOPIC).await,
-            Held::Floor(floor) => floor.held().await,
+            StreamCount::Broker(http) => http.subscribers(STORM_TOPIC).await,
+            StreamCount::Floor(floor) => floor.held().await,
         }
     }
 }
@@ -450,7 +450,7 @@ async fn storm_point(
     addr: SocketAddr,
     pid: u32,
     n: usize,
-    mut http: Held,
+    mut count: StreamCount,
     p: &Params,
 ) -> anyhow::Result<Figures> {
     ensure!(n > 0, "--storm-streams must be positive");
@@ -473,7 +473,7 @@ async fn storm_point(
     sink.wait_ready(n, limit).await?;
     let subscribe = window.finish();
     probe.pause();
-    let held = http.streams().await?;
+    let held = count.streams().await?;
     ensure!(held >= n as u64, "the server reports {held} streams of {n}");
 
     // The disconnect storm: every connection closes at once, once the probe has caught up.
@@ -489,7 +489,7 @@ async fn storm_point(
     drop(opened);
     let deadline = Instant::now() + limit;
     loop {
-        let left = http.streams().await?;
+        let left = count.streams().await?;
         if left == 0 {
             break;
         }

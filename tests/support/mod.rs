@@ -888,8 +888,7 @@ impl NatsCluster {
     /// Whether a memory stream with one replica per server can be created (and is deleted
     /// again) within [`CLUSTER_FORMS`].
     async fn places_streams_on_every_server(&self) -> bool {
-        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
-        let Ok(client) = async_nats::connect(urls).await else {
+        let Ok(client) = self.client().await else {
             return false;
         };
         let mut jetstream = async_nats::jetstream::new(client);
@@ -973,6 +972,12 @@ impl NatsCluster {
         .await;
     }
 
+    /// A NATS client of these servers.
+    async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
+        async_nats::connect(urls).await
+    }
+
     /// `nats://127.0.0.1:P1,nats://127.0.0.1:P2,...`: the value of `--nats`.
     pub fn urls(&self) -> String {
         self.nodes
@@ -999,8 +1004,7 @@ impl NatsCluster {
 
     /// Index of the server leading `stream`, asked through NATS itself.
     pub async fn stream_leader(&self, stream: &str) -> usize {
-        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
-        let client = async_nats::connect(urls).await.expect("connect to NATS");
+        let client = self.client().await.expect("connect to NATS");
         let jetstream = async_nats::jetstream::new(client);
         let leader = wait_for("the stream to have a leader", || {
             let jetstream = jetstream.clone();
